@@ -1,0 +1,15 @@
+"""Guidance: the repulsive potential field, samplers with guidance and backtracking."""
+
+from guidance.field import FieldOutput, RepulsiveField, safe_norm
+from guidance.sampler import METHODS, Backtrack, SampleOutput, sample, time_grid
+
+__all__ = [
+    "METHODS",
+    "Backtrack",
+    "FieldOutput",
+    "RepulsiveField",
+    "SampleOutput",
+    "safe_norm",
+    "sample",
+    "time_grid",
+]

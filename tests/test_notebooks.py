@@ -1,0 +1,56 @@
+"""Execute every notebook in notebooks/ (small settings) and check they are stored without outputs.
+
+Each notebook runs in a fresh ``python3`` kernel whose working directory is a temporary folder (so
+nothing is written to the repository), with ``CSPACE_NB_SMALL=1`` in its environment: notebooks
+read it to shrink their sample sizes and grids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+
+assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}: the notebook tests would test nothing"
+
+
+def _read(path: Path) -> nbformat.NotebookNode:
+    nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    nbformat.validate(nb)
+    return nb
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_stored_without_outputs(path: Path) -> None:
+    nb = _read(path)
+    dirty = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and (cell.get("outputs") or cell.get("execution_count"))
+    ]
+    assert not dirty, (
+        f"{path.name}: code cells {dirty} are stored with outputs or execution counts; clear them "
+        f"(e.g. jupyter nbconvert --clear-output --inplace {path.name})"
+    )
+    assert not any(cell.get("attachments") for cell in nb.cells), f"{path.name}: cell attachments"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSPACE_NB_SMALL", "1")  # inherited by the kernel process
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        allow_errors=False,
+        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working directory
+    )
+    client.execute()  # raises CellExecutionError (with the traceback) if any cell raises
+    errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.output_type == "error"]
+    assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
