@@ -47,6 +47,28 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cspace.demo import DemoSettings, format_report, run_demo
+
+    settings = DemoSettings(
+        avoid_class=args.avoid_class,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        device=args.device,
+        encoder=args.encoder,
+        umap=not args.no_umap,
+    )
+    report = run_demo(settings, out_dir=args.out)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+        for name, path in report.get("files", {}).items():
+            print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cspace",
@@ -76,7 +98,50 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--no-plot", action="store_true", help="do not draw the figure")
     toy.add_argument("--json", action="store_true", help="print the report as JSON")
     toy.set_defaults(func=_cmd_toy)
+
+    demo = sub.add_parser(
+        "demo",
+        help="keep a digit class out of generated digits, from a few example images",
+        description="On the embedded digits: build obstacles from the shipped example images of one "
+        "class, sample unguided, guided by the obstacle set and guided by a classifier obstacle, and "
+        "judge the samples with an independent classifier.",
+    )
+    demo.add_argument(
+        "--class",
+        dest="avoid_class",
+        type=int,
+        default=0,
+        choices=range(10),
+        metavar="C",
+        help="digit class to avoid, 0..9 (default 0)",
+    )
+    demo.add_argument(
+        "--n", type=_positive_int, default=1000, help="samples per arm (default 1000)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--steps", type=_positive_int, default=50, help="sampler steps (default 50)")
+    demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    demo.add_argument(
+        "--encoder",
+        default="digits",
+        choices=("digits", "digits-plain"),
+        help="C-space: the aligned VAE (digits) or the same VAE without VF loss (digits-plain)",
+    )
+    demo.add_argument("--out", default="cspace-demo", help="output folder (default cspace-demo)")
+    demo.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.set_defaults(func=_cmd_demo)
+
+    for module in ("cspace.cli_obstacles", "cspace.cli_search"):
+        _register(module, sub)
     return parser
+
+
+def _register(module: str, sub) -> None:
+    """Add the subcommands that ``module.register(subparsers)`` defines."""
+    import importlib
+
+    importlib.import_module(module).register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
         print(f"cspace {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BallObstacles", "GaussianMixture", "default_toy"]
+__all__ = ["BallObstacles", "GaussianMixture", "default_toy", "toy_with_coverage"]
 
 
 @dataclass(frozen=True)
@@ -217,3 +217,68 @@ def default_toy(
     centers = torch.stack([means[0], means[3], mid])
     radii = torch.tensor([r, r, r / 2], dtype=dtype)
     return mix, BallObstacles(centers, radii)
+
+
+def _ball_radius_for_mass(std: float, dim: int, mass: float) -> float:
+    """Radius of the ball around a mode N(mu, std^2 I_dim) that holds ``mass`` of it (exact:
+    ``|x - mu|^2 / std^2`` is chi-square with ``dim`` degrees of freedom; solved by bisection on
+    its CDF, the regularised incomplete gamma function)."""
+    if not 0 < mass < 1:
+        raise ValueError(f"mass must be in (0, 1); got {mass}")
+    k = torch.tensor(dim / 2, dtype=torch.float64)
+    lo, hi = 0.0, float(dim + 40 * math.sqrt(2 * dim) + 100)  # bracket of the chi-square quantile
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if float(torch.special.gammainc(k, torch.tensor(mid / 2, dtype=torch.float64))) < mass:
+            lo = mid
+        else:
+            hi = mid
+    return std * math.sqrt(0.5 * (lo + hi))
+
+
+def toy_with_coverage(
+    dim: int = 2,
+    coverage: float = 0.25,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    full_mass: float = 0.999,
+    n_measure: int = 400_000,
+) -> tuple[GaussianMixture, BallObstacles, float]:
+    """The 8-mode toy with ball obstacles covering about ``coverage`` of the mixture's mass.
+
+    The mixture is :func:`default_toy`'s (8 equal modes, std 0.35, on a circle of radius 4 in the
+    first two coordinates). Obstacles are balls centred on modes: ``floor(8 coverage)`` full balls,
+    each holding ``full_mass`` (99.9%) of its mode, and, if a remainder is left, one partial ball
+    on the next mode holding the rest of that mode's share (radius from the exact chi-square
+    quantile). Modes are taken in the order 0, 4, 2, 6, 1, 5, 3, 7 (spread around the circle),
+    rotated by ``seed``. E.g. coverage 0.25 covers 2 of 8 modes, 0.75 covers 6 of 8.
+
+    Returns ``(mixture, obstacles, measured)``: ``measured`` is the mass inside the obstacles,
+    measured by Monte Carlo with ``n_measure`` exact samples (seeded by ``seed``); in high
+    dimension neighbouring modes leak a little mass into the balls and it can exceed the request.
+    """
+    if dim < 2:
+        raise ValueError(f"the toy needs dim >= 2; got dim={dim}")
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage must be in (0, 1); got {coverage}")
+    mix, _ = default_toy(dim, dtype)
+    k = mix.means.shape[0]
+    std = float(mix.stds[0])
+    order = [0, 4, 2, 6, 1, 5, 3, 7]
+    rot = int(seed) % k
+    modes = [(m + rot) % k for m in order]
+    share = 1.0 / k
+    n_full = min(math.floor(coverage * k + 1e-9), k - 1)
+    remainder = coverage - n_full * share * full_mass
+    centers, radii = [], []
+    r_full = _ball_radius_for_mass(std, dim, full_mass)
+    for m in modes[:n_full]:
+        centers.append(mix.means[m])
+        radii.append(r_full)
+    if remainder > 0.01 * share:
+        frac = min(remainder / share, full_mass)
+        centers.append(mix.means[modes[n_full]])
+        radii.append(_ball_radius_for_mass(std, dim, frac))
+    balls = BallObstacles(torch.stack(centers), torch.tensor(radii, dtype=dtype))
+    measured = mix.mass_inside(balls, n=n_measure, seed=seed)
+    return mix, balls, measured

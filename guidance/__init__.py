@@ -1,11 +1,14 @@
 """Guidance: the repulsive potential field, samplers with guidance and backtracking."""
 
 from guidance.field import FieldOutput, RepulsiveField, safe_norm
+from guidance.halfspace import ClassifierField, CombinedField
 from guidance.sampler import METHODS, Backtrack, SampleOutput, sample, time_grid
 
 __all__ = [
     "METHODS",
     "Backtrack",
+    "ClassifierField",
+    "CombinedField",
     "FieldOutput",
     "RepulsiveField",
     "SampleOutput",

@@ -1,5 +1,23 @@
 """Obstacle sets: embeddings of what the sampler must avoid, indexed with FAISS, saved safely."""
 
-from obstacles.obstacle_set import FORMAT, FORMAT_VERSION, ObstacleSet, ObstacleSetError
+from obstacles.classifier import ClassifierError, PreferenceClassifier
+from obstacles.from_images import add_images, build_from_images
+from obstacles.obstacle_set import (
+    FORMAT,
+    FORMAT_VERSION,
+    ObstacleSet,
+    ObstacleSetError,
+    is_obstacle_set,
+)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ObstacleSet", "ObstacleSetError"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ClassifierError",
+    "ObstacleSet",
+    "ObstacleSetError",
+    "PreferenceClassifier",
+    "add_images",
+    "build_from_images",
+    "is_obstacle_set",
+]

@@ -84,7 +84,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _is_obstacle_set(path: Path) -> bool:
+def is_obstacle_set(path: Path) -> bool:
     """Whether the folder holds a manifest.json written by :meth:`ObstacleSet.save`."""
     try:
         manifest = json.loads((path / _MANIFEST).read_text())
@@ -376,7 +376,7 @@ class ObstacleSet:
         if path.exists():
             if not path.is_dir():
                 raise ObstacleSetError(f"{path} exists and is not a folder; choose another --out")
-            if any(path.iterdir()) and not _is_obstacle_set(path):
+            if any(path.iterdir()) and not is_obstacle_set(path):
                 raise ObstacleSetError(
                     f"{path} is a non-empty folder that is not an obstacle set; refusing to overwrite it"
                 )

@@ -1,0 +1,469 @@
+"""``cspace obstacles``: build obstacle sets from images, inspect them, train preference classifiers.
+
+Subcommands::
+
+    cspace obstacles build IMAGES_OR_DIRS... --out SET [--label L] [--q-star auto|FLOAT]
+                           [--eta F] [--radius F] [--encoder digits|digits-plain|PATH] [--size 8]
+                           [--append | --overwrite]
+    cspace obstacles info PATH [--json]            (an obstacle set or a classifier folder)
+    cspace obstacles classifier --good DIR... --bad DIR... --out DIR [--encoder ...]
+                           [--threshold 0.5] [--q-star auto|FLOAT] [--eta F] [--C 1] [--holdout 0.25]
+
+Every failure raises a ``ValueError`` subclass, which ``cspace.cli.main`` prints as
+``cspace obstacles: error: <message>`` with exit code 2. Image input is all-or-nothing: every file
+is checked before anything is encoded, and nothing is written unless everything succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+__all__ = ["ObstaclesCommandError", "build_parser", "main", "register", "resolve_encoder"]
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+ENCODER_NAMES = ("digits", "digits-plain")
+
+
+class ObstaclesCommandError(ValueError):
+    """A bad ``cspace obstacles`` invocation (the message says what to change)."""
+
+
+# ---------------------------------------------------------------------- encoder specs
+def _is_aligned_folder(path: Path) -> bool:
+    """A cspace aligned VAE folder: config.json with a "cspace" marker, or model.safetensors next
+    to a config.json that holds "scaling_factor"."""
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(cfg, dict):
+        return False
+    if "cspace" in cfg or str(cfg.get("format", "")).startswith("cspace"):
+        return True
+    return (path / "model.safetensors").is_file() and "scaling_factor" in cfg
+
+
+def resolve_encoder(spec: str):
+    """An :class:`cspace.encoders.Encoder` from a spec.
+
+    * ``digits``: the aligned digits VAE shipped in the package (``Encoder.from_aligned()``);
+    * ``digits-plain``: the same VAE trained without the alignment loss (``weights/vae_plain``);
+    * a folder: a cspace aligned VAE (see :func:`_is_aligned_folder`) is loaded with
+      ``Encoder.from_aligned``, anything else as a diffusers ``AutoencoderKL`` (a pipeline folder
+      with a ``vae/`` subfolder works too).
+
+    Raises :class:`ObstaclesCommandError` with what to do when weights are missing.
+    """
+    from cspace.encoders import Encoder
+
+    spec = str(spec)
+    path = Path(spec)
+    try:
+        if spec == "digits":
+            return Encoder.from_aligned()
+        if spec == "digits-plain":
+            return Encoder.from_aligned(WEIGHTS / "vae_plain")
+        if path.is_dir():
+            if _is_aligned_folder(path):
+                return Encoder.from_aligned(path)
+            if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+                return Encoder.from_diffusers(path, subfolder="vae")
+            return Encoder.from_diffusers(path)
+    except ImportError as err:
+        raise ObstaclesCommandError(
+            f"encoder {spec!r} cannot be loaded: {err} (this cspace build lacks the aligned-VAE "
+            "loader; pass --encoder PATH to a diffusers VAE folder)"
+        ) from err
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        if isinstance(err, ObstaclesCommandError):
+            raise
+        raise ObstaclesCommandError(f"encoder {spec!r} cannot be loaded: {err}") from err
+    if path.exists():
+        raise ObstaclesCommandError(f"--encoder {spec!r} is a file; pass a folder holding a VAE")
+    raise ObstaclesCommandError(
+        f"unknown encoder {spec!r}: use {' or '.join(ENCODER_NAMES)}, or the path of a folder "
+        "holding a cspace aligned VAE or a diffusers AutoencoderKL"
+    )
+
+
+# ---------------------------------------------------------------------- value parsing
+def _number(text, flag: str, *, strict: bool) -> float:
+    try:
+        v = float(text)
+    except (TypeError, ValueError):
+        raise ObstaclesCommandError(f"{flag} expects a number; got {text!r}") from None
+    ok = v > 0 if strict else v >= 0
+    if not (math.isfinite(v) and ok):
+        raise ObstaclesCommandError(
+            f"{flag} must be a finite number {'> 0' if strict else '>= 0'}; got {text!r}"
+        )
+    return v
+
+
+def _q_star(text) -> float | str:
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return _number(text, "--q-star", strict=True)
+    except ObstaclesCommandError:
+        raise ObstaclesCommandError(
+            f"--q-star must be 'auto' or a finite number > 0; got {text!r}"
+        ) from None
+
+
+def _size(text) -> tuple[int, int]:
+    parts = str(text).lower().split("x")
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        vals = []
+    if len(vals) not in (1, 2) or min(vals, default=0) < 1:
+        raise ObstaclesCommandError(f"--size expects N or HxW with positive integers; got {text!r}")
+    return (vals[0], vals[-1])
+
+
+def _check_out(out: Path, marker, kind: str) -> bool:
+    """Whether ``out`` already holds a ``kind``; refuses anything that would be clobbered."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ObstaclesCommandError(f"--out {out} exists and is not a folder; choose another --out")
+    if marker(out):
+        return True
+    if any(out.iterdir()):
+        raise ObstaclesCommandError(
+            f"--out {out} is a non-empty folder that is not {kind}; refusing to overwrite it"
+        )
+    return False
+
+
+def _range(values) -> str:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return "-"
+    lo, hi = float(v.min()), float(v.max())
+    return f"{lo:.4g}" if lo == hi else f"{lo:.4g} .. {hi:.4g}"
+
+
+def _encoder_on(spec: str, device: str):
+    import torch
+
+    enc = resolve_encoder(spec)
+    try:
+        enc.vae.to(torch.device(device))
+    except (RuntimeError, AssertionError) as err:
+        raise ObstaclesCommandError(f"--device {device!r} cannot be used: {err}") from err
+    return enc
+
+
+# ---------------------------------------------------------------------- commands
+def _cmd_build(args: argparse.Namespace) -> int:
+    from obstacles import ObstacleSet
+    from obstacles.from_images import add_images, build_from_images
+    from obstacles.obstacle_set import is_obstacle_set
+
+    q_star = _q_star(args.q_star)
+    eta = _number(args.eta, "--eta", strict=False)
+    radius = None if args.radius is None else _number(args.radius, "--radius", strict=False)
+    size = _size(args.size)
+    out = Path(args.out)
+    exists = _check_out(out, is_obstacle_set, "an obstacle set")
+    if exists and not (args.append or args.overwrite):
+        raise ObstaclesCommandError(
+            f"{out} already holds an obstacle set; pass --append to add these images to it or "
+            "--overwrite to replace it"
+        )
+    if args.append and not exists:
+        raise ObstaclesCommandError(f"--append: {out} is not an obstacle set yet; drop --append")
+    encoder = _encoder_on(args.encoder, args.device)
+    kw = dict(q_star=q_star, eta=eta, radius=radius, label=args.label, size=size)
+    if args.append:
+        oset = ObstacleSet.load(out)
+        added = len(add_images(oset, args.inputs, encoder, batch_size=args.batch_size, **kw))
+    else:
+        oset = build_from_images(args.inputs, encoder, batch_size=args.batch_size, **kw)
+        added = len(oset)
+    oset.save(out)
+    new = slice(len(oset) - added, len(oset))  # added obstacles come last
+    print(f"added {added} obstacles ({len(oset)} in the set), d={oset.dim}")
+    print(f"encoder: {args.encoder} ({encoder.name})")
+    print(f"q_star: {_range(oset.q_star[new])}{' (auto)' if q_star == 'auto' else ''}")
+    print(f"eta: {_range(oset.eta[new])}, radius: {_range(oset.radius[new])}")
+    print(f"saved: {out}")
+    return 0
+
+
+def _set_summary(path: Path) -> dict:
+    from obstacles import ObstacleSet
+
+    oset = ObstacleSet.load(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    return {
+        "kind": "obstacle set",
+        "path": str(path),
+        "format": manifest["format"],
+        "format_version": manifest["format_version"],
+        "dim": oset.dim,
+        "count": len(oset),
+        "labels": dict(sorted(Counter(oset.labels).items())),
+        "q_star": _range(oset.q_star),
+        "eta": _range(oset.eta),
+        "radius": _range(oset.radius),
+        "history": len(oset.history),
+    }
+
+
+def _classifier_summary(path: Path) -> dict:
+    from obstacles.classifier import PreferenceClassifier
+
+    clf = PreferenceClassifier.load(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    return {
+        "kind": "classifier",
+        "path": str(path),
+        "format": manifest["format"],
+        "format_version": manifest["format_version"],
+        "dim": clf.dim,
+        "threshold": clf.threshold,
+        "q_star": clf.q_star,
+        "eta": clf.eta,
+        "heldout_accuracy": clf.accuracy,
+        "train_accuracy": clf.train_accuracy,
+        "counts": clf.info.get("counts"),
+        "encoder": clf.info.get("encoder"),
+    }
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from obstacles.classifier import is_classifier_folder
+    from obstacles.obstacle_set import is_obstacle_set
+
+    path = Path(args.path)
+    if not path.exists():
+        raise ObstaclesCommandError(f"{path} does not exist")
+    if is_obstacle_set(path):
+        info = _set_summary(path)
+    elif is_classifier_folder(path):
+        info = _classifier_summary(path)
+    else:
+        raise ObstaclesCommandError(
+            f"{path} is neither an obstacle set nor a classifier (no manifest.json with a cspace "
+            "format); build one with `cspace obstacles build` or `cspace obstacles classifier`"
+        )
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['kind']}: {info['path']}")
+    print(f"format: {info['format']} v{info['format_version']}")
+    print(f"d: {info['dim']}")
+    if info["kind"] == "obstacle set":
+        print(f"count: {info['count']}")
+        labels = ", ".join(f"{k or '(none)'}: {v}" for k, v in info["labels"].items())
+        print(f"labels: {labels or '-'}")
+        print(f"q_star: {info['q_star']}")
+        print(f"eta: {info['eta']}")
+        print(f"radius: {info['radius']}")
+        print(f"history: {info['history']} entries")
+    else:
+        acc = info["heldout_accuracy"]
+        print(f"threshold: {info['threshold']}")
+        print(f"q_star: {info['q_star']:.4g}")
+        print(f"eta: {info['eta']:.4g}")
+        print(f"held-out accuracy: {'n/a' if acc is None else f'{acc:.3f}'}")
+        if info["counts"]:
+            print(f"examples: {info['counts'].get('good')} good, {info['counts'].get('bad')} bad")
+        if info["encoder"]:
+            print(f"encoder: {info['encoder']}")
+    return 0
+
+
+def _cmd_classifier(args: argparse.Namespace) -> int:
+    import torch
+
+    from cspace.data import load_images
+    from obstacles.classifier import PreferenceClassifier, is_classifier_folder
+
+    q_star = _q_star(args.q_star)
+    eta = _number(args.eta, "--eta", strict=False)
+    c = _number(args.C, "--C", strict=True)
+    threshold = _number(args.threshold, "--threshold", strict=True)
+    if not threshold < 1:
+        raise ObstaclesCommandError(f"--threshold must be a probability in (0, 1); got {threshold}")
+    holdout = _number(args.holdout, "--holdout", strict=False)
+    if not holdout < 1:
+        raise ObstaclesCommandError(f"--holdout must be in [0, 1); got {holdout}")
+    size = _size(args.size)
+    out = Path(args.out)
+    if _check_out(out, is_classifier_folder, "a cspace classifier") and not args.overwrite:
+        raise ObstaclesCommandError(
+            f"{out} already holds a classifier; pass --overwrite to replace it"
+        )
+    encoder = _encoder_on(args.encoder, args.device)
+    # read every image of both classes before encoding anything
+    good_images, good_files = load_images(args.good, size=size, channels=encoder.channels)
+    bad_images, bad_files = load_images(args.bad, size=size, channels=encoder.channels)
+    overlap = {f.resolve() for f in good_files} & {f.resolve() for f in bad_files}
+    if overlap:
+        raise ObstaclesCommandError(
+            f"{len(overlap)} files are both --good and --bad, e.g. {sorted(overlap)[0]}"
+        )
+    with torch.no_grad():
+        good = encoder.embed(encoder.encode(good_images, batch_size=args.batch_size))
+        bad = encoder.embed(encoder.encode(bad_images, batch_size=args.batch_size))
+    clf = PreferenceClassifier.fit(
+        good.cpu().double().numpy(),
+        bad.cpu().double().numpy(),
+        C=c,
+        seed=args.seed,
+        holdout=holdout,
+        threshold=threshold,
+        q_star=q_star,
+        eta=eta,
+    )
+    clf.info["encoder"] = f"{args.encoder} ({encoder.name})"
+    clf.info["image_size"] = list(size)
+    clf.save(out)
+    acc = "n/a (--holdout 0)" if clf.accuracy is None else f"{clf.accuracy:.3f}"
+    print(f"trained on {len(good_files)} good and {len(bad_files)} bad images, d={clf.dim}")
+    print(f"encoder: {args.encoder} ({encoder.name})")
+    print(f"held-out accuracy: {acc} (training accuracy {clf.train_accuracy:.3f})")
+    auto = " (auto)" if q_star == "auto" else ""
+    print(f"threshold: {clf.threshold}, q_star: {clf.q_star:.4g}{auto}, eta: {clf.eta:.4g}")
+    print(f"saved: {out}")
+    return 0
+
+
+def _command(func):
+    """Run a command; an OSError (permissions, a full disk) becomes an ObstaclesCommandError."""
+
+    def run(args: argparse.Namespace) -> int:
+        if getattr(args, "batch_size", 1) < 1:
+            raise ObstaclesCommandError(f"--batch-size must be >= 1; got {args.batch_size}")
+        try:
+            return func(args)
+        except OSError as err:
+            raise ObstaclesCommandError(f"{type(err).__name__}: {err}") from err
+
+    run.__name__ = func.__name__
+    run.__doc__ = func.__doc__
+    return run
+
+
+# ---------------------------------------------------------------------- parser
+def _encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--encoder",
+        default="digits",
+        metavar="digits|digits-plain|PATH",
+        help="the C-space: the shipped aligned digits VAE (default), the plain one, or a folder "
+        "with a cspace aligned VAE or a diffusers AutoencoderKL",
+    )
+    p.add_argument("--size", default="8", help="image size N or HxW (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``obstacles`` command (with ``build``, ``info``, ``classifier``) to ``subparsers``."""
+    obs = subparsers.add_parser(
+        "obstacles",
+        help="build obstacle sets from images, inspect them, train preference classifiers",
+        description="Obstacle sets and preference classifiers in the C-space of a VAE.",
+    )
+    sub = obs.add_subparsers(dest="obstacles_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    build = sub.add_parser(
+        "build",
+        help="an obstacle set from image files and folders",
+        description="Encode images into the C-space and save them as an obstacle set. Every file "
+        "is checked first; one bad file stops everything and nothing is written.",
+    )
+    build.add_argument(
+        "inputs", nargs="+", metavar="IMAGES_OR_DIRS", help="PNG/JPEG files, folders"
+    )
+    build.add_argument("--out", required=True, metavar="SET", help="obstacle set folder to write")
+    build.add_argument("--label", default=None, help="label of all images (default: folder name)")
+    build.add_argument(
+        "--q-star",
+        default="auto",
+        metavar="auto|FLOAT",
+        help="influence range Q*; auto (default): median distance of each example to its 5th "
+        "nearest other example",
+    )
+    build.add_argument("--eta", default="1.0", help="strength eta (default 1)")
+    build.add_argument("--radius", default=None, help="hard collision radius (default: 0.5 x Q*)")
+    mode = build.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add the images to an existing set")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing set")
+    _encoder_args(build)
+    build.set_defaults(func=_command(_cmd_build))
+
+    info = sub.add_parser(
+        "info",
+        help="describe an obstacle set or a classifier folder",
+        description="Verify and describe an obstacle set or a preference classifier.",
+    )
+    info.add_argument("path", metavar="SET", help="obstacle set or classifier folder")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_command(_cmd_info))
+
+    clf = sub.add_parser(
+        "classifier",
+        help="train a preference classifier (good vs bad images) as an obstacle",
+        description="Train a logistic-regression preference classifier on C-space embeddings of "
+        "good and bad images; prints its held-out accuracy and saves it.",
+    )
+    clf.add_argument("--good", nargs="+", required=True, metavar="DIR", help="wanted images")
+    clf.add_argument("--bad", nargs="+", required=True, metavar="DIR", help="images to avoid")
+    clf.add_argument("--out", required=True, metavar="DIR", help="classifier folder to write")
+    clf.add_argument(
+        "--threshold", default="0.5", help="p(bad) threshold of the bad region (default 0.5)"
+    )
+    clf.add_argument(
+        "--q-star",
+        default="auto",
+        metavar="auto|FLOAT",
+        help="influence range; auto (default): median distance of the good examples to the "
+        "boundary",
+    )
+    clf.add_argument("--eta", default="1.0", help="strength eta (default 1)")
+    clf.add_argument("--C", default="1.0", help="inverse L2 regularisation (default 1)")
+    clf.add_argument(
+        "--holdout", default="0.25", help="held-out fraction for the accuracy (default 0.25)"
+    )
+    clf.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    clf.add_argument("--overwrite", action="store_true", help="replace an existing classifier")
+    _encoder_args(clf)
+    clf.set_defaults(func=_command(_cmd_classifier))
+    return obs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only the ``obstacles`` command (``cspace.cli`` registers it too)."""
+    parser = argparse.ArgumentParser(prog="cspace")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``cspace obstacles ...`` on its own, with ``cspace.cli.main``'s error handling."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError) as err:
+        print(f"cspace {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

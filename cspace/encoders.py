@@ -1,0 +1,140 @@
+"""One encoder interface over our aligned VAE and any diffusers ``AutoencoderKL``.
+
+An :class:`Encoder` maps images (B, C, H, W) in [-1, 1] to *normalised latents* (B, c, h, w),
+decodes them back, and embeds latents as the C-space vectors that obstacles live in:
+
+    z = (mean_of_posterior(image) - shift_factor) * scaling_factor       (diffusers' convention)
+    image = decode(z / scaling_factor + shift_factor)
+    embedding = flatten(z)                                               (B, c*h*w)
+
+Flow models and guidance work on normalised latents, so a state of the sampler and an obstacle
+embedding are directly comparable (the field's default flatten projection).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["Encoder", "MissingWeightsError"]
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weights are not on disk (nothing is ever downloaded); the message says how to supply them."""
+
+
+class Encoder:
+    """A VAE as the C-space map. Wraps a diffusers ``AutoencoderKL`` (ours or a user's).
+
+    Args:
+        vae: a ``diffusers.AutoencoderKL``.
+        scaling_factor: multiplies latents after the shift (``vae.config.scaling_factor`` if None).
+        shift_factor: subtracted from latents first (``vae.config.shift_factor`` or 0 if None).
+        name: a short description for reports.
+    """
+
+    def __init__(
+        self,
+        vae,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        name: str = "vae",
+    ):
+        self.vae = vae.eval()
+        cfg = vae.config
+        self.scaling_factor = float(
+            scaling_factor if scaling_factor is not None else getattr(cfg, "scaling_factor", 1.0)
+        )
+        shift = shift_factor if shift_factor is not None else getattr(cfg, "shift_factor", None)
+        self.shift_factor = float(shift) if shift is not None else 0.0
+        self.channels = int(cfg.in_channels)
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.name = name
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_diffusers(
+        cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs
+    ) -> Encoder:
+        """Load a diffusers ``AutoencoderKL`` (SD, SDXL, FLUX VAEs) from a local folder.
+
+        The folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (a pipeline
+        folder with ``subfolder="vae"`` works too). Nothing is downloaded.
+        """
+        from diffusers import AutoencoderKL
+
+        p = Path(path)
+        where = p / subfolder if subfolder else p
+        if not (where / "config.json").is_file():
+            raise MissingWeightsError(
+                f"no diffusers VAE at {where} (config.json missing). Download it on a machine with "
+                "network access, e.g. `huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir DIR`, "
+                "and pass that DIR"
+            )
+        vae = AutoencoderKL.from_pretrained(str(p), subfolder=subfolder, local_files_only=True)
+        return cls(vae, name=kwargs.pop("name", f"diffusers:{where}"), **kwargs)
+
+    @classmethod
+    def from_aligned(cls, path: str | os.PathLike | None = None) -> Encoder:
+        """Load a cspace aligned VAE folder (``config.json`` + ``model.safetensors``); default:
+        the digits VAE shipped in the package."""
+        from cspace.vae import load_aligned_vae
+
+        vae, meta = load_aligned_vae(path)
+        return cls(
+            vae,
+            scaling_factor=meta["scaling_factor"],
+            shift_factor=meta["shift_factor"],
+            name=meta.get("name", "aligned-vae"),
+        )
+
+    # ------------------------------------------------------------------ the map
+    def _check(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != self.channels:
+            raise ValueError(
+                f"{self.name} expects images (B, {self.channels}, H, W); got {tuple(images.shape)}"
+            )
+        h, w = images.shape[-2:]
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(
+                f"{self.name} needs H and W divisible by {self.downsample}; got {h}x{w}"
+            )
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> normalised latents (B, c, H/f, W/f) (posterior mean)."""
+        self._check(images)
+        p = next(self.vae.parameters())
+        outs = []
+        for s in range(0, images.shape[0], batch_size):
+            x = images[s : s + batch_size].to(device=p.device, dtype=p.dtype)
+            mean = self.vae.encode(x).latent_dist.mean
+            outs.append((mean - self.shift_factor) * self.scaling_factor)
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Normalised latents (B, c, h, w) -> images (B, C, H, W), clamped to [-1, 1]."""
+        p = next(self.vae.parameters())
+        outs = []
+        for s in range(0, latents.shape[0], batch_size):
+            z = latents[s : s + batch_size].to(device=p.device, dtype=p.dtype)
+            outs.append(
+                self.vae.decode(z / self.scaling_factor + self.shift_factor).sample.clamp(-1, 1)
+            )
+        return torch.cat(outs)
+
+    @staticmethod
+    def embed(latents: torch.Tensor) -> torch.Tensor:
+        """C-space embeddings of normalised latents: (B, c*h*w)."""
+        return latents.reshape(latents.shape[0], -1)
+
+    def latent_shape(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
+        return (
+            self.latent_channels,
+            image_size[0] // self.downsample,
+            image_size[1] // self.downsample,
+        )

@@ -1,0 +1,274 @@
+"""Obstacles from images: read image files, encode them into the C-space, add them to a set.
+
+:func:`build_from_images` reads PNG/JPEG files and folders with :func:`cspace.data.load_images`
+(all-or-nothing: one bad file raises :class:`cspace.data.ImageFolderError` naming it before
+anything is encoded), encodes them with an :class:`cspace.encoders.Encoder` (posterior mean,
+normalised latents), embeds them (flatten, ``Encoder.embed``) and returns a new
+:class:`~obstacles.ObstacleSet` whose sources are the absolute file paths. :func:`add_images` grows
+an existing set the same way; bad input adds nothing.
+
+Default parameters (documented rules, both overridable):
+
+* ``q_star="auto"``: the **median over the examples of the distance to their k-th nearest other
+  example**, ``k = min(5, N - 1)``, times ``AUTO_Q_STAR_FACTOR = 1.0``. It is the typical spacing
+  of the examples in the C-space: the union of the influence balls covers the region the examples
+  sample (each ball reaches about 5 neighbours), and the field does not reach much further than
+  the examples' own spread. It needs at least 2 examples (with one image there is no spacing to
+  measure: pass a number). When images are added to an existing set the neighbours are searched
+  among the set's obstacles and the new examples together, so one image can be added with "auto".
+  Distances are computed exactly, from differences in float64 (O(N^2 d), chunked).
+* ``radius=None``: the hard collision radius is ``RADIUS_FRACTION = 0.5`` of Q*: a state counts as
+  a collision when it is closer to an example than half the examples' typical spacing, i.e. it is
+  nearer to that example than to the midpoint towards its k-th neighbour (a near copy).
+* ``label=None``: each image is labelled with the name of the folder that holds it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from obstacles.obstacle_set import ObstacleSet, ObstacleSetError
+
+__all__ = [
+    "AUTO_K",
+    "AUTO_Q_STAR_FACTOR",
+    "RADIUS_FRACTION",
+    "add_images",
+    "auto_q_star",
+    "build_from_images",
+    "encode_images",
+    "kth_neighbour_distance",
+]
+
+AUTO_K = 5
+AUTO_Q_STAR_FACTOR = 1.0
+RADIUS_FRACTION = 0.5
+_CHUNK_ELEMENTS = 1 << 22  # largest (rows x cols x d) float64 difference block formed at once
+
+PathLike = str | os.PathLike
+
+
+def kth_neighbour_distance(
+    embeddings, k: int, reference=None, *, chunk_elements: int = _CHUNK_ELEMENTS
+) -> np.ndarray:
+    """For each row of ``embeddings`` (N, d), the distance to its k-th nearest *other* example.
+
+    The candidates are the other rows of ``embeddings`` plus every row of ``reference`` (M, d)
+    (optional). A duplicate counts as a neighbour at distance 0; a row never counts as its own
+    neighbour. Exact Euclidean distances from differences in float64; returns (N,) float64.
+    """
+    e = np.asarray(embeddings, dtype=np.float64)
+    if e.ndim != 2:
+        raise ObstacleSetError(f"embeddings must be (N, d); got shape {e.shape}")
+    n, d = e.shape
+    ref = np.zeros((0, d)) if reference is None else np.asarray(reference, dtype=np.float64)
+    if ref.ndim != 2 or ref.shape[1] != d:
+        raise ObstacleSetError(f"reference must be (M, {d}); got shape {ref.shape}")
+    cand = np.concatenate([e, ref])  # rows 0..n-1 are the examples themselves
+    m = cand.shape[0]
+    k = int(k)
+    if not 1 <= k <= m - 1:
+        raise ObstacleSetError(f"k must be in 1..{m - 1} for {m} examples; got {k}")
+    cols = max(1, min(m, chunk_elements // max(1, d)))
+    rows = max(1, chunk_elements // max(1, cols * d))
+    out = np.empty(n)
+    for r0 in range(0, n, rows):
+        block = e[r0 : r0 + rows]
+        best = np.full((block.shape[0], 0), np.inf)
+        for c0 in range(0, m, cols):
+            diff = block[:, None, :] - cand[None, c0 : c0 + cols]
+            dist = np.sqrt(np.einsum("rcd,rcd->rc", diff, diff))
+            ri = np.arange(block.shape[0])
+            ci = r0 + ri - c0  # position of each row's own column in this block
+            own = (ci >= 0) & (ci < dist.shape[1])
+            dist[ri[own], ci[own]] = np.inf
+            both = np.concatenate([best, dist], axis=1)
+            keep = min(k, both.shape[1])
+            best = np.partition(both, keep - 1, axis=1)[:, :keep]
+        out[r0 : r0 + rows] = np.max(best, axis=1)
+    return out
+
+
+def auto_q_star(
+    embeddings, *, reference=None, k: int = AUTO_K, factor: float = AUTO_Q_STAR_FACTOR
+) -> float:
+    """The "auto" Q*: ``factor`` x median over examples of the distance to the k-th nearest other
+    example, with ``k = min(k, N_candidates - 1)``; see the module docstring.
+
+    ``reference`` (M, d): obstacles already in a set, searched as neighbours too.
+    """
+    e = np.asarray(embeddings, dtype=np.float64)
+    n_ref = 0 if reference is None else int(np.asarray(reference).shape[0])
+    total = e.shape[0] + n_ref
+    if e.shape[0] < 1 or total < 2:
+        raise ObstacleSetError(
+            f"q_star='auto' needs at least 2 examples to measure their spacing; got {total}. "
+            "Pass a number instead (q_star=FLOAT, or --q-star FLOAT on the command line)"
+        )
+    if not (np.isfinite(factor) and factor > 0):
+        raise ObstacleSetError(f"the auto Q* factor must be a finite number > 0; got {factor}")
+    kk = min(int(k), total - 1)
+    q = float(factor) * float(np.median(kth_neighbour_distance(e, kk, reference)))
+    if not (np.isfinite(q) and q > 0):
+        raise ObstacleSetError(
+            f"q_star='auto' gave {q}: most examples embed to identical points (duplicate images?). "
+            "Pass a number instead (q_star=FLOAT, or --q-star FLOAT)"
+        )
+    return q
+
+
+def encode_images(
+    inputs: Iterable[PathLike],
+    encoder,
+    *,
+    size: tuple[int, int] = (8, 8),
+    batch_size: int = 256,
+) -> tuple[np.ndarray, list[Path]]:
+    """Read images (files and folders), encode and embed them: ((N, d) float32, files).
+
+    Every file is checked before anything is encoded (:func:`cspace.data.load_images`); the
+    channel count comes from the encoder, the size (H, W) from the caller.
+    """
+    from cspace.data import load_images
+
+    size = _size(size)
+    images, files = load_images(inputs, size=size, channels=int(encoder.channels))
+    latents = encoder.encode(images, batch_size=int(batch_size))
+    emb = encoder.embed(latents).detach().to("cpu").float().numpy()
+    if not np.all(np.isfinite(emb)):
+        bad = [str(f) for f, ok in zip(files, np.isfinite(emb).all(1), strict=True) if not ok]
+        raise ObstacleSetError(
+            f"the encoder {getattr(encoder, 'name', '')!r} returned NaN or Inf for {bad[:5]}; "
+            "check the encoder weights"
+        )
+    return np.ascontiguousarray(emb, dtype=np.float32), files
+
+
+def _size(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        size = (size, size)
+    try:
+        h, w = (int(s) for s in size)
+    except (TypeError, ValueError):
+        raise ObstacleSetError(f"size must be an int or (H, W); got {size!r}") from None
+    if h < 1 or w < 1:
+        raise ObstacleSetError(f"size must be positive; got {size!r}")
+    return h, w
+
+
+def _expected_dim(encoder, size: tuple[int, int]) -> int | None:
+    shape = getattr(encoder, "latent_shape", None)
+    if shape is None:
+        return None
+    return int(np.prod(shape(size)))
+
+
+def _labels(label: str | Sequence[str] | None, files: list[Path]) -> list[str]:
+    if label is None:
+        return [f.resolve().parent.name for f in files]
+    if isinstance(label, str):
+        return [label] * len(files)
+    out = [str(s) for s in label]
+    if len(out) != len(files):
+        raise ObstacleSetError(f"label must be a string or {len(files)} strings; got {len(out)}")
+    return out
+
+
+def _parameters(q_star, radius, emb: np.ndarray, reference) -> tuple[object, object]:
+    if isinstance(q_star, str):
+        if q_star != "auto":
+            raise ObstacleSetError(
+                f"q_star must be a number > 0 or 'auto'; got {q_star!r} (fix: --q-star 1.5)"
+            )
+        q_star = auto_q_star(emb, reference=reference)
+    if radius is None:
+        radius = RADIUS_FRACTION * np.asarray(q_star, dtype=np.float64)
+    return q_star, radius
+
+
+def build_from_images(
+    inputs: Iterable[PathLike] | PathLike,
+    encoder,
+    *,
+    q_star: float | str = "auto",
+    eta: float = 1.0,
+    radius: float | None = None,
+    label: str | Sequence[str] | None = None,
+    size: tuple[int, int] | int = (8, 8),
+    batch_size: int = 256,
+) -> ObstacleSet:
+    """A new :class:`ObstacleSet` from image files and folders of them.
+
+    Args:
+        inputs: image files and/or folders (a folder contributes its non-hidden files, sorted).
+        encoder: a :class:`cspace.encoders.Encoder` (``channels``, ``encode``, ``embed``).
+        q_star: Q* (> 0) for every obstacle, or ``"auto"`` (see the module docstring).
+        eta: strength (>= 0).
+        radius: hard collision radius (>= 0); default ``RADIUS_FRACTION * q_star``.
+        label: one label for all, one per image, or None (the name of each image's folder).
+        size: (H, W) the images must have (an int for square images).
+        batch_size: images encoded per batch.
+
+    Raises:
+        cspace.data.ImageFolderError: a missing path, an empty folder, an unreadable or
+            non-image file, a wrong size or channel count (before anything is encoded).
+        ObstacleSetError: bad parameters, or "auto" with a single image.
+    """
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size)
+    q, r = _parameters(q_star, radius, emb, None)
+    return ObstacleSet.from_embeddings(
+        emb,
+        q_star=q,
+        eta=eta,
+        radius=r,
+        labels=_labels(label, files),
+        sources=[str(f.resolve()) for f in files],
+    )
+
+
+def add_images(
+    obstacles: ObstacleSet,
+    inputs: Iterable[PathLike] | PathLike,
+    encoder,
+    *,
+    q_star: float | str = "auto",
+    eta: float = 1.0,
+    radius: float | None = None,
+    label: str | Sequence[str] | None = None,
+    size: tuple[int, int] | int = (8, 8),
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Add images to an existing set (in memory; save it yourself); returns the new ids.
+
+    Same arguments as :func:`build_from_images`; ``"auto"`` measures the new examples' spacing
+    among the set's obstacles and the new examples together. All-or-nothing: on any error the
+    set is unchanged.
+    """
+    if not isinstance(obstacles, ObstacleSet):
+        raise TypeError(f"add_images needs an ObstacleSet; got {type(obstacles).__name__}")
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    want = _expected_dim(encoder, _size(size))
+    if want is not None and want != obstacles.dim:
+        raise ObstacleSetError(
+            f"dimension mismatch: {getattr(encoder, 'name', 'the encoder')} embeds {size} images "
+            f"to d={want} but the obstacle set has d={obstacles.dim}; use the encoder (and --size) "
+            "the set was built with"
+        )
+    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size)
+    ref = obstacles.embeddings if len(obstacles) else None
+    q, r = _parameters(q_star, radius, emb, ref)
+    return obstacles.add(
+        emb,
+        q_star=q,
+        eta=eta,
+        radius=r,
+        labels=_labels(label, files),
+        sources=[str(f.resolve()) for f in files],
+    )
