@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(func=_cmd_demo)
 
-    for module in ("cspace.cli_obstacles", "cspace.cli_search"):
+    for module in ("cspace.cli_obstacles", "cspace.cli_search", "cspace.cli_train"):
         _register(module, sub)
     return parser
 

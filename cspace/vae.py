@@ -1,0 +1,694 @@
+"""The C-space VAE: a diffusers ``AutoencoderKL`` aligned to a frozen teacher with VA-VAE's VF loss.
+
+VA-VAE (Yao et al. 2025, "Reconstruction vs. generation", hustvl/LightningDiT,
+``vavae/ldm/modules/losses/contperceptual.py``; see REFERENCE.md section 4) adds a
+*vision-foundation (VF) alignment loss* to the usual VAE objective:
+
+* a 1x1 convolution without bias projects the latent ``z`` (B, c, h, w) to the teacher's width:
+  ``z' = P z`` (B, C_t, h, w), read as tokens (B, T = h*w, C_t); the teacher gives ``f``
+  (B, T, C_t) on the same grid (a DINOv2 grid is resampled to the latent grid);
+* marginal cosine similarity, per token: ``L_mcos = mean_{b,t} relu(1 - m1 - cos(z'_bt, f_bt))``
+  with ``m1 = 0.5``;
+* marginal distance-matrix similarity, per image over all token pairs:
+  ``L_mdms = mean_{b,i,j} relu(|cos(z'_bi, z'_bj) - cos(f_bi, f_bj)| - m2)`` with ``m2 = 0.25``;
+* ``L_vf = L_mcos + L_mdms``, weighted by ``vf_weight`` (0.1) times the adaptive factor
+  ``||grad_W L_nll|| / (||grad_W L_vf|| + 1e-4)`` (clamped to [0, 1e8], detached) where ``W`` is
+  the encoder's last convolution weight (``encoder.conv_out.weight``).
+
+The total loss here is ``L_nll + kl_weight * L_kl + vf_weight * adaptive * L_vf`` with
+``L_nll`` the squared error summed over pixels (Gaussian likelihood, fixed variance: MSE is the
+metric we report, and at 8x8 it keeps strokes sharp) and ``L_kl`` the KL divergence of the
+posterior to N(0, I) summed over latent elements, both averaged over the batch (LDM's
+convention). ``kl_weight`` is small (1e-3) so reconstructions stay sharp, and it is warmed up
+linearly over the first ``kl_warmup`` (500) steps. Training images are randomly shifted by up to
+one pixel: with 896 training images the VAE otherwise memorises them (heldout reconstruction
+error 100x the training error).
+
+Seeds matter at this size: with seed 0 the plain 2-channel VAE lets its second latent channel
+drift towards the prior (posterior std of that channel ~1, heldout MSE 0.015 instead of 0.004
+with seeds 1 and 2); KL warm-up, KL weight 1e-4, free bits, a small initial posterior variance
+and batch 128 did not prevent it. Check ``metrics`` and the per-channel posterior spread when
+comparing runs.
+
+Shapes for the shipped digits VAE: images (B, 1, 8, 8) -> latents (B, 2, 4, 4), a 32-d C-space;
+the digits teacher (:class:`cspace.teachers.DigitsTeacher`, the stand-in for DINOv2 at 8x8) has
+a 4x4 grid of 64-d tokens, so ``P`` is a (64, 2, 1, 1) convolution.
+
+Files (a folder): ``config.json`` (the :class:`AlignedVAEConfig`, ``scaling_factor``,
+``shift_factor``, ``vf_weight``, teacher, steps, seed, metrics) and ``model.safetensors``
+(``vae.*``: the AutoencoderKL state; ``proj.weight``: the VF projection when ``vf_weight > 0``).
+:func:`load_aligned_vae` reads them; :func:`train_vae` writes them. Training checkpoints
+(``checkpoint/``) make an interrupted run resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cspace.encoders import MissingWeightsError
+from cspace.teachers import (
+    Teacher,
+    _atomic_save_safetensors,
+    _atomic_write_json,
+    _check_state_dict,
+    _shift_augment,
+    load_teacher,
+)
+
+__all__ = [
+    "AlignedVAEConfig",
+    "VFAlignment",
+    "adaptive_vf_weight",
+    "build_autoencoder",
+    "default_vae_dir",
+    "evaluate_vae",
+    "latent_stats",
+    "load_aligned_vae",
+    "match_token_grid",
+    "train_vae",
+    "vf_loss",
+]
+
+VAE_FORMAT = "cspace-aligned-vae"
+CHECKPOINT_DIR = "checkpoint"
+
+
+def default_vae_dir(kind: str = "aligned") -> Path:
+    """Shipped digits VAEs: ``cspace/weights/vae_aligned`` or ``cspace/weights/vae_plain``."""
+    if kind not in ("aligned", "plain"):
+        raise ValueError(f"kind must be 'aligned' or 'plain'; got {kind!r}")
+    return Path(__file__).resolve().parent / "weights" / f"vae_{kind}"
+
+
+@dataclass
+class AlignedVAEConfig:
+    """Architecture of the C-space VAE and the weights and margins of its loss.
+
+    The default is the shipped digits VAE: 8x8x1 images, two diffusers blocks (32, 64 channels),
+    latents (2, 4, 4) - a 32-d C-space. ``kl_weight`` multiplies the KL term (per-image sum),
+    linearly warmed up over ``kl_warmup`` steps; the margins and weights are VA-VAE's VF loss
+    settings (m2 = ``distmat_margin``, m1 = ``cos_margin``).
+    """
+
+    in_channels: int = 1
+    sample_size: int = 8
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 2
+    norm_num_groups: int = 8
+    kl_weight: float = 1e-3
+    kl_warmup: int = 500
+    distmat_margin: float = 0.25
+    cos_margin: float = 0.5
+    distmat_weight: float = 1.0
+    cos_weight: float = 1.0
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must not be empty")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"every block_out_channels entry must be divisible by norm_num_groups="
+                f"{self.norm_num_groups}; got {self.block_out_channels}"
+            )
+        if self.sample_size % self.downsample:
+            raise ValueError(
+                f"sample_size {self.sample_size} is not divisible by the downsampling factor "
+                f"{self.downsample}"
+            )
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def latent_grid(self) -> int:
+        """Latent tokens per side (``sample_size / downsample``)."""
+        return self.sample_size // self.downsample
+
+    @property
+    def latent_dim(self) -> int:
+        return self.latent_channels * self.latent_grid**2
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["block_out_channels"] = list(self.block_out_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AlignedVAEConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown AlignedVAEConfig fields {unknown}")
+        return cls(**d)
+
+
+def build_autoencoder(cfg: AlignedVAEConfig | None = None):
+    """A diffusers ``AutoencoderKL`` for ``cfg`` (randomly initialised from torch's global RNG)."""
+    from diffusers import AutoencoderKL
+
+    cfg = cfg or AlignedVAEConfig()
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
+    )
+
+
+# ---------------------------------------------------------------------- the VF loss
+def match_token_grid(tokens: torch.Tensor, grid: int, interpolate: bool = False) -> torch.Tensor:
+    """Teacher tokens (B, T, C) on a square grid -> (B, grid*grid, C).
+
+    Identity when ``T == grid**2``. Otherwise, with ``interpolate`` (a DINOv2 teacher), the
+    teacher grid is area-resampled (antialiased bilinear) down to ``grid``. Raises ValueError when
+    T is not a square, or the grids differ and may not (or cannot: teacher grid smaller) be
+    resampled.
+    """
+    if tokens.ndim != 3:
+        raise ValueError(f"teacher tokens must be (B, T, C); got {tuple(tokens.shape)}")
+    b, t, c = tokens.shape
+    side = math.isqrt(t)
+    if side * side != t:
+        raise ValueError(f"teacher gives {t} tokens: not a square grid")
+    if side == grid:
+        return tokens
+    if not interpolate:
+        raise ValueError(
+            f"the teacher's token grid is {side}x{side} but the latent grid is {grid}x{grid}; "
+            "this teacher's grid cannot be resampled: pick a VAE whose latent grid "
+            f"(sample_size / 2**(len(block_out_channels) - 1)) is {side}"
+        )
+    if side < grid:
+        raise ValueError(
+            f"the teacher's token grid {side}x{side} is coarser than the latent grid "
+            f"{grid}x{grid}: use a larger teacher img_size (>= {14 * grid} for DINOv2)"
+        )
+    x = tokens.transpose(1, 2).reshape(b, c, side, side)
+    x = F.interpolate(x, size=(grid, grid), mode="bilinear", antialias=True, align_corners=False)
+    return x.flatten(2).transpose(1, 2)
+
+
+def vf_loss(
+    z_tokens: torch.Tensor,
+    f_tokens: torch.Tensor,
+    distmat_margin: float = 0.25,
+    cos_margin: float = 0.5,
+    distmat_weight: float = 1.0,
+    cos_weight: float = 1.0,
+    return_terms: bool = False,
+):
+    """VA-VAE's VF loss between projected latent tokens and teacher tokens.
+
+    Args:
+        z_tokens: projected latent ``z'`` (B, T, C).
+        f_tokens: teacher features ``f`` (B, T, C) on the same grid (detached here).
+
+    Returns:
+        ``cos_weight * L_mcos + distmat_weight * L_mdms`` (a scalar), and with ``return_terms``
+        also ``{"mcos": L_mcos, "mdms": L_mdms}`` where
+        ``L_mcos = relu(1 - cos_margin - cos(z'_t, f_t)).mean()`` over (B, T) and
+        ``L_mdms = relu(|Cz - Cf| - distmat_margin).mean()`` over (B, T, T), with ``Cz``/``Cf``
+        the per-image token cosine-similarity matrices.
+    """
+    if z_tokens.shape != f_tokens.shape:
+        raise ValueError(
+            f"projected latent tokens {tuple(z_tokens.shape)} and teacher tokens "
+            f"{tuple(f_tokens.shape)} differ in shape"
+        )
+    f_tokens = f_tokens.detach()
+    zn = F.normalize(z_tokens, dim=-1)
+    fn = F.normalize(f_tokens, dim=-1)
+    cz = zn @ zn.transpose(1, 2)
+    cf = fn @ fn.transpose(1, 2)
+    mdms = F.relu((cz - cf).abs() - distmat_margin).mean()
+    mcos = F.relu(1.0 - cos_margin - F.cosine_similarity(z_tokens, f_tokens, dim=-1)).mean()
+    total = cos_weight * mcos + distmat_weight * mdms
+    if return_terms:
+        return total, {"mcos": mcos, "mdms": mdms}
+    return total
+
+
+def adaptive_vf_weight(
+    nll: torch.Tensor, vf: torch.Tensor, last_layer: torch.Tensor, vf_weight: float = 0.1
+) -> torch.Tensor:
+    """VA-VAE's adaptive weight: ``vf_weight * ||d nll/dW|| / (||d vf/dW|| + 1e-4)``, detached.
+
+    ``W`` = ``last_layer`` (the encoder's last conv weight); the ratio is clamped to [0, 1e8].
+    """
+    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_vf = torch.autograd.grad(vf, last_layer, retain_graph=True, allow_unused=True)[0]
+    if g_vf is None:
+        raise ValueError("the VF loss does not depend on last_layer: nothing to align")
+    ratio = torch.linalg.vector_norm(g_nll) / (torch.linalg.vector_norm(g_vf) + 1e-4)
+    return (ratio.clamp(0.0, 1e8) * vf_weight).detach()
+
+
+class VFAlignment(nn.Module):
+    """The 1x1 projection (no bias) from latent channels to the teacher width, and the VF loss.
+
+    ``forward(z, f)``: latents (B, c, h, w) with h == w, teacher tokens (B, T, C_t) -> VF loss
+    (after matching the teacher grid to the latent grid with :func:`match_token_grid`).
+    """
+
+    def __init__(
+        self, latent_channels: int, teacher_width: int, cfg: AlignedVAEConfig | None = None
+    ):
+        super().__init__()
+        self.proj = nn.Conv2d(latent_channels, teacher_width, kernel_size=1, bias=False)
+        self.cfg = cfg or AlignedVAEConfig(latent_channels=latent_channels)
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, c, h, w) -> projected tokens (B, h*w, C_t)."""
+        return self.proj(z).flatten(2).transpose(1, 2)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        f_tokens: torch.Tensor,
+        interpolate: bool = False,
+        return_terms: bool = False,
+    ):
+        h, w = z.shape[-2:]
+        if h != w:
+            raise ValueError(f"the VF loss needs a square latent grid; got {h}x{w}")
+        f = match_token_grid(f_tokens, h, interpolate=interpolate)
+        c = self.cfg
+        return vf_loss(
+            self.project(z),
+            f,
+            distmat_margin=c.distmat_margin,
+            cos_margin=c.cos_margin,
+            distmat_weight=c.distmat_weight,
+            cos_weight=c.cos_weight,
+            return_terms=return_terms,
+        )
+
+
+# ---------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def _posterior_means(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat(
+        [
+            vae.encode(images[s : s + batch_size]).latent_dist.mean
+            for s in range(0, images.shape[0], batch_size)
+        ]
+    )
+
+
+@torch.no_grad()
+def latent_stats(vae, images: torch.Tensor) -> tuple[float, float]:
+    """``(shift_factor, scaling_factor)``: the mean and 1/std of the posterior means (all elements)."""
+    m = _posterior_means(vae, images).double()
+    return float(m.mean()), float(1.0 / m.std())
+
+
+@torch.no_grad()
+def evaluate_vae(
+    vae, scaling_factor: float, shift_factor: float, batch_size: int = 256
+) -> dict[str, float]:
+    """Metrics of a digits VAE.
+
+    * ``heldout_mse``: mean squared error of ``decode(posterior mean)`` (clamped to [-1, 1]) on
+      the heldout split, per pixel, images in [-1, 1];
+    * ``knn_accuracy``: 5-nearest-neighbour (Euclidean) class accuracy on heldout of the C-space
+      embeddings ``flatten((mean - shift) * scale)``, the classifier fit on the train split;
+    * ``linear_probe_accuracy``: the same with a logistic regression (lbfgs, C=1).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from cspace.data import digits
+
+    vae.eval()
+    xt, yt = digits("train")
+    xh, yh = digits("heldout")
+    mt = _posterior_means(vae, xt, batch_size)
+    mh = _posterior_means(vae, xh, batch_size)
+    rec = torch.cat(
+        [
+            vae.decode(mh[s : s + batch_size]).sample.clamp(-1, 1)
+            for s in range(0, mh.shape[0], batch_size)
+        ]
+    )
+    et = ((mt - shift_factor) * scaling_factor).flatten(1).numpy()
+    eh = ((mh - shift_factor) * scaling_factor).flatten(1).numpy()
+    knn = KNeighborsClassifier(n_neighbors=5).fit(et, yt.numpy())
+    probe = LogisticRegression(max_iter=5000).fit(et, yt.numpy())
+    return {
+        "heldout_mse": float(((rec - xh) ** 2).mean()),
+        "knn_accuracy": float(knn.score(eh, yh.numpy())),
+        "linear_probe_accuracy": float(probe.score(eh, yh.numpy())),
+    }
+
+
+# ---------------------------------------------------------------------- files
+def _missing_vae(folder: Path, what: str) -> MissingWeightsError:
+    return MissingWeightsError(
+        f"aligned VAE: {what}. Train it with `cspace train vae --out {folder}` "
+        "(or cspace.vae.train_vae); the shipped digits VAEs live in cspace/weights/vae_aligned "
+        "and cspace/weights/vae_plain"
+    )
+
+
+def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: bool = False):
+    """Load a VAE folder made by :func:`train_vae` -> ``(AutoencoderKL, meta)``.
+
+    ``path`` None: the shipped digits VAE (``cspace/weights/vae_aligned``). ``meta`` is the
+    ``config.json`` content plus ``name``, ``scaling_factor`` and ``shift_factor``; with
+    ``with_projection`` also ``meta["projection"]``, the trained VF projection (or None).
+    The model is in eval mode.
+
+    Raises:
+        MissingWeightsError: the folder or one of its files is missing.
+        ValueError: a foreign config, weights whose keys/shapes do not match the config, or a
+            weights file other than the one the config was written with (SHA-256 check).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(path) if path is not None else default_vae_dir("aligned")
+    if not folder.is_dir():
+        raise _missing_vae(folder, f"no folder {folder}")
+    cfg_file, w_file = folder / "config.json", folder / "model.safetensors"
+    for f in (cfg_file, w_file):
+        if not f.is_file():
+            raise _missing_vae(folder, f"{f} is missing")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_file} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != VAE_FORMAT:
+        raise ValueError(f"{cfg_file} is not a cspace aligned-VAE config (format {VAE_FORMAT})")
+    cfg = AlignedVAEConfig.from_dict(meta["config"])
+    try:
+        state = load_file(str(w_file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{w_file} is not a readable safetensors file: {err}") from err
+    vae = build_autoencoder(cfg)
+    vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
+    others = {k: v for k, v in state.items() if not k.startswith("vae.")}
+    _check_state_dict(vae, vae_state, w_file, "VAE")
+    proj = None
+    if meta.get("teacher_width"):
+        proj = VFAlignment(cfg.latent_channels, int(meta["teacher_width"]), cfg)
+        _check_state_dict(proj, others, w_file, "VF projection")
+        proj.load_state_dict(others)
+    elif others:
+        raise ValueError(f"{w_file} has unexpected keys {sorted(others)[:5]}")
+    want_hash = meta.get("model_sha256")
+    if want_hash is not None:
+        got = hashlib.sha256(w_file.read_bytes()).hexdigest()
+        if got != want_hash:
+            raise ValueError(
+                f"{w_file} is not the file {cfg_file} was written with (SHA-256 {got[:12]}... "
+                f"!= {want_hash[:12]}...): an interrupted or foreign write; retrain it"
+            )
+    vae.load_state_dict(vae_state)
+    vae.eval()
+    vae.register_to_config(
+        scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"])
+    )
+    meta = dict(meta)
+    meta.setdefault("name", f"aligned-vae:{folder.name}")
+    if with_projection:
+        meta["projection"] = proj
+    return vae, meta
+
+
+# ---------------------------------------------------------------------- training
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for key, val in st.items():
+            out[f"optim.{idx}.{key}"] = (
+                val if torch.is_tensor(val) else torch.tensor(val, dtype=torch.float64)
+            )
+    return out
+
+
+def _load_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list
+) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, val in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = val
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Epoch-wise shuffling that depends only on (seed, step): resumable without RNG state."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return perm[k * batch_size : (k + 1) * batch_size]
+
+
+def train_vae(
+    out_dir: str | os.PathLike,
+    vf_weight: float = 0.1,
+    teacher: str | Teacher | None = "digits",
+    steps: int = 3000,
+    batch_size: int = 64,
+    seed: int = 0,
+    resume: bool = True,
+    progress: bool = True,
+    *,
+    cfg: AlignedVAEConfig | None = None,
+    teacher_weights: str | os.PathLike | None = None,
+    lr: float = 2e-3,
+    warmup: int = 100,
+    shift_augment: int = 1,
+    checkpoint_every: int = 250,
+    keep_checkpoint: bool = False,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the C-space VAE on the digits train split and write it to ``out_dir``.
+
+    Args:
+        out_dir: output folder: ``config.json`` + ``model.safetensors`` at the end, and
+            ``checkpoint/`` (model + optimizer in safetensors; step, seed and settings in JSON;
+            the random state is a function of (seed, step)) every ``checkpoint_every`` steps.
+        vf_weight: the VF loss weight (times VA-VAE's adaptive factor); 0 trains the plain VAE
+            (no teacher, no projection, otherwise the same run: same init, batches and noise).
+        teacher: ``"digits"``, a DINOv2 name, a teacher folder or a :class:`Teacher`.
+        teacher_weights: weights file for a DINOv2 teacher (or a digits teacher folder).
+        steps, batch_size, seed: the run. Everything random derives from ``seed`` and the step
+            number, so a run is deterministic and an interrupted run resumes exactly.
+        resume: continue from ``out_dir/checkpoint`` if present (its settings must match).
+        progress: show a tqdm bar.
+        cfg: the architecture and loss settings (default :class:`AlignedVAEConfig`).
+        lr, warmup: AdamW learning rate (linear warm-up, cosine decay to 10%).
+        shift_augment: random translations of the training images by up to this many pixels
+            (0: none). With 896 training images the VAE otherwise memorises them: reconstruction
+            error on heldout images is then 100x the training error.
+        keep_checkpoint: keep ``checkpoint/`` after the final files are written.
+        callback: called as ``callback(step, logs)`` after each step (``step`` counts done steps).
+
+    Returns:
+        The metrics (see :func:`evaluate_vae`) and the run's settings, as stored in config.json,
+        plus ``wall_s`` and ``steps_run`` (steps done in this call).
+    """
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    from cspace.data import digits
+
+    if shift_augment < 0:
+        raise ValueError(f"shift_augment must be >= 0; got {shift_augment}")
+    if steps < 1 or batch_size < 1 or checkpoint_every < 1:
+        raise ValueError("steps, batch_size and checkpoint_every must be >= 1")
+    if not vf_weight >= 0 or not math.isfinite(vf_weight):
+        raise ValueError(f"vf_weight must be a finite number >= 0; got {vf_weight}")
+    t0 = time.perf_counter()
+    cfg = cfg or AlignedVAEConfig()
+    out = Path(out_dir)
+    ckpt_dir = out / CHECKPOINT_DIR
+
+    # ---- teacher: frozen; without augmentation its tokens for the training set are precomputed
+    x_train, _ = digits("train")
+    if x_train.shape[1:] != (cfg.in_channels, cfg.sample_size, cfg.sample_size):
+        raise ValueError(f"cfg expects {cfg.sample_size}px images; digits are 8x8x1")
+    use_vf = vf_weight > 0
+    teacher_name, t_tokens, t_width, tmod = None, None, None, None
+    if use_vf:
+        if teacher is None:
+            raise ValueError("vf_weight > 0 needs a teacher")
+        tmod = teacher if isinstance(teacher, Teacher) else load_teacher(teacher, teacher_weights)
+        teacher_name = teacher if isinstance(teacher, str) else tmod.name
+        if tmod.grid != cfg.latent_grid and not tmod.interpolate_grid:
+            match_token_grid(torch.zeros(1, tmod.grid**2, 1), cfg.latent_grid, False)  # raises
+        t_tokens = match_token_grid(
+            tmod.tokens_batched(x_train[:2] if shift_augment else x_train),
+            cfg.latent_grid,
+            interpolate=tmod.interpolate_grid,
+        )
+        t_width = int(t_tokens.shape[-1])
+
+    settings = {
+        "config": cfg.to_dict(),
+        "vf_weight": float(vf_weight),
+        "teacher": teacher_name,
+        "teacher_width": t_width,
+        "steps": int(steps),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "lr": float(lr),
+        "warmup": int(warmup),
+        "shift_augment": int(shift_augment),
+        "teacher_weights": str(teacher_weights) if use_vf and teacher_weights else None,
+    }
+
+    # ---- model, projection, optimiser (same init for aligned and plain: the VAE is built first)
+    torch.manual_seed(seed)
+    vae = build_autoencoder(cfg)
+    align = VFAlignment(cfg.latent_channels, t_width, cfg) if use_vf else None
+    params = list(vae.parameters()) + (list(align.parameters()) if align is not None else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    start = 0
+    if resume and (ckpt_dir / "checkpoint.json").is_file():
+        info = json.loads((ckpt_dir / "checkpoint.json").read_text())
+        if info.get("settings") != json.loads(json.dumps(settings)):
+            diff = sorted(
+                k
+                for k in settings
+                if info.get("settings", {}).get(k) != json.loads(json.dumps(settings[k]))
+            )
+            raise ValueError(
+                f"the checkpoint in {ckpt_dir} was made with other settings ({', '.join(diff)}); "
+                "resume with the same settings, or pass resume=False (--no-resume) or another out dir"
+            )
+        tensors = load_file(str(ckpt_dir / info["file"]))
+        vae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("vae.")})
+        if align is not None:
+            align.load_state_dict({k: v for k, v in tensors.items() if k.startswith("proj.")})
+        _load_optimizer(opt, tensors, info["param_groups"])
+        start = int(info["step"])
+
+    def save_checkpoint(step: int) -> None:
+        name = f"state-{step:08d}.safetensors"
+        tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+        if align is not None:
+            tensors.update(align.state_dict())
+        tensors.update(_optimizer_tensors(opt))
+        _atomic_save_safetensors(ckpt_dir / name, tensors, metadata={"step": str(step)})
+        groups = json.loads(json.dumps(opt.state_dict()["param_groups"]))
+        _atomic_write_json(
+            ckpt_dir / "checkpoint.json",
+            {
+                "step": step,
+                "seed": seed,
+                "file": name,
+                "settings": settings,
+                "param_groups": groups,
+            },
+        )
+        for old in ckpt_dir.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    # ---- training loop
+    vae.train()
+    n = x_train.shape[0]
+    last_layer = vae.encoder.conv_out.weight
+    bar = tqdm(total=steps, initial=start, desc=f"vae vf={vf_weight:g}", disable=not progress)
+    logs: dict[str, float] = {}
+    for step in range(start, steps):
+        idx = _batch_indices(n, batch_size, seed, step)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        x = _shift_augment(x_train[idx], g, shift_augment) if shift_augment else x_train[idx]
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        post = vae.encode(x).latent_dist
+        z = post.sample(generator=g)
+        rec = vae.decode(z).sample
+        nll = (rec - x).pow(2).sum(dim=(1, 2, 3)).mean()
+        kl = post.kl().mean()
+        kl_w = (
+            cfg.kl_weight * min(1.0, (step + 1) / cfg.kl_warmup) if cfg.kl_warmup else cfg.kl_weight
+        )
+        loss = nll + kl_w * kl
+        logs = {"nll": nll.item(), "kl": kl.item()}
+        if align is not None:
+            if shift_augment:
+                with torch.no_grad():
+                    f = tmod.tokens(x)
+            else:
+                f = t_tokens[idx]
+            vf, terms = align(z, f, interpolate=tmod.interpolate_grid, return_terms=True)
+            w = adaptive_vf_weight(nll, vf, last_layer, vf_weight)
+            loss = loss + w * vf
+            logs.update(vf=vf.item(), mcos=terms["mcos"].item(), mdms=terms["mdms"].item())
+            logs["vf_w"] = float(w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done = step + 1
+        bar.update(1)
+        if done % 50 == 0 or done == steps:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
+        if done % checkpoint_every == 0 or done == steps:
+            save_checkpoint(done)
+        if callback is not None:
+            callback(done, logs)
+    bar.close()
+
+    # ---- normalisation, metrics, final files
+    vae.eval()
+    shift, scale = latent_stats(vae, x_train)
+    metrics = evaluate_vae(vae, scale, shift)
+    meta = {
+        "format": VAE_FORMAT,
+        "name": f"cspace-digits-vae(vf={vf_weight:g}, teacher={teacher_name})",
+        **settings,
+        "scaling_factor": scale,
+        "shift_factor": shift,
+        "metrics": metrics,
+    }
+    tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+    if align is not None:
+        tensors.update(align.state_dict())
+    meta["model_sha256"] = _atomic_save_safetensors(out / "model.safetensors", tensors)
+    _atomic_write_json(out / "config.json", meta)
+    if not keep_checkpoint:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return {
+        **metrics,
+        **{k: v for k, v in meta.items() if k not in ("metrics", "format", "model_sha256")},
+        "wall_s": time.perf_counter() - t0,
+        "steps_run": steps - start,
+        "out_dir": str(out),
+    }
