@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from cspace.cli import _positive_int
+
 __all__ = [
     "ALGOS",
     "ScalingSettings",
@@ -458,16 +460,6 @@ def format_summary(summary: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------- registration
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)

@@ -23,6 +23,8 @@ import argparse
 import json
 import sys
 
+from cspace.cli import _nonneg_float, _positive_int
+
 __all__ = ["main", "register"]
 
 _METRIC_ORDER = (
@@ -36,26 +38,6 @@ _METRIC_ORDER = (
     "steps_run",
     "wall_s",
 )
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
 
 
 def _print_report(report: dict, as_json: bool) -> None:
