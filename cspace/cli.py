@@ -29,6 +29,16 @@ def _nonneg_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
 def _cmd_toy(args: argparse.Namespace) -> int:
     from cspace.toy_experiment import ToySettings, format_table, run_toy
 
@@ -57,6 +67,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         steps=args.steps,
         device=args.device,
         encoder=args.encoder,
+        strength=args.strength,
+        classifier_strength=args.classifier_strength,
+        q_star_scale=args.q_star_scale,
+        backtrack=not args.no_backtrack,
         umap=not args.no_umap,
     )
     report = run_demo(settings, out_dir=args.out)
@@ -126,6 +140,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="digits",
         choices=("digits", "digits-plain"),
         help="C-space: the aligned VAE (digits) or the same VAE without VF loss (digits-plain)",
+    )
+    demo.add_argument(
+        "--strength",
+        type=_nonneg_float,
+        default=5.0,
+        help="strength of the obstacle-set field (default 5)",
+    )
+    demo.add_argument(
+        "--classifier-strength",
+        type=_nonneg_float,
+        default=0.3,
+        help="strength of the classifier obstacle's field (default 0.3)",
+    )
+    demo.add_argument(
+        "--q-star-scale",
+        type=_positive_float,
+        default=1.5,
+        help="Q* as a multiple of the auto rule, the median k-th-NN distance (default 1.5)",
+    )
+    demo.add_argument(
+        "--no-backtrack",
+        action="store_true",
+        help="no collision backtracking in the guided arms (the field alone)",
     )
     demo.add_argument("--out", default="cspace-demo", help="output folder (default cspace-demo)")
     demo.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")

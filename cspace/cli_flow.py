@@ -29,32 +29,14 @@ import argparse
 import json
 from pathlib import Path
 
+from cspace.cli import _positive_float, _positive_int
+
 __all__ = ["DEFAULT_SEED", "DEFAULT_STEPS", "add_flow_parser", "resolve_flow_encoder"]
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEFAULT_STEPS = 6000
 DEFAULT_SEED = 0
 _SPACES = {"digits": ("vae_aligned", "flow_aligned"), "digits-plain": ("vae_plain", "flow_plain")}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
 
 
 def resolve_flow_encoder(spec: str, out: str | None):
