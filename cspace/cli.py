@@ -169,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(func=_cmd_demo)
 
-    for module in ("cspace.cli_obstacles", "cspace.cli_search", "cspace.cli_train"):
+    for module in (
+        "cspace.cli_obstacles",
+        "cspace.cli_search",
+        "cspace.cli_train",
+        "cspace.cli_calibrate",
+        "cspace.cli_sample",
+    ):
         _register(module, sub)
     return parser
 
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError, FileExistsError, PermissionError) as err:
         print(f"cspace {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,8 +13,16 @@
   ``scaling_summary.csv`` (mean and std over seeds) and ``scaling.png``.
 
 ``--budget`` is the total NFE of the call; the budget per returned sample is ``budget / n``.
-``--problem digits`` needs the digits models (``cspace/weights/flow_aligned``);
-:func:`build_digits_problem` is the hook.
+
+``--problem digits`` searches the latent flow of the shipped aligned C-space with the demo's task:
+keep digit ``--avoid-class`` (default 0) out, with the demo's obstacle set (40 example images,
+:func:`cspace.demo.demo_obstacles`) as the field of ``smc-guided`` and ``backtrack``. Its
+verifiers score latents: ``clearance`` (default; the obstacle set's clearance, capped at 0, minus a
+penalty inside a hard radius) or ``judge`` (log of the judge's top-class probability of the decoded
+digit: a quality search). The truth is the independent pixel-space judge's figures on the decoded
+samples: the avoided class's share (``avoided_rate``), the mean ``judge_confidence``, and in the
+scaling experiment the largest shift of another class's share against unguided samples
+(``class_shift``, points of share).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ __all__ = [
 ]
 
 ALGOS = ("best-of-n", "zero-order", "paths", "smc", "smc-guided", "backtrack")
+TOY_VERIFIERS = ("oracle", "clearance")
+DIGITS_VERIFIERS = ("clearance", "judge")
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
@@ -62,6 +72,7 @@ class SearchProblem:
     mixture: object = None
     obstacles: object = None
     coverage: float | None = None
+    truth: object = None  # digits: x0 (B, ...) -> the judge's figures
     info: dict = dataclasses.field(default_factory=dict)
 
     def target(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -97,57 +108,97 @@ def build_toy_problem(
         mixture=mix,
         obstacles=balls,
         coverage=measured,
-        info={"dim": dim, "coverage": measured, "obstacles": int(balls.radii.numel())},
+        info={
+            "verifier": verifier,
+            "dim": dim,
+            "coverage": measured,
+            "obstacles": int(balls.radii.numel()),
+        },
     )
 
 
-def build_digits_problem(verifier: str = "judge", device: str = "cpu") -> SearchProblem:
-    """The digits problem: the latent flow of the aligned VAE, judged by the digits judge.
+def build_digits_problem(
+    verifier: str = "clearance", avoid_class: int = 0, device: str = "cpu"
+) -> SearchProblem:
+    """The digits problem (see the module docstring): the aligned C-space's latent flow, the
+    demo's obstacle set for ``avoid_class`` and its field, a latent verifier and the judge.
 
-    Raises RuntimeError "not available yet" until the digits models exist
-    (``cspace/weights/flow_aligned``, ``cspace.flow.load_flow``, ``cspace.judge.Judge``).
+    ``data_scale`` (the guided SMC's local data scale) is the root mean within-class variance
+    of the train split's latents, per coordinate.
     """
     if not (WEIGHTS / "flow_aligned").is_dir():
         raise RuntimeError(
-            "--problem digits is not available yet: needs the digits models "
-            f"({WEIGHTS / 'flow_aligned'} is missing); use --problem toy"
+            "--problem digits needs the digits models "
+            f"({WEIGHTS / 'flow_aligned'} is missing); reinstall cspace or use --problem toy"
         )
-    try:
-        from cspace.encoders import Encoder
-        from cspace.flow import load_flow
-        from cspace.judge import default_judge
-    except ImportError as err:
-        raise RuntimeError(
-            f"--problem digits is not available yet: needs the digits models ({err})"
-        ) from err
-    from guidance.search import CallableVerifier
+    if verifier not in DIGITS_VERIFIERS:
+        raise ValueError(f"unknown digits verifier {verifier!r}; choose one of {DIGITS_VERIFIERS}")
+    from cspace.data import digits
+    from cspace.demo import DemoSettings, demo_obstacles
+    from cspace.encoders import Encoder
+    from cspace.flow import load_flow
+    from cspace.judge import default_judge
+    from guidance import RepulsiveField
+    from guidance.search import CallableVerifier, ClearanceVerifier
 
     encoder = Encoder.from_aligned()
     flow = load_flow(WEIGHTS / "flow_aligned").to(device)
     judge = default_judge()
     shape = tuple(flow.latent_shape)
+    oset, _ = demo_obstacles(encoder, DemoSettings(avoid_class=avoid_class))
+    fld = RepulsiveField(oset)
+    images, labels = digits("train")
+    lat = encoder.embed(encoder.encode(images)).double()
+    within = torch.stack([lat[labels == c].var(0).mean() for c in labels.unique()]).mean()
 
     def velocity(x, t):
         return flow(x.to(device), t.to(device)).to(x)
 
-    def score(x0):
-        """log of the judge's top class probability of the decoded digit (confidence)."""
+    def confidence(x0):
+        """log of the judge's top class probability of the decoded digit."""
         probs = torch.as_tensor(judge.predict_proba(encoder.decode(x0.float())))
         return torch.log(probs.max(dim=1).values.double().clamp(min=1e-300))
 
+    def truth(x0) -> dict:
+        rep = judge.report(encoder.decode(x0.float()))
+        return {
+            "avoided_rate": float(rep["class_shares"][avoid_class]),
+            "judge_confidence": float(rep["confidence"]),
+            "class_shares": [float(v) for v in rep["class_shares"]],
+        }
+
+    if verifier == "clearance":
+        ver = ClearanceVerifier(fld)
+    else:
+        ver = CallableVerifier(confidence, name="digits-judge")
     return SearchProblem(
         name="digits",
         velocity=velocity,
         shape=shape,
-        verifier=CallableVerifier(score, name="digits-judge"),
-        info={"verifier": verifier},
+        verifier=ver,
+        field=fld,
+        data_scale=float(within.sqrt()),
+        truth=truth,
+        info={"verifier": verifier, "avoid_class": avoid_class, "obstacles": len(oset)},
     )
 
 
 def build_problem(args) -> SearchProblem:
+    verifier = _verifier(args)
     if args.problem == "toy":
-        return build_toy_problem(args.dim, args.coverage, args.seed, args.verifier)
-    return build_digits_problem()
+        return build_toy_problem(args.dim, args.coverage, args.seed, verifier)
+    return build_digits_problem(verifier, args.avoid_class)
+
+
+def _verifier(args) -> str:
+    allowed = TOY_VERIFIERS if args.problem == "toy" else DIGITS_VERIFIERS
+    verifier = args.verifier or allowed[0]
+    if verifier not in allowed:
+        raise ValueError(
+            f"--verifier {verifier} does not apply to --problem {args.problem}; choose one of "
+            f"{allowed}"
+        )
+    return verifier
 
 
 def diversity(x: torch.Tensor) -> float:
@@ -215,6 +266,8 @@ def run_search(
         "verifier_calls": res.verifier_calls,
         "seconds": secs,
     }
+    if problem.truth is not None:
+        out.update(problem.truth(res.samples))
     if problem.obstacles is not None:
         x = res.samples.reshape(res.samples.shape[0], -1)
         out["hit_rate"] = float(problem.obstacles.inside(x).double().mean())
@@ -235,11 +288,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     rep = run_search(
         problem, args.algo, args.budget, args.n, args.steps, args.seed, target, target2
     )
-    rep.update({"problem": problem.name, "verifier": args.verifier, **problem.info})
+    rep.update({"problem": problem.name, **problem.info})
     if args.json:
         print(json.dumps(rep))
         return 0
     for key, val in rep.items():
+        if isinstance(val, list):
+            val = " ".join(f"{v:.3f}" for v in val)
         print(f"{key:>22}: {val:.6g}" if isinstance(val, float) else f"{key:>22}: {val}")
     return 0
 
@@ -249,9 +304,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 class ScalingSettings:
     """Settings of ``cspace experiment scaling`` (``quick()`` for the tests)."""
 
+    problem: str = "toy"  # "toy" or "digits"
     dim: int = 2
     coverage: float = 0.75
-    verifier: str = "oracle"
+    verifier: str = "oracle"  # toy: oracle | clearance; digits: clearance | judge
+    avoid_class: int = 0  # digits
     n: int = 256
     steps: int = 50
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # budget per sample / steps
@@ -265,7 +322,16 @@ class ScalingSettings:
         return cls(**base)
 
 
-METRICS = ("nfe_per_sample", "score", "hit_rate", "energy_distance", "diversity")
+METRICS = (
+    "nfe_per_sample",
+    "score",
+    "hit_rate",
+    "energy_distance",
+    "diversity",
+    "avoided_rate",
+    "judge_confidence",
+    "class_shift",
+)
 
 
 def run_scaling(s: ScalingSettings, out_dir: str | Path, log=print) -> dict:
@@ -274,33 +340,23 @@ def run_scaling(s: ScalingSettings, out_dir: str | Path, log=print) -> dict:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    problem = build_toy_problem(s.dim, s.coverage, 0, s.verifier)
+    if s.problem == "toy":
+        problem = build_toy_problem(s.dim, s.coverage, 0, s.verifier)
+    elif s.problem == "digits":
+        problem = build_digits_problem(s.verifier, s.avoid_class)
+    else:
+        raise ValueError(f"unknown problem {s.problem!r}; choose 'toy' or 'digits'")
     rows = []
     t_start = time.perf_counter()
     for seed in range(s.seeds):
-        g = torch.Generator().manual_seed(10_000 + seed)
-        target, target2 = problem.target(s.n, g), problem.target(s.n, g)
-        from cspace.metrics import energy_distance
-
-        exact = {
-            "algo": "exact",
-            "seed": seed,
-            "multiple": math.nan,
-            "budget": math.nan,
-            "n": s.n,
-            "steps": s.steps,
-            "nfe": math.nan,
-            "nfe_per_sample": s.steps / (1 - problem.coverage),
-            "score": float(problem.verifier.score(target2).mean()),
-            "hit_rate": 0.0,
-            "energy_distance": energy_distance(target2, target),
-            "energy_distance_floor": energy_distance(target2, target),
-            "diversity": diversity(target2),
-            "verifier_calls": 0,
-            "seconds": 0.0,
-            "status": "rejection sampling (exact)",
-        }
-        rows.append(exact)
+        target = target2 = None
+        if problem.mixture is not None:
+            g = torch.Generator().manual_seed(10_000 + seed)
+            target, target2 = problem.target(s.n, g), problem.target(s.n, g)
+            rows.append(_exact_row(problem, s, seed, target, target2))
+        else:
+            rows.append(_unguided_row(problem, s, seed))
+        ref = rows[-1].get("class_shares")
         for algo in s.algos:
             for mult in s.multiples:
                 budget = int(mult) * s.steps * s.n
@@ -314,6 +370,8 @@ def run_scaling(s: ScalingSettings, out_dir: str | Path, log=print) -> dict:
                     rows.append(row)
                     continue
                 row.update(rep)
+                if ref is not None:
+                    row["class_shift"] = _class_shift(rep["class_shares"], ref, s.avoid_class)
                 rows.append(row)
         log(f"seed {seed} done ({time.perf_counter() - t_start:.1f} s)")
     fields = [
@@ -330,6 +388,9 @@ def run_scaling(s: ScalingSettings, out_dir: str | Path, log=print) -> dict:
         "energy_distance",
         "energy_distance_floor",
         "diversity",
+        "avoided_rate",
+        "judge_confidence",
+        "class_shift",
         "verifier_calls",
         "seconds",
         "status",
@@ -359,25 +420,95 @@ def run_scaling(s: ScalingSettings, out_dir: str | Path, log=print) -> dict:
     }
 
 
+def _exact_row(problem: SearchProblem, s: ScalingSettings, seed: int, target, target2) -> dict:
+    """The toy's reference: exact rejection sampling of the obstacle-free target."""
+    from cspace.metrics import energy_distance
+
+    return {
+        "algo": "exact",
+        "seed": seed,
+        "multiple": math.nan,
+        "budget": math.nan,
+        "n": s.n,
+        "steps": s.steps,
+        "nfe": math.nan,
+        "nfe_per_sample": s.steps / (1 - problem.coverage),
+        "score": float(problem.verifier.score(target2).mean()),
+        "hit_rate": 0.0,
+        "energy_distance": energy_distance(target2, target),
+        "energy_distance_floor": energy_distance(target2, target),
+        "diversity": diversity(target2),
+        "verifier_calls": 0,
+        "seconds": 0.0,
+        "status": "rejection sampling (exact)",
+    }
+
+
+def _unguided_row(problem: SearchProblem, s: ScalingSettings, seed: int) -> dict:
+    """The digits reference: ``n`` unguided ODE samples (``steps`` NFE each, no search)."""
+    from guidance import sample
+
+    gen = torch.Generator().manual_seed(20_000 + seed)
+    noise = torch.randn((s.n, *problem.shape), generator=gen, dtype=torch.float64)
+    t0 = time.perf_counter()
+    x = sample(problem.velocity, noise, steps=s.steps, progress=False).samples
+    secs = time.perf_counter() - t0
+    return {
+        "algo": "unguided",
+        "seed": seed,
+        "multiple": 1,
+        "budget": s.n * s.steps,
+        "n": s.n,
+        "steps": s.steps,
+        "nfe": s.n * s.steps,
+        "nfe_per_sample": float(s.steps),
+        "score": float(problem.verifier.score(x).mean()),
+        "diversity": diversity(x),
+        **problem.truth(x),
+        "class_shift": 0.0,
+        "verifier_calls": 0,
+        "seconds": secs,
+        "status": "reference (unguided, no search)",
+    }
+
+
+def _class_shift(shares, ref, avoid: int) -> float:
+    """Largest |share - reference share| over the classes other than ``avoid``, in points."""
+    return 100 * max(
+        abs(a - b) for k, (a, b) in enumerate(zip(shares, ref, strict=True)) if k != avoid
+    )
+
+
 def _title(s: ScalingSettings, problem: SearchProblem) -> str:
+    if s.problem == "digits":
+        return (
+            f"digits (aligned C-space, avoid class {s.avoid_class}), verifier {s.verifier}, "
+            f"n={s.n}, steps={s.steps}, {s.seeds} seeds"
+        )
     return (
         f"toy d={s.dim}, coverage {problem.coverage:.2f}, verifier {s.verifier}, "
         f"n={s.n}, steps={s.steps}, {s.seeds} seeds"
     )
 
 
+def _number(v) -> float:
+    """A metric from a row or a CSV cell: missing or empty is NaN."""
+    return math.nan if v is None or v == "" else float(v)
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """Mean and std over seeds of every metric, per (algo, multiple); skipped runs left out."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if not str(r.get("status", "ok")).startswith(("ok", "rejection")):
+        if not str(r.get("status", "ok")).startswith(("ok", "rejection", "reference")):
             continue
         groups.setdefault((r["algo"], r["multiple"]), []).append(r)
     out = []
     for (algo, mult), rs in groups.items():
         rec = {"algo": algo, "multiple": mult, "seeds": len(rs)}
         for m in (*METRICS, "energy_distance_floor"):
-            vals = [float(r[m]) for r in rs if not math.isnan(float(r[m]))]
+            vals = [_number(r.get(m)) for r in rs]
+            vals = [v for v in vals if not math.isnan(v)]
             rec[f"{m}_mean"] = statistics.fmean(vals) if vals else math.nan
             rec[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out.append(rec)
@@ -385,19 +516,25 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def plot_scaling(summary: list[dict], path: str | Path, title: str = "") -> None:
-    """Score, hit rate, energy distance and diversity against NFE per sample (mean +- std)."""
+    """Against NFE per sample (mean +- std): score, hit rate, energy distance and diversity on
+    the toy; score, avoided rate, class shift and diversity on digits."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13, 9), layout="constrained")
     axes = fig.subplots(2, 2)
+    digits_run = any(r["algo"] == "unguided" for r in summary)
     panels = [
         ("score", "verifier score (mean)", False),
         ("hit_rate", "hit rate", False),
         ("energy_distance", "energy distance to exact target", True),
         ("diversity", "diversity (mean pairwise distance)", False),
     ]
-    algos = [a for a in dict.fromkeys(r["algo"] for r in summary) if a != "exact"]
-    exact = [r for r in summary if r["algo"] == "exact"]
+    if digits_run:
+        panels[1] = ("avoided_rate", "avoided class share (judge)", False)
+        panels[2] = ("class_shift", "largest other-class shift vs unguided (points)", False)
+    ref_name = "unguided" if digits_run else "exact"
+    algos = [a for a in dict.fromkeys(r["algo"] for r in summary) if a != ref_name]
+    exact = [r for r in summary if r["algo"] == ref_name]
     for ax, (m, label, logy) in zip(axes.flat, panels, strict=True):
         for a in algos:
             rs = sorted((r for r in summary if r["algo"] == a), key=lambda r: r["multiple"])
@@ -406,7 +543,8 @@ def plot_scaling(summary: list[dict], path: str | Path, title: str = "") -> None
             es = [r[f"{m}_std"] for r in rs]
             ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=a)
         if exact:
-            ax.axhline(exact[0][f"{m}_mean"], color="k", ls="--", lw=1, label="exact (rejection)")
+            ref_label = "unguided (no search)" if digits_run else "exact (rejection)"
+            ax.axhline(exact[0][f"{m}_mean"], color="k", ls="--", lw=1, label=ref_label)
             ax.axvline(exact[0]["nfe_per_sample_mean"], color="grey", ls=":", lw=1)
         ax.set_xscale("log")
         if logy:
@@ -421,11 +559,8 @@ def plot_scaling(summary: list[dict], path: str | Path, title: str = "") -> None
 
 
 def _cmd_scaling(args: argparse.Namespace) -> int:
-    if args.problem != "toy":
-        build_digits_problem()  # raises "not available yet" until the digits models exist
-        raise RuntimeError("experiment scaling runs on --problem toy only for now")
-    kw = {"dim": args.dim, "coverage": args.coverage, "seeds": args.seeds}
-    kw["verifier"] = args.verifier
+    kw = {"problem": args.problem, "dim": args.dim, "coverage": args.coverage}
+    kw.update({"seeds": args.seeds, "verifier": _verifier(args), "avoid_class": args.avoid_class})
     if args.n is not None:
         kw["n"] = args.n
     if args.steps is not None:
@@ -440,9 +575,16 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary: list[dict]) -> str:
-    head = (
-        f"{'algo':<11} {'x steps':>7} {'NFE/sample':>10} {'score':>16} {'hit rate':>15} "
-        f"{'energy dist':>17} {'diversity':>15}"
+    """The summary as a text table (toy or digits columns, from the rows present)."""
+    digits_run = any(r["algo"] == "unguided" for r in summary)
+    if digits_run:
+        cols = [("avoided_rate", "avoided", ".3f"), ("class_shift", "class shift", ".2f")]
+        cols.append(("judge_confidence", "judge conf", ".3f"))
+    else:
+        cols = [("hit_rate", "hit rate", ".4f"), ("energy_distance", "energy dist", ".4f")]
+    cols = [("score", "score", ".2f"), *cols, ("diversity", "diversity", ".3f")]
+    head = f"{'algo':<11} {'x steps':>7} {'NFE/sample':>10} " + " ".join(
+        f"{name:>17}" for _, name, _ in cols
     )
     lines = [head, "-" * len(head)]
     for r in sorted(summary, key=lambda r: (r["algo"], r["nfe_per_sample_mean"])):
@@ -450,11 +592,10 @@ def format_summary(summary: list[dict]) -> str:
         def ms(m, fmt, r=r):
             return f"{r[f'{m}_mean']:{fmt}}+-{r[f'{m}_std']:{fmt}}"
 
-        mult = "-" if r["algo"] == "exact" else f"{r['multiple']:g}"
+        mult = "-" if r["algo"] in ("exact", "unguided") else f"{r['multiple']:g}"
         lines.append(
-            f"{r['algo']:<11} {mult:>7} {r['nfe_per_sample_mean']:>10.1f} {ms('score', '.2f'):>16} "
-            f"{ms('hit_rate', '.4f'):>15} {ms('energy_distance', '.4f'):>17} "
-            f"{ms('diversity', '.3f'):>15}"
+            f"{r['algo']:<11} {mult:>7} {r['nfe_per_sample_mean']:>10.1f} "
+            + " ".join(f"{ms(m, fmt):>17}" for m, _, fmt in cols)
         )
     return "\n".join(lines)
 
@@ -488,9 +629,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--verifier",
-        choices=("oracle", "clearance"),
-        default="oracle",
-        help="toy verifier: exact log p0 outside obstacles, or feasibility (default oracle)",
+        choices=sorted({*TOY_VERIFIERS, *DIGITS_VERIFIERS}),
+        default=None,
+        help="toy: oracle (exact log p0 outside obstacles; default) or clearance; digits: "
+        "clearance (the obstacle set's; default) or judge (log top-class probability)",
+    )
+    p.add_argument(
+        "--avoid-class",
+        type=int,
+        choices=range(10),
+        default=0,
+        metavar="C",
+        help="digits: the class kept out by the obstacle set (default 0)",
     )
 
 

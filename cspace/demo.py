@@ -30,7 +30,7 @@ import torch
 
 from guidance.sampler import METHODS
 
-__all__ = ["ARMS", "DemoSettings", "example_files", "format_report", "run_demo"]
+__all__ = ["ARMS", "DemoSettings", "demo_obstacles", "example_files", "format_report", "run_demo"]
 
 ARMS = ("unguided", "guided", "classifier")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "digits"
@@ -86,6 +86,23 @@ def example_files(cls: int, limit: int) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix == ".png")[:limit]
 
 
+def demo_obstacles(encoder, s: DemoSettings):
+    """The demo's obstacle set: the example images of ``s.avoid_class`` (at most
+    ``s.max_examples``) embedded by ``encoder``, with Q* = ``q_star_scale`` x the auto rule and
+    hard radius = ``radius_scale`` x the auto rule. Returns ``(obstacle_set, auto_q_star)``."""
+    from obstacles.from_images import build_from_images
+
+    files = example_files(s.avoid_class, s.max_examples)
+    oset = build_from_images(files, encoder, label=f"digit-{s.avoid_class}")
+    auto_q = oset.q_star.copy()
+    oset.set_parameters(
+        q_star=s.q_star_scale * auto_q,
+        radius=s.radius_scale * auto_q,
+        note=f"demo: q_star x{s.q_star_scale}, radius x{s.radius_scale} of the auto rule",
+    )
+    return oset, auto_q
+
+
 def _grid_png(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
@@ -106,7 +123,6 @@ def run_demo(
     from guidance import Backtrack, RepulsiveField, sample
     from guidance.halfspace import ClassifierField
     from obstacles.classifier import PreferenceClassifier
-    from obstacles.from_images import build_from_images
 
     s = settings or DemoSettings()
     if not 0 <= s.avoid_class <= 9:
@@ -136,14 +152,7 @@ def run_demo(
     judge = Judge.fit(seed=s.seed)
 
     # obstacles from the example images of the avoided class; the classifier also sees the others
-    bad_files = example_files(s.avoid_class, s.max_examples)
-    oset = build_from_images(bad_files, encoder, label=f"digit-{s.avoid_class}")
-    auto_q = oset.q_star.copy()
-    oset.set_parameters(
-        q_star=s.q_star_scale * auto_q,
-        radius=s.radius_scale * auto_q,
-        note=f"demo: q_star x{s.q_star_scale}, radius x{s.radius_scale} of the auto rule",
-    )
+    oset, auto_q = demo_obstacles(encoder, s)
     good_files = [
         f for c in range(10) if c != s.avoid_class for f in example_files(c, s.max_examples)
     ]

@@ -37,11 +37,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cspace.encoders import MissingWeightsError
+from cspace.files import sha256_hex, write_folder_atomic
 
 __all__ = [
     "DEFAULT_FLOW_DIR",
@@ -582,8 +581,6 @@ def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, res
 
 
 # ---------------------------------------------------------------------------------- files
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _missing(path: Path) -> MissingWeightsError:
@@ -627,34 +624,12 @@ def save_flow(dir: str | os.PathLike, model: VelocityNet | FlowModel, meta: dict
         "format_version": FORMAT_VERSION,
         "config": net.config.to_dict(),
         "parameters": net.num_parameters(),
-        "files": {_WEIGHTS: {"bytes": len(blob), "sha256": _sha256(blob)}},
+        "files": {_WEIGHTS: {"bytes": len(blob), "sha256": sha256_hex(blob)}},
         "meta": json.loads(json.dumps(meta)),
         "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    old = None
-    try:
-        for name, data in (
-            (_WEIGHTS, blob),
-            (_CONFIG, (json.dumps(config, indent=1) + "\n").encode()),
-        ):
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        if path.exists():
-            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not path.exists():
-            os.replace(old, path)
-        raise
-    return path
+    files = {_WEIGHTS: blob, _CONFIG: (json.dumps(config, indent=1) + "\n").encode()}
+    return write_folder_atomic(path, files)
 
 
 def _is_flow_dir(path: Path) -> bool:
@@ -701,7 +676,7 @@ def load_flow(dir: str | os.PathLike | None = None) -> FlowModel:
             f"{wpath} has {len(blob)} bytes but {_CONFIG} says {want.get('bytes')}: truncated "
             "or replaced"
         )
-    if _sha256(blob) != want.get("sha256"):
+    if sha256_hex(blob) != want.get("sha256"):
         raise FlowWeightsError(f"checksum mismatch for {wpath}: the file changed after saving")
     try:
         tensors = load(blob)

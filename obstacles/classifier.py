@@ -34,18 +34,17 @@ On disk a classifier is a folder (written to a temporary folder and swapped in w
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
+
+from cspace.files import sha256_hex, write_folder_atomic
 
 __all__ = [
     "AUTO_Q_STAR_FACTOR",
@@ -69,10 +68,6 @@ _TENSORS = "classifier.safetensors"
 class ClassifierError(ValueError):
     """A bad preference classifier: invalid input, or a file that is corrupt, foreign or
     mismatched."""
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def is_classifier_folder(path: str | os.PathLike) -> bool:
@@ -353,33 +348,11 @@ class PreferenceClassifier:
             "train_accuracy": self.train_accuracy,
             "classes": list(CLASSES),
             "info": self.info,
-            "files": {_TENSORS: {"bytes": len(blob), "sha256": _sha256(blob)}},
+            "files": {_TENSORS: {"bytes": len(blob), "sha256": sha256_hex(blob)}},
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         }
-        tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        old = None
-        try:
-            for name, data in (
-                (_TENSORS, blob),
-                (_MANIFEST, json.dumps(manifest, indent=1).encode()),
-            ):
-                with open(tmp / name, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if path.exists():
-                old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.exists() and not path.exists():
-                os.replace(old, path)  # put the previous classifier back
-            raise
-        return path
+        files = {_TENSORS: blob, _MANIFEST: json.dumps(manifest, indent=1).encode()}
+        return write_folder_atomic(path, files)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_dim: int | None = None) -> PreferenceClassifier:
@@ -428,7 +401,7 @@ class PreferenceClassifier:
                 f"{tpath} has {len(data)} bytes but the manifest says {nbytes}: truncated or "
                 "replaced"
             )
-        if _sha256(data) != digest:
+        if sha256_hex(data) != digest:
             raise ClassifierError(
                 f"checksum mismatch for {tpath}: the file changed after it was saved"
             )

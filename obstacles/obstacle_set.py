@@ -9,7 +9,8 @@ recomputed from the differences ``x - o`` in float64.
 
 On disk a set is a folder::
 
-    manifest.json          format, version, d, count, checksums, labels, sources, history
+    manifest.json          format, version, d, count, revision, checksums, labels, sources,
+                           history (the earlier Q*, eta and radius of each revision)
     index.faiss            the FAISS index (faiss.serialize_index)
     metadata.safetensors   ids (int64), q_star, eta, radius (float64)
 
@@ -21,11 +22,8 @@ checksums, dimension and count, and never unpickles anything.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +31,8 @@ import faiss
 import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
+
+from cspace.files import sha256_hex, write_folder_atomic
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ObstacleSet", "ObstacleSetError"]
 
@@ -78,10 +78,6 @@ def _strings(value, n: int, name: str, default: str) -> list[str]:
             f"{name} must be a string or a sequence of {n} strings; got {len(out)}"
         )
     return out
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def is_obstacle_set(path: Path) -> bool:
@@ -400,40 +396,22 @@ class ObstacleSet:
             "count": len(self),
             "metric": "l2",
             "next_id": int(self._next_id),
+            "revision": len(self.history),  # one more at every set_parameters
             "files": {
-                _INDEX_FILE: {"bytes": len(index_bytes), "sha256": _sha256(index_bytes)},
-                _META_FILE: {"bytes": len(meta_bytes), "sha256": _sha256(meta_bytes)},
+                _INDEX_FILE: {"bytes": len(index_bytes), "sha256": sha256_hex(index_bytes)},
+                _META_FILE: {"bytes": len(meta_bytes), "sha256": sha256_hex(meta_bytes)},
             },
             "labels": self._labels,
             "sources": self._sources,
             "history": self.history,
             "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         }
-        tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        old = None
-        try:
-            for name, data in (
-                (_INDEX_FILE, index_bytes),
-                (_META_FILE, meta_bytes),
-                (_MANIFEST, json.dumps(manifest, indent=1).encode()),
-            ):
-                with open(tmp / name, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            if path.exists():
-                old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.exists() and not path.exists():
-                os.replace(old, path)  # put the previous set back
-            raise
-        return path
+        files = {
+            _INDEX_FILE: index_bytes,
+            _META_FILE: meta_bytes,
+            _MANIFEST: json.dumps(manifest, indent=1).encode(),
+        }
+        return write_folder_atomic(path, files)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_dim: int | None = None) -> ObstacleSet:
@@ -481,7 +459,7 @@ class ObstacleSet:
                 raise ObstacleSetError(
                     f"{fpath} has {len(data)} bytes but the manifest says {want.get('bytes')}: truncated or replaced"
                 )
-            if _sha256(data) != want.get("sha256"):
+            if sha256_hex(data) != want.get("sha256"):
                 raise ObstacleSetError(
                     f"checksum mismatch for {fpath}: the file changed after it was saved"
                 )

@@ -62,11 +62,52 @@ def test_search_errors():
         run(["search", "--algo", "best-of-n", "--budget", "10", "--n", "4", "--steps", "10"])
 
 
-def test_digits_not_available_yet():
-    if (cli_search.WEIGHTS / "flow_aligned").is_dir():
-        pytest.skip("the digits models exist")
-    with pytest.raises(RuntimeError, match="not available yet: needs the digits models"):
+@pytest.mark.parametrize("algo", cli_search.ALGOS)
+def test_digits_search_json(algo):
+    budget = 8 * 5 * 8 if algo != "paths" else 8 * 5 * 8 * 4
+    out = run(["search", "--problem", "digits", "--algo", algo, "--budget", str(budget),
+               "--n", "8", "--steps", "5", "--json"])  # fmt: skip
+    rep = json.loads(out)
+    assert rep["problem"] == "digits" and rep["verifier"] == "clearance" and rep["n"] == 8
+    assert 0 < rep["nfe"] <= budget
+    assert len(rep["class_shares"]) == 10 and abs(sum(rep["class_shares"]) - 1) < 1e-9
+    assert rep["avoided_rate"] == rep["class_shares"][0]
+    assert 0.1 <= rep["judge_confidence"] <= 1 and rep["diversity"] > 0
+
+
+def test_digits_judge_verifier_scores_are_log_probabilities():
+    problem = cli_search.build_digits_problem("judge")
+    x = torch.randn(6, *problem.shape, generator=torch.Generator().manual_seed(0))
+    scores = problem.verifier.score(x)
+    assert scores.shape == (6,) and bool((scores <= 0).all())
+    assert bool((scores >= torch.log(torch.tensor(0.1, dtype=scores.dtype))).all())  # top of 10
+
+
+def test_digits_errors(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="does not apply to --problem digits"):
+        run(["search", "--problem", "digits", "--verifier", "oracle", "--algo", "best-of-n",
+             "--budget", "100"])  # fmt: skip
+    with pytest.raises(ValueError, match="does not apply to --problem toy"):
+        run(["search", "--verifier", "judge", "--algo", "best-of-n", "--budget", "100"])
+    monkeypatch.setattr(cli_search, "WEIGHTS", tmp_path)
+    with pytest.raises(RuntimeError, match="needs the digits models"):
         run(["search", "--problem", "digits", "--algo", "best-of-n", "--budget", "100"])
+
+
+def test_experiment_scaling_digits_quick(tmp_path):
+    out = run(["experiment", "scaling", "--problem", "digits", "--quick", "--seeds", "1",
+               "--n", "16", "--out", str(tmp_path)])  # fmt: skip
+    assert "class shift" in out
+    with (tmp_path / "scaling.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["algo"] for r in rows} == {*cli_search.ALGOS, "unguided"}
+    ref = next(r for r in rows if r["algo"] == "unguided")
+    assert float(ref["class_shift"]) == 0 and float(ref["nfe_per_sample"]) == 10
+    for r in rows:
+        if r["status"] == "ok":
+            assert float(r["nfe"]) <= float(r["budget"])
+            assert 0 <= float(r["avoided_rate"]) <= 1 and 0 <= float(r["class_shift"]) <= 100
+    assert mpimg.imread(tmp_path / "scaling.png").shape[0] > 300
 
 
 def test_experiment_scaling_quick(tmp_path):

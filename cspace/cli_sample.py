@@ -1,0 +1,230 @@
+"""``cspace sample``: a local diffusers pipeline, guided by an obstacle set, optionally searched.
+
+::
+
+    cspace sample --pipeline LOCAL_PATH [--prompt TEXT] [--negative-prompt TEXT] [--n N]
+                  [--steps S] [--guidance-scale G] [--obstacles SET] [--strength S]
+                  [--search best-of-n|zero-order|paths|smc|smc-guided|backtrack --budget NFE]
+                  [--seed S] [--out DIR] [--device cpu|cuda]
+
+* Without ``--search``: the pipeline itself, called through
+  :func:`guidance.integrations.diffusers.guide` when ``--obstacles`` is given (the field at every
+  step, ``--strength``); NFE = steps per image (x2 model passes with classifier-free guidance,
+  counted as one step each, as diffusers does).
+* With ``--search ALGO --budget NFE``: the pipeline's denoiser as a velocity
+  (:class:`guidance.integrations.velocity.DiffusersVelocity`; unconditional UNet pipelines,
+  Stable Diffusion 1.x/2.x and SD3), the search algorithm of :mod:`guidance.search` on the total
+  budget, the obstacle set's clearance as the verifier, then the pipeline's VAE to decode.
+
+Writes ``DIR/image_XXX.png``, ``DIR/latents.safetensors`` (the final latents, (n, C, H, W)) and
+``DIR/record.json`` (pipeline, settings, seed, NFE, and per image the distance to the nearest
+obstacle and whether it collided). Nothing is downloaded:
+``--pipeline`` must be a folder with ``model_index.json`` (``pipe.save_pretrained(DIR)`` or
+``huggingface-cli download REPO --local-dir DIR`` on a machine with network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cspace.cli import _nonneg_float, _positive_float, _positive_int
+
+__all__ = ["load_pipeline", "register"]
+
+SEARCHES = ("best-of-n", "zero-order", "paths", "smc", "smc-guided", "backtrack")
+
+
+def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
+    """A diffusers pipeline from a local folder, offline; a clear error when it is not there."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no diffusers pipeline at {folder} (model_index.json missing). cspace does not "
+            "download weights: save one with pipe.save_pretrained(DIR), or on a machine with "
+            "network run `huggingface-cli download REPO --local-dir DIR`, and pass DIR"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load the pipeline at {folder}: {err}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _denoiser(pipe, args, n: int):
+    """The pipeline's denoiser with its conditioning, for DiffusersVelocity."""
+    from guidance.integrations import velocity as V
+
+    if hasattr(pipe, "unet") and type(pipe.unet).__name__ == "UNet2DModel":
+        return V.unconditional(pipe.unet), tuple(
+            [
+                pipe.unet.config.in_channels,
+                pipe.unet.config.sample_size,
+                pipe.unet.config.sample_size,
+            ]
+        )
+    name = type(pipe).__name__
+    if name == "StableDiffusionPipeline":
+        cfg = args.guidance_scale > 1
+        pe, ne = pipe.encode_prompt(args.prompt, pipe.device, 1, cfg, args.negative_prompt)
+        size = pipe.unet.config.sample_size
+        shape = (pipe.unet.config.in_channels, size, size)
+        return V.stable_diffusion(pipe.unet, pe, ne if cfg else None, args.guidance_scale), shape
+    if name == "StableDiffusion3Pipeline":
+        cfg = args.guidance_scale > 1
+        pe, ne, pp, npp = pipe.encode_prompt(
+            args.prompt, None, None, negative_prompt=args.negative_prompt,
+            do_classifier_free_guidance=cfg, device=pipe.device,
+        )  # fmt: skip
+        size = pipe.transformer.config.sample_size
+        shape = (pipe.transformer.config.in_channels, size, size)
+        den = V.stable_diffusion_3(pipe.transformer, pe, pp, ne if cfg else None,
+                                   npp if cfg else None, args.guidance_scale)  # fmt: skip
+        return den, shape
+    raise ValueError(
+        f"--search supports UNet2DModel pipelines (DDPM, DDIM), StableDiffusionPipeline and "
+        f"StableDiffusion3Pipeline; got {name} (use it without --search)"
+    )
+
+
+def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (B, C, H, W) from the pipeline's latents."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return latents.float().clamp(-1, 1)
+    scale = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    with torch.no_grad():
+        return vae.decode(latents.to(vae.dtype) / scale + shift).sample.float().clamp(-1, 1)
+
+
+def _to_images(arr) -> list:
+    from PIL import Image
+
+    if isinstance(arr, list):
+        return arr
+    if isinstance(arr, np.ndarray):
+        return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in arr]
+    x = ((arr.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return [Image.fromarray(a.squeeze(-1).numpy() if a.shape[-1] == 1 else a.numpy()) for a in x]
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from guidance import RepulsiveField
+    from guidance.integrations.diffusers import guide
+    from obstacles import ObstacleSet
+
+    if args.search and args.budget is None:
+        raise ValueError("--search needs --budget NFE (the total over all images)")
+    if args.search and args.obstacles is None:
+        raise ValueError(
+            "--search scores candidates by the obstacle set's clearance: pass --obstacles SET"
+        )
+    pipe = load_pipeline(args.pipeline, args.device)
+    field = RepulsiveField(ObstacleSet.load(args.obstacles)) if args.obstacles else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "pipeline": str(args.pipeline),
+        "pipeline_class": type(pipe).__name__,
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+    }
+    if not args.search:
+        params = inspect.signature(pipe.__call__).parameters
+        kw = {
+            "num_inference_steps": args.steps,
+            "generator": torch.Generator().manual_seed(args.seed),
+        }
+        if "prompt" in params:
+            if args.prompt is None:
+                raise ValueError(f"{type(pipe).__name__} needs --prompt")
+            kw.update(prompt=[args.prompt] * args.n, guidance_scale=args.guidance_scale)
+            if args.negative_prompt is not None:
+                kw["negative_prompt"] = [args.negative_prompt] * args.n
+        else:
+            kw["batch_size"] = args.n
+        runner = (
+            guide(pipe, field, strength=args.strength)
+            if field is not None
+            else guide(pipe, _no_field(), strength=0.0)
+        )
+        result = runner(**kw)
+        images = _to_images(result.images)
+        latents = runner.stats.last_latents[: args.n]
+        record["nfe"] = runner.stats.steps * args.n
+        record["guided_steps"] = runner.stats.guided_steps
+    else:
+        from guidance.integrations.velocity import DiffusersVelocity
+        from guidance.search import ALGORITHMS, ClearanceVerifier
+
+        den, shape = _denoiser(pipe, args, args.n)
+        vel = DiffusersVelocity(den, pipe.scheduler)
+        kwargs = {}
+        if args.search in ("smc-guided", "backtrack"):
+            kwargs["field"] = field
+        res = ALGORITHMS[args.search](
+            vel, shape, ClearanceVerifier(field), int(args.budget), n_return=args.n,
+            steps=args.steps, generator=torch.Generator().manual_seed(args.seed), **kwargs,
+        )  # fmt: skip
+        latents = res.samples.float()
+        images = _to_images(_decode(pipe, latents))
+        record["nfe"] = int(res.nfe)
+        record["verifier_calls"] = res.verifier_calls
+    if field is not None:
+        ev = field.evaluate(latents.float())
+        record["per_image"] = [
+            {"file": f"image_{i:03d}.png", "nearest_obstacle": float(d), "collided": bool(c)}
+            for i, (d, c) in enumerate(zip(ev.nearest.tolist(), ev.collided.tolist(), strict=True))
+        ]
+    for i, img in enumerate(images):
+        img.save(out / f"image_{i:03d}.png")
+    from safetensors.torch import save_file
+
+    save_file({"latents": latents.float().contiguous().cpu()}, str(out / "latents.safetensors"))
+    tmp = out / "record.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out / "record.json")
+    print(json.dumps({k: record[k] for k in ("pipeline_class", "nfe")}))
+    print(f"{len(images)} images and record.json in {out}")
+    return 0
+
+
+def _no_field():
+    """A field that is never evaluated (strength 0): guide() then only records the latents."""
+    from guidance import RepulsiveField
+    from obstacles import ObstacleSet
+
+    return RepulsiveField(ObstacleSet.from_embeddings(np.zeros((1, 1)), q_star=1.0))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample",
+        help="sample a local diffusers pipeline, guided by obstacles, optionally searched",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    p.add_argument("--pipeline", required=True, help="local pipeline folder (model_index.json)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--n", type=_positive_int, default=4, help="images (default 4)")
+    p.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
+    p.add_argument("--guidance-scale", type=_positive_float, default=7.0)
+    p.add_argument("--obstacles", default=None, help="obstacle set in the pipeline's latent space")
+    p.add_argument("--strength", type=_nonneg_float, default=1.0, help="field strength (default 1)")
+    p.add_argument("--search", choices=SEARCHES, default=None)
+    p.add_argument("--budget", type=_positive_int, default=None, help="total NFE of the search")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="cspace-samples")
+    p.set_defaults(func=_cmd_sample)

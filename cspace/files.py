@@ -1,0 +1,55 @@
+"""Safe files: SHA-256 digests and atomic writes of a folder of files.
+
+Every folder cspace writes (obstacle sets, classifiers, flow models) goes through
+:func:`write_folder_atomic`: the files are written and fsynced into a temporary sibling folder,
+the old folder (if any) is moved aside, the new one is swapped in with ``os.replace`` and the old
+one removed. An interruption at any point leaves either the old folder or the new one at
+``path``, never a half-written one; on an error the old folder is put back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["sha256_hex", "write_folder_atomic"]
+
+
+def sha256_hex(data: bytes) -> str:
+    """The SHA-256 digest of ``data`` as 64 hex digits."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_folder_atomic(path: str | os.PathLike, files: Mapping[str, bytes]) -> Path:
+    """Write ``files`` (name -> bytes) as the folder ``path``, replacing it atomically.
+
+    The parent folder must exist and be writable (callers check it, to name the problem in
+    their own error type).
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    old = None
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if path.exists():
+            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous folder back
+        raise
+    return path

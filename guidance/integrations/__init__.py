@@ -1,0 +1,1 @@
+"""Guidance inside other libraries' samplers (``guidance.integrations.diffusers``)."""

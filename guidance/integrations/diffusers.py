@@ -1,0 +1,238 @@
+r"""The repulsive field inside diffusers pipelines, for every prediction type.
+
+``guide(pipe, field, strength=...)`` returns an object called exactly like ``pipe`` (prompts,
+generators, ``num_inference_steps``, ``guidance_scale``, ``output_type``, batches) that applies the
+field at every denoising step. It wraps the scheduler's ``step`` for the duration of each call:
+``step(model_output, timestep, sample, ...)`` is where the final model output (after
+classifier-free guidance, for every prompt of the batch) meets the current latents, and
+``callback_on_step_end`` cannot change it. Nothing of the pipeline is copied or modified
+otherwise; with the field off (``strength=0``, outside ``window``, or no obstacle within Q*) the
+scheduler receives the model output unchanged, so the result equals the plain pipeline's bit for
+bit.
+
+**The correction.** Write the latents as ``x_t = alpha_t x0 + sigma_t eps`` and ``t`` in [0, 1]
+(1 = noise). From the model output ``m`` the clean estimate is
+
+* flow matching (``FlowMatchEulerDiscreteScheduler``, ``m = v = eps - x0``, alpha = 1 - sigma):
+  ``x0_hat = x - sigma m``;
+* ``epsilon``: ``x0_hat = (x - sigma m) / alpha``;  ``v_prediction``: ``x0_hat = alpha x - sigma m``;
+* ``sample``: ``x0_hat = m``
+
+(DDPM/DDIM: ``alpha = sqrt(alphas_cumprod[t])``, ``sigma = sqrt(1 - alphas_cumprod[t])``).
+The field gives ``delta = strength * weight(t) * F(x0_hat)``; the guided output is the one whose
+clean estimate, at the same ``x_t``, is ``x0_hat + sigma_t delta``:
+
+    flow: m' = m - delta;   epsilon: m' = m - alpha delta;   v: m' = m - delta;
+    sample: m' = m + sigma delta.
+
+For flow matching this is exactly ``guidance.sample``'s ``v' = v - delta`` (REFERENCE section 1);
+for the others it is the same displacement of the clean estimate, scaled by the step's noise
+level. ``mode="noisy"`` (flow matching only) evaluates the field at ``x_t`` against the obstacles
+noised to level t, as ``guidance.sample`` does.
+
+Obstacles live in the pipeline's latent space (flattened ``(C, H, W)``): build them from example
+images with the pipeline's own VAE (``cspace.encoders.Encoder.from_diffusers`` normalises latents
+exactly as the SD/SD3/FLUX pipelines do), or pass a ``projection`` to the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+
+import torch
+
+__all__ = ["SUPPORTED_SCHEDULERS", "GuidanceError", "GuideStats", "GuidedPipeline", "guide"]
+
+SUPPORTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DDPMScheduler", "DDIMScheduler")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class GuidanceError(ValueError):
+    """A pipeline, scheduler, field or setting that ``guide`` cannot work with."""
+
+
+def prediction_kind(scheduler) -> str:
+    """``"flow"``, ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` for a supported scheduler."""
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return "flow"
+    if isinstance(scheduler, DDPMScheduler | DDIMScheduler):
+        kind = scheduler.config.prediction_type
+        if kind not in PREDICTION_TYPES:
+            raise GuidanceError(
+                f"{type(scheduler).__name__} has prediction_type={kind!r}; guide supports "
+                f"{PREDICTION_TYPES} for DDPM/DDIM schedulers and velocity for flow matching"
+            )
+        return kind
+    raise GuidanceError(
+        f"scheduler {type(scheduler).__name__} is not supported; guide works with "
+        f"{', '.join(SUPPORTED_SCHEDULERS)} (swap it in with "
+        "`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)"
+    )
+
+
+def _coefficients(scheduler, kind: str, timestep) -> tuple[float, float, float]:
+    """(alpha_t, sigma_t, t in [0, 1]) of the current step."""
+    if kind == "flow":
+        if scheduler.step_index is None:
+            scheduler._init_step_index(timestep)  # what step() itself does first
+        s = float(scheduler.sigmas[scheduler.step_index])
+        return 1.0 - s, s, s
+    t_int = int(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else int(timestep)
+    ab = float(scheduler.alphas_cumprod[t_int])
+    return math.sqrt(ab), math.sqrt(1.0 - ab), t_int / scheduler.config.num_train_timesteps
+
+
+@dataclass
+class GuideStats:
+    """What the last call did: steps seen, steps where the field changed the output, and the
+    final latents (the last ``prev_sample``)."""
+
+    steps: int = 0
+    guided_steps: int = 0
+    changed_samples: list[int] = dc_field(default_factory=list)
+    last_latents: torch.Tensor | None = None
+
+
+class GuidedPipeline:
+    """A diffusers pipeline with the field applied at every step; call it like the pipeline.
+
+    Attributes other than ``pipe``, ``field``, ``strength``, ``window``, ``mode``, ``weight`` and
+    ``stats`` are the pipeline's own.
+    """
+
+    def __init__(self, pipe, field, strength, window, mode, weight) -> None:
+        if not callable(pipe) or not hasattr(pipe, "scheduler"):
+            raise GuidanceError(
+                f"guide needs a diffusers pipeline with a scheduler; got {type(pipe).__name__}"
+            )
+        prediction_kind(pipe.scheduler)
+        if not callable(getattr(field, "evaluate", None)):
+            raise GuidanceError(
+                f"field must have an evaluate() method (RepulsiveField, ClassifierField, "
+                f"CombinedField); got {type(field).__name__}"
+            )
+        if not (math.isfinite(strength) and strength >= 0):
+            raise GuidanceError(f"strength must be a finite number >= 0; got {strength}")
+        lo, hi = (float(v) for v in window)
+        if not 0 <= lo <= hi <= 1:
+            raise GuidanceError(f"window must be (lo, hi) with 0 <= lo <= hi <= 1; got {window}")
+        if mode not in ("clean", "noisy"):
+            raise GuidanceError(f"mode must be 'clean' or 'noisy'; got {mode!r}")
+        if mode == "noisy" and prediction_kind(pipe.scheduler) != "flow":
+            raise GuidanceError(
+                "mode='noisy' noises the obstacles as (1 - t) o, the flow-matching path; use "
+                "mode='clean' with DDPM/DDIM schedulers"
+            )
+        self.pipe, self.field, self.strength = pipe, field, float(strength)
+        self.window, self.mode, self.weight = (lo, hi), mode, weight
+        self.stats = GuideStats()
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["pipe"], name)
+
+    def __call__(self, *args, **kwargs):
+        sched = self.pipe.scheduler
+        kind = prediction_kind(sched)  # the scheduler may have been swapped since guide()
+        had_own = "step" in sched.__dict__
+        original = sched.step
+        self.stats = GuideStats()
+
+        def step(model_output, timestep, sample, *a, **kw):
+            model_output = self._correct(sched, kind, model_output, timestep, sample)
+            out = original(model_output, timestep, sample, *a, **kw)
+            self.stats.last_latents = (
+                out.prev_sample if hasattr(out, "prev_sample") else out[0]
+            ).detach()
+            return out
+
+        sched.step = step
+        try:
+            return self.pipe(*args, **kwargs)
+        finally:
+            if had_own:
+                sched.step = original
+            else:
+                del sched.step
+
+    def _field_dim(self) -> int | None:
+        if getattr(self.field, "projection", None) is not None:
+            return None
+        obstacles = getattr(self.field, "obstacles", None)
+        if obstacles is not None:
+            return int(obstacles.dim)
+        dim = getattr(self.field, "dim", None)
+        return int(dim) if dim is not None else None
+
+    def _correct(self, sched, kind, m: torch.Tensor, timestep, x: torch.Tensor) -> torch.Tensor:
+        self.stats.steps += 1
+        alpha, sigma, t = _coefficients(sched, kind, timestep)
+        lo, hi = self.window
+        lam = float(self.weight(t)) if self.weight is not None else 1.0
+        if self.strength == 0 or not (lo <= t <= hi) or lam == 0:
+            return m
+        d = math.prod(x.shape[1:])
+        want = self._field_dim()
+        if want is not None and want != d:
+            raise GuidanceError(
+                f"the obstacles have d={want} but the pipeline's latents {tuple(x.shape[1:])} "
+                f"flatten to d={d}: build the obstacles with this pipeline's VAE at this "
+                "resolution (cspace.encoders.Encoder.from_diffusers), or pass a projection"
+            )
+        mf, xf = m.float(), x.float()
+        if kind == "flow":
+            x0 = xf - sigma * mf
+        elif kind == "epsilon":
+            x0 = (xf - sigma * mf) / alpha
+        elif kind == "v_prediction":
+            x0 = alpha * xf - sigma * mf
+        else:
+            x0 = mf
+        ev = self.field.evaluate(x0) if self.mode == "clean" else self.field.evaluate(xf, t)
+        delta = (self.strength * lam) * ev.force.float()
+        if kind in ("flow", "v_prediction"):
+            guided = mf - delta
+        elif kind == "epsilon":
+            guided = mf - alpha * delta
+        else:
+            guided = mf + sigma * delta
+        changed = delta.reshape(delta.shape[0], -1).abs().amax(dim=1) > 0
+        n_changed = int(changed.sum())
+        self.stats.changed_samples.append(n_changed)
+        if n_changed == 0:
+            return m
+        self.stats.guided_steps += 1
+        mask = changed.reshape(-1, *([1] * (m.ndim - 1)))
+        return torch.where(mask, guided.to(m.dtype), m)
+
+
+def guide(
+    pipe,
+    field,
+    *,
+    strength: float = 1.0,
+    window: tuple[float, float] = (0.0, 1.0),
+    mode: str = "clean",
+    weight: Callable[[float], float] | None = None,
+) -> GuidedPipeline:
+    """Wrap ``pipe`` so that ``field`` displaces the clean estimate at every step (module
+    docstring); call the result exactly like ``pipe``.
+
+    Args:
+        pipe: a diffusers pipeline whose scheduler is one of ``SUPPORTED_SCHEDULERS``.
+        field: ``RepulsiveField``, ``ClassifierField`` or ``CombinedField`` over the pipeline's
+            flattened latents (B, C*H*W), or with a ``projection``.
+        strength: >= 0; 0 gives the plain pipeline's output bit for bit.
+        window: (t_lo, t_hi) in [0, 1] (1 = noise) where the field acts.
+        mode: ``"clean"`` (field on x0_hat) or ``"noisy"`` (flow matching: field on x_t).
+        weight: ``lambda(t)`` scaling the displacement, default 1.
+
+    Raises:
+        GuidanceError: an unsupported pipeline, scheduler or prediction type, bad settings;
+            at call time, obstacles whose dimension does not match the latents.
+    """
+    return GuidedPipeline(pipe, field, strength, window, mode, weight)

@@ -1,0 +1,76 @@
+"""``cspace sample`` on tiny pipelines saved to disk and loaded offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from cspace.cli import main
+from obstacles import ObstacleSet
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()  # fmt: skip
+    sched = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
+    path = tmp_path_factory.mktemp("pipe") / "tiny-ddim"
+    DDIMPipeline(unet, sched).save_pretrained(path)
+    return path
+
+
+def _record(out):
+    return json.loads((out / "record.json").read_text())
+
+
+def test_plain_then_guided_away_from_the_plain_images(pipeline_dir, tmp_path):
+    plain = tmp_path / "plain"
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--n", "2", "--steps", "5",
+                 "--out", str(plain)]) == 0  # fmt: skip
+    rec = _record(plain)
+    assert rec["pipeline_class"] == "DDIMPipeline" and rec["nfe"] == 10
+    assert np.asarray(Image.open(plain / "image_000.png")).shape == (8, 8, 3)
+    # obstacles at the plain run's final latents
+    emb = load_file(str(plain / "latents.safetensors"))["latents"].reshape(2, -1).double().numpy()
+    q = 0.5 * float(np.linalg.norm(emb, axis=1).min())
+    ObstacleSet.from_embeddings(emb, q_star=q, eta=q**3).save(tmp_path / "set")
+    guided = tmp_path / "guided"
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--n", "2", "--steps", "5",
+                 "--obstacles", str(tmp_path / "set"), "--strength", "30", "--out", str(guided)]) == 0  # fmt: skip
+    rec = _record(guided)
+    assert rec["guided_steps"] >= 1 and len(rec["per_image"]) == 2
+    assert all(p["nearest_obstacle"] > q for p in rec["per_image"])
+
+
+def test_search_on_the_pipeline(pipeline_dir, tmp_path):
+    ObstacleSet.from_embeddings(np.zeros((1, 192)), q_star=3.0, radius=1.0).save(tmp_path / "set")
+    out = tmp_path / "search"
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--n", "2", "--steps", "4",
+                 "--obstacles", str(tmp_path / "set"), "--search", "best-of-n",
+                 "--budget", "32", "--out", str(out)]) == 0  # fmt: skip
+    rec = _record(out)
+    assert rec["nfe"] <= 32 and rec["verifier_calls"] >= 1 and len(rec["per_image"]) == 2
+    assert (out / "image_001.png").is_file()
+
+
+def test_errors(pipeline_dir, tmp_path, capsys):
+    assert main(["sample", "--pipeline", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert "does not download" in capsys.readouterr().err
+    ObstacleSet.from_embeddings(np.zeros((1, 5)), q_star=1.0).save(tmp_path / "small")
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--n", "1", "--steps", "2",
+                 "--obstacles", str(tmp_path / "small"), "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "flatten to d=192" in capsys.readouterr().err
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--search", "smc",
+                 "--budget", "100", "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "--obstacles" in capsys.readouterr().err

@@ -1,0 +1,295 @@
+"""``guidance.integrations.diffusers.guide`` on real diffusers pipelines built offline from tiny
+configs with random weights (REFERENCE.md section 6): DDPM and DDIM (epsilon, v-prediction,
+sample), flow matching (FlowMatchEulerDiscreteScheduler), Stable Diffusion with classifier-free
+guidance and a batch of prompts (``tokenizer=None``, ``prompt_embeds``), and DiT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from guidance import RepulsiveField
+from guidance.integrations.diffusers import GuidanceError, guide
+from obstacles import ObstacleSet
+
+torch.set_num_threads(1)
+
+
+def _unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def _vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+    ).eval()
+
+
+def _sd() -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=2,
+    ).eval()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            vocab_size=100,
+        )
+    ).eval()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    return StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text,
+        tokenizer=None,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _sd3() -> StableDiffusion3Pipeline:
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+    ).eval()
+    # no text encoders: the prompts come as embeddings
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def _dit() -> DiTPipeline:
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=4,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        num_embeds_ada_norm=1000,  # DiT's pipeline uses class 1000 as the null class
+    ).eval()
+    return DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(),
+                       id2label={0: "zero", 1: "one"})  # fmt: skip
+
+
+def _unconditional(kind: str):
+    if kind == "flow":
+        return DDPMPipeline(_unet(), FlowMatchEulerDiscreteScheduler())
+    # clip_sample=False: with the default True the scheduler clamps x0_hat to [-1, 1] after the
+    # correction, which bounds how far any guidance can move a sample
+    if kind == "ddpm-epsilon":
+        return DDPMPipeline(_unet(), DDPMScheduler(num_train_timesteps=100, clip_sample=False))
+    pred = kind.split("-", 1)[1]
+    sched = DDIMScheduler(num_train_timesteps=100, prediction_type=pred, clip_sample=False)
+    return DDIMPipeline(_unet(), sched)
+
+
+UNCONDITIONAL = ["flow", "ddpm-epsilon", "ddim-epsilon", "ddim-v_prediction", "ddim-sample"]
+
+
+def _far_set(d: int) -> ObstacleSet:
+    # one obstacle far from every latent: the field is zero everywhere the sampler goes
+    return ObstacleSet.from_embeddings(np.full((1, d), 1e3), q_star=1.0)
+
+
+def _run_pair(pipe, call):
+    """The plain pipeline's output and final latents (captured by a strength-0 wrapper, which is
+    itself checked to change nothing)."""
+    plain = call(pipe)
+    probe = guide(pipe, RepulsiveField(_far_set(1)), strength=0.0)
+    again = call(probe)
+    return plain, again, probe.stats.last_latents
+
+
+def _push_out(pipe, call, strength: float, weight=None):
+    """Obstacles at the plain output's final latents, Q* half their norm: guided latents leave Q*."""
+    _, _, lat = _run_pair(pipe, call)
+    emb = lat.reshape(lat.shape[0], -1).double().numpy()
+    q = 0.5 * float(np.linalg.norm(emb, axis=1).min())
+    oset = ObstacleSet.from_embeddings(emb, q_star=q, eta=q**3)
+    g = guide(pipe, RepulsiveField(oset), strength=strength, weight=weight)
+    call(g)
+    new = g.stats.last_latents.reshape(lat.shape[0], -1).double().numpy()
+    dist = np.linalg.norm(new[:, None] - emb[None], axis=2).min(axis=1)
+    return dist / q, g.stats
+
+
+@pytest.mark.parametrize("kind", UNCONDITIONAL)
+def test_unconditional_off_is_bit_exact_and_on_moves_out(kind):
+    pipe = _unconditional(kind)
+
+    def call(p):
+        return p(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=8,
+                 output_type="np").images  # fmt: skip
+
+    plain, again, lat = _run_pair(pipe, call)
+    assert np.array_equal(plain, again)
+    # a field with no obstacle in reach is off too, bit for bit
+    far = guide(pipe, RepulsiveField(_far_set(lat[0].numel())), strength=5.0)
+    assert np.array_equal(plain, call(far)) and far.stats.guided_steps == 0
+    # weight 1/t: the clean estimate moves by the full delta at every step (sigma_t delta
+    # otherwise); without it DDPM-epsilon and v-prediction end on the edge of Q* (0.83-0.98 Q*
+    # at strength 10-30), where the thresholded field vanishes
+    ratio, stats = _push_out(pipe, call, strength=30.0, weight=lambda t: 1 / max(t, 0.02))
+    assert stats.guided_steps >= 1 and bool((ratio > 1).all()), ratio
+
+
+def test_stable_diffusion_cfg_and_two_prompts():
+    pipe = _sd()
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(2, 6, 8, generator=g)
+    negative = torch.randn(2, 6, 8, generator=g)
+
+    def call(p):
+        return p(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=3.0,
+                 num_inference_steps=4, height=16, width=16, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    plain, again, lat = _run_pair(pipe, call)
+    assert plain.shape == (2, 4, 8, 8) and torch.equal(plain, again) and torch.equal(plain, lat)
+    ratio, stats = _push_out(pipe, call, strength=10.0)
+    assert stats.guided_steps >= 1 and bool((ratio > 1).all()), ratio
+    # two images per prompt: a batch of 4
+    out = guide(pipe, RepulsiveField(_far_set(256)), strength=1.0)(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=3.0,
+        num_images_per_prompt=2, num_inference_steps=2, height=16, width=16,
+        output_type="latent")  # fmt: skip
+    assert out.images.shape[0] == 4
+
+
+@pytest.mark.parametrize("mode", ["clean", "noisy"])
+def test_stable_diffusion_3_flow_matching_cfg(mode):
+    pipe = _sd3()
+    g = torch.Generator().manual_seed(1)
+    emb = {
+        "prompt_embeds": torch.randn(2, 5, 16, generator=g),
+        "negative_prompt_embeds": torch.randn(2, 5, 16, generator=g),
+        "pooled_prompt_embeds": torch.randn(2, 8, generator=g),
+        "negative_pooled_prompt_embeds": torch.randn(2, 8, generator=g),
+    }
+
+    def call(p):
+        return p(**emb, guidance_scale=3.0, num_inference_steps=4, height=16, width=16,
+                 output_type="latent", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    plain, again, lat = _run_pair(pipe, call)
+    assert plain.shape == (2, 4, 8, 8) and torch.equal(plain, again) and torch.equal(plain, lat)
+    emb_ = lat.reshape(2, -1).double().numpy()
+    q = 0.5 * float(np.linalg.norm(emb_, axis=1).min())
+    g2 = guide(pipe, RepulsiveField(ObstacleSet.from_embeddings(emb_, q_star=q, eta=q**3)),
+               strength=10.0, mode=mode)  # fmt: skip
+    call(g2)
+    new = g2.stats.last_latents.reshape(2, -1).double().numpy()
+    dist = np.linalg.norm(new[:, None] - emb_[None], axis=2).min(axis=1)
+    # noisy mode acts on x_t against obstacles noised to level t; with 4 steps its last push is
+    # at t = 0.25, and one sample ends at 0.68 Q*: out of Q* is shown for the clean mode
+    assert (dist > q).all() if mode == "clean" else (dist > 0.5 * q).all(), dist / q
+
+
+def test_dit_class_conditional_with_cfg():
+    pipe = _dit()
+
+    def call(p):
+        return p(class_labels=[0, 1], guidance_scale=4.0, num_inference_steps=4, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    plain, again, lat = _run_pair(pipe, call)
+    assert np.array_equal(plain, again) and lat.shape[0] == 4  # DiT steps the doubled batch
+    ratio, stats = _push_out(pipe, call, strength=10.0)
+    assert stats.guided_steps >= 1 and bool((ratio > 1).all()), ratio
+
+
+def test_scheduler_is_restored_and_errors_are_clear():
+    pipe = _unconditional("ddim-epsilon")
+    g = guide(pipe, RepulsiveField(_far_set(192)), strength=1.0)
+    g(batch_size=1, num_inference_steps=2, output_type="np")
+    assert "step" not in pipe.scheduler.__dict__  # the class's step is back
+    assert g.unet is pipe.unet  # attributes are the pipeline's
+    # obstacles of the wrong latent size
+    wrong = guide(pipe, RepulsiveField(_far_set(10)), strength=1.0)
+    with pytest.raises(GuidanceError, match="flatten to d=192"):
+        wrong(batch_size=1, num_inference_steps=2, output_type="np")
+    assert "step" not in pipe.scheduler.__dict__  # restored after an error too
+    # an unsupported scheduler, prediction type, pipeline, settings
+    with pytest.raises(GuidanceError, match="not supported; guide works with"):
+        guide(DDPMPipeline(_unet(), EulerDiscreteScheduler()), RepulsiveField(_far_set(192)))
+    bad = DDIMPipeline(_unet(), DDIMScheduler())
+    bad.scheduler.register_to_config(prediction_type="x_start")
+    with pytest.raises(GuidanceError, match="prediction_type='x_start'"):
+        guide(bad, RepulsiveField(_far_set(192)))
+    with pytest.raises(GuidanceError, match="diffusers pipeline with a scheduler"):
+        guide(object(), RepulsiveField(_far_set(192)))
+    with pytest.raises(GuidanceError, match="strength"):
+        guide(pipe, RepulsiveField(_far_set(192)), strength=-1)
+    with pytest.raises(GuidanceError, match="mode='noisy'"):
+        guide(pipe, RepulsiveField(_far_set(192)), mode="noisy")
+    with pytest.raises(GuidanceError, match="evaluate"):
+        guide(pipe, object())
