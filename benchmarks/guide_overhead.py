@@ -2,7 +2,7 @@
 
     python benchmarks/guide_overhead.py [--repeats 7] [--steps 25] [--batch 4] [--obstacles 1000]
 
-A DDIM pipeline with a UNet2DModel of 8.8M parameters on 3x32x32 images (random weights; the
+A DDIM pipeline with a UNet2DModel (6.8M parameters) on 3x32x32 images (random weights; the
 cost of a step does not depend on them), run plain, through ``guide`` with strength 0 (the field
 off: only the wrapper), and through ``guide`` with ``--obstacles`` obstacles out of reach (the
 field evaluated at every step, no displacement). Median wall time of ``--repeats`` runs each,

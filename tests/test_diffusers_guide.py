@@ -293,3 +293,32 @@ def test_scheduler_is_restored_and_errors_are_clear():
         guide(pipe, RepulsiveField(_far_set(192)), mode="noisy")
     with pytest.raises(GuidanceError, match="evaluate"):
         guide(pipe, object())
+
+
+def test_obstacles_from_images_through_the_pipelines_vae(tmp_path):
+    """Example images -> the pipeline's own VAE (cspace.encoders) -> obstacles in the latent
+    space guide() acts in: an image decoded from the plain output, encoded again, repels it."""
+    from cspace.encoders import Encoder
+
+    pipe = _sd()
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    enc = Encoder.from_diffusers(tmp_path / "vae")
+    g = torch.Generator().manual_seed(1)
+    embeds, negative = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, 8, generator=g)
+
+    def call(p):
+        return p(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=3.0,
+                 num_inference_steps=4, height=16, width=16, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+
+    lat = call(pipe)
+    with torch.no_grad():
+        image = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample.clamp(-1, 1)
+    emb = enc.embed(enc.encode(image)).double().numpy()  # the image as an obstacle
+    assert emb.shape == (1, 4 * 8 * 8)
+    d0 = float(np.linalg.norm(lat.reshape(1, -1).double().numpy() - emb))
+    q = 2 * d0 + 1.0
+    g2 = guide(pipe, RepulsiveField(ObstacleSet.from_embeddings(emb, q_star=q, eta=q**3)),
+               strength=10.0)  # fmt: skip
+    new = call(g2).reshape(1, -1).double().numpy()
+    assert g2.stats.guided_steps >= 1 and float(np.linalg.norm(new - emb)) > d0
