@@ -91,6 +91,12 @@ class RepulsiveField:
         max_force: cap on the total force norm (> 0); default see the module docstring.
         max_potential: cap on the total potential (> 0); default none beyond finiteness.
         chunk_elements: largest (B x chunk x d) difference tensor formed at once.
+        prune: exact pruning for large sets with small Q* (see :mod:`guidance.pruning`): ``True``
+            (about sqrt(N) clusters), a number of clusters, or None/False (every obstacle).
+            Potential, force, ``active`` and ``collided`` (when every hard radius <= its Q*)
+            are exactly the unpruned values; ``nearest`` and ``clearance`` are exact when the
+            nearest obstacle lies in a surviving cluster, else lower bounds beyond every pruned
+            cluster's Q*.
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class RepulsiveField:
         max_force: float | None = None,
         max_potential: float | None = None,
         chunk_elements: int = 1 << 24,
+        prune: bool | int | None = None,
     ) -> None:
         if not isinstance(obstacles, ObstacleSet):
             raise TypeError(
@@ -129,6 +136,13 @@ class RepulsiveField:
         default_cap = float(np.max(per)) if np.all(np.isfinite(per)) else np.inf
         self.max_force = float(max_force) if max_force is not None else default_cap
         self.max_potential = float(max_potential) if max_potential is not None else np.inf
+        self.clusters = None
+        self.last_evaluated = float(len(obstacles))  # obstacles per state in the last evaluate
+        if prune:
+            from guidance.pruning import ClusteredObstacles
+
+            k = None if prune is True else int(prune)
+            self.clusters = ClusteredObstacles(obstacles, n_clusters=k)
 
     @property
     def dim(self) -> int:
@@ -193,9 +207,12 @@ class RepulsiveField:
         if t is not None:
             tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
             scale = (1 - (tt.expand(b) if tt.ndim == 0 else tt.reshape(b)))[:, None]
-        pot, f_emb, nearest, clear, active = self._pairwise(
-            emb.detach().to(torch.float64), scale, need_force
-        )
+        e64 = emb.detach().to(torch.float64)
+        if self.clusters is None:
+            pot, f_emb, nearest, clear, active = self._pairwise(e64, scale, need_force)
+        else:
+            pot, f_emb, nearest, clear, active = self._pruned(e64, scale, need_force)
+        pot, f_emb = self._cap(pot, f_emb, need_force)
         if need_force:
             if xr is None:
                 force = f_emb.reshape(x.shape)
@@ -225,13 +242,23 @@ class RepulsiveField:
             return (v * factor[:, None]).to(dtype)
         return v.clamp(-big, big).to(dtype)
 
-    def _pairwise(self, e: torch.Tensor, scale: torch.Tensor | None, need_force: bool):
-        """Sum over obstacle chunks for embeddings ``e`` (B, d) in float64."""
+    def _pairwise(
+        self,
+        e: torch.Tensor,
+        scale: torch.Tensor | None,
+        need_force: bool,
+        index: torch.Tensor | None = None,
+    ):
+        """Sum over obstacle chunks (all, or those at ``index``) for embeddings ``e`` (B, d) in
+        float64."""
         b, d = e.shape
         dev = e.device
         emb_all, q_all = self._emb.to(dev), self._q.to(dev)
         eta_all, rad_all = self._eta.to(dev), self._radius.to(dev)
-        n_total = emb_all.shape[0]
+        n_total = emb_all.shape[0]  # the caps below hold for the whole set
+        if index is not None:
+            idx = index.to(dev)
+            emb_all, q_all, eta_all, rad_all = emb_all[idx], q_all[idx], eta_all[idx], rad_all[idx]
         pot = torch.zeros(b, dtype=torch.float64, device=dev)
         force = torch.zeros(b, d, dtype=torch.float64, device=dev)
         nearest = torch.full((b,), torch.inf, dtype=torch.float64, device=dev)
@@ -242,9 +269,10 @@ class RepulsiveField:
         pot_cap = min(self.max_potential, 1e300 / n_total)
         default_dir = torch.full((d,), d**-0.5, dtype=torch.float64, device=dev)
         rho = self.rho_min
-        halve = max(float(e.abs().max()), float(emb_all.abs().max())) > 1e300
+        o_max = float(emb_all.abs().max()) if emb_all.numel() else 0.0
+        halve = max(float(e.abs().max()), o_max) > 1e300
         chunk = max(1, self.chunk_elements // max(1, b * d))
-        for s in range(0, n_total, chunk):
+        for s in range(0, emb_all.shape[0], chunk):
             o = emb_all[s : s + chunk]  # (n, d)
             q, eta, rad = q_all[s : s + chunk], eta_all[s : s + chunk], rad_all[s : s + chunk]
             centres = o[None] if scale is None else scale[:, :, None] * o[None]  # (1|B, n, d)
@@ -273,9 +301,36 @@ class RepulsiveField:
                 safe = torch.where(dn > 0, dn, torch.ones_like(dn))
                 unit = torch.where((dn > 0)[..., None], diff / safe[..., None], default_dir)
                 force += (mag[..., None] * unit).sum(dim=1)
+        return pot, force, nearest, clear, active
+
+    def _cap(self, pot: torch.Tensor, force: torch.Tensor, need_force: bool):
+        """The total potential and force held to ``max_potential`` and ``max_force``."""
         pot = torch.clamp(pot, max=self.max_potential)
         if need_force and np.isfinite(self.max_force):
             n = safe_norm(force)
             factor = torch.where(n > self.max_force, self.max_force / n, torch.ones_like(n))
             force = force * factor[:, None]
+        return pot, force
+
+    def _pruned(self, e: torch.Tensor, scale: torch.Tensor | None, need_force: bool):
+        """``_pairwise`` over each surviving cluster for the states it survives for."""
+        b, d = e.shape
+        alive, near_lb, clear_lb = self.clusters.bounds(e, scale)  # (B, K), (B,), (B,)
+        pot = torch.zeros(b, dtype=torch.float64, device=e.device)
+        force = torch.zeros(b, d, dtype=torch.float64, device=e.device)
+        nearest, clear = near_lb.clone(), clear_lb.clone()
+        active = torch.zeros(b, dtype=torch.long, device=e.device)
+        evaluated = 0
+        for k in alive.any(dim=0).nonzero().flatten().tolist():
+            rows = alive[:, k].nonzero().flatten()
+            members = self.clusters.members(k)
+            evaluated += rows.numel() * members.numel()
+            sc = None if scale is None else scale[rows]
+            p_k, f_k, n_k, c_k, a_k = self._pairwise(e[rows], sc, need_force, members)
+            pot.index_add_(0, rows, p_k)
+            force.index_add_(0, rows, f_k)
+            nearest[rows] = torch.minimum(nearest[rows], n_k)
+            clear[rows] = torch.minimum(clear[rows], c_k)
+            active.index_add_(0, rows, a_k)
+        self.last_evaluated = evaluated / b  # obstacles per state
         return pot, force, nearest, clear, active

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_pipelines import tiny_unet
 
 from cspace.cli import main
 from obstacles import ObstacleSet
@@ -19,11 +20,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()  # fmt: skip
+    unet = tiny_unet()
     sched = DDIMScheduler(num_train_timesteps=100, clip_sample=False)
     path = tmp_path_factory.mktemp("pipe") / "tiny-ddim"
     DDIMPipeline(unet, sched).save_pretrained(path)

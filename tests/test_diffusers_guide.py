@@ -9,22 +9,14 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKL,
     DDIMPipeline,
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
-    DiTPipeline,
-    DiTTransformer2DModel,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-    UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from tiny_pipelines import tiny_dit, tiny_sd, tiny_sd3, tiny_unet
 
 from guidance import RepulsiveField
 from guidance.integrations.diffusers import GuidanceError, guide
@@ -33,123 +25,16 @@ from obstacles import ObstacleSet
 torch.set_num_threads(1)
 
 
-def _unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
-def _vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(4, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=2,
-    ).eval()
-
-
-def _sd() -> StableDiffusionPipeline:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=2,
-    ).eval()
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=8,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            vocab_size=100,
-        )
-    ).eval()
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
-    return StableDiffusionPipeline(
-        vae=_vae(),
-        text_encoder=text,
-        tokenizer=None,
-        unet=unet,
-        scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-def _sd3() -> StableDiffusion3Pipeline:
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=1,
-        in_channels=4,
-        out_channels=4,
-        num_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        caption_projection_dim=16,
-        joint_attention_dim=16,
-        pooled_projection_dim=8,
-    ).eval()
-    # no text encoders: the prompts come as embeddings
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_vae(),
-        text_encoder=None,
-        tokenizer=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        text_encoder_3=None,
-        tokenizer_3=None,
-    )
-
-
-def _dit() -> DiTPipeline:
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(
-        sample_size=4,
-        num_layers=1,
-        patch_size=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        in_channels=4,
-        out_channels=8,
-        num_embeds_ada_norm=1000,  # DiT's pipeline uses class 1000 as the null class
-    ).eval()
-    return DiTPipeline(transformer=transformer, vae=_vae(), scheduler=DDIMScheduler(),
-                       id2label={0: "zero", 1: "one"})  # fmt: skip
-
-
 def _unconditional(kind: str):
     if kind == "flow":
-        return DDPMPipeline(_unet(), FlowMatchEulerDiscreteScheduler())
+        return DDPMPipeline(tiny_unet(), FlowMatchEulerDiscreteScheduler())
     # clip_sample=False: with the default True the scheduler clamps x0_hat to [-1, 1] after the
     # correction, which bounds how far any guidance can move a sample
     if kind == "ddpm-epsilon":
-        return DDPMPipeline(_unet(), DDPMScheduler(num_train_timesteps=100, clip_sample=False))
+        return DDPMPipeline(tiny_unet(), DDPMScheduler(num_train_timesteps=100, clip_sample=False))
     pred = kind.split("-", 1)[1]
     sched = DDIMScheduler(num_train_timesteps=100, prediction_type=pred, clip_sample=False)
-    return DDIMPipeline(_unet(), sched)
+    return DDIMPipeline(tiny_unet(), sched)
 
 
 UNCONDITIONAL = ["flow", "ddpm-epsilon", "ddim-epsilon", "ddim-v_prediction", "ddim-sample"]
@@ -203,7 +88,7 @@ def test_unconditional_off_is_bit_exact_and_on_moves_out(kind):
 
 
 def test_stable_diffusion_cfg_and_two_prompts():
-    pipe = _sd()
+    pipe = tiny_sd()
     g = torch.Generator().manual_seed(1)
     embeds = torch.randn(2, 6, 8, generator=g)
     negative = torch.randn(2, 6, 8, generator=g)
@@ -227,7 +112,7 @@ def test_stable_diffusion_cfg_and_two_prompts():
 
 @pytest.mark.parametrize("mode", ["clean", "noisy"])
 def test_stable_diffusion_3_flow_matching_cfg(mode):
-    pipe = _sd3()
+    pipe = tiny_sd3()
     g = torch.Generator().manual_seed(1)
     emb = {
         "prompt_embeds": torch.randn(2, 5, 16, generator=g),
@@ -255,7 +140,7 @@ def test_stable_diffusion_3_flow_matching_cfg(mode):
 
 
 def test_dit_class_conditional_with_cfg():
-    pipe = _dit()
+    pipe = tiny_dit()
 
     def call(p):
         return p(class_labels=[0, 1], guidance_scale=4.0, num_inference_steps=4, output_type="np",
@@ -280,8 +165,8 @@ def test_scheduler_is_restored_and_errors_are_clear():
     assert "step" not in pipe.scheduler.__dict__  # restored after an error too
     # an unsupported scheduler, prediction type, pipeline, settings
     with pytest.raises(GuidanceError, match="not supported; guide works with"):
-        guide(DDPMPipeline(_unet(), EulerDiscreteScheduler()), RepulsiveField(_far_set(192)))
-    bad = DDIMPipeline(_unet(), DDIMScheduler())
+        guide(DDPMPipeline(tiny_unet(), EulerDiscreteScheduler()), RepulsiveField(_far_set(192)))
+    bad = DDIMPipeline(tiny_unet(), DDIMScheduler())
     bad.scheduler.register_to_config(prediction_type="x_start")
     with pytest.raises(GuidanceError, match="prediction_type='x_start'"):
         guide(bad, RepulsiveField(_far_set(192)))
@@ -300,7 +185,7 @@ def test_obstacles_from_images_through_the_pipelines_vae(tmp_path):
     space guide() acts in: an image decoded from the plain output, encoded again, repels it."""
     from cspace.encoders import Encoder
 
-    pipe = _sd()
+    pipe = tiny_sd()
     pipe.vae.save_pretrained(tmp_path / "vae")
     enc = Encoder.from_diffusers(tmp_path / "vae")
     g = torch.Generator().manual_seed(1)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from tiny_pipelines import tiny_conditional_unet, tiny_unet
 
 from cspace.toy import default_toy
 from guidance import sample
@@ -71,18 +72,8 @@ def test_flow_models_are_called_on_their_timestep_scale():
     assert torch.allclose(seen[0], torch.full((8,), 400.0))
 
 
-def _unet():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()  # fmt: skip
-
-
 def test_euler_with_the_adapter_reproduces_a_flow_pipeline():
-    unet = _unet()
+    unet = tiny_unet()
     pipe = DDPMPipeline(unet, FlowMatchEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
     from guidance.integrations.diffusers import guide
@@ -107,7 +98,7 @@ def _far_field(d):
 
 
 def test_best_of_n_on_a_ddim_unet_within_budget():
-    unet = _unet()
+    unet = tiny_unet()
     vel = DiffusersVelocity(unconditional(unet), DDIMScheduler(num_train_timesteps=100))
     target = torch.zeros(3 * 8 * 8)
     ver = CallableVerifier(lambda x0: -(x0.reshape(x0.shape[0], -1) - target).norm(dim=1).double())
@@ -121,14 +112,7 @@ def test_best_of_n_on_a_ddim_unet_within_budget():
 
 
 def test_stable_diffusion_denoiser_with_cfg():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8,
-                                in_channels=4, out_channels=4,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=8, norm_num_groups=2).eval()  # fmt: skip
+    unet = tiny_conditional_unet()
     g = torch.Generator().manual_seed(1)
     pe, ne = torch.randn(1, 6, 8, generator=g), torch.randn(1, 6, 8, generator=g)
     den = stable_diffusion(unet, pe, ne, guidance_scale=3.0)

@@ -1,0 +1,132 @@
+"""Tiny diffusers pipelines and models built offline from configs with random weights
+(REFERENCE.md section 6), shared by the integration tests."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+    ).eval()
+
+
+def tiny_conditional_unet() -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=2,
+    ).eval()
+
+
+def tiny_sd() -> StableDiffusionPipeline:
+    """Stable Diffusion (epsilon, DDIM) with a tiny CLIP text encoder and no tokenizer: call it
+    with ``prompt_embeds`` (B, L, 8)."""
+    unet = tiny_conditional_unet()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            vocab_size=100,
+        )
+    ).eval()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    return StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text,
+        tokenizer=None,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sd3() -> StableDiffusion3Pipeline:
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+    ).eval()
+    # no text encoders: the prompts come as embeddings
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=tiny_vae(),
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+
+
+def tiny_dit() -> DiTPipeline:
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=4,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        num_embeds_ada_norm=1000,  # DiT's pipeline uses class 1000 as the null class
+    ).eval()
+    return DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler(),
+                       id2label={0: "zero", 1: "one"})  # fmt: skip
