@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cspace.cli_train",
         "cspace.cli_calibrate",
         "cspace.cli_sample",
+        "cspace.cli_bench",
     ):
         _register(module, sub)
     return parser

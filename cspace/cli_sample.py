@@ -17,8 +17,8 @@
   budget, the obstacle set's clearance as the verifier, then the pipeline's VAE to decode.
 
 Writes ``DIR/image_XXX.png``, ``DIR/latents.safetensors`` (the final latents, (n, C, H, W)) and
-``DIR/record.json`` (pipeline, settings, seed, NFE, and per image the distance to the nearest
-obstacle and whether it collided). Nothing is downloaded:
+``DIR/record.json`` (pipeline, settings, seed, NFE, the search's verifier scores and calls, and
+per image the distance to the nearest obstacle and whether it collided). Nothing is downloaded:
 ``--pipeline`` must be a folder with ``model_index.json`` (``pipe.save_pretrained(DIR)`` or
 ``huggingface-cli download REPO --local-dir DIR`` on a machine with network).
 """
@@ -181,6 +181,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         images = _to_images(_decode(pipe, latents))
         record["nfe"] = int(res.nfe)
         record["verifier_calls"] = res.verifier_calls
+        record["verifier_scores"] = [float(v) for v in res.scores]
     if field is not None:
         ev = field.evaluate(latents.float())
         record["per_image"] = [

@@ -66,17 +66,17 @@ class ClusteredObstacles:
         diff = emb - centres[assign]
         dist = np.sqrt(np.einsum("nd,nd->n", diff, diff))
         self.centres = torch.from_numpy(centres)
-        self.radii = torch.zeros(self.k, dtype=torch.float64).index_reduce_(
-            0, self.assign, torch.from_numpy(dist), "amax", include_self=False
+        self.radii = torch.zeros(self.k, dtype=torch.float64).scatter_reduce_(
+            0, self.assign, torch.from_numpy(dist), reduce="amax", include_self=False
         )
         self.radii = self.radii * (1 + 4 * np.finfo(np.float64).eps) + 1e-300  # rounding margin
         q = torch.from_numpy(obstacles.q_star.astype(np.float64))
         rad = torch.from_numpy(obstacles.radius.astype(np.float64))
-        self.q_max = torch.zeros(self.k, dtype=torch.float64).index_reduce_(
-            0, self.assign, q, "amax", include_self=False
+        self.q_max = torch.zeros(self.k, dtype=torch.float64).scatter_reduce_(
+            0, self.assign, q, reduce="amax", include_self=False
         )
-        self.radius_max = torch.zeros(self.k, dtype=torch.float64).index_reduce_(
-            0, self.assign, rad, "amax", include_self=False
+        self.radius_max = torch.zeros(self.k, dtype=torch.float64).scatter_reduce_(
+            0, self.assign, rad, reduce="amax", include_self=False
         )
         order = torch.argsort(self.assign, stable=True)
         counts = torch.bincount(self.assign, minlength=self.k)

@@ -58,6 +58,7 @@ def test_search_on_the_pipeline(pipeline_dir, tmp_path):
                  "--budget", "32", "--out", str(out)]) == 0  # fmt: skip
     rec = _record(out)
     assert rec["nfe"] <= 32 and rec["verifier_calls"] >= 1 and len(rec["per_image"]) == 2
+    assert len(rec["verifier_scores"]) == 2 and rec["settings"]["seed"] == 0
     assert (out / "image_001.png").is_file()
 
 
