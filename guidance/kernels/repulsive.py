@@ -29,6 +29,18 @@ __all__ = ["pair_sums"]
 
 
 @triton.jit
+def _diff_slice(x_ptr, o_ptr, rows, cols, row_ok, col_ok, d0, D, BLOCK_D: tl.constexpr):
+    """``x - o`` (BLOCK_B, BLOCK_N, BLOCK_D) in float32 for the dimensions d0 .. d0 + BLOCK_D."""
+    dims = d0 + tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    xs = tl.load(x_ptr + rows[:, None] * D + dims[None, :],
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    os_ = tl.load(o_ptr + cols[:, None] * D + dims[None, :],
+                  mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+    return xs[:, None, :] - os_[None, :, :]
+
+
+@triton.jit
 def _pair_sums_kernel(
     x_ptr, o_ptr, q_ptr, eta_ptr, rad_ptr,
     pot_ptr, force_ptr, near_ptr, clear_ptr, active_ptr,
@@ -47,13 +59,7 @@ def _pair_sums_kernel(
         col_ok = cols < N
         sq = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dims < D
-            xs = tl.load(x_ptr + rows[:, None] * D + dims[None, :],
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            os_ = tl.load(o_ptr + cols[:, None] * D + dims[None, :],
-                          mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            diff = xs[:, None, :] - os_[None, :, :]
+            diff = _diff_slice(x_ptr, o_ptr, rows, cols, row_ok, col_ok, d0, D, BLOCK_D)
             sq += tl.sum(diff * diff, axis=2)
         dist = tl.sqrt(sq)
         q = tl.load(q_ptr + cols, mask=col_ok, other=1.0)
@@ -78,14 +84,10 @@ def _pair_sums_kernel(
         coef = tl.where(on, 0.0, mag / tl.where(on, 1.0, dist))
         fixed = tl.sum(tl.where(on, mag, 0.0), axis=1) / tl.sqrt(D * 1.0)
         for d0 in range(0, D, BLOCK_D):
+            diff = _diff_slice(x_ptr, o_ptr, rows, cols, row_ok, col_ok, d0, D, BLOCK_D)
+            part = tl.sum(coef[:, :, None] * diff, axis=1) + fixed[:, None]
             dims = d0 + tl.arange(0, BLOCK_D)
             d_ok = dims < D
-            xs = tl.load(x_ptr + rows[:, None] * D + dims[None, :],
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            os_ = tl.load(o_ptr + cols[:, None] * D + dims[None, :],
-                          mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            diff = xs[:, None, :] - os_[None, :, :]
-            part = tl.sum(coef[:, :, None] * diff, axis=1) + fixed[:, None]
             ptrs = force_ptr + rows[:, None] * D + dims[None, :]
             m2 = row_ok[:, None] & d_ok[None, :]
             acc = tl.load(ptrs, mask=m2, other=0.0)
