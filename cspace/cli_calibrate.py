@@ -209,9 +209,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     oset = ObstacleSet.load(path)
     if not args.no_write:
         _check_writable(path)
-    q_range = tuple(args.q_star_range or (0.5 * oset.q_star.min(), 3 * oset.q_star.max()))
+    out = Path(args.out) if args.out else path.with_name(path.name + "-calibration")
+    # default ranges from the set's values; when resuming after a write-back, those of the study
+    prev = out / "calibration.json"
+    stored = json.loads(prev.read_text()).get("settings", {}) if prev.is_file() else {}
+    q_default = stored.get("q_star_range") or (0.5 * oset.q_star.min(), 3 * oset.q_star.max())
     eta_lo = 0.01 * oset.eta.min() if oset.eta.min() > 0 else 1e-3
-    e_range = tuple(args.eta_range or (eta_lo, 100 * max(oset.eta.max(), eta_lo)))
+    e_default = stored.get("eta_range") or (eta_lo, 100 * max(oset.eta.max(), eta_lo))
+    q_range = tuple(float(v) for v in (args.q_star_range or q_default))
+    e_range = tuple(float(v) for v in (args.eta_range or e_default))
     if args.model == "toy":
         evaluate = toy_evaluator(n=args.n or 512, steps=args.steps, seed=args.seed)
         max_hit = 0.01 if args.max_hit is None else args.max_hit
@@ -231,7 +237,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         budget=args.budget,
         seed=args.seed,
     )
-    out = Path(args.out) if args.out else path.with_name(path.name + "-calibration")
     res = calibrate(oset, evaluate, settings, out, tag=f"{tag}, n={args.n}, steps={args.steps}")
     written = False
     if res.feasible and not args.no_write:

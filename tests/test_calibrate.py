@@ -180,6 +180,17 @@ def test_cli_toy_writes_a_new_revision(tmp_path, capsys):
     assert manifest["history"][0]["q_star"] == pytest.approx(toy_set().q_star.tolist())
     assert "cspace calibrate" in loaded.history[-1]["note"] or loaded.history[0]["note"]
     assert (tmp_path / "toyset-calibration" / "study.log").is_file()
+    # the same command with more trials resumes the study (ranges from it, not from the
+    # written-back values) and writes revision 2
+    rc = main(["calibrate", str(path), "--model", "toy", "--trials", "7", "--n", "128",
+               "--steps", "10", "--json"])  # fmt: skip
+    rep2 = json.loads(capsys.readouterr().out)
+    assert (
+        rc == 0
+        and rep2["trials"] == 7
+        and rep2["settings"]["q_star_range"] == rep["settings"]["q_star_range"]
+    )
+    assert json.loads((path / "manifest.json").read_text())["revision"] == 2
 
 
 def test_cli_infeasible_leaves_the_set_alone(tmp_path, capsys):
