@@ -1,6 +1,6 @@
 """``cspace calibrate`` on digits: calibrated (Q*, eta) against the demo's defaults, per class.
 
-    python benchmarks/calibrate_digits.py [--classes 0,3,5,8] [--trials 24] [--json FILE]
+    python benchmarks/calibrate_digits.py [--classes 0,3,5,8] [--trials 24] [--n 1000] [--json FILE]
 
 For each class, the demo's obstacle set (40 example images; Q* = 1.5 x auto, hard radius =
 auto, eta = the demo's strength 5 since the evaluator runs at strength 1) is evaluated with the
@@ -34,6 +34,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--classes", default="0,3,5,8")
     p.add_argument("--trials", type=int, default=24)
+    p.add_argument("--n", type=int, default=1000, help="samples per evaluation")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -46,8 +47,8 @@ def main() -> None:
         d = DemoSettings(avoid_class=c)
         oset, _ = demo_obstacles(encoder, d)
         oset.set_parameters(eta=d.strength)  # the evaluator samples at strength 1
-        ev = digits_evaluator(c, seed=0)
-        fresh = digits_evaluator(c, seed=1)
+        ev = digits_evaluator(c, n=args.n, seed=0)
+        fresh = digits_evaluator(c, n=args.n, seed=1)
         base = ev.unguided_rate
         q_range = (0.5 * oset.q_star.min(), 3 * oset.q_star.max())
         e_range = (0.1, 100.0)

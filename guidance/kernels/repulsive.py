@@ -12,7 +12,7 @@ squared distances of a tile are accumulated over ``BLOCK_D``-wide slices of the 
 the differences ``x - o`` (not from ``|x|^2 + |o|^2 - 2 x.o``, which cancels when D is much
 smaller than |x|, as it is near an obstacle or with a large common offset); the force is
 accumulated from the same differences, slice by slice, into the program's own rows of the
-output. Accumulation is in float32 (inputs float32 or bfloat16). The matrix-product fast path
+output, and only for tiles with at least one pair within range (the sparse case skips it). Accumulation is in float32 (inputs float32 or bfloat16). The matrix-product fast path
 (tf32 tiles for far pairs, differences only for near ones) is the next step; this version is the
 correctness baseline, tested with ``TRITON_INTERPRET=1`` on the CPU against the float64 reference.
 
@@ -83,15 +83,16 @@ def _pair_sums_kernel(
         on = dist == 0.0
         coef = tl.where(on, 0.0, mag / tl.where(on, 1.0, dist))
         fixed = tl.sum(tl.where(on, mag, 0.0), axis=1) / tl.sqrt(D * 1.0)
-        for d0 in range(0, D, BLOCK_D):
-            diff = _diff_slice(x_ptr, o_ptr, rows, cols, row_ok, col_ok, d0, D, BLOCK_D)
-            part = tl.sum(coef[:, :, None] * diff, axis=1) + fixed[:, None]
-            dims = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dims < D
-            ptrs = force_ptr + rows[:, None] * D + dims[None, :]
-            m2 = row_ok[:, None] & d_ok[None, :]
-            acc = tl.load(ptrs, mask=m2, other=0.0)
-            tl.store(ptrs, acc + part, mask=m2)
+        if tl.sum(inside.to(tl.int32)) > 0:  # the force pass only for tiles with a pair in range
+            for d0 in range(0, D, BLOCK_D):
+                diff = _diff_slice(x_ptr, o_ptr, rows, cols, row_ok, col_ok, d0, D, BLOCK_D)
+                part = tl.sum(coef[:, :, None] * diff, axis=1) + fixed[:, None]
+                dims = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dims < D
+                ptrs = force_ptr + rows[:, None] * D + dims[None, :]
+                m2 = row_ok[:, None] & d_ok[None, :]
+                acc = tl.load(ptrs, mask=m2, other=0.0)
+                tl.store(ptrs, acc + part, mask=m2)
     tl.store(pot_ptr + rows, pot, mask=row_ok)
     tl.store(near_ptr + rows, near, mask=row_ok)
     tl.store(clear_ptr + rows, clear, mask=row_ok)
