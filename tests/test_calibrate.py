@@ -243,3 +243,21 @@ def test_digits_evaluator_small():
     assert figs["loss"] == pytest.approx(max(figs["class_shift"], figs["confidence_drop"]))
     with pytest.raises(ValueError, match="digits encoder"):
         ev(toy_set())
+
+
+def test_cli_digits_reads_the_class_from_the_labels(tmp_path, capsys):
+    from cspace.demo import DemoSettings, demo_obstacles
+    from cspace.encoders import Encoder
+
+    oset, _ = demo_obstacles(Encoder.from_aligned(), DemoSettings(avoid_class=3))
+    oset.save(tmp_path / "three")  # labels "digit-3"
+    before = (tmp_path / "three" / "manifest.json").read_bytes()
+    rc = main(["calibrate", str(tmp_path / "three"), "--model", "digits", "--trials", "2",
+               "--n", "64", "--steps", "4", "--max-hit", "1", "--no-write", "--json"])  # fmt: skip
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep["trials"] == 2 and not rep["written"]
+    assert "unguided_rate" in rep["chosen"]["extras"]
+    assert (tmp_path / "three" / "manifest.json").read_bytes() == before  # --no-write
+    ObstacleSet.from_embeddings(np.zeros((2, 32)), q_star=1.0, labels="cats").save(tmp_path / "c")
+    assert main(["calibrate", str(tmp_path / "c"), "--model", "digits", "--no-write"]) == 2
+    assert "--avoid-class" in capsys.readouterr().err
