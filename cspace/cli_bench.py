@@ -13,6 +13,11 @@ given quantile of the state-obstacle distances (0.5: dense, every state sees hal
 * ``pruned``: the reference with exact cluster pruning (``prune=True``);
 * ``faiss-range``: FAISS range search for the pairs within Q* (:meth:`ObstacleSet.within`, exact
   distances recomputed), then the pair sums on those pairs only;
+* ``torch-eager``: what a user writes by hand in torch, float32: the (B, N) distance matrix from
+  ``torch.cdist`` (matrix products), the thresholded weights, the force as
+  ``x sum_j c_j - c @ o``; fast, but it cancels near an obstacle (its error is reported);
+* ``torch-compile``: the same through ``torch.compile`` (with ``--compile``; the first call
+  compiles and is not timed);
 * ``triton``: the fused kernel (CUDA only).
 
 The floor is what the hardware needs at least: the time of one float32 matrix product
@@ -47,6 +52,22 @@ def _median_time(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def dense_field(
+    x: torch.Tensor, o: torch.Tensor, q: float, eta: float, max_force: float, rho: float = 0.05
+):
+    """The hand-written dense field (float32, B x N matrix): (potential (B,), force (B, d)), with
+    the reference's distance clamp and total-force cap."""
+    dist = torch.cdist(x, o)  # matrix-product expansion
+    inside = dist <= q
+    ratio = torch.clamp(dist / q, min=rho)
+    gap = torch.where(inside, 1 / ratio - 1, torch.zeros_like(ratio))
+    pot = (0.5 * eta / q**2 * gap**2).sum(dim=1)
+    coef = eta / q**3 * gap / ratio**2 / torch.clamp(dist, min=1e-30)
+    force = x * coef.sum(dim=1, keepdim=True) - coef @ o
+    norm = force.norm(dim=1, keepdim=True)
+    return pot, force * torch.clamp(max_force / torch.clamp(norm, min=1e-30), max=1.0)
+
+
 def bench_field(
     n: int = 100_000,
     d: int = 64,
@@ -55,6 +76,7 @@ def bench_field(
     repeats: int = 5,
     device: str = "cpu",
     seed: int = 0,
+    compile: bool = False,
 ) -> dict:
     """Run the benchmark (module docstring); returns a JSON-serialisable report."""
     from guidance import RepulsiveField
@@ -103,11 +125,23 @@ def bench_field(
         return RepulsiveField(sub, backend="torch").evaluate(x.double())
 
     record("faiss-range", faiss_range, faiss_range)
+
+    class _Out:  # the dense field's force in the shape record() reads
+        def __init__(self, f):
+            self.force = f
+
+    o32 = torch.from_numpy(oset.embeddings).float().to(dev)
+    x32 = x.float()
+    cap = ref_field.max_force
+    record("torch-eager", lambda: dense_field(x32, o32, q, 1.0, cap),
+           lambda: _Out(dense_field(x32, o32, q, 1.0, cap)[1]))  # fmt: skip
+    if compile:
+        compiled = torch.compile(dense_field)
+        record("torch-compile", lambda: compiled(x32, o32, q, 1.0, cap),
+               lambda: _Out(compiled(x32, o32, q, 1.0, cap)[1]))  # fmt: skip
     if dev.type == "cuda":
         ker = RepulsiveField(oset, backend="triton")
         record("triton", lambda: ker.evaluate(x.float()), lambda: ker.evaluate(x.float()))
-    o32 = torch.from_numpy(emb).float().to(dev)
-    x32 = x.float()
     mm = _median_time(lambda: x32 @ o32.T, repeats, sync)
     copy = _median_time(lambda: o32.clone(), repeats, sync)
     floor = max(mm, copy / 2)  # a copy reads and writes; the field reads the obstacles once
@@ -127,7 +161,8 @@ def bench_field(
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    rep = bench_field(args.n, args.d, args.b, args.q_star_quantile, args.repeats, args.device)
+    rep = bench_field(args.n, args.d, args.b, args.q_star_quantile, args.repeats, args.device,
+                      compile=args.compile)  # fmt: skip
     if args.json:
         print(json.dumps(rep, indent=1))
         return 0
@@ -159,5 +194,6 @@ def register(subparsers) -> None:
                    help="Q* as a quantile of state-obstacle distances (0.5 dense, 0.001 sparse)")  # fmt: skip
     f.add_argument("--repeats", type=_positive_int, default=5)
     f.add_argument("--device", default="cpu")
+    f.add_argument("--compile", action="store_true", help="also torch.compile the dense field")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=_cmd_bench)
