@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from cspace.cli import _nonneg_float, _positive_float, _positive_int
+from cspace.files import write_file_atomic
 
 __all__ = ["load_pipeline", "register"]
 
@@ -193,9 +194,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     save_file({"latents": latents.float().contiguous().cpu()}, str(out / "latents.safetensors"))
-    tmp = out / "record.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "record.json")
+    write_file_atomic(out / "record.json", json.dumps(record, indent=1))
     print(json.dumps({k: record[k] for k in ("pipeline_class", "nfe")}))
     print(f"{len(images)} images and record.json in {out}")
     return 0

@@ -19,8 +19,8 @@ obstacles and a few guided and unguided trajectories of the clean estimate.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cspace.files import write_file_atomic
 from guidance.sampler import METHODS
 
 __all__ = ["ARMS", "DemoSettings", "demo_obstacles", "example_files", "format_report", "run_demo"]
@@ -110,9 +111,9 @@ def _grid_png(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4) 
     grid = make_grid((images[: nrow * nrow] + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
     arr = (grid[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-    tmp = path.with_suffix(".tmp.png")
-    img.save(tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    img.save(buf, format="png")
+    write_file_atomic(path, buf.getvalue())
 
 
 def run_demo(
@@ -236,9 +237,7 @@ def run_demo(
             _umap_figure(encoder, oset, paths, s, Path(files["umap"]))
         report["files"] = files
         report["seconds"] = time.perf_counter() - t_start
-        tmp = out / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, out / "report.json")
+        write_file_atomic(out / "report.json", json.dumps(report, indent=1))
         report["files"]["report"] = str(out / "report.json")
     return report
 
@@ -289,9 +288,9 @@ def _umap_figure(encoder, oset, paths: dict, s: DemoSettings, path: Path) -> Non
     ax.set_title(f"C-space ({encoder.name}): UMAP of held-out digits; paths of x0_hat", fontsize=10)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_file_atomic(path, buf.getvalue())
 
 
 def format_report(report: dict) -> str:

@@ -1,6 +1,7 @@
 """Safe files: SHA-256 digests and atomic writes of a folder of files.
 
-Every folder cspace writes (obstacle sets, classifiers, flow models) goes through
+Single files go through :func:`write_file_atomic` (a temporary file in the same folder, then
+``os.replace``). Every folder cspace writes (obstacle sets, classifiers, flow models) goes through
 :func:`write_folder_atomic`: the files are written and fsynced into a temporary sibling folder,
 the old folder (if any) is moved aside, the new one is swapped in with ``os.replace`` and the old
 one removed. An interruption at any point leaves either the old folder or the new one at
@@ -12,16 +13,38 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["sha256_hex", "write_folder_atomic"]
+__all__ = ["sha256_hex", "write_file_atomic", "write_folder_atomic"]
 
 
 def sha256_hex(data: bytes) -> str:
     """The SHA-256 digest of ``data`` as 64 hex digits."""
     return hashlib.sha256(data).hexdigest()
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` through a fsynced temporary file in the
+    same folder and ``os.replace``: readers see the old file or the new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; weights ship as package data
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def write_folder_atomic(path: str | os.PathLike, files: Mapping[str, bytes]) -> Path:

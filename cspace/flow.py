@@ -41,7 +41,6 @@ import json
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +50,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cspace.encoders import MissingWeightsError
-from cspace.files import sha256_hex, write_folder_atomic
+from cspace.files import sha256_hex, write_file_atomic, write_folder_atomic
 
 __all__ = [
     "DEFAULT_FLOW_DIR",
@@ -343,24 +342,17 @@ def _settings_json(settings: dict) -> str:
 
 
 def _write_checkpoint(path: Path, state: dict, settings: dict, step: int) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        save_file(
-            {k: v.contiguous() for k, v in state.items()},
-            str(tmp),
-            metadata={
-                "format": CHECKPOINT_FORMAT,
-                "step": str(int(step)),
-                "settings": _settings_json(settings),
-            },
-        )
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    data = save(
+        {k: v.contiguous() for k, v in state.items()},
+        metadata={
+            "format": CHECKPOINT_FORMAT,
+            "step": str(int(step)),
+            "settings": _settings_json(settings),
+        },
+    )
+    write_file_atomic(path, data)
 
 
 def _read_checkpoint(path: Path, settings: dict) -> tuple[dict, int]:

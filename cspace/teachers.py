@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cspace.encoders import MissingWeightsError
+from cspace.files import write_file_atomic
 
 __all__ = [
     "DINOV2_MODELS",
@@ -64,26 +64,9 @@ def default_teacher_dir() -> Path:
 
 
 # ---------------------------------------------------------------------- atomic file writes
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; weights ship as package data
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    write_file_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _atomic_save_safetensors(
@@ -95,7 +78,7 @@ def _atomic_save_safetensors(
 
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = save(clean, metadata=metadata)
-    _atomic_write_bytes(path, data)
+    write_file_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -31,7 +31,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cspace.files import write_file_atomic
 from obstacles import ObstacleSet
 
 __all__ = [
@@ -190,15 +190,6 @@ def _choose(trials: list[dict], max_hit: float) -> tuple[bool, dict]:
 
 
 # ---------------------------------------------------------------------- files
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _trials_csv(trials: list[dict]) -> str:
     keys = ["number", "hit", "loss", "nfe", "seconds"]
     params = sorted({k for r in trials for k in r["params"]})
@@ -239,9 +230,9 @@ def plot_front(result: CalibrationResult, path: str | Path, title: str = "") -> 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_file_atomic(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------- the search
@@ -382,7 +373,7 @@ def calibrate(
         bar.update(1)
         bar.set_postfix(hit=f"{hit:.3g}", loss=f"{loss:.3g}", nfe=spent)
         if out is not None:
-            _write_atomic(
+            write_file_atomic(
                 out / "trials.csv", _trials_csv(_records(done, groups, names, oset.radius))
             )
     bar.close()
@@ -420,9 +411,9 @@ def calibrate(
             "front": str(out / "front.png"),
         }
         result.files = files
-        _write_atomic(out / "trials.csv", _trials_csv(records))
+        write_file_atomic(out / "trials.csv", _trials_csv(records))
         plot_front(result, out / "front.png", title=f"calibration ({s.per}), {tag}".strip(", "))
-        _write_atomic(out / "calibration.json", json.dumps(asdict(result), indent=1))
+        write_file_atomic(out / "calibration.json", json.dumps(asdict(result), indent=1))
     return result
 
 
