@@ -155,11 +155,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                 kw["negative_prompt"] = [args.negative_prompt] * args.n
         else:
             kw["batch_size"] = args.n
-        runner = (
-            guide(pipe, field, strength=args.strength)
-            if field is not None
-            else guide(pipe, _no_field(), strength=0.0)
-        )
+        runner = guide(pipe, field, strength=args.strength)  # field None: records only
         result = runner(**kw)
         images = _to_images(result.images)
         latents = runner.stats.last_latents[: args.n]
@@ -198,14 +194,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     print(json.dumps({k: record[k] for k in ("pipeline_class", "nfe")}))
     print(f"{len(images)} images and record.json in {out}")
     return 0
-
-
-def _no_field():
-    """A field that is never evaluated (strength 0): guide() then only records the latents."""
-    from guidance import RepulsiveField
-    from obstacles import ObstacleSet
-
-    return RepulsiveField(ObstacleSet.from_embeddings(np.zeros((1, 1)), q_star=1.0))
 
 
 def register(subparsers) -> None:

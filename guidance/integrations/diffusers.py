@@ -111,7 +111,7 @@ class GuidedPipeline:
                 f"guide needs a diffusers pipeline with a scheduler; got {type(pipe).__name__}"
             )
         prediction_kind(pipe.scheduler)
-        if not callable(getattr(field, "evaluate", None)):
+        if field is not None and not callable(getattr(field, "evaluate", None)):
             raise GuidanceError(
                 f"field must have an evaluate() method (RepulsiveField, ClassifierField, "
                 f"CombinedField); got {type(field).__name__}"
@@ -160,11 +160,9 @@ class GuidedPipeline:
                 del sched.step
 
     def _field_dim(self) -> int | None:
+        """The latent dimension the field expects (None: a projection, or a combination)."""
         if getattr(self.field, "projection", None) is not None:
             return None
-        obstacles = getattr(self.field, "obstacles", None)
-        if obstacles is not None:
-            return int(obstacles.dim)
         dim = getattr(self.field, "dim", None)
         return int(dim) if dim is not None else None
 
@@ -173,7 +171,7 @@ class GuidedPipeline:
         alpha, sigma, t = _coefficients(sched, kind, timestep)
         lo, hi = self.window
         lam = float(self.weight(t)) if self.weight is not None else 1.0
-        if self.strength == 0 or not (lo <= t <= hi) or lam == 0:
+        if self.field is None or self.strength == 0 or not (lo <= t <= hi) or lam == 0:
             return m
         d = math.prod(x.shape[1:])
         want = self._field_dim()
@@ -225,7 +223,8 @@ def guide(
     Args:
         pipe: a diffusers pipeline whose scheduler is one of ``SUPPORTED_SCHEDULERS``.
         field: ``RepulsiveField``, ``ClassifierField`` or ``CombinedField`` over the pipeline's
-            flattened latents (B, C*H*W), or with a ``projection``.
+            flattened latents (B, C*H*W), or with a ``projection``; None only records
+            (``stats``: steps and the final latents) and leaves the output unchanged.
         strength: >= 0; 0 gives the plain pipeline's output bit for bit.
         window: (t_lo, t_hi) in [0, 1] (1 = noise) where the field acts.
         mode: ``"clean"`` (field on x0_hat) or ``"noisy"`` (flow matching: field on x_t).
