@@ -101,11 +101,11 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
     """``evaluate(set) -> {"hit", "loss", "nfe", ...}`` on the digits latent flow (module
     docstring); extras: ``avoided_ratio`` (to unguided), ``class_shift`` and ``confidence_drop``
     (points)."""
-    from cspace.demo import WEIGHTS
+    from cspace.demo import WEIGHTS, DemoSettings, sample_arm
     from cspace.encoders import Encoder
     from cspace.flow import load_flow
     from cspace.judge import default_judge
-    from guidance import Backtrack, RepulsiveField, sample
+    from guidance import RepulsiveField
 
     if not 0 <= int(avoid_class) <= 9:
         raise ValueError(f"--avoid-class must be a digit 0..9; got {avoid_class}")
@@ -117,18 +117,10 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
     shape = encoder.latent_shape((8, 8))
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
+    arm = DemoSettings(steps=steps, seed=seed)  # the demo's sampler: SDE + backtracking
+
     def run(field=None):
-        out = sample(
-            flow,
-            noise,
-            steps=steps,
-            method="sde",
-            field=field,
-            strength=1.0,
-            backtrack=Backtrack() if field is not None else None,
-            generator=torch.Generator().manual_seed(seed + 1),
-            progress=False,
-        )
+        out = sample_arm(flow, noise, arm, field, strength=1.0)
         rep = judge.report(encoder.decode(out.samples))
         return np.asarray(rep["class_shares"]), float(rep["confidence"]), int(out.nfe)
 

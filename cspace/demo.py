@@ -31,7 +31,15 @@ import torch
 from cspace.files import write_file_atomic
 from guidance.sampler import METHODS
 
-__all__ = ["ARMS", "DemoSettings", "demo_obstacles", "example_files", "format_report", "run_demo"]
+__all__ = [
+    "ARMS",
+    "DemoSettings",
+    "demo_obstacles",
+    "example_files",
+    "format_report",
+    "run_demo",
+    "sample_arm",
+]
 
 ARMS = ("unguided", "guided", "classifier")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "digits"
@@ -87,6 +95,27 @@ def example_files(cls: int, limit: int) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix == ".png")[:limit]
 
 
+def sample_arm(flow, noise: torch.Tensor, s: DemoSettings, field=None, strength: float = 0.0,
+               callback=None):  # fmt: skip
+    """One arm of the demo from ``noise`` (n, C, H, W): ``s.method`` with ``s.steps`` steps, the
+    field at ``strength`` and, when ``s.backtrack``, collision backtracking; the SDE's noise
+    from seed ``s.seed + 1`` (the same for every arm). Returns :class:`guidance.SampleOutput`."""
+    from guidance import Backtrack, sample
+
+    return sample(
+        flow,
+        noise,
+        steps=s.steps,
+        method=s.method,
+        field=field,
+        strength=strength,
+        backtrack=Backtrack() if (s.backtrack and field is not None) else None,
+        generator=torch.Generator(noise.device).manual_seed(s.seed + 1),
+        callback=callback,
+        progress=False,
+    )
+
+
 def demo_obstacles(encoder, s: DemoSettings):
     """The demo's obstacle set: the example images of ``s.avoid_class`` (at most
     ``s.max_examples``) embedded by ``encoder``, with Q* = ``q_star_scale`` x the auto rule and
@@ -121,7 +150,7 @@ def run_demo(
 ) -> dict:
     """Run the demo; returns the report (also written to ``out_dir/report.json``)."""
     from cspace.judge import Judge, copy_rate, diversity, nearest_train_distance
-    from guidance import Backtrack, RepulsiveField, sample
+    from guidance import RepulsiveField
     from guidance.halfspace import ClassifierField
     from obstacles.classifier import PreferenceClassifier
 
@@ -194,18 +223,7 @@ def run_demo(
                 store.append(info["x0_hat"][: s.paths].detach().cpu())
 
         t0 = time.perf_counter()
-        out = sample(
-            flow,
-            noise,
-            steps=s.steps,
-            method=s.method,
-            field=fld,
-            strength=strength,
-            backtrack=Backtrack() if (s.backtrack and fld is not None) else None,
-            generator=torch.Generator(device).manual_seed(s.seed + 1),
-            callback=keep,
-            progress=False,
-        )
+        out = sample_arm(flow, noise, s, fld, strength, callback=keep)
         images = encoder.decode(out.samples).cpu()
         secs = time.perf_counter() - t0
         rep = judge.report(images)
