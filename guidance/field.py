@@ -98,10 +98,16 @@ class RepulsiveField:
             nearest obstacle lies in a surviving cluster, else lower bounds beyond every pruned
             cluster's Q*.
         backend: ``"torch"`` (this float64 reference), ``"triton"`` (the fused kernel of
-            :mod:`guidance.kernels.repulsive`, float32 accumulation; relative error about 1e-7
-            against the reference) or ``"auto"`` (the kernel for CUDA states when Triton is
-            installed, the reference otherwise). The kernel serves the clean mode without
-            pruning; the noisy mode and pruned sets use the reference.
+            :mod:`guidance.kernels.repulsive`: float32 or bfloat16 inputs, matrix-product
+            distances for far pairs, differences for near ones, float32 accumulation) or
+            ``"auto"`` (the kernel for CUDA states when Triton is installed, the reference
+            otherwise). The kernel serves the clean mode, with or without pruning (then over
+            the surviving clusters); the noisy mode uses the reference.
+        precision: the kernel's product precision for float32 states: ``"tf32"`` (tensor
+            cores; relative error <= 1e-3 against the reference, tested), ``"tf32x3"`` or
+            ``"ieee"`` (float32 products; about 1e-6). On the CPU (Triton's interpreter)
+            ``"tf32"`` truncates the product inputs as tensor cores do, so results there match
+            the GPU's rounding.
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class RepulsiveField:
         chunk_elements: int = 1 << 24,
         prune: bool | int | None = None,
         backend: str = "auto",
+        precision: str = "tf32",
     ) -> None:
         if not isinstance(obstacles, ObstacleSet):
             raise TypeError(
@@ -145,6 +152,10 @@ class RepulsiveField:
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton'; got {backend!r}")
         self.backend = backend
+        if precision not in ("tf32", "tf32x3", "ieee"):
+            raise ValueError(f"precision must be 'tf32', 'tf32x3' or 'ieee'; got {precision!r}")
+        self.precision = precision
+        self._kernel_cache: dict = {}
         self.clusters = None
         self.last_evaluated = float(len(obstacles))  # obstacles per state in the last evaluate
         if prune:
@@ -217,7 +228,7 @@ class RepulsiveField:
             tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
             scale = (1 - (tt.expand(b) if tt.ndim == 0 else tt.reshape(b)))[:, None]
         e64 = emb.detach().to(torch.float64)
-        if self.clusters is None and scale is None and self._use_kernel(e64):
+        if scale is None and self._use_kernel(e64):
             pot, f_emb, nearest, clear, active = self._kernel(emb.detach())
         elif self.clusters is None:
             pot, f_emb, nearest, clear, active = self._pairwise(e64, scale, need_force)
@@ -327,19 +338,81 @@ class RepulsiveField:
             return False
         return True
 
+    def _kernel_inputs(self, dev: torch.device, dtype: torch.dtype) -> dict:
+        """Obstacles for the kernel on ``dev`` in ``dtype``, cached: centred on their float64
+        mean for float32 (a common offset would make every pair 'near'), sorted by cluster
+        when pruning,
+        with their squared norms and per-obstacle parameters in the same order."""
+        from guidance.kernels.repulsive import sq_norms
+
+        key = (str(dev), dtype)
+        if key not in self._kernel_cache:
+            # float32: centred in float64 first. bfloat16: used as given (rounding a centred copy
+            # to bf16 would move the points by 2^-9 |x - c|); an offset sends pairs to the
+            # kernel's exact differences path instead
+            centre = self._emb.mean(dim=0) if dtype == torch.float32 else self._emb[0] * 0
+            if self.clusters is None:
+                order = torch.arange(len(self.obstacles))
+                bounds = None
+            else:
+                order = torch.cat([self.clusters.members(k) for k in range(self.clusters.k)])
+                sizes = torch.tensor(
+                    [self.clusters.members(k).numel() for k in range(self.clusters.k)]
+                )
+                hi = sizes.cumsum(0)
+                bounds = torch.stack([hi - sizes, hi], dim=1)
+            oc = (self._emb[order] - centre).to(dtype)
+            self._kernel_cache[key] = dict(
+                centre=centre.to(dev),
+                o=oc.to(dev),
+                o_sqnorm=sq_norms(oc, self.precision).to(dev),
+                q=self._q[order].float().to(dev),
+                eta=self._eta[order].float().to(dev),
+                radius=self._radius[order].float().to(dev),
+                clusters=bounds,
+            )
+        return self._kernel_cache[key]
+
     def _kernel(self, e: torch.Tensor):
-        """The fused kernel's pair sums, as float64 (the caps are applied after)."""
-        from guidance.kernels.repulsive import pair_sums
+        """The fused kernel's pair sums, as float64 (the caps are applied after); over the
+        surviving clusters when pruning (every block of states visits the clusters alive for
+        any of its states)."""
+        from guidance.kernels.repulsive import default_blocks, pair_sums
 
         dev = e.device
         n = len(self.obstacles)
-        x = e if e.dtype in (torch.float32, torch.bfloat16) else e.float()
-        o = self._emb.to(device=dev, dtype=x.dtype)
+        dtype = e.dtype if e.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        kin = self._kernel_inputs(dev, dtype)
+        x = (e.double() - kin["centre"]).to(dtype)
+        blocks = default_blocks(e.shape[0], e.shape[1], dtype, dev)
+        extra: dict = {}
+        if self.clusters is not None:
+            alive, near_lb, clear_lb = self.clusters.bounds(e.double())
+            bb = blocks["block_b"]
+            pad = -e.shape[0] % bb
+            per_block = torch.nn.functional.pad(alive, (0, 0, 0, pad)).reshape(
+                -1, bb, alive.shape[1]
+            )
+            visited = per_block.any(dim=1).cpu()  # (blocks, K)
+            extra = dict(
+                segments=kin["clusters"],
+                visits=[row.nonzero().flatten() for row in visited],
+            )
+            sizes = (kin["clusters"][:, 1] - kin["clusters"][:, 0]).double()
+            rows = torch.full((visited.shape[0],), float(bb), dtype=torch.float64)
+            rows[-1] = bb - pad
+            self.last_evaluated = float((visited.double() @ sizes * rows).sum()) / e.shape[0]
+        else:
+            self.last_evaluated = float(n)
         pot, force, near, clear, active = pair_sums(
-            x, o, self._q, self._eta, self._radius, self.rho_min,
-            min(self.max_force, 1e300 / n), min(self.max_potential, 1e300 / n),
+            x, kin["o"], kin["q"], kin["eta"], kin["radius"],
+            self.rho_min, min(self.max_force, 1e300 / n), min(self.max_potential, 1e300 / n),
+            o_sqnorm=kin["o_sqnorm"], precision=self.precision, blocks=blocks, **extra,
         )  # fmt: skip
-        return pot.double(), force.double(), near.double(), clear.double(), active
+        if self.clusters is not None:
+            near = torch.minimum(near, near_lb.to(near.device))
+            clear = torch.minimum(clear, clear_lb.to(clear.device))
+        return pot, force, near, clear, active
 
     def _cap(self, pot: torch.Tensor, force: torch.Tensor, need_force: bool):
         """The total potential and force held to ``max_potential`` and ``max_force``."""

@@ -1,102 +1,240 @@
-r"""The repulsive field's pair sums in one Triton kernel (a first, exact-differences version).
+r"""The repulsive field's pair sums in one fused Triton kernel, tiled like flash-attention.
 
 For states ``x`` (B, d) and obstacles ``o`` (N, d) with per-obstacle ``q`` (Q*), ``eta`` and hard
 ``radius``, one pass computes per state the sums that :meth:`guidance.RepulsiveField._pairwise`
-computes in torch: the potential ``sum_j 1/2 eta_j (1/D_eff - 1/Q_j)^2``, the force
-``sum_j |F_j| (x - o_j) / D_j`` (the same distance clamp ``D_eff = max(D, rho Q)`` and per-pair cap),
-the nearest distance, the least clearance ``min_j (D_j - radius_j)`` and the count of obstacles
-within range, never forming the (B, N) matrix in memory.
+computes in torch, never forming the (B, N) matrix in memory:
 
-Each program owns ``BLOCK_B`` states and walks over the obstacles in tiles of ``BLOCK_N``. The
-squared distances of a tile are accumulated over ``BLOCK_D``-wide slices of the dimension from
-the differences ``x - o`` (not from ``|x|^2 + |o|^2 - 2 x.o``, which cancels when D is much
-smaller than |x|, as it is near an obstacle or with a large common offset); the force is
-accumulated from the same differences, slice by slice, into the program's own rows of the
-output, and only for tiles with at least one pair within range (the sparse case skips it). Accumulation is in float32 (inputs float32 or bfloat16). The matrix-product fast path
-(tf32 tiles for far pairs, differences only for near ones) is the next step; this version is the
-correctness baseline, tested with ``TRITON_INTERPRET=1`` on the CPU against the float64 reference.
+* potential ``sum_j 1/2 eta_j (1/D_eff - 1/Q_j)^2`` over ``D_j <= Q_j``, with the reference's clamp
+  ``D_eff = max(D, rho Q)`` and per-pair cap;
+* force ``sum_j c_ij (x_i - o_j)`` with ``c_ij = |F_ij| / D_ij`` (exactly on an obstacle: the fixed
+  direction ``(1, ..., 1)/sqrt(d)``);
+* nearest distance, least clearance ``min_j (D_j - radius_j)``, count of obstacles within range.
+
+**Tiles.** A program owns ``BLOCK_B`` states and walks over ``BLOCK_N``-obstacle tiles of the
+segments it is given. Per tile, the squared distances come from matrix products
+(tensor cores: tf32 for float32 inputs, bf16 for bfloat16, float32 accumulation)::
+
+    D^2_ij = |x_i|^2 + |o_j|^2 - 2 x_i . o_j          (squared norms precomputed in float64)
+
+and the far pairs' force from two more: ``F_i += (sum_j c_ij) x_i - sum_j c_ij o_j``.
+
+**Near pairs.** The expansion cancels catastrophically when ``D_ij`` is much smaller than
+``|x_i|`` and ``|o_j|`` (near an obstacle, or with a common offset: the issue measured 100% error
+with tf32 products, 20% with float32). A pair is *near* when
+
+    D^2_ij (expansion) <= tau (|x_i|^2 + |o_j|^2),
+
+``tau = 1/4`` for tf32 products and ``2^-6`` for float32/bf16 products: far pairs then have a
+relative error of D^2 of about ``eps_products / tau`` at most. For every tile with a near pair
+the kernel recomputes those pairs' distances, and their force terms, from the differences
+``x_i - o_j`` in float32 (``NEAR_D`` dimensions at a time), which is exact to float32 rounding.
+The caller (:class:`guidance.RepulsiveField`) subtracts the obstacles' mean from states and
+obstacles first, in float64, so that a common offset does not make every pair near.
+
+**Segments and splits.** The obstacles are given as segments ``[seg_lo[s], seg_hi[s])`` of the
+obstacle array, and each block of states visits a list of segments (CSR: ``visit_ptr``,
+``visit_seg``). Dense evaluation: the whole array cut into equal segments, every block visits all.
+Pruned evaluation: one segment per cluster (obstacles sorted by cluster), each block visits the
+clusters alive for any of its states. Grid ``(blocks, SPLITS)``: program ``(i, s)`` takes every
+``SPLITS``-th segment of block i's list and writes partial sums (split-K), which the wrapper
+reduces; so small B still fills the GPU.
 
 The final caps (``max_force`` on the total, ``max_potential``) are applied by the caller.
+Correctness is tested in Triton's CPU interpreter (``TRITON_INTERPRET=1``), whose products are
+plain float32: with tf32 the kernel rounds the operands itself (:func:`_tf32`), so the
+interpreter multiplies exactly the values the tensor cores multiply and the tests see the
+GPU's tf32 errors.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["pair_sums"]
+__all__ = ["NEAR_TAU", "pair_sums", "sq_norms"]
+
+NEAR_TAU = {"tf32": 0.25, "tf32x3": 2.0**-6, "ieee": 2.0**-6}
+"""Near-pair threshold ``tau`` per product precision (bfloat16 inputs use the float32 value:
+bf16 x bf16 products are exact in float32)."""
 
 
 @triton.jit
-def _diff_slice(x_ptr, o_ptr, rows, cols, row_ok, col_ok, d0, D, BLOCK_D: tl.constexpr):
-    """``x - o`` (BLOCK_B, BLOCK_N, BLOCK_D) in float32 for the dimensions d0 .. d0 + BLOCK_D."""
+def _tf32(v):
+    """Round float32 values to the nearest tf32 (10 mantissa bits; ties away from zero).
+
+    Tensor cores read float32 operands as tf32 by dropping the low 13 bits (a truncation, biased
+    towards zero: with it the potential's error in the dense case reached 1.3e-3). Rounded
+    operands are already tf32, so the hardware drops nothing, the product is the exact float32
+    product of the rounded values on the GPU and in the interpreter alike, and the norms of the
+    same rounded values (:func:`round_tf32`) make ``|x|^2 + |o|^2 - 2 x.o`` the squared
+    distance of the rounded points."""
+    return ((v.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
+
+
+def round_tf32(v: torch.Tensor) -> torch.Tensor:
+    """:func:`_tf32` in torch, for float32 tensors (used for the squared norms)."""
+    return ((v.contiguous().view(torch.int32) + 4096) & -8192).view(torch.float32)
+
+
+@triton.jit
+def _load_rows(ptr, idx, ok, d0, D, BLOCK_D: tl.constexpr):
+    """(len(idx), BLOCK_D) slice of a row-major (., D) array, zeros outside."""
     dims = d0 + tl.arange(0, BLOCK_D)
-    d_ok = dims < D
-    xs = tl.load(x_ptr + rows[:, None] * D + dims[None, :],
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    os_ = tl.load(o_ptr + cols[:, None] * D + dims[None, :],
-                  mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-    return xs[:, None, :] - os_[None, :, :]
+    return tl.load(ptr + idx.to(tl.int64)[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :],
+                   other=0.0)  # fmt: skip
 
 
 @triton.jit
-def _pair_sums_kernel(
-    x_ptr, o_ptr, q_ptr, eta_ptr, rad_ptr,
+def _add_rows(ptr, idx, ok, d0, D, part, BLOCK_D: tl.constexpr):
+    """``ptr[idx, d0:d0+BLOCK_D] += part`` (the program owns these rows: no atomics)."""
+    dims = d0 + tl.arange(0, BLOCK_D)
+    ptrs = ptr + idx.to(tl.int64)[:, None] * D + dims[None, :]
+    m = ok[:, None] & (dims < D)[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + part, mask=m)
+
+
+@triton.jit
+def _field_kernel(
+    x_ptr, o_ptr, xn_ptr, on_ptr, q_ptr, eta_ptr, rad_ptr,
+    seg_lo_ptr, seg_hi_ptr, visit_ptr, visit_seg_ptr,
     pot_ptr, force_ptr, near_ptr, clear_ptr, active_ptr,
-    B, N, D, rho, pair_cap, pot_cap,
-    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, D, rho, pair_cap, pot_cap, tau,
+    SPLITS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NEAR_D: tl.constexpr, PREC_X: tl.constexpr, PREC_C: tl.constexpr, ROUND_X: tl.constexpr,
+    ROUND_C: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    blk = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = blk * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
+    out_rows = split * B + rows  # this split's partial outputs
+    xn = tl.load(xn_ptr + rows, mask=row_ok, other=0.0)
     pot = tl.zeros((BLOCK_B,), dtype=tl.float32)
     near = tl.full((BLOCK_B,), float("inf"), dtype=tl.float32)
     clear = tl.full((BLOCK_B,), float("inf"), dtype=tl.float32)
     active = tl.zeros((BLOCK_B,), dtype=tl.int32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        sq = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            diff = _diff_slice(x_ptr, o_ptr, rows, cols, row_ok, col_ok, d0, D, BLOCK_D)
-            sq += tl.sum(diff * diff, axis=2)
-        dist = tl.sqrt(sq)
-        q = tl.load(q_ptr + cols, mask=col_ok, other=1.0)
-        eta = tl.load(eta_ptr + cols, mask=col_ok, other=0.0)
-        rad = tl.load(rad_ptr + cols, mask=col_ok, other=0.0)
-        valid = row_ok[:, None] & col_ok[None, :]
-        big = tl.full((BLOCK_B, BLOCK_N), float("inf"), dtype=tl.float32)
-        near = tl.minimum(near, tl.min(tl.where(valid, dist, big), axis=1))
-        clear = tl.minimum(clear, tl.min(tl.where(valid, dist - rad[None, :], big), axis=1))
-        inside = valid & (dist <= q[None, :])
-        active += tl.sum(inside.to(tl.int32), axis=1)
-        ratio = tl.maximum(dist / q[None, :], rho)
-        gap = tl.where(inside, 1.0 / ratio - 1.0, 0.0)
-        u_pref = eta / (q * q)
-        pot += tl.sum(
-            tl.where(inside, tl.minimum(0.5 * u_pref[None, :] * gap * gap, pot_cap), 0.0), axis=1
-        )
-        f_pref = u_pref / q
-        mag = tl.where(inside, tl.minimum(f_pref[None, :] * gap / (ratio * ratio), pair_cap), 0.0)
-        # unit vectors (x - o)/D; exactly on an obstacle the fixed direction (1, ..., 1)/sqrt(d)
-        on = dist == 0.0
-        coef = tl.where(on, 0.0, mag / tl.where(on, 1.0, dist))
-        fixed = tl.sum(tl.where(on, mag, 0.0), axis=1) / tl.sqrt(D * 1.0)
-        if tl.sum(inside.to(tl.int32)) > 0:  # the force pass only for tiles with a pair in range
+    big = tl.full((BLOCK_B, BLOCK_N), float("inf"), dtype=tl.float32)
+    v_lo = tl.load(visit_ptr + blk)
+    v_hi = tl.load(visit_ptr + blk + 1)
+    for v in range(v_lo + split, v_hi, SPLITS):
+        seg = tl.load(visit_seg_ptr + v)
+        lo = tl.load(seg_lo_ptr + seg)
+        hi = tl.load(seg_hi_ptr + seg)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            # squared distances from matrix products (tensor cores)
+            dot = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                diff = _diff_slice(x_ptr, o_ptr, rows, cols, row_ok, col_ok, d0, D, BLOCK_D)
-                part = tl.sum(coef[:, :, None] * diff, axis=1) + fixed[:, None]
-                dims = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dims < D
-                ptrs = force_ptr + rows[:, None] * D + dims[None, :]
-                m2 = row_ok[:, None] & d_ok[None, :]
-                acc = tl.load(ptrs, mask=m2, other=0.0)
-                tl.store(ptrs, acc + part, mask=m2)
-    tl.store(pot_ptr + rows, pot, mask=row_ok)
-    tl.store(near_ptr + rows, near, mask=row_ok)
-    tl.store(clear_ptr + rows, clear, mask=row_ok)
-    tl.store(active_ptr + rows, active, mask=row_ok)
+                xs = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D)
+                os_ = _load_rows(o_ptr, cols, col_ok, d0, D, BLOCK_D)
+                if ROUND_X:  # float32 inputs, tf32 products
+                    xs = _tf32(xs)
+                    os_ = _tf32(os_)
+                if UPCAST:  # the interpreter's bf16 products are wrong; bf16 is exact in float32
+                    xs = xs.to(tl.float32)
+                    os_ = os_.to(tl.float32)
+                dot = tl.dot(xs, tl.trans(os_), dot, input_precision=PREC_X)
+            on = tl.load(on_ptr + cols, mask=col_ok, other=0.0)
+            norms = xn[:, None] + on[None, :]
+            sq = tl.maximum(norms - 2.0 * dot, 0.0)
+            valid = row_ok[:, None] & col_ok[None, :]
+            close = valid & (sq <= tau * norms)  # the expansion may cancel: use differences
+            if tl.sum(close.to(tl.int32)) > 0:
+                exact = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                for d0 in range(0, D, NEAR_D):
+                    xs = _load_rows(x_ptr, rows, row_ok, d0, D, NEAR_D).to(tl.float32)
+                    os_ = _load_rows(o_ptr, cols, col_ok, d0, D, NEAR_D).to(tl.float32)
+                    diff = xs[:, None, :] - os_[None, :, :]
+                    exact += tl.sum(diff * diff, axis=2)
+                sq = tl.where(close, exact, sq)
+            dist = tl.sqrt(sq)
+            q = tl.load(q_ptr + cols, mask=col_ok, other=1.0)
+            eta = tl.load(eta_ptr + cols, mask=col_ok, other=0.0)
+            rad = tl.load(rad_ptr + cols, mask=col_ok, other=0.0)
+            near = tl.minimum(near, tl.min(tl.where(valid, dist, big), axis=1))
+            clear = tl.minimum(clear, tl.min(tl.where(valid, dist - rad[None, :], big), axis=1))
+            inside = valid & (dist <= q[None, :])
+            active += tl.sum(inside.to(tl.int32), axis=1)
+            ratio = tl.maximum(dist / q[None, :], rho)
+            gap = tl.where(inside, 1.0 / ratio - 1.0, 0.0)
+            u_pref = eta / (q * q)
+            pot_pair = tl.minimum(0.5 * u_pref[None, :] * gap * gap, pot_cap)
+            pot += tl.sum(tl.where(inside, pot_pair, 0.0), axis=1)
+            f_pref = u_pref / q
+            mag = tl.where(
+                inside, tl.minimum(f_pref[None, :] * gap / (ratio * ratio), pair_cap), 0.0
+            )
+            on_obstacle = dist == 0.0
+            coef = tl.where(on_obstacle, 0.0, mag / tl.where(on_obstacle, 1.0, dist))
+            c_far = tl.where(close, 0.0, coef)
+            c_near = tl.where(close, coef, 0.0)
+            if tl.sum((inside & (close == 0)).to(tl.int32)) > 0:
+                # far pairs: F_i += (sum_j c_ij) x_i - sum_j c_ij o_j, one product per slice
+                c_row = tl.sum(c_far, axis=1)
+                c_dot = _tf32(c_far) if ROUND_C else c_far
+                for d0 in range(0, D, BLOCK_D):
+                    xs = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D).to(tl.float32)
+                    os_ = _load_rows(o_ptr, cols, col_ok, d0, D, BLOCK_D).to(tl.float32)
+                    if ROUND_C:
+                        os_ = _tf32(os_)
+                    part = c_row[:, None] * xs - tl.dot(c_dot, os_, input_precision=PREC_C)
+                    _add_rows(force_ptr, out_rows, row_ok, d0, D, part, BLOCK_D)
+            if tl.sum((inside & close).to(tl.int32)) > 0:
+                # near pairs from the differences; on an obstacle the fixed direction
+                fixed = tl.sum(tl.where(on_obstacle, mag, 0.0), axis=1) / tl.sqrt(D * 1.0)
+                for d0 in range(0, D, NEAR_D):
+                    xs = _load_rows(x_ptr, rows, row_ok, d0, D, NEAR_D).to(tl.float32)
+                    os_ = _load_rows(o_ptr, cols, col_ok, d0, D, NEAR_D).to(tl.float32)
+                    diff = xs[:, None, :] - os_[None, :, :]
+                    part = tl.sum(c_near[:, :, None] * diff, axis=1) + fixed[:, None]
+                    _add_rows(force_ptr, out_rows, row_ok, d0, D, part, NEAR_D)
+    tl.store(pot_ptr + out_rows, pot, mask=row_ok)
+    tl.store(near_ptr + out_rows, near, mask=row_ok)
+    tl.store(clear_ptr + out_rows, clear, mask=row_ok)
+    tl.store(active_ptr + out_rows, active, mask=row_ok)
+
+
+def _interpreted() -> bool:
+    """Running in Triton's CPU interpreter (``TRITON_INTERPRET=1``), whose ``tl.dot`` gives
+    garbage for bfloat16 operands (Triton 3.8): there bf16 tiles are multiplied as float32."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2_at_least(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, v))))
+
+
+def default_blocks(b: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes: small on the CPU interpreter (its cost is per operation), GPU-sized on CUDA
+    (not tuned on a GPU yet: no GPU was lent to the sessions that wrote this)."""
+    if device.type != "cuda":
+        return dict(block_b=16, block_n=16, block_d=16, near_d=16)
+    return dict(
+        block_b=_pow2_at_least(b, 16, 64),
+        block_n=64,
+        block_d=64 if dtype == torch.bfloat16 else 32,
+        near_d=2,
+    )
+
+
+def split_segments(n: int, pieces: int, block_n: int) -> torch.Tensor:
+    """Cut ``[0, n)`` into at most ``pieces`` segments of whole tiles; (S, 2) int32 (lo, hi)."""
+    tiles = triton.cdiv(n, block_n)
+    per = triton.cdiv(tiles, max(1, min(pieces, tiles))) * block_n
+    lo = torch.arange(0, n, per, dtype=torch.int64)
+    return torch.stack([lo, torch.clamp(lo + per, max=n)], dim=1).to(torch.int32)
+
+
+def sq_norms(v: torch.Tensor, precision: str = "tf32") -> torch.Tensor:
+    """(n,) float32 squared norms of the rows of ``v`` (n, d) as the kernel's products see them
+    (rounded to tf32 for float32 ``v`` and ``precision="tf32"``), summed in float64."""
+    if v.dtype == torch.float32 and precision == "tf32":
+        v = round_tf32(v)
+    return v.double().pow(2).sum(dim=1).float()
 
 
 def pair_sums(
@@ -108,34 +246,97 @@ def pair_sums(
     rho: float,
     pair_cap: float,
     pot_cap: float,
-    block_b: int = 16,
-    block_n: int = 16,
-    block_d: int = 16,
+    *,
+    segments: torch.Tensor | None = None,
+    visits: list[torch.Tensor] | None = None,
+    precision: str = "tf32",
+    splits: int | None = None,
+    blocks: dict | None = None,
+    o_sqnorm: torch.Tensor | None = None,
     poison: bool = False,
 ):
-    """(potential (B,), force (B, d), nearest (B,), clearance (B,), active (B,)) in float32 for
-    states ``x`` (B, d) and obstacles ``o`` (N, d), float32 or bfloat16, on one device.
-    ``poison`` fills the per-state outputs with NaN / -1 first (tests: every entry is written)."""
+    """Pair sums of the field, reduced over splits.
+
+    Args:
+        x: (B, d) states and o: (N, d) obstacles, both float32 or both bfloat16, one device
+            (ideally with a common offset removed: see the module docstring).
+        q, eta, radius: (N,) per obstacle.
+        rho, pair_cap, pot_cap: the reference's clamp ratio and per-pair caps.
+        segments: (S, 2) int (lo, hi) ranges of ``o``; default: ``[0, N)`` cut into splits.
+        visits: per block of ``blocks["block_b"]`` states, the segment ids it visits (default:
+            all segments, for every block).
+        precision: product precision for float32 inputs, ``"tf32"``, ``"tf32x3"`` or ``"ieee"``.
+        splits: programs per block of states (default: enough to fill the GPU).
+        o_sqnorm: (N,) :func:`sq_norms` of ``o`` with this precision (default: computed).
+        poison: fill the per-state outputs with NaN / -1 first (tests: every entry is written).
+
+    Returns:
+        (potential (B,), force (B, d), nearest (B,), clearance (B,), active (B,)): float32 sums
+        reduced in float64 (active: int64).
+    """
+    if precision not in NEAR_TAU:
+        raise ValueError(f"precision must be one of {sorted(NEAR_TAU)}; got {precision!r}")
+    if x.dtype != o.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"x and o must both be float32 or bfloat16; got {x.dtype}, {o.dtype}")
     b, d = x.shape
     n = o.shape[0]
     dev = x.device
+    blk = blocks or default_blocks(b, d, x.dtype, dev)
+    n_blocks = triton.cdiv(b, blk["block_b"])
+    if segments is None:
+        pieces = splits or 1
+        if splits is None and dev.type == "cuda":
+            sms = torch.cuda.get_device_properties(dev).multi_processor_count
+            pieces = max(1, 4 * sms // n_blocks)
+        segments = split_segments(n, pieces, blk["block_n"])
+    segments = segments.to(device=dev, dtype=torch.int32)
+    n_seg = segments.shape[0]
+    if visits is None:
+        visits = [torch.arange(n_seg)] * n_blocks
+    if len(visits) != n_blocks:
+        raise ValueError(f"visits must list {n_blocks} blocks of states; got {len(visits)}")
+    counts = torch.tensor([len(v) for v in visits], dtype=torch.int64)
+    visit_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    visit_seg = torch.cat(
+        [torch.as_tensor(v, dtype=torch.int64).reshape(-1) for v in visits]
+        + [torch.zeros(1, dtype=torch.int64)]  # never read; keeps the buffer non-empty
+    )
+    if splits is None:
+        splits = max(1, int(counts.max()))
+    # the partial force buffer (splits, B, d) stays below 2^26 floats
+    splits = max(1, min(int(splits), int(counts.max()) or 1, (1 << 26) // max(1, b * d)))
     x, o = x.contiguous(), o.contiguous()
-    q, eta, radius = (v.to(device=dev, dtype=torch.float32).contiguous() for v in (q, eta, radius))
-    pot = torch.empty(b, dtype=torch.float32, device=dev)
-    force = torch.zeros(b, d, dtype=torch.float32, device=dev)  # accumulated in place
-    near = torch.empty(b, dtype=torch.float32, device=dev)
-    clear = torch.empty(b, dtype=torch.float32, device=dev)
-    active = torch.empty(b, dtype=torch.int32, device=dev)
+    f32 = dict(device=dev, dtype=torch.float32)
+    xn = sq_norms(x, precision)
+    on = (sq_norms(o, precision) if o_sqnorm is None else o_sqnorm).to(**f32).contiguous()
+    q, eta, radius = (v.to(**f32).contiguous() for v in (q, eta, radius))
+    pot = torch.empty(splits, b, **f32)
+    force = torch.zeros(splits, b, d, **f32)  # accumulated in place
+    near = torch.empty(splits, b, **f32)
+    clear = torch.empty(splits, b, **f32)
+    active = torch.empty(splits, b, dtype=torch.int32, device=dev)
     if poison:
         for v in (pot, near, clear):
             v.fill_(float("nan"))
         active.fill_(-1)
-    cap = min(float(pair_cap), 3e38)
-    pcap = min(float(pot_cap), 3e38)
-    grid = (triton.cdiv(b, block_b),)
-    _pair_sums_kernel[grid](
-        x, o, q, eta, radius, pot, force, near, clear, active,
-        b, n, d, float(rho), cap, pcap,
-        BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_D=block_d,
+    round_x = x.dtype == torch.float32 and precision == "tf32"
+    tau = NEAR_TAU["tf32" if round_x else "ieee"]  # bf16 x bf16 products are exact in float32
+    _field_kernel[(n_blocks, splits)](
+        x, o, xn, on, q, eta, radius,
+        segments[:, 0].contiguous(), segments[:, 1].contiguous(),
+        visit_ptr.to(dev), visit_seg.to(device=dev, dtype=torch.int32),
+        pot, force, near, clear, active,
+        b, d, float(rho), min(float(pair_cap), 3e38), min(float(pot_cap), 3e38), float(tau),
+        SPLITS=splits, BLOCK_B=blk["block_b"], BLOCK_N=blk["block_n"], BLOCK_D=blk["block_d"],
+        NEAR_D=blk["near_d"],
+        PREC_X="tf32" if x.dtype == torch.bfloat16 else precision,  # bf16: the default, unused
+        PREC_C=precision, ROUND_X=round_x, ROUND_C=precision == "tf32",
+        UPCAST=x.dtype == torch.bfloat16 and _interpreted(),
     )  # fmt: skip
-    return pot, force, near, clear, active.long()
+    return (
+        pot.double().sum(0),
+        force.double().sum(0),
+        near.double().amin(0),
+        clear.double().amin(0),
+        active.long().sum(0),
+    )
