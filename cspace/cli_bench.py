@@ -3,31 +3,45 @@
 ::
 
     cspace bench field [--n 100000] [--d 64] [--b 64] [--q-star-quantile 0.5] [--repeats 5]
-                       [--device cpu|cuda] [--json]
+                       [--dtype float32|bfloat16] [--backends reference,pruned,...]
+                       [--device cpu|cuda] [--json] [--out report.json]
 
 Obstacles are ``n`` points in 1,000 blobs (d dimensions), states near some of them; Q* is the
 given quantile of the state-obstacle distances (0.5: dense, every state sees half the obstacles;
-0.001: sparse). Each backend computes the same field (checked against the float64 reference):
+0.0005: sparse, a state sees about half of its own blob, since each blob holds 0.1% of the
+obstacles). Each backend computes the same field, and its
+potential, force and nearest distance are compared with the float64 reference:
 
 * ``reference``: the torch float64 reference (:class:`guidance.RepulsiveField`, ``backend="torch"``);
 * ``pruned``: the reference with exact cluster pruning (``prune=True``);
-* ``faiss-range``: FAISS range search for the pairs within Q* (:meth:`ObstacleSet.within`, exact
-  distances recomputed), then the pair sums on those pairs only;
-* ``torch-eager``: what a user writes by hand in torch, float32: the (B, N) distance matrix from
-  ``torch.cdist`` (matrix products), the thresholded weights, the force as
-  ``x sum_j c_j - c @ o``; fast, but it cancels near an obstacle (its error is reported);
-* ``torch-compile``: the same through ``torch.compile`` (with ``--compile``; the first call
-  compiles and is not timed);
-* ``triton``: the fused kernel (CUDA only).
+* ``faiss-range``: FAISS range search (CPU) for the pairs within Q* (:meth:`ObstacleSet.within`,
+  exact distances recomputed), then the pair sums on those pairs only;
+* ``torch-eager``: what a user writes by hand in torch, in the input dtype: the (B, N) distance
+  matrix from matrix products, the thresholded weights, the force as ``x sum_j c_j - c @ o``;
+  fast, but it cancels near an obstacle (its error is reported);
+* ``torch-compile``: the same through ``torch.compile`` (the first call compiles, not timed);
+* ``triton``: the fused kernel (:mod:`guidance.kernels.repulsive`; CUDA);
+* ``triton-pruned``: the kernel over the clusters that survive the exact bound (CUDA).
 
-The floor is what the hardware needs at least: the time of one float32 matrix product
-(B x d) @ (d x N) and of one read of the obstacles, both measured in the same run; the table
-gives each backend's time as a multiple of it. Medians of ``--repeats`` runs.
+Default backends: reference, pruned, faiss-range, torch-eager on the CPU; torch-eager,
+torch-compile, triton, triton-pruned on CUDA.
+
+**Floor.** What the hardware needs at least for the kernel's work, from two rates measured in the
+same run: the matrix-product rate ``R`` (a 4096^3 product in the input dtype, tf32 allowed for
+float32 on CUDA; 1024^3 on the CPU) and the copy bandwidth ``W`` (a copy of the obstacles:
+bytes read + written over its time). The field needs two products of B x N x d (distances and
+force) and one read of the obstacles::
+
+    floor = max(4 B N d / R,  N d bytes / W).
+
+Every row gives its median time over ``--repeats`` runs (after a warm-up) and its multiple of
+the floor.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import statistics
 import time
@@ -37,7 +51,18 @@ import torch
 
 from cspace.cli import _positive_float, _positive_int
 
-__all__ = ["bench_field", "register"]
+__all__ = ["BACKENDS", "bench_field", "blob_problem", "dense_field", "register"]
+
+BACKENDS = (
+    "reference",
+    "pruned",
+    "faiss-range",
+    "torch-eager",
+    "torch-compile",
+    "triton",
+    "triton-pruned",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _median_time(fn, repeats: int, sync) -> float:
@@ -55,9 +80,10 @@ def _median_time(fn, repeats: int, sync) -> float:
 def dense_field(
     x: torch.Tensor, o: torch.Tensor, q: float, eta: float, max_force: float, rho: float = 0.05
 ):
-    """The hand-written dense field (float32, B x N matrix): (potential (B,), force (B, d)), with
-    the reference's distance clamp and total-force cap."""
-    dist = torch.cdist(x, o)  # matrix-product expansion
+    """The hand-written dense field in the inputs' dtype (B x N matrix): (potential (B,),
+    force (B, d)), with the reference's distance clamp and total-force cap."""
+    sq = (x * x).sum(1)[:, None] + (o * o).sum(1)[None] - 2 * (x @ o.T)  # expansion
+    dist = torch.clamp(sq, min=0).sqrt()
     inside = dist <= q
     ratio = torch.clamp(dist / q, min=rho)
     gap = torch.where(inside, 1 / ratio - 1, torch.zeros_like(ratio))
@@ -68,6 +94,53 @@ def dense_field(
     return pot, force * torch.clamp(max_force / torch.clamp(norm, min=1e-30), max=1.0)
 
 
+def blob_problem(
+    n: int, d: int, b: int, q_quantile: float, seed: int = 0, blobs: int = 1000
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``n`` float32 obstacles (n, d) in ``blobs`` Gaussian blobs (centres with scale 10, width
+    0.3; generated in chunks so that 10M x 256 fits), ``b`` float64 states (b, d) near random
+    obstacles, and Q* = the ``q_quantile`` of the state-obstacle distances."""
+    if not 0 < q_quantile < 1:
+        raise ValueError(f"--q-star-quantile must be in (0, 1); got {q_quantile}")
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10.0, size=(blobs, d)).astype(np.float32)
+    emb = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 1 << 20):
+        m = min(n, s + (1 << 20)) - s
+        noise = rng.standard_normal(size=(m, d), dtype=np.float32) * np.float32(0.3)
+        emb[s : s + m] = centres[rng.integers(0, blobs, m)] + noise
+    x = emb[rng.integers(0, n, b)].astype(np.float64) + rng.normal(scale=0.3, size=(b, d))
+    sample = emb[rng.integers(0, n, min(n, 20_000))].astype(np.float64)
+    dists = np.linalg.norm(x[:64, None] - sample[None], axis=2).ravel()
+    return emb, x, float(np.quantile(dists, q_quantile))
+
+
+def measure_floor(n: int, d: int, b: int, o: torch.Tensor, repeats: int, sync) -> dict:
+    """The floor of the module docstring, from a product rate and a copy bandwidth measured now."""
+    dev, dtype = o.device, o.dtype
+    size = 4096 if dev.type == "cuda" else 1024
+    a = torch.randn(size, size, device=dev).to(dtype)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # the kernel's products are tf32
+    try:
+        mm = _median_time(lambda: a @ a, repeats, sync)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    rate = 2 * size**3 / mm
+    copy = _median_time(lambda: o.clone(), repeats, sync)
+    nbytes = o.numel() * o.element_size()
+    bandwidth = 2 * nbytes / copy
+    compute, memory = 4 * b * n * d / rate, nbytes / bandwidth
+    return {
+        "seconds": max(compute, memory),
+        "compute_seconds": compute,
+        "memory_seconds": memory,
+        "matmul_flops_per_s": rate,
+        "copy_bytes_per_s": bandwidth,
+        "bound": "compute" if compute >= memory else "memory",
+    }
+
+
 def bench_field(
     n: int = 100_000,
     d: int = 64,
@@ -76,108 +149,143 @@ def bench_field(
     repeats: int = 5,
     device: str = "cpu",
     seed: int = 0,
-    compile: bool = False,
+    dtype: str = "float32",
+    backends: list[str] | None = None,
 ) -> dict:
     """Run the benchmark (module docstring); returns a JSON-serialisable report."""
     from guidance import RepulsiveField
     from obstacles import ObstacleSet
 
-    if not 0 < q_quantile < 1:
-        raise ValueError(f"--q-star-quantile must be in (0, 1); got {q_quantile}")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    if backends is None:
+        backends = (
+            ["torch-eager", "torch-compile", "triton", "triton-pruned"]
+            if dev.type == "cuda"
+            else ["reference", "pruned", "faiss-range", "torch-eager"]
+        )
+    bad = [x for x in backends if x not in BACKENDS]
+    if bad:
+        raise ValueError(f"unknown backends {bad}; choose from {', '.join(BACKENDS)}")
+    if dev.type != "cuda" and any(x.startswith("triton") for x in backends):
+        raise ValueError("the triton backends need --device cuda (on the CPU, Triton runs only "
+                         "in its interpreter: see tests/triton_checks.py)")  # fmt: skip
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(scale=10.0, size=(1000, d))
-    emb = centres[rng.integers(0, 1000, n)] + rng.normal(scale=0.3, size=(n, d))
-    x_np = emb[rng.integers(0, n, b)] + rng.normal(scale=0.3, size=(b, d))
-    sample = emb[rng.integers(0, n, min(n, 20_000))]
-    dists = np.linalg.norm(x_np[:8, None] - sample[None], axis=2).ravel()
-    q = float(np.quantile(dists, q_quantile))
+    tdt = DTYPES[dtype]
+    emb, x_np, q = blob_problem(n, d, b, q_quantile, seed)
     oset = ObstacleSet.from_embeddings(emb, q_star=q, radius=0.5 * q)
+    del emb
     x = torch.from_numpy(x_np).to(dev)
+    xin = x.to(tdt)  # the states every low-precision backend gets
     ref_field = RepulsiveField(oset, backend="torch")
-    ref = ref_field.evaluate(x.double())
+    ref = ref_field.evaluate(xin.double())  # the truth for the values the backends see
     rows = []
 
-    def record(name, fn, out_fn):
+    def rel(a, r):
+        a, r = a.double().to(r.device), r.double()
+        return float((a - r).norm() / max(float(r.norm()), 1e-300))
+
+    def record(name, fn):
         secs = _median_time(fn, repeats, sync)
-        out = out_fn()
-        err = float((out.force.double() - ref.force).norm() / max(float(ref.force.norm()), 1e-300))
-        rows.append({"backend": name, "seconds": secs, "force_rel_error": err})
+        out = fn()
+        rows.append({
+            "backend": name,
+            "seconds": secs,
+            "force_rel_error": rel(out[1], ref.force),
+            "potential_rel_error": rel(out[0], ref.potential),
+            "nearest_rel_error": None if out[2] is None else rel(out[2], ref.nearest),
+        })  # fmt: skip
 
-    record("reference", lambda: ref_field.evaluate(x.double()), lambda: ref)
-    pruned = RepulsiveField(oset, prune=True, backend="torch")
-    record("pruned", lambda: pruned.evaluate(x.double()), lambda: pruned.evaluate(x.double()))
+    def field_fn(field, states):
+        def run():
+            r = field.evaluate(states)
+            return r.potential, r.force, r.nearest
 
-    def faiss_range():
-        hits = oset.within(x_np, q)  # [(ids, distances)] per state
-        idx = sorted({int(i) for ids, _ in hits for i in ids})
-        pos = np.searchsorted(oset.ids, idx)
-        sub = (
-            ObstacleSet.from_embeddings(oset.embeddings[pos], q_star=q, radius=0.5 * q)
-            if idx
-            else None
-        )
-        if sub is None:
-            return ref_field.evaluate(x.double() + 1e9)  # nothing in range
-        return RepulsiveField(sub, backend="torch").evaluate(x.double())
+        return run
 
-    record("faiss-range", faiss_range, faiss_range)
-
-    class _Out:  # the dense field's force in the shape record() reads
-        def __init__(self, f):
-            self.force = f
-
-    o32 = torch.from_numpy(oset.embeddings).float().to(dev)
-    x32 = x.float()
+    o_dev = torch.from_numpy(oset.embeddings).to(dev).to(tdt)
     cap = ref_field.max_force
-    record("torch-eager", lambda: dense_field(x32, o32, q, 1.0, cap),
-           lambda: _Out(dense_field(x32, o32, q, 1.0, cap)[1]))  # fmt: skip
-    if compile:
-        compiled = torch.compile(dense_field)
-        record("torch-compile", lambda: compiled(x32, o32, q, 1.0, cap),
-               lambda: _Out(compiled(x32, o32, q, 1.0, cap)[1]))  # fmt: skip
-    if dev.type == "cuda":
-        ker = RepulsiveField(oset, backend="triton")
-        record("triton", lambda: ker.evaluate(x.float()), lambda: ker.evaluate(x.float()))
-    mm = _median_time(lambda: x32 @ o32.T, repeats, sync)
-    copy = _median_time(lambda: o32.clone(), repeats, sync)
-    floor = max(mm, copy / 2)  # a copy reads and writes; the field reads the obstacles once
+    for name in backends:
+        if name == "reference":
+            record(name, field_fn(ref_field, xin.double()))
+        elif name == "pruned":
+            record(name, field_fn(RepulsiveField(oset, prune=True, backend="torch"), xin.double()))
+        elif name == "faiss-range":
+            x_cpu = xin.double().cpu()
+
+            def faiss_range(x_cpu=x_cpu):
+                hits = oset.within(x_cpu.numpy(), q)  # [(ids, distances)] per state
+                idx = sorted({int(i) for ids, _ in hits for i in ids})
+                if not idx:  # nothing in range: zero potential and force
+                    zero = torch.zeros(b, dtype=torch.float64)
+                    return zero, torch.zeros(b, d, dtype=torch.float64), None
+                pos = np.searchsorted(oset.ids, idx)
+                sub = ObstacleSet.from_embeddings(oset.embeddings[pos], q_star=q, radius=0.5 * q)
+                r = RepulsiveField(sub, backend="torch").evaluate(x_cpu)
+                return r.potential, r.force, None  # nearest: only within Q*
+
+            record(name, faiss_range)
+        elif name in ("torch-eager", "torch-compile"):
+            fn = dense_field if name == "torch-eager" else torch.compile(dense_field)
+            record(name, lambda fn=fn: (*fn(xin, o_dev, q, 1.0, cap), None))
+        elif name == "triton":
+            record(name, field_fn(RepulsiveField(oset, backend="triton"), xin))
+        elif name == "triton-pruned":
+            pruned = RepulsiveField(oset, prune=True, backend="triton")
+            record(name, field_fn(pruned, xin))
+            rows[-1]["evaluated_per_state"] = pruned.last_evaluated
+    floor = measure_floor(n, d, b, o_dev, repeats, sync)
     for r in rows:
-        r["x_floor"] = r["seconds"] / floor
+        r["x_floor"] = r["seconds"] / floor["seconds"]
     return {
         "n": n,
         "d": d,
         "b": b,
+        "dtype": dtype,
         "q_star": q,
         "q_star_quantile": q_quantile,
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "floor": {"seconds": floor, "matmul_seconds": mm, "copy_seconds": copy},
+        "eager_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "date": datetime.date.today().isoformat(),
+        "floor": floor,
         "rows": rows,
     }
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    rep = bench_field(args.n, args.d, args.b, args.q_star_quantile, args.repeats, args.device,
-                      compile=args.compile)  # fmt: skip
-    if args.json:
-        print(json.dumps(rep, indent=1))
-        return 0
-    print(
-        f"field: N={rep['n']}, d={rep['d']}, B={rep['b']}, Q* = {rep['q_star']:.3g} "
-        f"(quantile {rep['q_star_quantile']}), {rep['device']}, {rep['torch_threads']} threads"
-    )
+def format_report(rep: dict) -> str:
+    """The report as a short header and a markdown table."""
     f = rep["floor"]
-    print(f"floor {f['seconds'] * 1e3:.2f} ms (matmul {f['matmul_seconds'] * 1e3:.2f} ms, copy "
-          f"{f['copy_seconds'] * 1e3:.2f} ms)")  # fmt: skip
-    print("| backend | median ms | x floor | force rel. error |")
-    print("|---|---|---|---|")
+    lines = [
+        f"field: N={rep['n']}, d={rep['d']}, B={rep['b']}, {rep['dtype']}, Q* = "
+        f"{rep['q_star']:.3g} (quantile {rep['q_star_quantile']}), {rep['device']}, "
+        f"{rep['torch_threads']} threads",
+        f"floor {f['seconds'] * 1e3:.3f} ms ({f['bound']}-bound; products "
+        f"{f['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s, copy {f['copy_bytes_per_s'] / 1e9:.1f} GB/s)",
+        "| backend | median ms | x floor | force rel. error | potential rel. error |",
+        "|---|---|---|---|---|",
+    ]
     for r in rep["rows"]:
-        print(f"| {r['backend']} | {r['seconds'] * 1e3:.1f} | {r['x_floor']:.1f} | "
-              f"{r['force_rel_error']:.1e} |")  # fmt: skip
+        lines.append(
+            f"| {r['backend']} | {r['seconds'] * 1e3:.3f} | {r['x_floor']:.2f} | "
+            f"{r['force_rel_error']:.1e} | {r['potential_rel_error']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cspace.files import write_file_atomic
+
+    backends = None if args.backends is None else [s for s in args.backends.split(",") if s]
+    rep = bench_field(args.n, args.d, args.b, args.q_star_quantile, args.repeats, args.device,
+                      dtype=args.dtype, backends=backends)  # fmt: skip
+    if args.out:
+        write_file_atomic(args.out, json.dumps(rep, indent=1).encode())
+    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
     return 0
 
 
@@ -191,9 +299,12 @@ def register(subparsers) -> None:
     f.add_argument("--d", type=_positive_int, default=64, help="dimension")
     f.add_argument("--b", type=_positive_int, default=64, help="states")
     f.add_argument("--q-star-quantile", type=_positive_float, default=0.5,
-                   help="Q* as a quantile of state-obstacle distances (0.5 dense, 0.001 sparse)")  # fmt: skip
+                   help="Q* as a quantile of state-obstacle distances (0.5 dense, 0.0005 sparse)")  # fmt: skip
     f.add_argument("--repeats", type=_positive_int, default=5)
     f.add_argument("--device", default="cpu")
-    f.add_argument("--compile", action="store_true", help="also torch.compile the dense field")
-    f.add_argument("--json", action="store_true")
+    f.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    f.add_argument("--backends", default=None,
+                   help=f"comma-separated, from {', '.join(BACKENDS)} (default: by device)")  # fmt: skip
+    f.add_argument("--json", action="store_true", help="print the JSON report")
+    f.add_argument("--out", default=None, help="also write the JSON report to this file")
     f.set_defaults(func=_cmd_bench)

@@ -100,8 +100,8 @@ class RepulsiveField:
         backend: ``"torch"`` (this float64 reference), ``"triton"`` (the fused kernel of
             :mod:`guidance.kernels.repulsive`: float32 or bfloat16 inputs, matrix-product
             distances for far pairs, differences for near ones, float32 accumulation) or
-            ``"auto"`` (the kernel for CUDA states when Triton is installed, the reference
-            otherwise). The kernel serves the clean mode, with or without pruning (then over
+            ``"auto"`` (the kernel for float32/bfloat16 CUDA states when Triton is installed,
+            the reference otherwise). The kernel serves the clean mode, with or without pruning (then over
             the surviving clusters); the noisy mode uses the reference.
         precision: the kernel's product precision for float32 states: ``"tf32"`` (tensor
             cores; relative error <= 1e-3 against the reference, tested), ``"tf32x3"`` or
@@ -156,6 +156,7 @@ class RepulsiveField:
             raise ValueError(f"precision must be 'tf32', 'tf32x3' or 'ieee'; got {precision!r}")
         self.precision = precision
         self._kernel_cache: dict = {}
+        self._poison_kernel_outputs = False  # tests: the kernel fills its outputs with NaN first
         self.clusters = None
         self.last_evaluated = float(len(obstacles))  # obstacles per state in the last evaluate
         if prune:
@@ -228,7 +229,7 @@ class RepulsiveField:
             tt = torch.as_tensor(t, dtype=torch.float64, device=x.device)
             scale = (1 - (tt.expand(b) if tt.ndim == 0 else tt.reshape(b)))[:, None]
         e64 = emb.detach().to(torch.float64)
-        if scale is None and self._use_kernel(e64):
+        if scale is None and self._use_kernel(e64, emb.dtype):
             pot, f_emb, nearest, clear, active = self._kernel(emb.detach())
         elif self.clusters is None:
             pot, f_emb, nearest, clear, active = self._pairwise(e64, scale, need_force)
@@ -325,13 +326,13 @@ class RepulsiveField:
                 force += (mag[..., None] * unit).sum(dim=1)
         return pot, force, nearest, clear, active
 
-    def _use_kernel(self, e: torch.Tensor) -> bool:
+    def _use_kernel(self, e: torch.Tensor, x_dtype: torch.dtype = torch.float32) -> bool:
         if self.backend == "torch":
             return False
         if self.backend == "triton":
             return True
-        if e.device.type != "cuda":
-            return False
+        if x_dtype == torch.float64 or e.device.type != "cuda":
+            return False  # float64 states ask for the float64 reference
         try:
             import triton  # noqa: F401
         except ImportError:
@@ -407,7 +408,8 @@ class RepulsiveField:
         pot, force, near, clear, active = pair_sums(
             x, kin["o"], kin["q"], kin["eta"], kin["radius"],
             self.rho_min, min(self.max_force, 1e300 / n), min(self.max_potential, 1e300 / n),
-            o_sqnorm=kin["o_sqnorm"], precision=self.precision, blocks=blocks, **extra,
+            o_sqnorm=kin["o_sqnorm"], precision=self.precision, blocks=blocks,
+            poison=self._poison_kernel_outputs, **extra,
         )  # fmt: skip
         if self.clusters is not None:
             near = torch.minimum(near, near_lb.to(near.device))

@@ -11,8 +11,10 @@ A cluster whose lower bound exceeds the largest Q* among its members,
 potential and force are exactly zero and it is skipped. In the sampler's noisy mode the centres
 are ``(1 - t) o_j``, and the clusters scale with them (``(1 - t) c_k``, ``(1 - t) r_k``).
 
-Each surviving cluster is evaluated (exactly, with the torch reference) for the states it
-survives for; the result is exact for potential, force and ``active``.
+Each surviving cluster is evaluated for the states it survives for: with the torch reference
+(exact), or with the fused kernel, which sorts the obstacles by cluster and lets every block of
+states visit the clusters alive for any of its states (the kernel's own tolerances). The result
+is the unpruned one for potential, force and ``active``.
 For ``nearest`` and ``clearance`` the skipped clusters contribute their lower bounds
 (``|x - c_k| - r_k`` and that minus the largest hard radius in the cluster), so both are exact
 when the nearest obstacle was evaluated and lower bounds otherwise.
@@ -62,12 +64,15 @@ class ClusteredObstacles:
         assign = remap[assign]
         self.k = int(used.size)
         self.assign = torch.from_numpy(assign)
-        centres = np.stack([emb[assign == c].mean(axis=0) for c in range(self.k)])
-        diff = emb - centres[assign]
-        dist = np.sqrt(np.einsum("nd,nd->n", diff, diff))
-        self.centres = torch.from_numpy(centres)
+        idx = torch.from_numpy(assign)
+        emb_t = torch.from_numpy(emb)
+        counts = torch.bincount(idx, minlength=self.k).to(torch.float64)
+        centres = torch.zeros(self.k, d, dtype=torch.float64).index_add_(0, idx, emb_t)
+        centres /= counts[:, None]
+        dist = (emb_t - centres[idx]).norm(dim=1)  # from the differences, float64
+        self.centres = centres
         self.radii = torch.zeros(self.k, dtype=torch.float64).scatter_reduce_(
-            0, self.assign, torch.from_numpy(dist), reduce="amax", include_self=False
+            0, self.assign, dist, reduce="amax", include_self=False
         )
         self.radii = self.radii * (1 + 4 * np.finfo(np.float64).eps) + 1e-300  # rounding margin
         q = torch.from_numpy(obstacles.q_star.astype(np.float64))

@@ -287,16 +287,16 @@ class ObstacleSet:
             raise ObstacleSetError("queries contain NaN or Inf")
         return q
 
-    def _slack(self, q: np.ndarray, emb: np.ndarray, r2: float) -> float:
+    def _slack(self, q: np.ndarray, r2: float) -> float:
         """A bound on the rounding error of FAISS' squared distances (float32 expansion)."""
-        onorm2 = float(np.max(np.einsum("nd,nd->n", emb, emb)))
+        emb = self.embeddings  # float32; the norms summed in float64 without a float64 copy
+        onorm2 = float(np.max(np.einsum("nd,nd->n", emb, emb, dtype=np.float64)))
         qnorm2 = float(np.max(np.einsum("bd,bd->b", q, q)))
         return 16 * _EPS32 * (qnorm2 + onorm2 + r2) * np.sqrt(self.dim)
 
     def _exact(self, q: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Distances from queries (B, d) to the obstacles at ``positions`` (B, k), from differences."""
-        emb = self.embeddings.astype(np.float64)
-        diff = q[:, None, :] - emb[np.clip(positions, 0, None)]
+        diff = q[:, None, :] - self.embeddings[np.clip(positions, 0, None)].astype(np.float64)
         return np.sqrt(np.einsum("bkd,bkd->bk", diff, diff))
 
     def knn(self, queries, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -322,9 +322,10 @@ class ObstacleSet:
             # if FAISS' ks-th squared distance exceeds it by more than its rounding error; rows
             # where that fails (large common offsets) are re-ranked on all exact distances.
             kth = np.take_along_axis(exact, order[:, -1:], 1)[:, 0]
-            emb64 = self.embeddings.astype(np.float64)
-            slack = self._slack(q, emb64, float(np.max(kth)) ** 2)
-            for i in np.flatnonzero(approx[:, -1] - slack <= kth**2):
+            slack = self._slack(q, float(np.max(kth)) ** 2)
+            redo = np.flatnonzero(approx[:, -1] - slack <= kth**2)
+            emb64 = self.embeddings.astype(np.float64) if redo.size else None
+            for i in redo:
                 d_all = np.sqrt(((q[i][None] - emb64) ** 2).sum(-1))
                 pos[i, :k] = np.argsort(d_all, kind="stable")[:k]
                 exact[i, :k] = d_all[pos[i, :k]]
@@ -348,13 +349,12 @@ class ObstacleSet:
         q = self._queries(queries)
         if len(self) == 0:
             return [(np.zeros(0, np.int64), np.zeros(0)) for _ in range(q.shape[0])]
-        emb64 = self.embeddings.astype(np.float64)
-        margin = self._slack(q, emb64, r * r)
+        margin = self._slack(q, r * r)
         lims, _, pos = self.index.range_search(q.astype(np.float32), r * r + margin)
         out = []
         for i in range(q.shape[0]):
             p = pos[lims[i] : lims[i + 1]]
-            d = np.sqrt(((q[i][None] - emb64[p]) ** 2).sum(-1))
+            d = np.sqrt(((q[i][None] - self.embeddings[p].astype(np.float64)) ** 2).sum(-1))
             keep = d < r
             p, d = p[keep], d[keep]
             o = np.argsort(d, kind="stable")

@@ -503,9 +503,14 @@ def test_cuda_matches_cpu(dtype):
     field = RepulsiveField(obs)
     cpu = field.evaluate(x)
     gpu = field.evaluate(x.cuda())
+    # float64: the reference on the GPU; float32: the Triton kernel (tf32 products, <= 1e-3)
     for name in ("potential", "force", "nearest", "clearance"):
         a, b = getattr(cpu, name), getattr(gpu, name)
         assert b.device.type == "cuda" and b.dtype == dtype
-        assert torch.allclose(b.cpu(), a, rtol=1e-10 if dtype == F64 else 1e-5, atol=0), name
+        if dtype == F64:
+            assert torch.allclose(b.cpu(), a, rtol=1e-10, atol=0), name
+        else:
+            err = float((b.cpu().double() - a.double()).norm() / a.double().norm())
+            assert err <= 1e-3, (name, err)
     assert torch.equal(gpu.active.cpu(), cpu.active)
     assert _all_finite(field.evaluate(torch.zeros(3, 4, dtype=dtype, device="cuda")))

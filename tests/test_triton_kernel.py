@@ -30,7 +30,7 @@ def test_kernel_matches_the_reference_in_the_interpreter(seed):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all kernel checks passed" in proc.stdout
-    assert proc.stdout.count("\n") >= 8  # every case ran
+    assert proc.stdout.count("\n") >= 15  # every case ran
 
 
 def test_backend_argument():
@@ -42,7 +42,36 @@ def test_backend_argument():
     oset = ObstacleSet.from_embeddings(np.zeros((1, 2)), q_star=1.0)
     with pytest.raises(ValueError, match="backend must be"):
         RepulsiveField(oset, backend="cuda")
+    with pytest.raises(ValueError, match="precision must be"):
+        RepulsiveField(oset, precision="fp16")
     import torch
 
-    # auto on CPU states: the reference
+    # auto on CPU states, or float64 states anywhere: the reference
     assert RepulsiveField(oset)._use_kernel(torch.zeros(1, 2)) is False
+    assert RepulsiveField(oset)._use_kernel(torch.zeros(1, 2), torch.float64) is False
+
+
+def test_tf32_rounding_is_to_nearest():
+    import torch
+
+    from guidance.kernels.repulsive import round_tf32, sq_norms
+
+    v = torch.tensor([1 + 2**-11 + 2**-12, 1 + 2**-12, -(1 + 2**-11 + 2**-12), 3.0])
+    r = round_tf32(v)
+    # 10 mantissa bits kept: 1 + 2^-11 + 2^-12 rounds up to 1 + 2^-10, 1 + 2^-12 down to 1
+    assert r.tolist() == [1 + 2**-10, 1.0, -(1 + 2**-10), 3.0]
+    x = torch.tensor([[1 + 2**-12, 0.0]])
+    assert float(sq_norms(x, "tf32")[0]) == 1.0 and float(sq_norms(x, "ieee")[0]) > 1.0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter set globally")
+def test_kernel_on_cpu_tensors_says_how_to_run():
+    import numpy as np
+    import torch
+
+    from guidance import RepulsiveField
+    from obstacles import ObstacleSet
+
+    oset = ObstacleSet.from_embeddings(np.zeros((3, 2)), q_star=1.0)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        RepulsiveField(oset, backend="triton").evaluate(torch.zeros(2, 2))

@@ -64,7 +64,10 @@ def case(name, o, x, q, eta, radius, dtype=torch.float32, precision="tf32", prun
     x64 = torch.from_numpy(np.asarray(x, dtype=np.float64)).to(dtype).double()  # as the kernel sees
     ref = RepulsiveField(oset, backend="torch").evaluate(x64)
     ker = RepulsiveField(oset, backend="triton", precision=precision, prune=prune)
+    ker._poison_kernel_outputs = True  # NaN / -1 in every output buffer before the run
     out = ker.evaluate(x64.to(dtype).to(DEV))
+    assert all(bool(torch.isfinite(v).all()) for v in (out.potential, out.force, out.nearest))
+    assert bool((out.active >= 0).all()), f"{name}: active unwritten"
     compare(name, out, ref, TOL[dtype if dtype == torch.bfloat16 else precision], oset, x64)
     return oset, x64
 

@@ -83,8 +83,8 @@ def round_tf32(v: torch.Tensor) -> torch.Tensor:
 def _load_rows(ptr, idx, ok, d0, D, BLOCK_D: tl.constexpr):
     """(len(idx), BLOCK_D) slice of a row-major (., D) array, zeros outside."""
     dims = d0 + tl.arange(0, BLOCK_D)
-    return tl.load(ptr + idx.to(tl.int64)[:, None] * D + dims[None, :], mask=ok[:, None] & (dims < D)[None, :],
-                   other=0.0)  # fmt: skip
+    ptrs = ptr + idx.to(tl.int64)[:, None] * D + dims[None, :]
+    return tl.load(ptrs, mask=ok[:, None] & (dims < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -174,8 +174,8 @@ def _field_kernel(
             c_near = tl.where(close, coef, 0.0)
             if tl.sum((inside & (close == 0)).to(tl.int32)) > 0:
                 # far pairs: F_i += (sum_j c_ij) x_i - sum_j c_ij o_j, one product per slice
-                c_row = tl.sum(c_far, axis=1)
                 c_dot = _tf32(c_far) if ROUND_C else c_far
+                c_row = tl.sum(c_dot, axis=1)  # the same weights as the product's
                 for d0 in range(0, D, BLOCK_D):
                     xs = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D).to(tl.float32)
                     os_ = _load_rows(o_ptr, cols, col_ok, d0, D, BLOCK_D).to(tl.float32)
@@ -281,6 +281,12 @@ def pair_sums(
     b, d = x.shape
     n = o.shape[0]
     dev = x.device
+    if dev.type != "cuda" and not _interpreted():
+        raise ValueError(
+            f"the Triton kernel needs CUDA tensors; got {dev.type} (on the CPU it runs only in "
+            "Triton's interpreter, TRITON_INTERPRET=1 set before triton is imported): use "
+            "RepulsiveField(..., backend='auto') or backend='torch' on the CPU"
+        )
     blk = blocks or default_blocks(b, d, x.dtype, dev)
     n_blocks = triton.cdiv(b, blk["block_b"])
     if segments is None:
