@@ -28,9 +28,9 @@ torch-compile, triton, triton-pruned on CUDA.
 
 **Floor.** What the hardware needs at least for the kernel's work, from two rates measured in the
 same run: the matrix-product rate ``R`` (a 4096^3 product in the input dtype, tf32 allowed for
-float32 on CUDA; 1024^3 on the CPU) and the copy bandwidth ``W`` (a copy of the obstacles:
-bytes read + written over its time). The field needs two products of B x N x d (distances and
-force) and one read of the obstacles::
+float32 on CUDA; 1024^3 on the CPU) and the copy bandwidth ``W`` (a copy of the obstacles into
+a preallocated buffer: bytes read + written over its time). The field needs two products of
+B x N x d (distances and force) and one read of the obstacles::
 
     floor = max(4 B N d / R,  N d bytes / W).
 
@@ -127,7 +127,8 @@ def measure_floor(n: int, d: int, b: int, o: torch.Tensor, repeats: int, sync) -
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     rate = 2 * size**3 / mm
-    copy = _median_time(lambda: o.clone(), repeats, sync)
+    buf = torch.empty_like(o)  # preallocated: a fresh allocation would time page faults
+    copy = _median_time(lambda: buf.copy_(o), repeats, sync)
     nbytes = o.numel() * o.element_size()
     bandwidth = 2 * nbytes / copy
     compute, memory = 4 * b * n * d / rate, nbytes / bandwidth

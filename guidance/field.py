@@ -101,13 +101,13 @@ class RepulsiveField:
             :mod:`guidance.kernels.repulsive`: float32 or bfloat16 inputs, matrix-product
             distances for far pairs, differences for near ones, float32 accumulation) or
             ``"auto"`` (the kernel for float32/bfloat16 CUDA states when Triton is installed,
-            the reference otherwise). The kernel serves the clean mode, with or without pruning (then over
-            the surviving clusters); the noisy mode uses the reference.
+            the reference otherwise). The kernel serves the clean mode, with or without
+            pruning (then over the surviving clusters); the noisy mode, and inputs outside the
+            kernel's float32-safe range (:attr:`KERNEL_RANGE`), use the reference.
         precision: the kernel's product precision for float32 states: ``"tf32"`` (tensor
             cores; relative error <= 1e-3 against the reference, tested), ``"tf32x3"`` or
-            ``"ieee"`` (float32 products; about 1e-6). On the CPU (Triton's interpreter)
-            ``"tf32"`` truncates the product inputs as tensor cores do, so results there match
-            the GPU's rounding.
+            ``"ieee"`` (float32 products; about 1e-6). With ``"tf32"`` the kernel rounds the
+            operands to tf32 itself, so Triton's CPU interpreter reproduces the GPU's rounding.
     """
 
     def __init__(
@@ -326,18 +326,41 @@ class RepulsiveField:
                 force += (mag[..., None] * unit).sum(dim=1)
         return pot, force, nearest, clear, active
 
+    KERNEL_RANGE = 1e15
+    """The kernel's float32-safe range: centred coordinates up to this magnitude (squared norms
+    stay below 4e33 at d = 4096), Q* within [1/KERNEL_RANGE, KERNEL_RANGE]; outside it the
+    reference is used, so that no NaN or Inf comes out of float32 arithmetic."""
+
+    def _kernel_range_ok(self, e: torch.Tensor, x_dtype: torch.dtype) -> bool:
+        big = self.KERNEL_RANGE
+        if not hasattr(self, "_kernel_params_ok"):
+            q, eta = self._q, self._eta
+            with np.errstate(over="ignore", divide="ignore"):
+                f_pref = eta / q**3
+            self._centre = self._emb.mean(dim=0)
+            spread = float((self._emb - self._centre).abs().max())
+            self._kernel_params_ok = (
+                bool((q >= 1 / big).all() and (q <= big).all() and (f_pref < big * big).all())
+                and spread <= big
+                and float(self._emb.abs().max()) <= big * big
+            )
+        if not self._kernel_params_ok:
+            return False
+        centre = self._centre.to(e.device) if x_dtype != torch.bfloat16 else 0.0
+        return float((e - centre).abs().max()) <= big
+
     def _use_kernel(self, e: torch.Tensor, x_dtype: torch.dtype = torch.float32) -> bool:
         if self.backend == "torch":
             return False
         if self.backend == "triton":
-            return True
+            return self._kernel_range_ok(e, x_dtype)
         if x_dtype == torch.float64 or e.device.type != "cuda":
             return False  # float64 states ask for the float64 reference
         try:
             import triton  # noqa: F401
         except ImportError:
             return False
-        return True
+        return self._kernel_range_ok(e, x_dtype)
 
     def _kernel_inputs(self, dev: torch.device, dtype: torch.dtype) -> dict:
         """Obstacles for the kernel on ``dev`` in ``dtype``, cached: centred on their float64

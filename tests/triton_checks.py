@@ -72,13 +72,15 @@ def case(name, o, x, q, eta, radius, dtype=torch.float32, precision="tf32", prun
     return oset, x64
 
 
-def direct(name, x, o, q, tol, **kw):
+def direct(name, x, o, q, tol, seen=None, **kw):
     """:func:`pair_sums` itself (no centring, no caps) with poisoned outputs against the
-    reference: every per-state output written, for every split, and the sums right."""
+    reference on the obstacles ``seen`` (default all): every per-state output written, for
+    every split, and the sums right."""
     ones = torch.ones(o.shape[0], device=o.device)
     raw = pair_sums(x, o, q * ones, ones, 0.1 * ones, 0.05, 1e30, 1e30, poison=True, **kw)
     assert all(bool(torch.isfinite(v).all()) for v in raw[:4]), f"{name}: unwritten outputs"
     assert bool((raw[4] >= 0).all()), f"{name}: active unwritten"
+    o = o if seen is None else o[seen]
     oset = ObstacleSet.from_embeddings(o.double().cpu().numpy(), q_star=q, radius=0.1)
     ref = RepulsiveField(oset, backend="torch", max_force=1e30).evaluate(x.double().cpu())
     errs = [rel(raw[0], ref.potential), rel(raw[1], ref.force), rel(raw[2], ref.nearest)]
@@ -127,6 +129,11 @@ def main():
     gpu_blocks = dict(block_b=64, block_n=64, block_d=32, near_d=2)
     direct("CUDA tiles, 3 splits, near + far", x32, o32, 9.0, 1e-3, blocks=gpu_blocks, splits=3)
     direct("splits=5, float32 products", x32, o32, 9.0, 1e-5, splits=5, precision="ieee")
+    # segments and visits: the block visits segments 0 and 2 only (what pruning hands it)
+    segs = torch.tensor([[0, 40], [40, 100], [100, 150]])
+    seen = torch.cat([torch.arange(0, 40), torch.arange(100, 150)]).to(DEV)
+    direct("segments 0 and 2 of 3, 2 splits", x32, o32, 9.0, 1e-3, seen=seen, segments=segs,
+           visits=[torch.tensor([0, 2])], splits=2)  # fmt: skip
     # bfloat16 inputs, float32 accumulation: the bf16 bound
     o = rng.normal(size=(20, 32))
     x = o[:6] + rng.normal(scale=0.3, size=(6, 32))
@@ -137,6 +144,18 @@ def main():
     o = centres[rng.integers(0, 8, 120)] + rng.normal(scale=0.5, size=(120, 20))
     x = o[rng.integers(0, 120, 21)] + rng.normal(scale=0.3, size=(21, 20))
     case("pruned (11 clusters)", o, x, 2.0, 1.0, 0.3, prune=11)
+    # outside the kernel's float32-safe range (states at 1e20, Q* = 1e-20): the reference, finite
+    o = rng.normal(size=(5, 6))
+    for name, x, q in (("states at 1e20", o[:2] * 1e20, 1.0), ("Q* = 1e-20", o[:2] + 1e-21, 1e-20)):
+        oset = ObstacleSet.from_embeddings(o, q_star=q)
+        ker = RepulsiveField(oset, backend="triton")
+        xs = torch.from_numpy(x).float().to(DEV)
+        assert not ker._use_kernel(xs.double(), torch.float32), name
+        out = ker.evaluate(xs)
+        ref = RepulsiveField(oset, backend="torch").evaluate(xs.cpu())  # float32 out, held finite
+        assert all(bool(torch.isfinite(v).all()) for v in (out.potential, out.force, out.nearest))
+        assert torch.equal(out.force.cpu(), ref.force), name
+        print(f"{name:<44} reference used, finite")
     print("all kernel checks passed")
 
 

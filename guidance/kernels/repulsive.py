@@ -66,7 +66,7 @@ def _tf32(v):
     """Round float32 values to the nearest tf32 (10 mantissa bits; ties away from zero).
 
     Tensor cores read float32 operands as tf32 by dropping the low 13 bits (a truncation, biased
-    towards zero: with it the potential's error in the dense case reached 1.3e-3). Rounded
+    towards zero, which shifts the distances of the dense case the same way). Rounded
     operands are already tf32, so the hardware drops nothing, the product is the exact float32
     product of the rounded values on the GPU and in the interpreter alike, and the norms of the
     same rounded values (:func:`round_tf32`) make ``|x|^2 + |o|^2 - 2 x.o`` the squared
@@ -101,8 +101,8 @@ def _field_kernel(
     x_ptr, o_ptr, xn_ptr, on_ptr, q_ptr, eta_ptr, rad_ptr,
     seg_lo_ptr, seg_hi_ptr, visit_ptr, visit_seg_ptr,
     pot_ptr, force_ptr, near_ptr, clear_ptr, active_ptr,
-    B, D, rho, pair_cap, pot_cap, tau,
-    SPLITS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, D, rho, pair_cap, pot_cap, tau, SPLITS,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NEAR_D: tl.constexpr, PREC_X: tl.constexpr, PREC_C: tl.constexpr, ROUND_X: tl.constexpr,
     ROUND_C: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -266,7 +266,8 @@ def pair_sums(
         visits: per block of ``blocks["block_b"]`` states, the segment ids it visits (default:
             all segments, for every block).
         precision: product precision for float32 inputs, ``"tf32"``, ``"tf32x3"`` or ``"ieee"``.
-        splits: programs per block of states (default: enough to fill the GPU).
+        splits: programs per block of states, a runtime argument (no recompilation); default:
+            4 per streaming multiprocessor over all blocks on CUDA, 1 on the interpreter.
         o_sqnorm: (N,) :func:`sq_norms` of ``o`` with this precision (default: computed).
         poison: fill the per-state outputs with NaN / -1 first (tests: every entry is written).
 
@@ -289,12 +290,11 @@ def pair_sums(
         )
     blk = blocks or default_blocks(b, d, x.dtype, dev)
     n_blocks = triton.cdiv(b, blk["block_b"])
+    fill = 1  # programs per block of states that fill the device (4 per SM)
+    if dev.type == "cuda":
+        fill = max(1, 4 * torch.cuda.get_device_properties(dev).multi_processor_count // n_blocks)
     if segments is None:
-        pieces = splits or 1
-        if splits is None and dev.type == "cuda":
-            sms = torch.cuda.get_device_properties(dev).multi_processor_count
-            pieces = max(1, 4 * sms // n_blocks)
-        segments = split_segments(n, pieces, blk["block_n"])
+        segments = split_segments(n, splits or fill, blk["block_n"])
     segments = segments.to(device=dev, dtype=torch.int32)
     n_seg = segments.shape[0]
     if visits is None:
@@ -308,7 +308,7 @@ def pair_sums(
         + [torch.zeros(1, dtype=torch.int64)]  # never read; keeps the buffer non-empty
     )
     if splits is None:
-        splits = max(1, int(counts.max()))
+        splits = fill
     # the partial force buffer (splits, B, d) stays below 2^26 floats
     splits = max(1, min(int(splits), int(counts.max()) or 1, (1 << 26) // max(1, b * d)))
     x, o = x.contiguous(), o.contiguous()
@@ -332,8 +332,8 @@ def pair_sums(
         segments[:, 0].contiguous(), segments[:, 1].contiguous(),
         visit_ptr.to(dev), visit_seg.to(device=dev, dtype=torch.int32),
         pot, force, near, clear, active,
-        b, d, float(rho), min(float(pair_cap), 3e38), min(float(pot_cap), 3e38), float(tau),
-        SPLITS=splits, BLOCK_B=blk["block_b"], BLOCK_N=blk["block_n"], BLOCK_D=blk["block_d"],
+        b, d, float(rho), min(float(pair_cap), 3e38), min(float(pot_cap), 3e38), float(tau), splits,
+        BLOCK_B=blk["block_b"], BLOCK_N=blk["block_n"], BLOCK_D=blk["block_d"],
         NEAR_D=blk["near_d"],
         PREC_X="tf32" if x.dtype == torch.bfloat16 else precision,  # bf16: the default, unused
         PREC_C=precision, ROUND_X=round_x, ROUND_C=precision == "tf32",
