@@ -157,6 +157,7 @@ class RepulsiveField:
         self.precision = precision
         self._kernel_cache: dict = {}
         self._poison_kernel_outputs = False  # tests: the kernel fills its outputs with NaN first
+        self._kernel_limits: dict | None = None  # see KERNEL_RANGE, computed on first use
         self.clusters = None
         self.last_evaluated = float(len(obstacles))  # obstacles per state in the last evaluate
         if prune:
@@ -327,27 +328,36 @@ class RepulsiveField:
         return pot, force, nearest, clear, active
 
     KERNEL_RANGE = 1e15
-    """The kernel's float32-safe range: centred coordinates up to this magnitude (squared norms
-    stay below 4e33 at d = 4096), Q* within [1/KERNEL_RANGE, KERNEL_RANGE]; outside it the
-    reference is used, so that no NaN or Inf comes out of float32 arithmetic."""
+    """The kernel's float32-safe range: coordinates (centred for float32) up to this magnitude,
+    so that squared norms stay below 4e33 at d = 4096; Q* within [1/KERNEL_RANGE, KERNEL_RANGE];
+    N times the largest per-pair force and potential (at the clamp distance, after the caps)
+    below KERNEL_RANGE^2, so that no float32 sum overflows. Outside it the reference is used,
+    so that no NaN or Inf comes out of float32 arithmetic."""
 
     def _kernel_range_ok(self, e: torch.Tensor, x_dtype: torch.dtype) -> bool:
         big = self.KERNEL_RANGE
-        if not hasattr(self, "_kernel_params_ok"):
-            q, eta = self._q, self._eta
+        if self._kernel_limits is None:
+            q, eta, rho, n = self._q, self._eta, self.rho_min, len(self.obstacles)
             with np.errstate(over="ignore", divide="ignore"):
-                f_pref = eta / q**3
-            self._centre = self._emb.mean(dim=0)
-            spread = float((self._emb - self._centre).abs().max())
-            self._kernel_params_ok = (
-                bool((q >= 1 / big).all() and (q <= big).all() and (f_pref < big * big).all())
-                and spread <= big
-                and float(self._emb.abs().max()) <= big * big
+                per_f = torch.clamp(eta / q**3 * (1 / rho - 1) / rho**2, max=self.max_force)
+                per_u = torch.clamp(0.5 * eta / q**2 * (1 / rho - 1) ** 2, max=self.max_potential)
+            params_ok = bool((q >= 1 / big).all() and (q <= big).all()) and bool(
+                n * float(per_f.max()) < big * big and n * float(per_u.max()) < big * big
             )
-        if not self._kernel_params_ok:
+            centre = self._emb.mean(dim=0)
+            self._kernel_limits = dict(
+                params_ok=params_ok,
+                centre=centre,
+                centred_max=float((self._emb - centre).abs().max()),
+                raw_max=float(self._emb.abs().max()),
+            )
+        lim = self._kernel_limits
+        if not lim["params_ok"]:
             return False
-        centre = self._centre.to(e.device) if x_dtype != torch.bfloat16 else 0.0
-        return float((e - centre).abs().max()) <= big
+        if x_dtype == torch.bfloat16:  # used as given, not centred
+            return max(lim["raw_max"], float(e.abs().max())) <= big
+        states = float((e - lim["centre"].to(e.device)).abs().max())
+        return max(lim["centred_max"], states) <= big
 
     def _use_kernel(self, e: torch.Tensor, x_dtype: torch.dtype = torch.float32) -> bool:
         if self.backend == "torch":
@@ -365,8 +375,7 @@ class RepulsiveField:
     def _kernel_inputs(self, dev: torch.device, dtype: torch.dtype) -> dict:
         """Obstacles for the kernel on ``dev`` in ``dtype``, cached: centred on their float64
         mean for float32 (a common offset would make every pair 'near'), sorted by cluster
-        when pruning,
-        with their squared norms and per-obstacle parameters in the same order."""
+        when pruning, with their squared norms and per-obstacle parameters in the same order."""
         from guidance.kernels.repulsive import sq_norms
 
         key = (str(dev), dtype)
@@ -374,7 +383,9 @@ class RepulsiveField:
             # float32: centred in float64 first. bfloat16: used as given (rounding a centred copy
             # to bf16 would move the points by 2^-9 |x - c|); an offset sends pairs to the
             # kernel's exact differences path instead
-            centre = self._emb.mean(dim=0) if dtype == torch.float32 else self._emb[0] * 0
+            centre = self._kernel_limits["centre"]
+            if dtype != torch.float32:
+                centre = torch.zeros_like(centre)
             if self.clusters is None:
                 order = torch.arange(len(self.obstacles))
                 bounds = None

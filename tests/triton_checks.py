@@ -149,10 +149,14 @@ def main():
     o = centres[rng.integers(0, 8, 120)] + rng.normal(scale=0.5, size=(120, 20))
     x = o[rng.integers(0, 120, 21)] + rng.normal(scale=0.3, size=(21, 20))
     case("pruned (11 clusters)", o, x, 2.0, 1.0, 0.3, prune=11)
-    # outside the kernel's float32-safe range (states at 1e20, Q* = 1e-20): the reference, finite
+    # outside the kernel's float32-safe range (RepulsiveField.KERNEL_RANGE): the reference, finite
     o = rng.normal(size=(5, 6))
-    for name, x, q in (("states at 1e20", o[:2] * 1e20, 1.0), ("Q* = 1e-20", o[:2] + 1e-21, 1e-20)):
-        oset = ObstacleSet.from_embeddings(o, q_star=q)
+    for name, x, q, eta in (
+        ("states at 1e20", o[:2] * 1e20, 1.0, 1.0),
+        ("Q* = 1e-20", o[:2] + 1e-21, 1e-20, 1.0),
+        ("eta = 1e35 (float32 sums would overflow)", o[:2] + 0.01, 1.0, 1e35),
+    ):
+        oset = ObstacleSet.from_embeddings(o, q_star=q, eta=eta)
         ker = RepulsiveField(oset, backend="triton")
         xs = torch.from_numpy(x).float().to(DEV)
         assert not ker._use_kernel(xs.double(), torch.float32), name
