@@ -14,9 +14,9 @@ computes in torch, never forming the (B, N) matrix in memory:
 segments it is given. Per tile, the squared distances come from matrix products
 (tensor cores: tf32 for float32 inputs, bf16 for bfloat16, float32 accumulation)::
 
-    D^2_ij = |x_i|^2 + |o_j|^2 - 2 x_i . o_j          (squared norms precomputed in float64)
+    D^2_ij = |x_i|^2 + |o_j|^2 - 2 x_i . o_j          (squared norms summed in float64)
 
-and the far pairs' force from two more: ``F_i += (sum_j c_ij) x_i - sum_j c_ij o_j``.
+and the far pairs' force from one more: ``F_i += (sum_j c_ij) x_i - sum_j c_ij o_j``.
 
 **Near pairs.** The expansion cancels catastrophically when ``D_ij`` is much smaller than
 ``|x_i|`` and ``|o_j|`` (near an obstacle, or with a common offset: the issue measured 100% error
@@ -28,8 +28,9 @@ with tf32 products, 20% with float32). A pair is *near* when
 relative error of D^2 of about ``eps_products / tau`` at most. For every tile with a near pair
 the kernel recomputes those pairs' distances, and their force terms, from the differences
 ``x_i - o_j`` in float32 (``NEAR_D`` dimensions at a time), which is exact to float32 rounding.
-The caller (:class:`guidance.RepulsiveField`) subtracts the obstacles' mean from states and
-obstacles first, in float64, so that a common offset does not make every pair near.
+For float32 inputs the caller (:class:`guidance.RepulsiveField`) subtracts the obstacles' mean
+from states and obstacles first, in float64, so that a common offset does not make every pair
+near (bfloat16 inputs are used as given: re-rounding a centred copy would move the points).
 
 **Segments and splits.** The obstacles are given as segments ``[seg_lo[s], seg_hi[s])`` of the
 obstacle array, and each block of states visits a list of segments (CSR: ``visit_ptr``,
