@@ -115,9 +115,11 @@ def blob_problem(
     return emb, x, float(np.quantile(dists, q_quantile))
 
 
-def measure_floor(n: int, d: int, b: int, o: torch.Tensor, repeats: int, sync) -> dict:
-    """The floor of the module docstring, from a product rate and a copy bandwidth measured now."""
+def measure_floor(o: torch.Tensor, b: int, repeats: int, sync) -> dict:
+    """The floor of the module docstring for obstacles ``o`` (N, d) and ``b`` states, from a
+    product rate and a copy bandwidth measured now."""
     dev, dtype = o.device, o.dtype
+    n, d = o.shape
     size = 4096 if dev.type == "cuda" else 1024
     a = torch.randn(size, size, device=dev).to(dtype)
     old = torch.backends.cuda.matmul.allow_tf32
@@ -238,7 +240,7 @@ def bench_field(
             pruned = RepulsiveField(oset, prune=True, backend="triton")
             record(name, field_fn(pruned, xin))
             rows[-1]["evaluated_per_state"] = pruned.last_evaluated
-    floor = measure_floor(n, d, b, o_dev, repeats, sync)
+    floor = measure_floor(o_dev, b, repeats, sync)
     for r in rows:
         r["x_floor"] = r["seconds"] / floor["seconds"]
     return {

@@ -390,12 +390,9 @@ class RepulsiveField:
                 order = torch.arange(len(self.obstacles))
                 bounds = None
             else:
-                order = torch.cat([self.clusters.members(k) for k in range(self.clusters.k)])
-                sizes = torch.tensor(
-                    [self.clusters.members(k).numel() for k in range(self.clusters.k)]
-                )
+                order, sizes = self.clusters.order, self.clusters.sizes
                 hi = sizes.cumsum(0)
-                bounds = torch.stack([hi - sizes, hi], dim=1)
+                bounds = torch.stack([hi - sizes, hi], dim=1)  # cluster k's range in `order`
             oc = (self._emb[order] - centre).to(dtype)
             self._kernel_cache[key] = dict(
                 centre=centre.to(dev),
@@ -433,7 +430,7 @@ class RepulsiveField:
                 segments=kin["clusters"],
                 visits=[row.nonzero().flatten() for row in visited],
             )
-            sizes = (kin["clusters"][:, 1] - kin["clusters"][:, 0]).double()
+            sizes = self.clusters.sizes.double()
             rows = torch.full((visited.shape[0],), float(bb), dtype=torch.float64)
             rows[-1] = bb - pad
             self.last_evaluated = float((visited.double() @ sizes * rows).sum()) / e.shape[0]

@@ -63,12 +63,12 @@ class ClusteredObstacles:
         remap[used] = np.arange(used.size)
         assign = remap[assign]
         self.k = int(used.size)
-        self.assign = torch.from_numpy(assign)
-        idx = torch.from_numpy(assign)
+        self.assign = idx = torch.from_numpy(assign)
+        self.sizes = torch.bincount(idx, minlength=self.k)  # (K,) members per cluster
+        self.order = torch.argsort(idx, stable=True)  # positions sorted by cluster
         emb_t = torch.from_numpy(emb)
-        counts = torch.bincount(idx, minlength=self.k).to(torch.float64)
         centres = torch.zeros(self.k, d, dtype=torch.float64).index_add_(0, idx, emb_t)
-        centres /= counts[:, None]
+        centres /= self.sizes.to(torch.float64)[:, None]
         dist = (emb_t - centres[idx]).norm(dim=1)  # from the differences, float64
         self.centres = centres
         self.radii = torch.zeros(self.k, dtype=torch.float64).scatter_reduce_(
@@ -83,9 +83,7 @@ class ClusteredObstacles:
         self.radius_max = torch.zeros(self.k, dtype=torch.float64).scatter_reduce_(
             0, self.assign, rad, reduce="amax", include_self=False
         )
-        order = torch.argsort(self.assign, stable=True)
-        counts = torch.bincount(self.assign, minlength=self.k)
-        self._members = torch.split(order, counts.tolist())
+        self._members = torch.split(self.order, self.sizes.tolist())
 
     def members(self, k: int) -> torch.Tensor:
         """Positions (in the set) of the obstacles of cluster ``k``."""

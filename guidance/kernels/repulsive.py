@@ -49,6 +49,7 @@ GPU's tf32 errors.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -230,6 +231,40 @@ def split_segments(n: int, pieces: int, block_n: int) -> torch.Tensor:
     return torch.stack([lo, torch.clamp(lo + per, max=n)], dim=1).to(torch.int32)
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _layout(segments: torch.Tensor, visits: list, n_blocks: int, dev: torch.device) -> tuple:
+    """The kernel's segment bounds and per-block visit lists (CSR) on ``dev``, and the longest
+    visit list: (seg_lo (S,), seg_hi (S,), visit_ptr (blocks + 1,), visit_seg, most)."""
+    if len(visits) != n_blocks:
+        raise ValueError(f"visits must list {n_blocks} blocks of states; got {len(visits)}")
+    segments = segments.to(device=dev, dtype=torch.int32)
+    counts = torch.tensor([len(v) for v in visits], dtype=torch.int64)
+    visit_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    visit_seg = torch.cat(
+        [torch.as_tensor(v, dtype=torch.int64).reshape(-1).cpu() for v in visits]
+        + [torch.zeros(1, dtype=torch.int64)]  # never read; keeps the buffer non-empty
+    )
+    return (
+        segments[:, 0].contiguous(),
+        segments[:, 1].contiguous(),
+        visit_ptr.to(device=dev, dtype=torch.int32),
+        visit_seg.to(device=dev, dtype=torch.int32),
+        int(counts.max()),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_layout(n: int, n_blocks: int, pieces: int, block_n: int, dev: torch.device) -> tuple:
+    """:func:`_layout` of ``[0, n)`` cut into ``pieces`` segments that every block visits
+    (cached: the dense evaluation at every sampler step reuses it)."""
+    segments = split_segments(n, pieces, block_n)
+    return _layout(segments, [torch.arange(segments.shape[0])] * n_blocks, n_blocks, dev)
+
+
 def sq_norms(v: torch.Tensor, precision: str = "tf32") -> torch.Tensor:
     """(n,) float32 squared norms of the rows of ``v`` (n, d) as the kernel's products see them
     (rounded to tf32 for float32 ``v`` and ``precision="tf32"``), summed in float64."""
@@ -291,27 +326,19 @@ def pair_sums(
         )
     blk = blocks or default_blocks(b, d, x.dtype, dev)
     n_blocks = triton.cdiv(b, blk["block_b"])
-    fill = 1  # programs per block of states that fill the device (4 per SM)
-    if dev.type == "cuda":
-        fill = max(1, 4 * torch.cuda.get_device_properties(dev).multi_processor_count // n_blocks)
-    if segments is None:
-        segments = split_segments(n, splits or fill, blk["block_n"])
-    segments = segments.to(device=dev, dtype=torch.int32)
-    n_seg = segments.shape[0]
-    if visits is None:
-        visits = [torch.arange(n_seg)] * n_blocks
-    if len(visits) != n_blocks:
-        raise ValueError(f"visits must list {n_blocks} blocks of states; got {len(visits)}")
-    counts = torch.tensor([len(v) for v in visits], dtype=torch.int64)
-    visit_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
-    visit_seg = torch.cat(
-        [torch.as_tensor(v, dtype=torch.int64).reshape(-1) for v in visits]
-        + [torch.zeros(1, dtype=torch.int64)]  # never read; keeps the buffer non-empty
-    )
-    if splits is None:
-        splits = fill
+    # programs per block of states that fill the device (4 per SM)
+    fill = max(1, 4 * _sm_count(dev) // n_blocks) if dev.type == "cuda" else 1
+    if segments is None and visits is None:  # dense: the same layout every call, cached
+        layout = _dense_layout(n, n_blocks, splits or fill, blk["block_n"], dev)
+    else:
+        if segments is None:
+            segments = split_segments(n, splits or fill, blk["block_n"])
+        if visits is None:
+            visits = [torch.arange(segments.shape[0])] * n_blocks
+        layout = _layout(segments, visits, n_blocks, dev)
+    seg_lo, seg_hi, visit_ptr, visit_seg, most = layout
     # the partial force buffer (splits, B, d) stays below 2^26 floats
-    splits = max(1, min(int(splits), int(counts.max()) or 1, (1 << 26) // max(1, b * d)))
+    splits = max(1, min(splits or fill, most or 1, (1 << 26) // max(1, b * d)))
     x, o = x.contiguous(), o.contiguous()
     f32 = dict(device=dev, dtype=torch.float32)
     xn = sq_norms(x, precision)
@@ -327,11 +354,10 @@ def pair_sums(
             v.fill_(float("nan"))
         active.fill_(-1)
     round_x = x.dtype == torch.float32 and precision == "tf32"
-    tau = NEAR_TAU["tf32" if round_x else "ieee"]  # bf16 x bf16 products are exact in float32
+    tau = NEAR_TAU[precision if x.dtype == torch.float32 else "ieee"]  # bf16 products are exact
     _field_kernel[(n_blocks, splits)](
         x, o, xn, on, q, eta, radius,
-        segments[:, 0].contiguous(), segments[:, 1].contiguous(),
-        visit_ptr.to(dev), visit_seg.to(device=dev, dtype=torch.int32),
+        seg_lo, seg_hi, visit_ptr, visit_seg,
         pot, force, near, clear, active,
         b, d, float(rho), min(float(pair_cap), 3e38), min(float(pot_cap), 3e38), float(tau), splits,
         BLOCK_B=blk["block_b"], BLOCK_N=blk["block_n"], BLOCK_D=blk["block_d"],
