@@ -24,9 +24,9 @@ import json
 import numpy as np
 import torch
 
-from cspace.cli_calibrate import digits_evaluator
-from cspace.demo import DemoSettings, demo_obstacles
-from cspace.encoders import Encoder
+from cspace.experiments.calibration import digits_evaluator
+from cspace.experiments.demo import DemoSettings, demo_obstacles
+from cspace.models.encoders import Encoder
 from guidance.calibrate import CalibrationSettings, apply_parameters, calibrate
 
 

@@ -25,7 +25,7 @@ import json
 import numpy as np
 import torch
 
-from cspace.cli_calibrate import toy_evaluator, toy_set
+from cspace.experiments.calibration import toy_evaluator, toy_set
 from guidance.calibrate import CalibrationSettings, apply_parameters, calibrate
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cspace.demo import DemoSettings, run_demo
+from cspace.experiments.demo import DemoSettings, run_demo
 
 
 def _ints(text: str) -> list[int]:

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from cspace.cli_search import build_toy_problem
-from cspace.metrics import energy_distance
+from cspace.experiments.search import build_toy_problem
+from cspace.models.metrics import energy_distance
 from guidance import sample
 from guidance.search import smc_guided
 

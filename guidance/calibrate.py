@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cspace.files import write_file_atomic
+from cspace.io.files import write_file_atomic
 from obstacles import ObstacleSet
 
 __all__ = [
@@ -238,7 +238,7 @@ def plot_front(result: CalibrationResult, path: str | Path, title: str = "") -> 
 # ---------------------------------------------------------------------- the search
 def _fingerprint(oset: ObstacleSet, settings: CalibrationSettings, tag: str) -> str:
     emb = np.ascontiguousarray(oset.embeddings, dtype=np.float64)
-    from cspace.files import sha256_hex
+    from cspace.io.files import sha256_hex
 
     s = asdict(settings)
     s.pop("trials")

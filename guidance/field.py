@@ -91,7 +91,7 @@ class RepulsiveField:
         max_force: cap on the total force norm (> 0); default see the module docstring.
         max_potential: cap on the total potential (> 0); default none beyond finiteness.
         chunk_elements: largest (B x chunk x d) difference tensor formed at once.
-        prune: exact pruning for large sets with small Q* (see :mod:`guidance.pruning`): ``True``
+        prune: exact pruning for large sets with small Q* (see :mod:`obstacles.clusters`): ``True``
             (about sqrt(N) clusters), a number of clusters, or None/False (every obstacle).
             Potential, force, ``active`` and ``collided`` (when every hard radius <= its Q*)
             are exactly the unpruned values; ``nearest`` and ``clearance`` are exact when the
@@ -161,7 +161,7 @@ class RepulsiveField:
         self.clusters = None
         self.last_evaluated = float(len(obstacles))  # obstacles per state in the last evaluate
         if prune:
-            from guidance.pruning import ClusteredObstacles
+            from obstacles.clusters import ClusteredObstacles
 
             k = None if prune is True else int(prune)
             self.clusters = ClusteredObstacles(obstacles, n_clusters=k)

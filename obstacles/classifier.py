@@ -44,7 +44,7 @@ import torch
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from cspace.files import sha256_hex, write_folder_atomic
+from cspace.io.files import sha256_hex, write_folder_atomic
 
 __all__ = [
     "AUTO_Q_STAR_FACTOR",

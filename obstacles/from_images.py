@@ -1,8 +1,8 @@
 """Obstacles from images: read image files, encode them into the C-space, add them to a set.
 
-:func:`build_from_images` reads PNG/JPEG files and folders with :func:`cspace.data.load_images`
-(all-or-nothing: one bad file raises :class:`cspace.data.ImageFolderError` naming it before
-anything is encoded), encodes them with an :class:`cspace.encoders.Encoder` (posterior mean,
+:func:`build_from_images` reads PNG/JPEG files and folders with :func:`cspace.io.images.load_images`
+(all-or-nothing: one bad file raises :class:`cspace.io.images.ImageFolderError` naming it before
+anything is encoded), encodes them with an :class:`cspace.models.encoders.Encoder` (posterior mean,
 normalised latents), embeds them (flatten, ``Encoder.embed``) and returns a new
 :class:`~obstacles.ObstacleSet` whose sources are the absolute file paths. :func:`add_images` grows
 an existing set the same way; bad input adds nothing.
@@ -130,10 +130,10 @@ def encode_images(
 ) -> tuple[np.ndarray, list[Path]]:
     """Read images (files and folders), encode and embed them: ((N, d) float32, files).
 
-    Every file is checked before anything is encoded (:func:`cspace.data.load_images`); the
+    Every file is checked before anything is encoded (:func:`cspace.io.images.load_images`); the
     channel count comes from the encoder, the size (H, W) from the caller.
     """
-    from cspace.data import load_images
+    from cspace.io.images import load_images
 
     size = _size(size)
     images, files = load_images(inputs, size=size, channels=int(encoder.channels))
@@ -205,7 +205,7 @@ def build_from_images(
 
     Args:
         inputs: image files and/or folders (a folder contributes its non-hidden files, sorted).
-        encoder: a :class:`cspace.encoders.Encoder` (``channels``, ``encode``, ``embed``).
+        encoder: a :class:`cspace.models.encoders.Encoder` (``channels``, ``encode``, ``embed``).
         q_star: Q* (> 0) for every obstacle, or ``"auto"`` (see the module docstring).
         eta: strength (>= 0).
         radius: hard collision radius (>= 0); default ``RADIUS_FRACTION * q_star``.
@@ -214,7 +214,7 @@ def build_from_images(
         batch_size: images encoded per batch.
 
     Raises:
-        cspace.data.ImageFolderError: a missing path, an empty folder, an unreadable or
+        cspace.io.images.ImageFolderError: a missing path, an empty folder, an unreadable or
             non-image file, a wrong size or channel count (before anything is encoded).
         ObstacleSetError: bad parameters, or "auto" with a single image.
     """

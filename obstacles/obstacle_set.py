@@ -32,7 +32,7 @@ import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from cspace.files import sha256_hex, write_folder_atomic
+from cspace.io.files import sha256_hex, write_folder_atomic
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ObstacleSet", "ObstacleSetError"]
 

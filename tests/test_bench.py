@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cspace.cli import main
-from cspace.cli_bench import bench_field, blob_problem
+from cspace.experiments.bench import bench_field, blob_problem
 
 
 def test_bench_field_small():
@@ -77,7 +77,7 @@ def test_sweep_targets_need_speed_and_accuracy():
     assert sweep.check(rep, ("triton", "ms", 1.0))[1] is False
     assert sweep.check(rep, None) is None
     # every preset names only known backends; the issue's cases carry their targets
-    from cspace.cli_bench import BACKENDS
+    from cspace.experiments.bench import BACKENDS
 
     for name in ("issue", "scaling", "cpu"):
         for dev in ("cpu", "cuda"):

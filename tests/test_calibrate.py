@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cspace import cli_calibrate
+from cspace.cli import calibrate as cli_calibrate
 from cspace.cli import main
-from cspace.cli_calibrate import digits_evaluator, toy_evaluator, toy_set
+from cspace.experiments.calibration import digits_evaluator, toy_evaluator, toy_set
 from guidance.calibrate import (
     CalibrationError,
     CalibrationSettings,
@@ -232,8 +232,8 @@ def test_cli_bad_input(tmp_path, monkeypatch, capsys):
 
 
 def test_digits_evaluator_small():
-    from cspace.demo import DemoSettings, demo_obstacles
-    from cspace.encoders import Encoder
+    from cspace.experiments.demo import DemoSettings, demo_obstacles
+    from cspace.models.encoders import Encoder
 
     ev = digits_evaluator(0, n=64, steps=5)
     oset, _ = demo_obstacles(Encoder.from_aligned(), DemoSettings())
@@ -246,8 +246,8 @@ def test_digits_evaluator_small():
 
 
 def test_cli_digits_reads_the_class_from_the_labels(tmp_path, capsys):
-    from cspace.demo import DemoSettings, demo_obstacles
-    from cspace.encoders import Encoder
+    from cspace.experiments.demo import DemoSettings, demo_obstacles
+    from cspace.models.encoders import Encoder
 
     oset, _ = demo_obstacles(Encoder.from_aligned(), DemoSettings(avoid_class=3))
     oset.save(tmp_path / "three")  # labels "digit-3"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.numpy import save as st_save
 
-from cspace.toy import GaussianMixture
+from cspace.models.toy import GaussianMixture
 from guidance import RepulsiveField, safe_norm, sample
 from guidance.halfspace import ClassifierField, CombinedField
 from obstacles import ObstacleSet
@@ -197,7 +197,7 @@ def test_no_pickle_in_the_code():
         "obstacles/classifier.py",
         "obstacles/from_images.py",
         "guidance/halfspace.py",
-        "cspace/cli_obstacles.py",
+        "cspace/cli/obstacles.py",
     ):
         text = (ROOT / rel).read_text()
         for bad in ("import pickle", "joblib", "torch.load", "allow_pickle=True", "cloudpickle"):
@@ -392,7 +392,7 @@ def test_combined_field_sums():
 def _tiny_encoder():
     from diffusers import AutoencoderKL
 
-    from cspace.encoders import Encoder
+    from cspace.models.encoders import Encoder
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
@@ -410,7 +410,7 @@ def _tiny_encoder():
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
-    from cspace.cli_obstacles import register
+    from cspace.cli.obstacles import register
 
     parser = argparse.ArgumentParser(prog="cspace")
     sub = parser.add_subparsers(dest="command")
@@ -426,13 +426,13 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 
 
 def test_cli_classifier(tmp_path, capsys, monkeypatch):
-    import cspace.cli_obstacles as mod
+    import cspace.models.encoders as mod
 
     enc = _tiny_encoder()
     calls = []
     real_encode = enc.encode
     enc.encode = lambda images, batch_size=256: calls.append(len(images)) or real_encode(images)
-    monkeypatch.setattr(mod, "resolve_encoder", lambda spec: enc)
+    monkeypatch.setattr(mod, "load_encoder", lambda spec: enc)
     for c in ("1", "2", "3"):
         (tmp_path / c).mkdir()
         for f in sorted((DIGITS / c).glob("*.png"))[:8]:

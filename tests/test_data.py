@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cspace.data import SPLITS, ImageFolderError, digits, load_images, save_png
+from cspace.io.images import ImageFolderError, load_images, save_png
+from cspace.models.data import SPLITS, digits
 
 
 def test_splits_disjoint_stratified_and_complete():

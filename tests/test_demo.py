@@ -8,7 +8,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from cspace.cli import main
-from cspace.demo import ARMS, DemoSettings, run_demo
+from cspace.experiments.demo import ARMS, DemoSettings, run_demo
 
 
 @pytest.fixture(scope="module")

@@ -181,9 +181,9 @@ def test_scheduler_is_restored_and_errors_are_clear():
 
 
 def test_obstacles_from_images_through_the_pipelines_vae(tmp_path):
-    """Example images -> the pipeline's own VAE (cspace.encoders) -> obstacles in the latent
+    """Example images -> the pipeline's own VAE (cspace.models.encoders) -> obstacles in the latent
     space guide() acts in: an image decoded from the plain output, encoded again, repels it."""
-    from cspace.encoders import Encoder
+    from cspace.models.encoders import Encoder
 
     pipe = tiny_sd()
     pipe.vae.save_pretrained(tmp_path / "vae")

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from tiny_pipelines import tiny_conditional_unet, tiny_unet
 
-from cspace.toy import default_toy
+from cspace.models.toy import default_toy
 from guidance import sample
 from guidance.integrations.velocity import DiffusersVelocity, stable_diffusion, unconditional
 from guidance.search import ALGORITHMS, CallableVerifier

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from cspace.encoders import Encoder, MissingWeightsError
+from cspace.io.errors import MissingWeightsError
+from cspace.models.encoders import Encoder
 
 
 def _tiny_vae(**kw) -> AutoencoderKL:

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import cspace.flow as flow_mod
-from cspace.encoders import MissingWeightsError
-from cspace.flow import (
-    WEIGHTS_DIR,
+import cspace.models.flow as flow_mod
+from cspace.io.errors import MissingWeightsError
+from cspace.models.flow import (
     FlowConfig,
     FlowModel,
     FlowWeightsError,
@@ -22,7 +21,8 @@ from cspace.flow import (
     save_flow,
     train_flow,
 )
-from cspace.toy import GaussianMixture
+from cspace.models.shipped import WEIGHTS_DIR
+from cspace.models.toy import GaussianMixture
 from guidance import sample
 
 TINY = FlowConfig(latent_shape=(2, 1, 1), width=64, depth=2, time_channels=32, time_embed_dim=64)
@@ -225,7 +225,7 @@ def test_shipped_flow(name):
     vae = WEIGHTS_DIR / meta["encoder"]
     if not (vae / "config.json").is_file():
         pytest.skip(f"the flow's VAE {vae} is not shipped")
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     encoder = flow.load_encoder()
     latents = encoder.encode(digits("train")[0])

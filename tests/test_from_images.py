@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cspace.cli_obstacles import _is_aligned_folder, register, resolve_encoder
-from cspace.data import ImageFolderError, load_images
-from cspace.encoders import Encoder
+from cspace.cli.obstacles import register
+from cspace.io.images import ImageFolderError, load_images
+from cspace.models.encoders import Encoder, is_aligned_vae_folder, load_encoder
 from obstacles import ObstacleSet, ObstacleSetError
 from obstacles.from_images import (
     RADIUS_FRACTION,
@@ -226,10 +226,10 @@ def _run(argv, capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def cli_encoder(monkeypatch, encoder):
     """``--encoder tiny`` resolves to the spy encoder."""
-    import cspace.cli_obstacles as mod
+    import cspace.models.encoders as mod
 
-    real = mod.resolve_encoder
-    monkeypatch.setattr(mod, "resolve_encoder", lambda s: encoder if s == "tiny" else real(s))
+    real = mod.load_encoder
+    monkeypatch.setattr(mod, "load_encoder", lambda s: encoder if s == "tiny" else real(s))
     return encoder
 
 
@@ -318,23 +318,23 @@ def test_cli_errors(digits, cli_encoder, capsys, tmp_path):
     assert rc == 2 and "unknown encoder 'no-such-encoder'" in err
 
 
-def test_resolve_encoder_folders(vae, tmp_path):
+def test_load_encoder_folders(vae, tmp_path):
     vae.save_pretrained(tmp_path / "vae")
-    enc = resolve_encoder(str(tmp_path / "vae"))
+    enc = load_encoder(str(tmp_path / "vae"))
     assert enc.channels == 1 and enc.latent_shape((8, 8)) == (2, 4, 4)
     vae.save_pretrained(tmp_path / "pipe" / "vae")
-    assert resolve_encoder(str(tmp_path / "pipe")).latent_channels == 2
-    assert not _is_aligned_folder(tmp_path / "vae")  # a diffusers folder
+    assert load_encoder(str(tmp_path / "pipe")).latent_channels == 2
+    assert not is_aligned_vae_folder(tmp_path / "vae")  # a diffusers folder
     aligned = tmp_path / "aligned"
     aligned.mkdir()
     (aligned / "config.json").write_text(json.dumps({"cspace": {"kind": "aligned-vae"}}))
-    assert _is_aligned_folder(aligned)
+    assert is_aligned_vae_folder(aligned)
     (aligned / "config.json").write_text(json.dumps({"scaling_factor": 1.0}))
-    assert not _is_aligned_folder(aligned)
+    assert not is_aligned_vae_folder(aligned)
     (aligned / "model.safetensors").write_bytes(b"")
-    assert _is_aligned_folder(aligned)
+    assert is_aligned_vae_folder(aligned)
     with pytest.raises(ValueError, match="unknown encoder"):
-        resolve_encoder(str(tmp_path / "nowhere"))
+        load_encoder(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="cannot be loaded"):
-        resolve_encoder(str(tmp_path / "empty"))  # a folder without any VAE
+        load_encoder(str(tmp_path / "empty"))  # a folder without any VAE

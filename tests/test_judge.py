@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cspace.data import digits
-from cspace.judge import (
+from cspace.models.data import digits
+from cspace.models.judge import (
     Judge,
     copy_rate,
     copy_threshold,
     default_judge,
-    diversity,
     nearest_train_distance,
 )
+from cspace.models.metrics import diversity
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,12 @@ def test_diversity():
     assert diversity(torch.cat([a, b])) == pytest.approx(8.0)  # |1|_2 over 64 pixels
     real = diversity(digits("heldout")[0])
     assert 5.5 < real < 6.5
-    with pytest.raises(ValueError):
-        diversity(a)
+    assert diversity(a) == 0.0  # one sample: no spread
+    with pytest.raises(ValueError, match="NaN"):
+        diversity(torch.cat([a, torch.full_like(a, float("nan"))]))
+    # blocks give the same value as one pass
+    real_blocked = diversity(digits("heldout")[0], block=7)
+    assert real_blocked == pytest.approx(real, rel=1e-12)
 
 
 def test_copy_rate_separates_copies_from_new_digits():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from guidance import RepulsiveField
-from guidance.pruning import ClusteredObstacles
 from obstacles import ObstacleSet
+from obstacles.clusters import ClusteredObstacles
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,6 @@
 """guidance.sample against the exact flow of a Gaussian mixture (float64 throughout).
 
-Distribution checks use the energy distance (cspace.metrics) at n = 2000. Its sampling noise is
+Distribution checks use the energy distance (cspace.models.metrics) at n = 2000. Its sampling noise is
 large (for two exact sets the value varies by ~3x between seeds), so the baseline is the mean
 over four pairs of exact sets, and a sampler's value is its mean distance to four exact sets:
 for exact samples the ratio of the two lies between ~0.8 and ~2.4; the bound is 2.5x. All seeds
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cspace.metrics import energy_distance
-from cspace.toy import GaussianMixture, default_toy
+from cspace.models.metrics import energy_distance
+from cspace.models.toy import GaussianMixture, default_toy
 from guidance import Backtrack, RepulsiveField, sample, time_grid
 from obstacles import ObstacleSet
 

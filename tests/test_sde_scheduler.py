@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from cspace.metrics import energy_distance
-from cspace.toy import default_toy
+from cspace.models.metrics import energy_distance
+from cspace.models.toy import default_toy
 from guidance.integrations.diffusers import prediction_kind
 from guidance.integrations.sde_scheduler import StochasticFlowMatchScheduler
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from cspace.metrics import energy_distance
-from cspace.toy import GaussianMixture, default_toy, toy_with_coverage
-from cspace.toy_experiment import toy_obstacle_set
+from cspace.experiments.toy import toy_obstacle_set
+from cspace.models.metrics import energy_distance
+from cspace.models.toy import GaussianMixture, default_toy, toy_with_coverage
 from guidance import RepulsiveField, sample
 from guidance.search import (
     ALGORITHMS,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cspace.encoders import MissingWeightsError
-from cspace.teachers import (
+from cspace.io.errors import MissingWeightsError
+from cspace.models.shipped import shipped
+from cspace.models.teachers import (
     DigitsTeacher,
     DinoV2Teacher,
-    default_teacher_dir,
     load_teacher,
     teacher_accuracy,
     train_teacher,
@@ -121,7 +121,7 @@ def test_digits_teacher_shipped_accuracy():
     assert tok.shape == (5, 16, t.width)
     acc = teacher_accuracy(t, "heldout")
     assert acc >= 0.9
-    meta = json.loads((default_teacher_dir() / "config.json").read_text())
+    meta = json.loads((shipped("teacher") / "config.json").read_text())
     assert abs(meta["metrics"]["heldout_accuracy"] - acc) < 1e-6
     with pytest.raises(ValueError, match="expects images"):
         t.tokens(torch.zeros(2, 1, 16, 16))

@@ -1,8 +1,8 @@
-"""The exact Gaussian-mixture flow of cspace.toy against independent references.
+"""The exact Gaussian-mixture flow of cspace.models.toy against independent references.
 
 Convention: t = 1 noise, t = 0 data, x_t = (1 - t) x0 + t eps, v = eps - x0.
 Every reference here is derived in the test itself (Gaussian conditioning with matrices,
-numerical quadrature over x0, autograd), never copied from cspace.toy.
+numerical quadrature over x0, autograd), never copied from cspace.models.toy.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from cspace.toy import BallObstacles, GaussianMixture, default_toy
+from cspace.models.toy import BallObstacles, GaussianMixture, default_toy
 
 F64 = torch.float64
 

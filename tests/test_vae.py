@@ -12,14 +12,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cspace.cli_train import register
-from cspace.encoders import Encoder, MissingWeightsError
-from cspace.vae import (
+from cspace.cli.train import register
+from cspace.io.errors import MissingWeightsError
+from cspace.models.encoders import Encoder
+from cspace.models.shipped import shipped as shipped_dir
+from cspace.models.vae import (
     AlignedVAEConfig,
     VFAlignment,
     adaptive_vf_weight,
     build_autoencoder,
-    default_vae_dir,
     evaluate_vae,
     load_aligned_vae,
     match_token_grid,
@@ -207,7 +208,7 @@ def test_plain_vae_has_no_projection(tmp_path):
 
 
 def test_train_with_a_dinov2_teacher_resamples_its_grid(tmp_path):
-    from cspace.teachers import DinoV2Teacher
+    from cspace.models.teachers import DinoV2Teacher
 
     torch.manual_seed(0)
     dino = DinoV2Teacher(
@@ -277,7 +278,7 @@ def test_load_errors(tiny_run, tmp_path):
 def _knn_from_encoder(path) -> float:
     from sklearn.neighbors import KNeighborsClassifier
 
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     enc = Encoder.from_aligned(path)
     xt, yt = digits("train")
@@ -290,7 +291,7 @@ def _knn_from_encoder(path) -> float:
 def shipped():
     out = {}
     for kind in ("aligned", "plain"):
-        vae, meta = load_aligned_vae(default_vae_dir(kind))
+        vae, meta = load_aligned_vae(shipped_dir(f"vae_{kind}"))
         out[kind] = (vae, meta)
     return out
 
@@ -304,7 +305,7 @@ def test_shipped_default_is_aligned(shipped):
 @pytest.mark.parametrize("kind", ["aligned", "plain"])
 def test_shipped_metrics_match_fresh_evaluation(shipped, kind):
     vae, meta = shipped[kind]
-    knn = _knn_from_encoder(default_vae_dir(kind))
+    knn = _knn_from_encoder(shipped_dir(f"vae_{kind}"))
     assert abs(knn - meta["metrics"]["knn_accuracy"]) <= 1e-6
     fresh = evaluate_vae(vae, meta["scaling_factor"], meta["shift_factor"])
     for k, v in fresh.items():
@@ -330,7 +331,7 @@ def test_shipped_aligned_vs_plain(shipped):
 
 
 def test_shipped_latents_are_normalised(shipped):
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     vae, meta = shipped["aligned"]
     enc = Encoder(vae, meta["scaling_factor"], meta["shift_factor"])
@@ -341,11 +342,11 @@ def test_shipped_latents_are_normalised(shipped):
 def test_shipped_weights_are_small():
     total = sum(
         f.stat().st_size
-        for d in (default_vae_dir("aligned"), default_vae_dir("plain"))
+        for d in (shipped_dir("vae_aligned"), shipped_dir("vae_plain"))
         for f in d.iterdir()
     )
     assert total < 8_000_000
-    assert not (default_vae_dir("aligned") / "checkpoint").exists()
+    assert not (shipped_dir("vae_aligned") / "checkpoint").exists()
 
 
 # ---------------------------------------------------------------------- the command line
@@ -397,7 +398,7 @@ def test_cli_train_rejects_bad_options(capsys):
 
 
 def test_cli_missing_dinov2_weights(tmp_path, capsys):
-    from cspace.cli_train import main
+    from cspace.cli import main
 
     rc = main(
         [

@@ -31,7 +31,7 @@ level. ``mode="noisy"`` (flow matching only) evaluates the field at ``x_t`` agai
 noised to level t, as ``guidance.sample`` does.
 
 Obstacles live in the pipeline's latent space (flattened ``(C, H, W)``): build them from example
-images with the pipeline's own VAE (``cspace.encoders.Encoder.from_diffusers`` normalises latents
+images with the pipeline's own VAE (``cspace.models.encoders.Encoder.from_diffusers`` normalises latents
 exactly as the SD/SD3/FLUX pipelines do), or pass a ``projection`` to the field.
 """
 
@@ -179,7 +179,7 @@ class GuidedPipeline:
             raise GuidanceError(
                 f"the obstacles have d={want} but the pipeline's latents {tuple(x.shape[1:])} "
                 f"flatten to d={d}: build the obstacles with this pipeline's VAE at this "
-                "resolution (cspace.encoders.Encoder.from_diffusers), or pass a projection"
+                "resolution (cspace.models.encoders.Encoder.from_diffusers), or pass a projection"
             )
         mf, xf = m.float(), x.float()
         if kind == "flow":

@@ -187,8 +187,8 @@ class OracleVerifier(Verifier):
     """The toy's exact verifier: ``log p0(x)`` outside the obstacles, ``inside_score`` inside.
 
     Args:
-        mixture: has ``log_prob(x)`` (B, d) -> (B,) (``cspace.toy.GaussianMixture``).
-        obstacles: has ``inside(x)`` (B, d) -> (B,) bool (``cspace.toy.BallObstacles``).
+        mixture: has ``log_prob(x)`` (B, d) -> (B,) (``cspace.models.toy.GaussianMixture``).
+        obstacles: has ``inside(x)`` (B, d) -> (B,) bool (``cspace.models.toy.BallObstacles``).
         inside_score: the (large, finite, negative) score of a sample inside an obstacle.
     """
 

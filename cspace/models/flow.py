@@ -23,13 +23,12 @@ Pieces:
   its metadata (``meta["encoder"]``: the VAE folder whose latents it models);
 * :func:`save_flow` / :func:`load_flow`: ``config.json`` + ``model.safetensors``, written
   atomically, checksums and shapes verified on load, never unpickled;
-* :func:`train_flow_for_encoder`: encode the digits *train* split with an
-  :class:`~cspace.encoders.Encoder`, train, evaluate, save;
-* :func:`evaluate_flow`: sample, decode and judge (:mod:`cspace.judge`) against real digits.
+* :mod:`cspace.experiments.flow_training` trains one on a C-space's digits latents and evaluates
+  it by sampling.
 
 The shipped digits flows live in ``cspace/weights/flow_aligned`` (latents of
 ``Encoder.from_aligned()``) and ``cspace/weights/flow_plain``; the commands that rebuild them are
-in :mod:`cspace.cli_flow`.
+in :mod:`cspace.cli.flow`.
 """
 
 from __future__ import annotations
@@ -49,27 +48,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cspace.encoders import MissingWeightsError
-from cspace.files import sha256_hex, write_file_atomic, write_folder_atomic
+from cspace.io.errors import MissingWeightsError
+from cspace.io.files import sha256_hex, write_file_atomic, write_folder_atomic
+from cspace.models.shipped import WEIGHTS_DIR, shipped
 
 __all__ = [
-    "DEFAULT_FLOW_DIR",
-    "WEIGHTS_DIR",
     "FlowConfig",
     "FlowModel",
     "FlowWeightsError",
-    "MissingWeightsError",
     "VelocityNet",
-    "evaluate_flow",
     "flow_matching_loss",
     "load_flow",
     "save_flow",
     "train_flow",
-    "train_flow_for_encoder",
 ]
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_FLOW_DIR = WEIGHTS_DIR / "flow_aligned"
 FORMAT = "cspace-flow"
 FORMAT_VERSION = 1
 CHECKPOINT_FORMAT = "cspace-flow-checkpoint"
@@ -272,23 +265,15 @@ class FlowModel:
     velocity = __call__
 
     def load_encoder(self):
-        """The :class:`~cspace.encoders.Encoder` named by ``meta["encoder"]`` (a folder under
+        """The :class:`~cspace.models.encoders.Encoder` named by ``meta["encoder"]`` (a folder under
         ``cspace/weights`` or a path)."""
-        from cspace.encoders import Encoder
+        from cspace.models.encoders import Encoder
 
         name = self.encoder
         if not name:
             raise ValueError("this flow does not record its encoder (meta['encoder'])")
         path = Path(name) if Path(name).is_absolute() else WEIGHTS_DIR / name
         return Encoder.from_aligned(path)
-
-    def sample(self, n: int, *, steps: int = 50, seed: int = 0, **kwargs) -> torch.Tensor:
-        """``n`` latents from ``guidance.sample`` (Euler by default) started at seeded noise."""
-        from guidance import sample
-
-        g = torch.Generator().manual_seed(int(seed))
-        noise = torch.randn((int(n), *self.latent_shape), generator=g)
-        return sample(self, noise, steps=steps, **kwargs).samples
 
 
 # ---------------------------------------------------------------------------------- training
@@ -576,16 +561,16 @@ def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, res
 
 
 def _missing(path: Path) -> MissingWeightsError:
-    if path.resolve() == DEFAULT_FLOW_DIR.resolve():
+    if path.resolve() == shipped("flow_aligned").resolve():
         cmd = "cspace train flow --encoder digits"
-    elif path.resolve() == (WEIGHTS_DIR / "flow_plain").resolve():
+    elif path.resolve() == shipped("flow_plain").resolve():
         cmd = "cspace train flow --encoder digits-plain"
     else:
         cmd = f"cspace train flow --encoder digits|digits-plain|VAE_DIR --out {path}"
     return MissingWeightsError(
         f"no flow weights at {path} ({_CONFIG} and {_WEIGHTS} expected). Train them with "
-        f"`{cmd}` (a few minutes on 2 CPU cores; see cspace.cli_flow), or from Python with "
-        "cspace.flow.train_flow_for_encoder"
+        f"`{cmd}` (a few minutes on 2 CPU cores; see cspace.cli.flow), or from Python with "
+        "cspace.experiments.flow_training.train_flow_for_encoder"
     )
 
 
@@ -635,13 +620,13 @@ def load_flow(dir: str | os.PathLike | None = None) -> FlowModel:
     """Load a flow saved by :func:`save_flow` (default: the shipped ``flow_aligned``).
 
     Checks the format, the size and SHA-256 of the weights, and every tensor's name and shape
-    against the recorded architecture. Raises :class:`~cspace.encoders.MissingWeightsError` (with
+    against the recorded architecture. Raises :class:`~cspace.models.encoders.MissingWeightsError` (with
     the command that trains them) when the files are absent and :class:`FlowWeightsError` when
     they are unusable.
     """
     from safetensors.torch import load
 
-    path = Path(dir) if dir is not None else DEFAULT_FLOW_DIR
+    path = Path(dir) if dir is not None else shipped("flow_aligned")
     cpath, wpath = path / _CONFIG, path / _WEIGHTS
     if not cpath.is_file() or not wpath.is_file():
         raise _missing(path)
@@ -692,127 +677,3 @@ def load_flow(dir: str | os.PathLike | None = None) -> FlowModel:
     net.load_state_dict(tensors, strict=True)
     meta.setdefault("path", str(path))
     return FlowModel(net, meta)
-
-
-# ---------------------------------------------------------------------------------- digits
-def evaluate_flow(
-    flow: FlowModel,
-    encoder,
-    *,
-    n: int = 1000,
-    steps: int = 50,
-    seed: int = 0,
-    judge=None,
-) -> dict:
-    """Sample ``n`` latents with ``guidance.sample(flow, randn(n, c, h, w), steps=steps)``
-    (Euler), decode them with ``encoder`` and judge them in pixel space (:mod:`cspace.judge`).
-
-    Returns ``{"samples": {...}, "heldout": {...}, "reconstructed": {...}, ...}``: for the
-    generated images, the real heldout digits, and the heldout digits passed through the VAE
-    (its ceiling), each with ``confident_share`` (judge probability > 0.9), ``confidence``,
-    ``class_shares``, ``class_share_max_dev`` (largest deviation from 0.1), ``diversity``
-    (mean pairwise L2), ``copy_rate`` and ``median_nearest_train``.
-    """
-    from cspace.data import digits
-    from cspace.judge import copy_rate, copy_threshold, default_judge, diversity
-    from cspace.judge import nearest_train_distance as ntd
-    from guidance import sample
-
-    judge = judge if judge is not None else default_judge()
-    g = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn((int(n), *flow.latent_shape), generator=g)
-    latents = sample(flow, noise, steps=int(steps)).samples
-    images = encoder.decode(latents).float()
-    heldout = digits("heldout")[0]
-    recon = encoder.decode(encoder.encode(heldout)).float()
-
-    def summary(x: torch.Tensor) -> dict:
-        r = judge.report(x)
-        shares = r["class_shares"]
-        return {
-            "n": r["n"],
-            "confident_share": round(r["confident_share"], 4),
-            "confidence": round(r["confidence"], 4),
-            "class_shares": [round(s, 4) for s in shares],
-            "class_share_max_dev": round(max(abs(s - 0.1) for s in shares), 4),
-            "diversity": round(diversity(x), 4),
-            "copy_rate": round(copy_rate(x), 4),
-            "median_nearest_train": round(float(ntd(x).median()), 4),
-        }
-
-    return {
-        "n": int(n),
-        "steps": int(steps),
-        "seed": int(seed),
-        "sampler": "euler",
-        "judge_heldout_accuracy": round(judge.heldout_accuracy, 4),
-        "copy_threshold": round(copy_threshold(), 4),
-        "latent_std": round(float(latents.std()), 4),
-        "samples": summary(images),
-        "heldout": summary(heldout),
-        "reconstructed": summary(recon),
-    }
-
-
-def train_flow_for_encoder(
-    encoder,
-    out_dir: str | os.PathLike,
-    steps: int = 8000,
-    seed: int = 0,
-    *,
-    encoder_name: str | None = None,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    config: FlowConfig | None = None,
-    evaluate: bool = True,
-    eval_samples: int = 1000,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    resume: str | os.PathLike | None = None,
-    **train_kwargs,
-) -> dict:
-    """Encode the digits *train* split with ``encoder`` (never judge or heldout), train a flow on
-    the latents (:func:`train_flow`), optionally evaluate it (:func:`evaluate_flow`, on the
-    heldout split), save it to ``out_dir`` and return the metrics (also stored in
-    ``config.json`` under ``meta``).
-
-    ``encoder_name``: what ``meta["encoder"]`` records, the VAE folder name under
-    ``cspace/weights`` (e.g. ``"vae_aligned"``) or an absolute path; default ``encoder.name``.
-    """
-    from cspace.data import digits
-
-    images, _ = digits("train")
-    latents = encoder.encode(images).float().cpu()
-    shape = tuple(latents.shape[1:])
-    cfg = config or FlowConfig(latent_shape=shape)
-    net, metrics = train_flow(
-        latents,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        config=cfg,
-        progress=progress,
-        checkpoint=checkpoint,
-        resume=resume,
-        **train_kwargs,
-    )
-    flow = FlowModel(net)
-    heldout = encoder.encode(digits("heldout")[0]).float().cpu()
-    metrics["heldout_loss"] = flow_matching_loss(net, heldout, seed=0)
-    meta = {
-        "encoder": encoder_name or getattr(encoder, "name", "unknown"),
-        "encoder_scaling_factor": float(getattr(encoder, "scaling_factor", 1.0)),
-        "encoder_shift_factor": float(getattr(encoder, "shift_factor", 0.0)),
-        "data": "digits/train",
-        "latent_shape": list(shape),
-        "latent_mean": float(latents.mean()),
-        "latent_std": float(latents.std()),
-        "training": metrics,
-    }
-    flow.meta = dict(meta)
-    if evaluate:
-        meta["evaluation"] = evaluate_flow(flow, encoder, n=eval_samples, seed=0)
-    save_flow(out_dir, net, meta)
-    flow.meta = meta
-    return meta

@@ -13,16 +13,20 @@ embedding are directly comparable (the field's default flatten projection).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
-__all__ = ["Encoder", "MissingWeightsError"]
+from cspace.io.errors import MissingWeightsError
+from cspace.models.shipped import SPACES, shipped
+
+__all__ = ["Encoder", "EncoderError", "is_aligned_vae_folder", "load_encoder"]
 
 
-class MissingWeightsError(FileNotFoundError):
-    """Weights are not on disk (nothing is ever downloaded); the message says how to supply them."""
+class EncoderError(ValueError):
+    """An encoder spec that names no loadable VAE (the message says what to pass instead)."""
 
 
 class Encoder:
@@ -81,7 +85,7 @@ class Encoder:
     def from_aligned(cls, path: str | os.PathLike | None = None) -> Encoder:
         """Load a cspace aligned VAE folder (``config.json`` + ``model.safetensors``); default:
         the digits VAE shipped in the package."""
-        from cspace.vae import load_aligned_vae
+        from cspace.models.vae import load_aligned_vae
 
         vae, meta = load_aligned_vae(path)
         return cls(
@@ -138,3 +142,57 @@ class Encoder:
             image_size[0] // self.downsample,
             image_size[1] // self.downsample,
         )
+
+
+def is_aligned_vae_folder(path: str | os.PathLike) -> bool:
+    """A cspace aligned VAE folder: config.json with a "cspace" marker, or model.safetensors next
+    to a config.json that holds "scaling_factor"."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(cfg, dict):
+        return False
+    if "cspace" in cfg or str(cfg.get("format", "")).startswith("cspace"):
+        return True
+    return (path / "model.safetensors").is_file() and "scaling_factor" in cfg
+
+
+def load_encoder(spec: str | os.PathLike) -> Encoder:
+    """An :class:`Encoder` from a spec.
+
+    * ``digits``: the aligned digits VAE shipped in the package (``Encoder.from_aligned()``);
+    * ``digits-plain``: the same VAE trained without the alignment loss (``weights/vae_plain``);
+    * a folder: a cspace aligned VAE (see :func:`is_aligned_vae_folder`) is loaded with
+      ``Encoder.from_aligned``, anything else as a diffusers ``AutoencoderKL`` (a pipeline folder
+      with a ``vae/`` subfolder works too).
+
+    Raises :class:`EncoderError` with what to do when weights are missing.
+    """
+    spec = str(spec)
+    path = Path(spec)
+    try:
+        if spec in SPACES:
+            return Encoder.from_aligned(shipped(SPACES[spec][0]))
+        if path.is_dir():
+            if is_aligned_vae_folder(path):
+                return Encoder.from_aligned(path)
+            if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+                return Encoder.from_diffusers(path, subfolder="vae")
+            return Encoder.from_diffusers(path)
+    except ImportError as err:
+        raise EncoderError(
+            f"encoder {spec!r} cannot be loaded: {err} (this cspace build lacks the aligned-VAE "
+            "loader; pass --encoder PATH to a diffusers VAE folder)"
+        ) from err
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        if isinstance(err, EncoderError):
+            raise
+        raise EncoderError(f"encoder {spec!r} cannot be loaded: {err}") from err
+    if path.exists():
+        raise EncoderError(f"--encoder {spec!r} is a file; pass a folder holding a VAE")
+    raise EncoderError(
+        f"unknown encoder {spec!r}: use {' or '.join(SPACES)}, or the path of a folder "
+        "holding a cspace aligned VAE or a diffusers AutoencoderKL"
+    )

@@ -6,7 +6,7 @@
                       [--batch-size B] [--lr LR] [--checkpoint FILE] [--threads 1] [--no-eval]
                       [--json] [--quiet]
 
-It encodes the digits train split with the chosen VAE, trains a :class:`cspace.flow.VelocityNet`
+It encodes the digits train split with the chosen VAE, trains a :class:`cspace.models.flow.VelocityNet`
 by flow matching, evaluates 1,000 samples with the pixel-space judge (quality, class balance,
 diversity, copy rate, beside real held-out digits) and saves ``config.json`` +
 ``model.safetensors`` (metrics inside ``config.json``).
@@ -19,7 +19,7 @@ both C-spaces; the VAEs ``cspace/weights/vae_aligned`` and ``vae_plain`` must ex
 
 (the defaults of ``--out`` for ``digits`` and ``digits-plain`` are exactly those folders, and
 6000 steps and seed 0 are the defaults.) Without the ``cspace`` entry point wired, the same from
-Python: ``cspace.flow.train_flow_for_encoder(Encoder.from_aligned(), "cspace/weights/
+Python: ``cspace.experiments.flow_training.train_flow_for_encoder(Encoder.from_aligned(), "cspace/weights/
 flow_aligned", steps=6000, seed=0, encoder_name="vae_aligned")``.
 """
 
@@ -29,38 +29,12 @@ import argparse
 import json
 from pathlib import Path
 
-from cspace.cli import _positive_float, _positive_int
+from cspace.cli.args import positive_float, positive_int
 
-__all__ = ["DEFAULT_SEED", "DEFAULT_STEPS", "add_flow_parser", "resolve_flow_encoder"]
+__all__ = ["DEFAULT_SEED", "DEFAULT_STEPS", "add_flow_parser"]
 
-WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEFAULT_STEPS = 6000
 DEFAULT_SEED = 0
-_SPACES = {"digits": ("vae_aligned", "flow_aligned"), "digits-plain": ("vae_plain", "flow_plain")}
-
-
-def resolve_flow_encoder(spec: str, out: str | None):
-    """``(encoder, encoder_name, out_dir)`` for an ``--encoder`` spec.
-
-    ``digits`` / ``digits-plain``: the shipped VAE folders ``weights/vae_aligned`` /
-    ``weights/vae_plain`` (recorded by folder name), default output ``weights/flow_aligned`` /
-    ``weights/flow_plain``; a PATH: a cspace aligned VAE folder (recorded by its absolute path,
-    or its folder name when it lies under ``cspace/weights``); then ``--out`` is required.
-    """
-    from cspace.encoders import Encoder
-
-    if spec in _SPACES:
-        vae_name, flow_name = _SPACES[spec]
-        encoder = Encoder.from_aligned(WEIGHTS / vae_name)
-        return encoder, vae_name, Path(out) if out else WEIGHTS / flow_name
-    path = Path(spec).expanduser().resolve()
-    if not path.is_dir():
-        raise ValueError(f"--encoder {spec!r} is neither 'digits', 'digits-plain' nor a VAE folder")
-    if not out:
-        raise ValueError("--out is required when --encoder is a folder")
-    encoder = Encoder.from_aligned(path)
-    name = path.name if path.parent == WEIGHTS.resolve() else str(path)
-    return encoder, name, Path(out)
 
 
 def _format(meta: dict, out: Path) -> str:
@@ -93,7 +67,7 @@ def _format(meta: dict, out: Path) -> str:
 
 
 def _cmd_train_flow(args: argparse.Namespace) -> int:
-    from cspace.flow import train_flow_for_encoder
+    from cspace.experiments.flow_training import resolve_flow_encoder, train_flow_for_encoder
 
     encoder, name, out = resolve_flow_encoder(args.encoder, args.out)
     ckpt = Path(args.checkpoint) if args.checkpoint else None
@@ -139,13 +113,13 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_STEPS,
         help=f"training steps (default {DEFAULT_STEPS})",
     )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="batch (default 256)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak AdamW rate (1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="batch (default 256)")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW rate (1e-3)")
     p.add_argument(
         "--checkpoint",
         default=None,
@@ -154,7 +128,7 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="torch threads while training (default 1: fastest for this small model, and the "
         "setting the shipped weights were trained with)",

@@ -1,7 +1,7 @@
 """Frozen teachers for the VF (vision-foundation) alignment of the C-space VAE.
 
 A teacher maps images (B, C, H, W) in [-1, 1] to patch tokens (B, T, C_t) on a square grid of
-``grid`` x ``grid`` tokens (``T = grid**2``, row-major). The aligned VAE (:mod:`cspace.vae`)
+``grid`` x ``grid`` tokens (``T = grid**2``, row-major). The aligned VAE (:mod:`cspace.models.vae`)
 pulls the tokens of its latent towards a teacher's tokens with VA-VAE's VF loss.
 
 * :class:`DinoV2Teacher` is the real thing: a timm DINOv2 ViT
@@ -22,7 +22,6 @@ Teachers are frozen: parameters do not require gradients and the module stays in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,8 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cspace.encoders import MissingWeightsError
-from cspace.files import write_file_atomic
+from cspace.io.errors import MissingWeightsError
+from cspace.io.files import save_safetensors_atomic, write_json_atomic
+from cspace.io.weights import check_state_dict
+from cspace.models.data import shift_images
+from cspace.models.shipped import shipped
 
 __all__ = [
     "DINOV2_MODELS",
@@ -44,7 +46,6 @@ __all__ = [
     "DigitsTeacherConfig",
     "DinoV2Teacher",
     "Teacher",
-    "default_teacher_dir",
     "load_teacher",
     "train_teacher",
 ]
@@ -56,55 +57,6 @@ DINOV2_MODELS = tuple(
 )
 _DINOV2_TAG = "lvd142m"
 TEACHER_FORMAT = "cspace-digits-teacher"
-
-
-def default_teacher_dir() -> Path:
-    """Where the shipped digits teacher lives: ``cspace/weights/teacher``."""
-    return Path(__file__).resolve().parent / "weights" / "teacher"
-
-
-# ---------------------------------------------------------------------- atomic file writes
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
-    write_file_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _atomic_save_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> str:
-    """Save tensors as safetensors through a temporary file and ``os.replace``; returns the
-    file's SHA-256 (hex)."""
-    from safetensors.torch import save
-
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = save(clean, metadata=metadata)
-    write_file_atomic(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _check_state_dict(
-    module: nn.Module, state: dict[str, torch.Tensor], where: Path | str, what: str
-) -> None:
-    """Raise ValueError listing missing/unexpected keys and shape mismatches."""
-    want = module.state_dict()
-    missing = sorted(set(want) - set(state))
-    extra = sorted(set(state) - set(want))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(want[k].shape)}"
-        for k in sorted(set(want) & set(state))
-        if tuple(state[k].shape) != tuple(want[k].shape)
-    ]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes[:5]}{' ...' if len(shapes) > 5 else ''}")
-        raise ValueError(
-            f"{what} weights in {where} do not match its config.json: " + "; ".join(parts)
-        )
 
 
 # ---------------------------------------------------------------------- the teacher interface
@@ -210,29 +162,29 @@ class DigitsTeacher(Teacher):
         """Load ``config.json`` + ``model.safetensors`` (default: the shipped teacher)."""
         from safetensors.torch import load_file
 
-        folder = Path(path) if path is not None else default_teacher_dir()
+        folder = Path(path) if path is not None else shipped("teacher")
         cfg_file, w_file = folder / "config.json", folder / "model.safetensors"
         for f in (cfg_file, w_file):
             if not f.is_file():
                 raise MissingWeightsError(
                     f"digits teacher: {f} is missing. Train it with "
-                    f"`cspace train teacher --out {folder}` (or cspace.teachers.train_teacher)"
+                    f"`cspace train teacher --out {folder}` (or cspace.models.teachers.train_teacher)"
                 )
         meta = json.loads(cfg_file.read_text())
         if meta.get("format") != TEACHER_FORMAT:
             raise ValueError(f"{cfg_file} is not a cspace digits teacher config")
         model = cls(DigitsTeacherConfig(**meta["config"]))
         state = load_file(str(w_file))
-        _check_state_dict(model, state, w_file, "digits teacher")
+        check_state_dict(model, state, w_file, "digits teacher")
         model.load_state_dict(state)
         model.meta = meta
         return model.freeze()
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         folder = Path(path)
-        _atomic_save_safetensors(folder / "model.safetensors", self.state_dict())
+        save_safetensors_atomic(folder / "model.safetensors", self.state_dict())
         meta = {"format": TEACHER_FORMAT, "config": asdict(self.config), **(extra or {})}
-        _atomic_write_json(folder / "config.json", meta)
+        write_json_atomic(folder / "config.json", meta)
 
 
 # ---------------------------------------------------------------------- DINOv2 (timm)
@@ -399,23 +351,10 @@ def load_teacher(
 
 
 # ---------------------------------------------------------------------- training
-def _shift_augment(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Random integer translations by up to ``max_shift`` pixels (background -1 fills in)."""
-    b, c, h, w = x.shape
-    pad = F.pad(x, (max_shift,) * 4, value=-1.0)
-    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=g)
-    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=g)
-    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :]
-    return pad[
-        torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
-    ]
-
-
 @torch.no_grad()
 def teacher_accuracy(teacher: DigitsTeacher, split: str = "heldout") -> float:
     """Classification accuracy of a digits teacher on a digits split."""
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     x, y = digits(split)
     pred = torch.cat([teacher.logits(x[s : s + 256]).argmax(1) for s in range(0, len(x), 256)])
@@ -438,7 +377,7 @@ def train_teacher(
     """
     from tqdm.auto import tqdm
 
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
@@ -452,7 +391,7 @@ def train_teacher(
     for step in tqdm(range(steps), desc="teacher", disable=not progress):
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
         idx = torch.randint(0, n, (batch_size,), generator=g)
-        xb = _shift_augment(x[idx], g)
+        xb = shift_images(x[idx], g)
         frac = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
             group["lr"] = lr * frac

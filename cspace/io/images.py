@@ -1,13 +1,7 @@
-"""Images in and out: the embedded digits data set, its fixed splits, and image files.
+"""Image files in and out: PNG/JPEG files and folders to float32 ``(N, C, H, W)`` tensors in
+[-1, 1], and back.
 
 Image tensors throughout cspace are float32 ``(B, C, H, W)`` with values in [-1, 1].
-
-The embedded default is scikit-learn's digits (1,797 real 8x8 grey images, 0..16, shipped inside
-scikit-learn). It is split once, stratified by class with a fixed seed, into three disjoint parts:
-
-* ``train`` (50%): the teacher, the VAEs and the latent flow models are trained on it;
-* ``judge`` (25%): only the independent judge classifier is trained on it;
-* ``heldout`` (25%): evaluation, and the example images shipped under ``examples/``.
 """
 
 from __future__ import annotations
@@ -19,51 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = [
-    "IMAGE_SUFFIXES",
-    "SPLITS",
-    "ImageFolderError",
-    "digits",
-    "digits_to_uint8",
-    "load_images",
-    "save_png",
-]
+__all__ = ["IMAGE_SUFFIXES", "ImageFolderError", "load_images", "save_png", "to_uint8"]
 
-SPLITS = ("train", "judge", "heldout")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_SPLIT_SEED = 20250117
 
 
 class ImageFolderError(ValueError):
     """Bad image input: unreadable, wrong size or channel count, or nothing to read."""
 
 
-def _split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(_SPLIT_SEED)
-    out: dict[str, list[int]] = {s: [] for s in SPLITS}
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        n = len(idx)
-        a, b = n // 2, n // 2 + n // 4
-        out["train"] += idx[:a].tolist()
-        out["judge"] += idx[a:b].tolist()
-        out["heldout"] += idx[b:].tolist()
-    return {s: np.sort(np.asarray(v)) for s, v in out.items()}
-
-
-def digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """The digits of one split: images (N, 1, 8, 8) float32 in [-1, 1] and labels (N,) int64."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    idx = _split_indices(data.target)[split]
-    images = torch.from_numpy(data.images[idx].astype(np.float32) / 8.0 - 1.0)[:, None]
-    return images, torch.from_numpy(data.target[idx].astype(np.int64))
-
-
-def digits_to_uint8(images: torch.Tensor) -> np.ndarray:
+def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1] (B, C, H, W) to uint8 arrays (B, H, W) or (B, H, W, C)."""
     arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     arr = arr.transpose(0, 2, 3, 1)
@@ -74,7 +33,7 @@ def save_png(images: torch.Tensor, paths: Sequence[str | os.PathLike]) -> None:
     """Write images in [-1, 1] (B, C, H, W) as PNG files, one per path."""
     from PIL import Image
 
-    arrs = digits_to_uint8(images)
+    arrs = to_uint8(images)
     if len(arrs) != len(paths):
         raise ValueError(f"{len(arrs)} images but {len(paths)} paths")
     for arr, p in zip(arrs, paths, strict=True):

@@ -7,9 +7,10 @@
                      [--q-star-range LO HI] [--eta-range LO HI] [--avoid-class C]
                      [--out DIR] [--no-write] [--init] [--json]
 
-Models and their objectives (both minimised; see :mod:`guidance.calibrate`):
+Models and their objectives (both minimised; see :mod:`guidance.calibrate` and
+:mod:`cspace.experiments.calibration`):
 
-* ``--model toy``: the exact 2-D Gaussian mixture of ``cspace toy`` (:func:`cspace.toy.default_toy`),
+* ``--model toy``: the exact 2-D Gaussian mixture of ``cspace toy`` (:func:`cspace.models.toy.default_toy`),
   Euler, strength 1. The obstacles are balls: centre = embedding, radius = the set's hard radius.
   ``hit`` = share of samples inside a ball; ``loss`` = energy distance to exact samples of the
   mixture restricted to the outside of the balls. ``--init`` writes the toy's three obstacles
@@ -35,122 +36,11 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-import torch
+from cspace.cli.args import nonneg_float, positive_float, positive_int
 
-from cspace.cli import _nonneg_float, _positive_float, _positive_int
-
-__all__ = ["digits_evaluator", "register", "toy_evaluator", "toy_set"]
+__all__ = ["register"]
 
 
-# ---------------------------------------------------------------------- evaluators
-def toy_set():
-    """The toy's obstacles as a set: two wide balls on modes 0 and 3, a narrow one between modes
-    5 and 6; hard radius = ball radius, Q* = 1.5 x radius, eta = 1 (one pair would not fit both)."""
-    from cspace.toy import default_toy
-    from obstacles import ObstacleSet
-
-    _, balls = default_toy()
-    r = balls.radii.double().numpy()
-    return ObstacleSet.from_embeddings(
-        balls.centers.double().numpy(),
-        q_star=1.5 * r,
-        eta=1.0,
-        radius=r,
-        labels=["wide", "wide", "narrow"],
-        sources="cspace.toy.default_toy",
-    )
-
-
-def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
-    """``evaluate(set) -> {"hit", "loss", "nfe"}`` on the exact 2-D toy (module docstring)."""
-    from cspace.metrics import energy_distance
-    from cspace.toy import BallObstacles, default_toy
-    from guidance import RepulsiveField, sample
-
-    mix, _ = default_toy()
-    noise = torch.randn(
-        (n, mix.dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-    )
-    targets: dict[bytes, torch.Tensor] = {}
-
-    def evaluate(oset) -> dict:
-        if oset.dim != mix.dim:
-            raise ValueError(f"--model toy needs a set of dimension {mix.dim}; got {oset.dim}")
-        if not np.all(oset.radius > 0):
-            raise ValueError("--model toy needs hard radii > 0 (the balls); rebuild with --init")
-        balls = BallObstacles(
-            torch.as_tensor(oset.embeddings, dtype=torch.float64),
-            torch.as_tensor(oset.radius, dtype=torch.float64),
-        )
-        key = np.concatenate([oset.embeddings.ravel(), oset.radius]).tobytes()
-        if key not in targets:
-            g = torch.Generator().manual_seed(10_000 + seed)
-            targets[key] = mix.sample_outside(n, balls, g)
-        out = sample(mix.velocity, noise, steps=steps, field=RepulsiveField(oset), progress=False)
-        return {
-            "hit": float(balls.inside(out.samples).double().mean()),
-            "loss": energy_distance(out.samples, targets[key]),
-            "nfe": int(out.nfe),
-        }
-
-    return evaluate
-
-
-def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int = 0):
-    """``evaluate(set) -> {"hit", "loss", "nfe", ...}`` on the digits latent flow (module
-    docstring); extras: ``avoided_ratio`` (to unguided), ``class_shift`` and ``confidence_drop``
-    (points)."""
-    from cspace.demo import WEIGHTS, DemoSettings, sample_arm
-    from cspace.encoders import Encoder
-    from cspace.flow import load_flow
-    from cspace.judge import default_judge
-    from guidance import RepulsiveField
-
-    if not 0 <= int(avoid_class) <= 9:
-        raise ValueError(f"--avoid-class must be a digit 0..9; got {avoid_class}")
-    encoder, flow, judge = (
-        Encoder.from_aligned(),
-        load_flow(WEIGHTS / "flow_aligned"),
-        default_judge(),
-    )
-    shape = encoder.latent_shape((8, 8))
-    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
-
-    arm = DemoSettings(steps=steps, seed=seed)  # the demo's sampler: SDE + backtracking
-
-    def run(field=None):
-        out = sample_arm(flow, noise, arm, field, strength=1.0)
-        rep = judge.report(encoder.decode(out.samples))
-        return np.asarray(rep["class_shares"]), float(rep["confidence"]), int(out.nfe)
-
-    base, base_conf, _ = run()
-
-    def evaluate(oset) -> dict:
-        if oset.dim != int(np.prod(shape)):
-            raise ValueError(
-                f"--model digits needs a set built with the digits encoder (d={np.prod(shape)}); "
-                f"got d={oset.dim}"
-            )
-        shares, conf, nfe = run(RepulsiveField(oset))
-        shift = np.abs(shares - base) * 100
-        shift[avoid_class] = 0.0
-        drop = 100 * (base_conf - conf)
-        return {
-            "hit": float(shares[avoid_class]),
-            "loss": float(max(shift.max(), drop)),
-            "nfe": nfe,
-            "avoided_ratio": float(shares[avoid_class] / max(base[avoid_class], 1e-12)),
-            "class_shift": float(shift.max()),
-            "confidence_drop": float(drop),
-            "unguided_rate": float(base[avoid_class]),
-        }
-
-    evaluate.unguided_rate = float(base[avoid_class])
-    return evaluate
-
-
-# ---------------------------------------------------------------------- command
 def _check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     for where in (path, parent):
@@ -176,6 +66,9 @@ def _avoid_class(args, oset) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cspace.experiments.calibration import digits_evaluator, toy_evaluator, toy_set
     from guidance.calibrate import CalibrationSettings, calibrate
     from obstacles import ObstacleSet, is_obstacle_set
 
@@ -282,15 +175,15 @@ def register(subparsers) -> None:
         "avoided class (digits); auto picks the model's",
     )
     p.add_argument("--per", choices=("global", "label", "obstacle"), default="global")
-    p.add_argument("--max-hit", type=_nonneg_float, default=None,
+    p.add_argument("--max-hit", type=nonneg_float, default=None,
                    help="constraint on hit (toy default 0.01; digits default 0.1 x unguided)")  # fmt: skip
-    p.add_argument("--trials", type=_positive_int, default=24, help="trials (default 24)")
-    p.add_argument("--budget", type=_positive_int, default=None, help="total NFE of all trials")
-    p.add_argument("--n", type=_positive_int, default=None, help="samples per trial")
-    p.add_argument("--steps", type=_positive_int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--trials", type=positive_int, default=24, help="trials (default 24)")
+    p.add_argument("--budget", type=positive_int, default=None, help="total NFE of all trials")
+    p.add_argument("--n", type=positive_int, default=None, help="samples per trial")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--q-star-range", type=_positive_float, nargs=2, metavar=("LO", "HI"))
-    p.add_argument("--eta-range", type=_positive_float, nargs=2, metavar=("LO", "HI"))
+    p.add_argument("--q-star-range", type=positive_float, nargs=2, metavar=("LO", "HI"))
+    p.add_argument("--eta-range", type=positive_float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--avoid-class", type=int, choices=range(10), default=None, metavar="C",
                    help="digits: the class the set stands for (default: from its labels)")  # fmt: skip
     p.add_argument("--out", default=None, help="study folder (default SET-calibration)")

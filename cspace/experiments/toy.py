@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from cspace.metrics import energy_distance
-from cspace.toy import BallObstacles, GaussianMixture, default_toy
+from cspace.models.metrics import energy_distance
+from cspace.models.toy import BallObstacles, GaussianMixture, default_toy
 from guidance import Backtrack, RepulsiveField, sample
 from obstacles import ObstacleSet
 
@@ -81,7 +81,7 @@ def toy_obstacle_set(obstacles: BallObstacles, q_star_factor: float = 1.5) -> Ob
         eta=(q / 1.8) ** 3,
         radius=radius,
         labels="ball",
-        sources="cspace.toy.default_toy",
+        sources="cspace.models.toy.default_toy",
     )
 
 

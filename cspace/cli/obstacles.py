@@ -19,76 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["ObstaclesCommandError", "build_parser", "main", "register", "resolve_encoder"]
-
-WEIGHTS = Path(__file__).resolve().parent / "weights"
-ENCODER_NAMES = ("digits", "digits-plain")
+__all__ = ["ObstaclesCommandError", "register"]
 
 
 class ObstaclesCommandError(ValueError):
     """A bad ``cspace obstacles`` invocation (the message says what to change)."""
-
-
-# ---------------------------------------------------------------------- encoder specs
-def _is_aligned_folder(path: Path) -> bool:
-    """A cspace aligned VAE folder: config.json with a "cspace" marker, or model.safetensors next
-    to a config.json that holds "scaling_factor"."""
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    if not isinstance(cfg, dict):
-        return False
-    if "cspace" in cfg or str(cfg.get("format", "")).startswith("cspace"):
-        return True
-    return (path / "model.safetensors").is_file() and "scaling_factor" in cfg
-
-
-def resolve_encoder(spec: str):
-    """An :class:`cspace.encoders.Encoder` from a spec.
-
-    * ``digits``: the aligned digits VAE shipped in the package (``Encoder.from_aligned()``);
-    * ``digits-plain``: the same VAE trained without the alignment loss (``weights/vae_plain``);
-    * a folder: a cspace aligned VAE (see :func:`_is_aligned_folder`) is loaded with
-      ``Encoder.from_aligned``, anything else as a diffusers ``AutoencoderKL`` (a pipeline folder
-      with a ``vae/`` subfolder works too).
-
-    Raises :class:`ObstaclesCommandError` with what to do when weights are missing.
-    """
-    from cspace.encoders import Encoder
-
-    spec = str(spec)
-    path = Path(spec)
-    try:
-        if spec == "digits":
-            return Encoder.from_aligned()
-        if spec == "digits-plain":
-            return Encoder.from_aligned(WEIGHTS / "vae_plain")
-        if path.is_dir():
-            if _is_aligned_folder(path):
-                return Encoder.from_aligned(path)
-            if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
-                return Encoder.from_diffusers(path, subfolder="vae")
-            return Encoder.from_diffusers(path)
-    except ImportError as err:
-        raise ObstaclesCommandError(
-            f"encoder {spec!r} cannot be loaded: {err} (this cspace build lacks the aligned-VAE "
-            "loader; pass --encoder PATH to a diffusers VAE folder)"
-        ) from err
-    except (OSError, ValueError, RuntimeError, KeyError) as err:
-        if isinstance(err, ObstaclesCommandError):
-            raise
-        raise ObstaclesCommandError(f"encoder {spec!r} cannot be loaded: {err}") from err
-    if path.exists():
-        raise ObstaclesCommandError(f"--encoder {spec!r} is a file; pass a folder holding a VAE")
-    raise ObstaclesCommandError(
-        f"unknown encoder {spec!r}: use {' or '.join(ENCODER_NAMES)}, or the path of a folder "
-        "holding a cspace aligned VAE or a diffusers AutoencoderKL"
-    )
 
 
 # ---------------------------------------------------------------------- value parsing
@@ -155,7 +93,12 @@ def _range(values) -> str:
 def _encoder_on(spec: str, device: str):
     import torch
 
-    enc = resolve_encoder(spec)
+    from cspace.models.encoders import load_encoder
+
+    try:
+        enc = load_encoder(spec)
+    except ValueError as err:
+        raise ObstaclesCommandError(str(err)) from err
     try:
         enc.vae.to(torch.device(device))
     except (RuntimeError, AssertionError) as err:
@@ -287,7 +230,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_classifier(args: argparse.Namespace) -> int:
     import torch
 
-    from cspace.data import load_images
+    from cspace.io.images import load_images
     from obstacles.classifier import PreferenceClassifier, is_classifier_folder
 
     q_star = _q_star(args.q_star)
@@ -444,26 +387,3 @@ def register(subparsers) -> argparse.ArgumentParser:
     _encoder_args(clf)
     clf.set_defaults(func=_command(_cmd_classifier))
     return obs
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with only the ``obstacles`` command (``cspace.cli`` registers it too)."""
-    parser = argparse.ArgumentParser(prog="cspace")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run ``cspace obstacles ...`` on its own, with ``cspace.cli.main``'s error handling."""
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError) as err:
-        print(f"cspace {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

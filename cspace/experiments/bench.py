@@ -1,4 +1,5 @@
-"""``cspace bench field``: the field's backends against each other and against a measured floor.
+"""The field benchmark behind ``cspace bench field``: the field's backends against each other and
+against a measured floor.
 
 ::
 
@@ -40,18 +41,22 @@ the floor.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import statistics
 import time
 
 import numpy as np
 import torch
 
-from cspace.cli import _positive_float, _positive_int
-
-__all__ = ["BACKENDS", "bench_field", "blob_problem", "dense_field", "register"]
+__all__ = [
+    "BACKENDS",
+    "DTYPES",
+    "bench_field",
+    "blob_problem",
+    "dense_field",
+    "format_report",
+    "measure_floor",
+]
 
 BACKENDS = (
     "reference",
@@ -278,36 +283,3 @@ def format_report(rep: dict) -> str:
             f"{r['force_rel_error']:.1e} | {r['potential_rel_error']:.1e} |"
         )
     return "\n".join(lines)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from cspace.files import write_file_atomic
-
-    backends = None if args.backends is None else [s for s in args.backends.split(",") if s]
-    rep = bench_field(args.n, args.d, args.b, args.q_star_quantile, args.repeats, args.device,
-                      dtype=args.dtype, backends=backends)  # fmt: skip
-    if args.out:
-        write_file_atomic(args.out, json.dumps(rep, indent=1).encode())
-    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="benchmarks (field backends against a measured floor)")
-    sub = p.add_subparsers(dest="bench", metavar="WHAT")
-    sub.required = True
-    f = sub.add_parser("field", help="the field's backends on one synthetic obstacle set",
-                       description=__doc__.split("\n\n")[2])  # fmt: skip
-    f.add_argument("--n", type=_positive_int, default=100_000, help="obstacles")
-    f.add_argument("--d", type=_positive_int, default=64, help="dimension")
-    f.add_argument("--b", type=_positive_int, default=64, help="states")
-    f.add_argument("--q-star-quantile", type=_positive_float, default=0.5,
-                   help="Q* as a quantile of state-obstacle distances (0.5 dense, 0.0005 sparse)")  # fmt: skip
-    f.add_argument("--repeats", type=_positive_int, default=5)
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    f.add_argument("--backends", default=None,
-                   help=f"comma-separated, from {', '.join(BACKENDS)} (default: by device)")  # fmt: skip
-    f.add_argument("--json", action="store_true", help="print the JSON report")
-    f.add_argument("--out", default=None, help="also write the JSON report to this file")
-    f.set_defaults(func=_cmd_bench)

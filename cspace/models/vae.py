@@ -31,7 +31,7 @@ and batch 128 did not prevent it. Check ``metrics`` and the per-channel posterio
 comparing runs.
 
 Shapes for the shipped digits VAE: images (B, 1, 8, 8) -> latents (B, 2, 4, 4), a 32-d C-space;
-the digits teacher (:class:`cspace.teachers.DigitsTeacher`, the stand-in for DINOv2 at 8x8) has
+the digits teacher (:class:`cspace.models.teachers.DigitsTeacher`, the stand-in for DINOv2 at 8x8) has
 a 4x4 grid of 64-d tokens, so ``P`` is a (64, 2, 1, 1) convolution.
 
 Files (a folder): ``config.json`` (the :class:`AlignedVAEConfig`, ``scaling_factor``,
@@ -58,22 +58,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cspace.encoders import MissingWeightsError
-from cspace.teachers import (
-    Teacher,
-    _atomic_save_safetensors,
-    _atomic_write_json,
-    _check_state_dict,
-    _shift_augment,
-    load_teacher,
-)
+from cspace.io.errors import MissingWeightsError
+from cspace.io.files import save_safetensors_atomic, write_json_atomic
+from cspace.io.weights import check_state_dict
+from cspace.models.data import shift_images
+from cspace.models.shipped import shipped
+from cspace.models.teachers import Teacher, load_teacher
 
 __all__ = [
     "AlignedVAEConfig",
     "VFAlignment",
     "adaptive_vf_weight",
     "build_autoencoder",
-    "default_vae_dir",
     "evaluate_vae",
     "latent_stats",
     "load_aligned_vae",
@@ -84,13 +80,6 @@ __all__ = [
 
 VAE_FORMAT = "cspace-aligned-vae"
 CHECKPOINT_DIR = "checkpoint"
-
-
-def default_vae_dir(kind: str = "aligned") -> Path:
-    """Shipped digits VAEs: ``cspace/weights/vae_aligned`` or ``cspace/weights/vae_plain``."""
-    if kind not in ("aligned", "plain"):
-        raise ValueError(f"kind must be 'aligned' or 'plain'; got {kind!r}")
-    return Path(__file__).resolve().parent / "weights" / f"vae_{kind}"
 
 
 @dataclass
@@ -339,7 +328,7 @@ def evaluate_vae(
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
 
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     vae.eval()
     xt, yt = digits("train")
@@ -367,7 +356,7 @@ def evaluate_vae(
 def _missing_vae(folder: Path, what: str) -> MissingWeightsError:
     return MissingWeightsError(
         f"aligned VAE: {what}. Train it with `cspace train vae --out {folder}` "
-        "(or cspace.vae.train_vae); the shipped digits VAEs live in cspace/weights/vae_aligned "
+        "(or cspace.models.vae.train_vae); the shipped digits VAEs live in cspace/weights/vae_aligned "
         "and cspace/weights/vae_plain"
     )
 
@@ -388,7 +377,7 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(path) if path is not None else default_vae_dir("aligned")
+    folder = Path(path) if path is not None else shipped("vae_aligned")
     if not folder.is_dir():
         raise _missing_vae(folder, f"no folder {folder}")
     cfg_file, w_file = folder / "config.json", folder / "model.safetensors"
@@ -409,11 +398,11 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
     vae = build_autoencoder(cfg)
     vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
     others = {k: v for k, v in state.items() if not k.startswith("vae.")}
-    _check_state_dict(vae, vae_state, w_file, "VAE")
+    check_state_dict(vae, vae_state, w_file, "VAE")
     proj = None
     if meta.get("teacher_width"):
         proj = VFAlignment(cfg.latent_channels, int(meta["teacher_width"]), cfg)
-        _check_state_dict(proj, others, w_file, "VF projection")
+        check_state_dict(proj, others, w_file, "VF projection")
         proj.load_state_dict(others)
     elif others:
         raise ValueError(f"{w_file} has unexpected keys {sorted(others)[:5]}")
@@ -524,7 +513,7 @@ def train_vae(
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     if shift_augment < 0:
         raise ValueError(f"shift_augment must be >= 0; got {shift_augment}")
@@ -604,9 +593,9 @@ def train_vae(
         if align is not None:
             tensors.update(align.state_dict())
         tensors.update(_optimizer_tensors(opt))
-        _atomic_save_safetensors(ckpt_dir / name, tensors, metadata={"step": str(step)})
+        save_safetensors_atomic(ckpt_dir / name, tensors, metadata={"step": str(step)})
         groups = json.loads(json.dumps(opt.state_dict()["param_groups"]))
-        _atomic_write_json(
+        write_json_atomic(
             ckpt_dir / "checkpoint.json",
             {
                 "step": step,
@@ -629,7 +618,7 @@ def train_vae(
     for step in range(start, steps):
         idx = _batch_indices(n, batch_size, seed, step)
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        x = _shift_augment(x_train[idx], g, shift_augment) if shift_augment else x_train[idx]
+        x = shift_images(x_train[idx], g, shift_augment) if shift_augment else x_train[idx]
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
         post = vae.encode(x).latent_dist
@@ -681,8 +670,8 @@ def train_vae(
     tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
     if align is not None:
         tensors.update(align.state_dict())
-    meta["model_sha256"] = _atomic_save_safetensors(out / "model.safetensors", tensors)
-    _atomic_write_json(out / "config.json", meta)
+    meta["model_sha256"] = save_safetensors_atomic(out / "model.safetensors", tensors)
+    write_json_atomic(out / "config.json", meta)
     if not keep_checkpoint:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cspace.files import write_file_atomic
+from cspace.io.files import write_file_atomic
 from guidance.sampler import METHODS
 
 __all__ = [
@@ -42,8 +42,7 @@ __all__ = [
 ]
 
 ARMS = ("unguided", "guided", "classifier")
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "digits"
-WEIGHTS = Path(__file__).resolve().parent / "weights"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "digits"
 
 
 @dataclass
@@ -75,14 +74,14 @@ class DemoSettings:
 
 def _space(encoder: str):
     """Encoder and flow model of one C-space."""
-    from cspace.encoders import Encoder
-    from cspace.flow import load_flow
+    from cspace.models.encoders import Encoder
+    from cspace.models.flow import load_flow
+    from cspace.models.shipped import SPACES, shipped
 
-    if encoder == "digits":
-        return Encoder.from_aligned(), load_flow(WEIGHTS / "flow_aligned")
-    if encoder == "digits-plain":
-        return Encoder.from_aligned(WEIGHTS / "vae_plain"), load_flow(WEIGHTS / "flow_plain")
-    raise ValueError(f"unknown demo encoder {encoder!r}; choose 'digits' or 'digits-plain'")
+    if encoder not in SPACES:
+        raise ValueError(f"unknown demo encoder {encoder!r}; choose one of {tuple(SPACES)}")
+    vae, flow = SPACES[encoder]
+    return Encoder.from_aligned(shipped(vae)), load_flow(shipped(flow))
 
 
 def example_files(cls: int, limit: int) -> list[Path]:
@@ -149,7 +148,8 @@ def run_demo(
     settings: DemoSettings | None = None, out_dir: str | Path | None = "cspace-demo"
 ) -> dict:
     """Run the demo; returns the report (also written to ``out_dir/report.json``)."""
-    from cspace.judge import Judge, copy_rate, diversity, nearest_train_distance
+    from cspace.models.judge import Judge, copy_rate, nearest_train_distance
+    from cspace.models.metrics import diversity
     from guidance import RepulsiveField
     from guidance.halfspace import ClassifierField
     from obstacles.classifier import PreferenceClassifier
@@ -186,7 +186,7 @@ def run_demo(
     good_files = [
         f for c in range(10) if c != s.avoid_class for f in example_files(c, s.max_examples)
     ]
-    from cspace.data import load_images
+    from cspace.io.images import load_images
 
     good_emb = encoder.embed(encoder.encode(load_images(good_files)[0].to(device))).cpu().numpy()
     clf = PreferenceClassifier.fit(good_emb, oset.embeddings, seed=s.seed)
@@ -265,7 +265,7 @@ def _umap_figure(encoder, oset, paths: dict, s: DemoSettings, path: Path) -> Non
     import umap
     from matplotlib.figure import Figure
 
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     images, labels = digits("heldout")
     dev = next(encoder.vae.parameters()).device

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["energy_distance"]
+__all__ = ["diversity", "energy_distance"]
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor, max_points: int = 4096) -> float:
@@ -28,3 +28,27 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor, max_points: int = 4096) ->
         return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").mean()
 
     return float(2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y))
+
+
+def diversity(x: torch.Tensor, block: int = 1024) -> float:
+    r"""Mean Euclidean distance between two different samples of ``x`` (B, ...), flattened:
+
+        diversity(x) = 1 / (B (B - 1)) sum_{i != j} |x_i - x_j|,
+
+    in float64 from differences, ``block`` rows at a time (memory ``block x B``). Zero for a
+    single sample (no spread to measure). Used on pixels (the demo's images) and on latents (the
+    samples a search returns) alike.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim < 1:
+        raise ValueError(f"diversity needs a tensor (B, ...); got {type(x).__name__}")
+    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    n = flat.shape[0]
+    if n < 2:
+        return 0.0
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("diversity: the samples contain NaN or Inf")
+    total = 0.0
+    for s in range(0, n, int(block)):
+        d = torch.cdist(flat[s : s + block], flat, compute_mode="donot_use_mm_for_euclid_dist")
+        total += float(d.sum())
+    return total / (n * (n - 1))

@@ -1,4 +1,4 @@
-r"""The independent judge of generated digits, and the diversity and memorisation checks.
+r"""The independent judge of generated digits, and the memorisation check.
 
 Everything here works in **pixel space** on images (B, 1, 8, 8) in [-1, 1] (flattened to 64-d
 vectors), never in a VAE latent space, so it judges every encoder and flow the same way.
@@ -6,7 +6,7 @@ vectors), never in a VAE latent space, so it judges every encoder and flow the s
 The judge
 ---------
 :meth:`Judge.fit` trains a kernel logistic regression on the pixels of the digits *judge* split
-only (:func:`cspace.data.digits`; the VAEs, teachers and flows never see that split) and measures
+only (:func:`cspace.models.data.digits`; the VAEs, teachers and flows never see that split) and measures
 its accuracy on the *heldout* split:
 
     phi(x) = K(x, X_judge) K(X_judge, X_judge)^{-1/2},   K(a, b) = exp(-gamma |a - b|^2)
@@ -33,8 +33,8 @@ deterministic, so nothing is saved to disk.
 
 Diversity and memorisation
 --------------------------
-* :func:`diversity`: the mean L2 distance between two different images of a set,
-  ``1 / (B (B-1)) sum_{i != j} |x_i - x_j|`` (real digits: about 6.04).
+* :func:`cspace.models.metrics.diversity`: the mean L2 distance between two different images of
+  a set, ``1 / (B (B-1)) sum_{i != j} |x_i - x_j|`` (real digits: about 6.04).
 * :func:`nearest_train_distance`: for each image, the L2 distance to its nearest image of the
   digits *train* split (the split the VAEs and flows are trained on).
 * :func:`copy_rate`: the share of images closer to a training image than ``threshold``. The
@@ -59,7 +59,6 @@ __all__ = [
     "copy_rate",
     "copy_threshold",
     "default_judge",
-    "diversity",
     "nearest_train_distance",
 ]
 
@@ -121,7 +120,7 @@ class Judge:
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
 
-        from cspace.data import digits
+        from cspace.models.data import digits
 
         images, labels = digits("judge")
         x = _pixels(images).numpy()
@@ -183,21 +182,9 @@ def default_judge(seed: int = 0) -> Judge:
 
 
 # ---------------------------------------------------------------------- diversity, memorisation
-def diversity(images: torch.Tensor) -> float:
-    """Mean pixel-space L2 distance over the ordered pairs i != j of ``images`` (B >= 2)."""
-    x = _pixels(images)
-    if x.shape[0] < 2:
-        raise ValueError("diversity needs at least 2 images")
-    n = x.shape[0]
-    total = 0.0
-    for s in range(0, n, 1024):  # blocks keep the memory at 1024 x B
-        total += float(_cdist(x[s : s + 1024], x).sum())
-    return total / (n * (n - 1))
-
-
 @functools.lru_cache(maxsize=1)
 def _train_pixels() -> torch.Tensor:
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     return _pixels(digits("train")[0])
 
@@ -213,7 +200,7 @@ def nearest_train_distance(images: torch.Tensor) -> torch.Tensor:
 def copy_threshold() -> float:
     """The default copy threshold: the 1st percentile of the nearest-train distances of the real
     *judge*-split digits (about 1.24 in pixel units of [-1, 1] images)."""
-    from cspace.data import digits
+    from cspace.models.data import digits
 
     d = nearest_train_distance(digits("judge")[0])
     return float(torch.quantile(d, COPY_PERCENTILE / 100))

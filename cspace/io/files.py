@@ -11,14 +11,22 @@ one removed. An interruption at any point leaves either the old folder or the ne
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["sha256_hex", "write_file_atomic", "write_folder_atomic"]
+__all__ = [
+    "save_safetensors_atomic",
+    "sha256_hex",
+    "write_file_atomic",
+    "write_folder_atomic",
+    "write_json_atomic",
+]
 
 
 def sha256_hex(data: bytes) -> str:
@@ -45,6 +53,24 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
+    write_file_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def save_safetensors_atomic(
+    path: str | os.PathLike, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None
+) -> str:
+    """Save tensors as safetensors through a temporary file and ``os.replace``; returns the
+    file's SHA-256 (hex)."""
+    from safetensors.torch import save
+
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = save(clean, metadata=metadata)
+    write_file_atomic(path, data)
+    return sha256_hex(data)
 
 
 def write_folder_atomic(path: str | os.PathLike, files: Mapping[str, bytes]) -> Path:

@@ -9,8 +9,7 @@ deterministic for its seed, and budgeted in steps, not seconds):
     cspace train vae --out cspace/weights/vae_plain --vf-weight 0 \\
         --steps 2000 --seed 0 --no-resume
 
-(Until ``cspace/cli.py`` registers this module, run them as ``python -m cspace.cli_train train
-...``.) The aligned VAE depends on the teacher, so train the teacher first. ``train vae`` writes a
+The aligned VAE depends on the teacher, so train the teacher first. ``train vae`` writes a
 checkpoint every 250 steps under ``OUT/checkpoint/``; run the same command again to resume an
 interrupted run (``--no-resume`` starts over). With a DINOv2 teacher
 (``--teacher vit_large_patch14_dinov2.lvd142m --teacher-weights model.safetensors``) the teacher's
@@ -21,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from cspace.cli import _nonneg_float, _positive_int
+from cspace.cli.args import nonneg_float, positive_int
 
-__all__ = ["main", "register"]
+__all__ = ["register"]
 
 _METRIC_ORDER = (
     "heldout_accuracy",
@@ -52,7 +50,7 @@ def _print_report(report: dict, as_json: bool) -> None:
 
 
 def _cmd_teacher(args: argparse.Namespace) -> int:
-    from cspace.teachers import train_teacher
+    from cspace.models.teachers import train_teacher
 
     report = train_teacher(
         args.out, steps=args.steps, seed=args.seed, progress=not args.no_progress
@@ -62,7 +60,7 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
 
 
 def _cmd_vae(args: argparse.Namespace) -> int:
-    from cspace.vae import train_vae
+    from cspace.models.vae import train_vae
 
     report = train_vae(
         args.out,
@@ -89,7 +87,7 @@ def register(subparsers) -> None:
     )
     what = train.add_subparsers(dest="train_command", metavar="WHAT")
     what.required = True
-    from cspace.cli_flow import add_flow_parser
+    from cspace.cli.flow import add_flow_parser
 
     add_flow_parser(what)
 
@@ -103,7 +101,7 @@ def register(subparsers) -> None:
         "--out", default="cspace-teacher", help="output folder (default cspace-teacher)"
     )
     teacher.add_argument(
-        "--steps", type=_positive_int, default=1500, help="training steps (default 1500)"
+        "--steps", type=positive_int, default=1500, help="training steps (default 1500)"
     )
     teacher.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     teacher.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,13 +117,13 @@ def register(subparsers) -> None:
     )
     vae.add_argument("--out", default="cspace-vae", help="output folder (default cspace-vae)")
     vae.add_argument(
-        "--steps", type=_positive_int, default=2000, help="training steps (default 2000)"
+        "--steps", type=positive_int, default=2000, help="training steps (default 2000)"
     )
     vae.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    vae.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
+    vae.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
     vae.add_argument(
         "--vf-weight",
-        type=_nonneg_float,
+        type=nonneg_float,
         default=0.1,
         help="VF loss weight times the adaptive factor (default 0.1; 0: plain VAE)",
     )
@@ -147,21 +145,3 @@ def register(subparsers) -> None:
     vae.add_argument("--no-progress", action="store_true", help="no progress bar")
     vae.add_argument("--json", action="store_true", help="print the report as JSON")
     vae.set_defaults(func=_cmd_vae)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m cspace.cli_train train {teacher,vae} ...``."""
-    parser = argparse.ArgumentParser(prog="cspace")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"cspace {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

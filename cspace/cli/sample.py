@@ -28,102 +28,21 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 from pathlib import Path
 
-import numpy as np
-import torch
+from cspace.cli.args import nonneg_float, positive_float, positive_int
+from cspace.cli.search import ALGOS as SEARCHES
 
-from cspace.cli import _nonneg_float, _positive_float, _positive_int
-from cspace.files import write_file_atomic
-
-__all__ = ["load_pipeline", "register"]
-
-SEARCHES = ("best-of-n", "zero-order", "paths", "smc", "smc-guided", "backtrack")
-
-
-def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
-    """A diffusers pipeline from a local folder, offline; a clear error when it is not there."""
-    from diffusers import DiffusionPipeline
-
-    folder = Path(path)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"no diffusers pipeline at {folder} (model_index.json missing). cspace does not "
-            "download weights: save one with pipe.save_pretrained(DIR), or on a machine with "
-            "network run `huggingface-cli download REPO --local-dir DIR`, and pass DIR"
-        )
-    try:
-        pipe = DiffusionPipeline.from_pretrained(
-            folder, local_files_only=True, low_cpu_mem_usage=False
-        )
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"cannot load the pipeline at {folder}: {err}") from err
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def _denoiser(pipe, args, n: int):
-    """The pipeline's denoiser with its conditioning, for DiffusersVelocity."""
-    from guidance.integrations import velocity as V
-
-    if hasattr(pipe, "unet") and type(pipe.unet).__name__ == "UNet2DModel":
-        return V.unconditional(pipe.unet), tuple(
-            [
-                pipe.unet.config.in_channels,
-                pipe.unet.config.sample_size,
-                pipe.unet.config.sample_size,
-            ]
-        )
-    name = type(pipe).__name__
-    if name == "StableDiffusionPipeline":
-        cfg = args.guidance_scale > 1
-        pe, ne = pipe.encode_prompt(args.prompt, pipe.device, 1, cfg, args.negative_prompt)
-        size = pipe.unet.config.sample_size
-        shape = (pipe.unet.config.in_channels, size, size)
-        return V.stable_diffusion(pipe.unet, pe, ne if cfg else None, args.guidance_scale), shape
-    if name == "StableDiffusion3Pipeline":
-        cfg = args.guidance_scale > 1
-        pe, ne, pp, npp = pipe.encode_prompt(
-            args.prompt, None, None, negative_prompt=args.negative_prompt,
-            do_classifier_free_guidance=cfg, device=pipe.device,
-        )  # fmt: skip
-        size = pipe.transformer.config.sample_size
-        shape = (pipe.transformer.config.in_channels, size, size)
-        den = V.stable_diffusion_3(pipe.transformer, pe, pp, ne if cfg else None,
-                                   npp if cfg else None, args.guidance_scale)  # fmt: skip
-        return den, shape
-    raise ValueError(
-        f"--search supports UNet2DModel pipelines (DDPM, DDIM), StableDiffusionPipeline and "
-        f"StableDiffusion3Pipeline; got {name} (use it without --search)"
-    )
-
-
-def _decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (B, C, H, W) from the pipeline's latents."""
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        return latents.float().clamp(-1, 1)
-    scale = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    with torch.no_grad():
-        return vae.decode(latents.to(vae.dtype) / scale + shift).sample.float().clamp(-1, 1)
-
-
-def _to_images(arr) -> list:
-    from PIL import Image
-
-    if isinstance(arr, list):
-        return arr
-    if isinstance(arr, np.ndarray):
-        return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in arr]
-    x = ((arr.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return [Image.fromarray(a.squeeze(-1).numpy() if a.shape[-1] == 1 else a.numpy()) for a in x]
+__all__ = ["register"]
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from cspace.io.files import write_file_atomic
     from guidance import RepulsiveField
     from guidance.integrations.diffusers import guide
+    from guidance.integrations.pipelines import decode, load_pipeline, pipeline_denoiser, to_pil
     from obstacles import ObstacleSet
 
     if args.search and args.budget is None:
@@ -157,7 +76,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             kw["batch_size"] = args.n
         runner = guide(pipe, field, strength=args.strength)  # field None: records only
         result = runner(**kw)
-        images = _to_images(result.images)
+        images = to_pil(result.images)
         latents = runner.stats.last_latents[: args.n]
         record["nfe"] = runner.stats.steps * args.n
         record["guided_steps"] = runner.stats.guided_steps
@@ -165,7 +84,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         from guidance.integrations.velocity import DiffusersVelocity
         from guidance.search import ALGORITHMS, ClearanceVerifier
 
-        den, shape = _denoiser(pipe, args, args.n)
+        den, shape = pipeline_denoiser(pipe, args.prompt, args.negative_prompt, args.guidance_scale)
         vel = DiffusersVelocity(den, pipe.scheduler)
         kwargs = {}
         if args.search in ("smc-guided", "backtrack"):
@@ -175,7 +94,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             steps=args.steps, generator=torch.Generator().manual_seed(args.seed), **kwargs,
         )  # fmt: skip
         latents = res.samples.float()
-        images = _to_images(_decode(pipe, latents))
+        images = to_pil(decode(pipe, latents))
         record["nfe"] = int(res.nfe)
         record["verifier_calls"] = res.verifier_calls
         record["verifier_scores"] = [float(v) for v in res.scores]
@@ -205,13 +124,13 @@ def register(subparsers) -> None:
     p.add_argument("--pipeline", required=True, help="local pipeline folder (model_index.json)")
     p.add_argument("--prompt", default=None)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--n", type=_positive_int, default=4, help="images (default 4)")
-    p.add_argument("--steps", type=_positive_int, default=28, help="denoising steps (default 28)")
-    p.add_argument("--guidance-scale", type=_positive_float, default=7.0)
+    p.add_argument("--n", type=positive_int, default=4, help="images (default 4)")
+    p.add_argument("--steps", type=positive_int, default=28, help="denoising steps (default 28)")
+    p.add_argument("--guidance-scale", type=positive_float, default=7.0)
     p.add_argument("--obstacles", default=None, help="obstacle set in the pipeline's latent space")
-    p.add_argument("--strength", type=_nonneg_float, default=1.0, help="field strength (default 1)")
+    p.add_argument("--strength", type=nonneg_float, default=1.0, help="field strength (default 1)")
     p.add_argument("--search", choices=SEARCHES, default=None)
-    p.add_argument("--budget", type=_positive_int, default=None, help="total NFE of the search")
+    p.add_argument("--budget", type=positive_int, default=None, help="total NFE of the search")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="cspace-samples")

@@ -1,0 +1,92 @@
+"""``cspace demo``: keep a digit class out of generated digits (:mod:`cspace.experiments.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cspace.cli.args import nonneg_float, positive_float, positive_int
+
+__all__ = ["register"]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cspace.experiments.demo import DemoSettings, format_report, run_demo
+
+    settings = DemoSettings(
+        avoid_class=args.avoid_class,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        device=args.device,
+        encoder=args.encoder,
+        strength=args.strength,
+        classifier_strength=args.classifier_strength,
+        q_star_scale=args.q_star_scale,
+        backtrack=not args.no_backtrack,
+        umap=not args.no_umap,
+    )
+    report = run_demo(settings, out_dir=args.out)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report))
+        for name, path in report.get("files", {}).items():
+            print(f"{name}: {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    demo = subparsers.add_parser(
+        "demo",
+        help="keep a digit class out of generated digits, from a few example images",
+        description="On the embedded digits: build obstacles from the shipped example images of one "
+        "class, sample unguided, guided by the obstacle set and guided by a classifier obstacle, and "
+        "judge the samples with an independent classifier.",
+    )
+    demo.add_argument(
+        "--class",
+        dest="avoid_class",
+        type=int,
+        default=0,
+        choices=range(10),
+        metavar="C",
+        help="digit class to avoid, 0..9 (default 0)",
+    )
+    demo.add_argument("--n", type=positive_int, default=1000, help="samples per arm (default 1000)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
+    demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    demo.add_argument(
+        "--encoder",
+        default="digits",
+        choices=("digits", "digits-plain"),
+        help="C-space: the aligned VAE (digits) or the same VAE without VF loss (digits-plain)",
+    )
+    demo.add_argument(
+        "--strength",
+        type=nonneg_float,
+        default=5.0,
+        help="strength of the obstacle-set field (default 5)",
+    )
+    demo.add_argument(
+        "--classifier-strength",
+        type=nonneg_float,
+        default=0.3,
+        help="strength of the classifier obstacle's field (default 0.3)",
+    )
+    demo.add_argument(
+        "--q-star-scale",
+        type=positive_float,
+        default=1.5,
+        help="Q* as a multiple of the auto rule, the median k-th-NN distance (default 1.5)",
+    )
+    demo.add_argument(
+        "--no-backtrack",
+        action="store_true",
+        help="no collision backtracking in the guided arms (the field alone)",
+    )
+    demo.add_argument("--out", default="cspace-demo", help="output folder (default cspace-demo)")
+    demo.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    demo.set_defaults(func=_cmd_demo)

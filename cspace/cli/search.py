@@ -1,0 +1,138 @@
+"""``cspace search`` and ``cspace experiment scaling``: argument parsing and printing only.
+
+The problems and the search run are :mod:`cspace.experiments.search`; the scaling experiment is
+:mod:`cspace.experiments.scaling`. ``--budget`` is the total NFE of the call; the budget per
+returned sample is ``budget / n``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cspace.cli.args import fraction, positive_int, toy_dim
+
+__all__ = ["register"]
+
+# the library's names, kept here so that parsing needs no torch (tests/test_cli.py checks them)
+ALGOS = ("best-of-n", "zero-order", "paths", "smc", "smc-guided", "backtrack")
+TOY_VERIFIERS = ("oracle", "clearance")
+DIGITS_VERIFIERS = ("clearance", "judge")
+
+
+def _verifier(args: argparse.Namespace) -> str:
+    """``--verifier``, checked against ``--problem`` (default: the problem's first)."""
+    allowed = TOY_VERIFIERS if args.problem == "toy" else DIGITS_VERIFIERS
+    verifier = args.verifier or allowed[0]
+    if verifier not in allowed:
+        raise ValueError(
+            f"--verifier {verifier} does not apply to --problem {args.problem}; choose one of "
+            f"{allowed}"
+        )
+    return verifier
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from cspace.experiments.search import build_problem, exact_targets, run_search
+
+    problem = build_problem(
+        args.problem,
+        _verifier(args),
+        dim=args.dim,
+        coverage=args.coverage,
+        avoid_class=args.avoid_class,
+    )
+    target, target2 = exact_targets(problem, args.n, args.seed)
+    rep = run_search(
+        problem, args.algo, args.budget, args.n, args.steps, args.seed, target, target2
+    )
+    rep.update({"problem": problem.name, **problem.info})
+    if args.json:
+        print(json.dumps(rep))
+        return 0
+    for key, val in rep.items():
+        if isinstance(val, list):
+            val = " ".join(f"{v:.3f}" for v in val)
+        print(f"{key:>22}: {val:.6g}" if isinstance(val, float) else f"{key:>22}: {val}")
+    return 0
+
+
+def _cmd_scaling(args: argparse.Namespace) -> int:
+    from cspace.experiments.scaling import ScalingSettings, format_summary, run_scaling
+
+    kw = {"problem": args.problem, "dim": args.dim, "coverage": args.coverage}
+    kw.update({"seeds": args.seeds, "verifier": _verifier(args), "avoid_class": args.avoid_class})
+    if args.n is not None:
+        kw["n"] = args.n
+    if args.steps is not None:
+        kw["steps"] = args.steps
+    s = ScalingSettings.quick(**kw) if args.quick else ScalingSettings(**kw)
+    rep = run_scaling(s, args.out, log=lambda m: print(m, flush=True))
+    print(format_summary(rep["summary"]))
+    for k in ("csv", "summary_csv", "png"):
+        print(f"{k}: {rep[k]}")
+    print(f"seconds: {rep['seconds']:.1f}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--problem", choices=("toy", "digits"), default="toy", help="default toy")
+    p.add_argument("--dim", type=toy_dim, default=2, help="toy dimension (default 2)")
+    p.add_argument(
+        "--coverage",
+        type=fraction,
+        default=0.75,
+        help="toy: share of the mass inside obstacles (default 0.75)",
+    )
+    p.add_argument(
+        "--verifier",
+        choices=sorted({*TOY_VERIFIERS, *DIGITS_VERIFIERS}),
+        default=None,
+        help="toy: oracle (exact log p0 outside obstacles; default) or clearance; digits: "
+        "clearance (the obstacle set's; default) or judge (log top-class probability)",
+    )
+    p.add_argument(
+        "--avoid-class",
+        type=int,
+        choices=range(10),
+        default=0,
+        metavar="C",
+        help="digits: the class kept out by the obstacle set (default 0)",
+    )
+
+
+def register(subparsers) -> None:
+    """Add ``search`` and ``experiment`` to the ``cspace`` command's subparsers."""
+    p = subparsers.add_parser(
+        "search",
+        help="inference-time search on an NFE budget",
+        description="Run one search algorithm on an NFE budget and score what it returns "
+        "against exact truth (toy).",
+    )
+    p.add_argument("--algo", choices=ALGOS, required=True, help="search algorithm")
+    p.add_argument("--budget", type=positive_int, required=True, help="total NFE of the call")
+    p.add_argument("--n", type=positive_int, default=256, help="samples returned (default 256)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_search)
+
+    e = subparsers.add_parser("experiment", help="experiments (scaling)")
+    esub = e.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    esub.required = True
+    sc = esub.add_parser(
+        "scaling",
+        help="every search algorithm at budgets on a log scale, over seeds",
+        description="Verifier score, hit rate, energy distance to the exact target and diversity "
+        "against NFE per returned sample, for every search algorithm (mean and std over seeds).",
+    )
+    sc.add_argument("--quick", action="store_true", help="small sizes (< 60 s; for the tests)")
+    sc.add_argument(
+        "--out", default="cspace-scaling", help="output folder (default cspace-scaling)"
+    )
+    sc.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
+    sc.add_argument("--n", type=positive_int, default=None, help="samples returned per run")
+    sc.add_argument("--steps", type=positive_int, default=None, help="sampler steps")
+    _common(sc)
+    sc.set_defaults(func=_cmd_scaling)

@@ -1,0 +1,268 @@
+"""Search problems with exact truth, and one search run scored against it.
+
+* :func:`build_toy_problem`: the exact Gaussian-mixture toy
+  (:func:`cspace.models.toy.toy_with_coverage`) with ball obstacles covering a share of the mass,
+  their field and a verifier; the truth is exact: the hit rate (share of returned samples inside an
+  obstacle) and the energy distance to exact samples of the obstacle-free target (rejection
+  sampling of the exact mixture) beside the floor that two exact sets of the same size show.
+* :func:`build_digits_problem`: the latent flow of the shipped aligned C-space with the demo's
+  task: keep digit ``avoid_class`` out, with the demo's obstacle set
+  (:func:`cspace.experiments.demo.demo_obstacles`) as the field of ``smc-guided`` and
+  ``backtrack``. Its verifiers score latents: ``clearance`` (the obstacle set's clearance, capped
+  at 0, minus a penalty inside a hard radius) or ``judge`` (log of the judge's top-class
+  probability of the decoded digit: a quality search). The truth is the independent pixel-space
+  judge's figures on the decoded samples: the avoided class's share (``avoided_rate``) and the
+  mean ``judge_confidence``.
+* :func:`run_search`: one algorithm of :data:`guidance.search.ALGORITHMS` on a total NFE budget
+  (the budget per returned sample is ``budget / n``), and its report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cspace.models.metrics import diversity, energy_distance
+from cspace.models.shipped import shipped
+from guidance.search import ALGORITHMS
+
+__all__ = [
+    "ALGOS",
+    "DIGITS_VERIFIERS",
+    "TOY_VERIFIERS",
+    "SearchProblem",
+    "build_digits_problem",
+    "build_problem",
+    "build_toy_problem",
+    "exact_targets",
+    "run_search",
+]
+
+ALGOS = tuple(ALGORITHMS)
+TOY_VERIFIERS = ("oracle", "clearance")
+DIGITS_VERIFIERS = ("clearance", "judge")
+
+
+@dataclass
+class SearchProblem:
+    """What a search needs, and the truth to score it against (toy only)."""
+
+    name: str
+    velocity: object
+    shape: tuple[int, ...]
+    verifier: object
+    field: object = None
+    data_scale: float = 1.0
+    mixture: object = None
+    obstacles: object = None
+    coverage: float | None = None
+    truth: object = None  # digits: x0 (B, ...) -> the judge's figures
+    info: dict = dataclasses.field(default_factory=dict)
+
+    def target(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` exact samples of the obstacle-free target (toy)."""
+        return self.mixture.sample_outside(n, self.obstacles, generator)
+
+
+def build_toy_problem(
+    dim: int = 2, coverage: float = 0.75, seed: int = 0, verifier: str = "oracle"
+) -> SearchProblem:
+    """The exact toy with obstacles covering ``coverage`` of the mass, its field and a verifier
+    (``"oracle"``: log p0 outside the obstacles; ``"clearance"``: feasibility, cap 0)."""
+    from cspace.experiments.toy import toy_obstacle_set
+    from cspace.models.toy import toy_with_coverage
+    from guidance import RepulsiveField
+    from guidance.search import ClearanceVerifier, OracleVerifier
+
+    mix, balls, measured = toy_with_coverage(dim, coverage, seed=0)
+    fld = RepulsiveField(toy_obstacle_set(balls))
+    if verifier == "oracle":
+        ver = OracleVerifier(mix, balls)
+    elif verifier == "clearance":
+        ver = ClearanceVerifier(fld)
+    else:
+        raise ValueError(f"unknown verifier {verifier!r}; choose 'oracle' or 'clearance'")
+    return SearchProblem(
+        name="toy",
+        velocity=mix.velocity,
+        shape=(dim,),
+        verifier=ver,
+        field=fld,
+        data_scale=float(mix.stds[0]),
+        mixture=mix,
+        obstacles=balls,
+        coverage=measured,
+        info={
+            "verifier": verifier,
+            "dim": dim,
+            "coverage": measured,
+            "obstacles": int(balls.radii.numel()),
+        },
+    )
+
+
+def build_digits_problem(
+    verifier: str = "clearance", avoid_class: int = 0, device: str = "cpu"
+) -> SearchProblem:
+    """The digits problem (see the module docstring): the aligned C-space's latent flow, the
+    demo's obstacle set for ``avoid_class`` and its field, a latent verifier and the judge.
+
+    ``data_scale`` (the guided SMC's local data scale) is the root mean within-class variance
+    of the train split's latents, per coordinate.
+    """
+    if not shipped("flow_aligned").is_dir():
+        raise RuntimeError(
+            "the digits problem needs the digits models "
+            f"({shipped('flow_aligned')} is missing); reinstall cspace or use the toy problem"
+        )
+    if verifier not in DIGITS_VERIFIERS:
+        raise ValueError(f"unknown digits verifier {verifier!r}; choose one of {DIGITS_VERIFIERS}")
+    from cspace.experiments.demo import DemoSettings, demo_obstacles
+    from cspace.models.data import digits
+    from cspace.models.encoders import Encoder
+    from cspace.models.flow import load_flow
+    from cspace.models.judge import default_judge
+    from guidance import RepulsiveField
+    from guidance.search import CallableVerifier, ClearanceVerifier
+
+    encoder = Encoder.from_aligned()
+    flow = load_flow(shipped("flow_aligned")).to(device)
+    judge = default_judge()
+    shape = tuple(flow.latent_shape)
+    oset, _ = demo_obstacles(encoder, DemoSettings(avoid_class=avoid_class))
+    fld = RepulsiveField(oset)
+    images, labels = digits("train")
+    lat = encoder.embed(encoder.encode(images)).double()
+    within = torch.stack([lat[labels == c].var(0).mean() for c in labels.unique()]).mean()
+
+    def velocity(x, t):
+        return flow(x.to(device), t.to(device)).to(x)
+
+    def confidence(x0):
+        """log of the judge's top class probability of the decoded digit."""
+        probs = torch.as_tensor(judge.predict_proba(encoder.decode(x0.float())))
+        return torch.log(probs.max(dim=1).values.double().clamp(min=1e-300))
+
+    def truth(x0) -> dict:
+        rep = judge.report(encoder.decode(x0.float()))
+        return {
+            "avoided_rate": float(rep["class_shares"][avoid_class]),
+            "judge_confidence": float(rep["confidence"]),
+            "class_shares": [float(v) for v in rep["class_shares"]],
+        }
+
+    if verifier == "clearance":
+        ver = ClearanceVerifier(fld)
+    else:
+        ver = CallableVerifier(confidence, name="digits-judge")
+    return SearchProblem(
+        name="digits",
+        velocity=velocity,
+        shape=shape,
+        verifier=ver,
+        field=fld,
+        data_scale=float(within.sqrt()),
+        truth=truth,
+        info={"verifier": verifier, "avoid_class": avoid_class, "obstacles": len(oset)},
+    )
+
+
+def build_problem(
+    problem: str,
+    verifier: str | None = None,
+    *,
+    dim: int = 2,
+    coverage: float = 0.75,
+    avoid_class: int = 0,
+) -> SearchProblem:
+    """The ``"toy"`` or ``"digits"`` problem with ``verifier`` (None: the problem's first, the
+    oracle on the toy and the clearance on digits)."""
+    allowed = {"toy": TOY_VERIFIERS, "digits": DIGITS_VERIFIERS}.get(problem)
+    if allowed is None:
+        raise ValueError(f"unknown problem {problem!r}; choose 'toy' or 'digits'")
+    verifier = verifier or allowed[0]
+    if verifier not in allowed:
+        raise ValueError(
+            f"verifier {verifier!r} does not apply to the {problem} problem; choose one of "
+            f"{allowed}"
+        )
+    if problem == "toy":
+        return build_toy_problem(dim, coverage, verifier=verifier)
+    return build_digits_problem(verifier, avoid_class)
+
+
+def exact_targets(problem: SearchProblem, n: int, seed: int):
+    """Two independent sets of ``n`` exact samples of the toy's obstacle-free target (the
+    reference and the floor's second set), from seed ``10_000 + seed``; ``(None, None)`` on
+    digits."""
+    if problem.mixture is None:
+        return None, None
+    g = torch.Generator().manual_seed(10_000 + int(seed))
+    return problem.target(n, g), problem.target(n, g)
+
+
+def _algo_kwargs(algo: str, problem: SearchProblem) -> dict:
+    if algo == "smc":
+        # temperature: a collision (the verifier's penalty) costs 10 nats of log-weight
+        penalty = getattr(problem.verifier, "collision_penalty", None)
+        if penalty is None:
+            penalty = -getattr(problem.verifier, "inside_score", -10.0)
+        return {"lam": 10.0 / max(float(penalty), 1e-12)}
+    if algo == "smc-guided":
+        return {"field": problem.field, "data_scale": problem.data_scale}
+    if algo == "backtrack":
+        return {"field": problem.field, "revert": 10, "max_retries": 20}
+    return {}
+
+
+def run_search(
+    problem: SearchProblem,
+    algo: str,
+    budget: int,
+    n: int,
+    steps: int,
+    seed: int,
+    target: torch.Tensor | None = None,
+    target2: torch.Tensor | None = None,
+) -> dict:
+    """One search and its report (truth metrics when ``target`` samples are given)."""
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    gen = torch.Generator().manual_seed(int(seed) + 1)
+    t0 = time.perf_counter()
+    res = ALGORITHMS[algo](
+        problem.velocity,
+        problem.shape,
+        problem.verifier,
+        int(budget),
+        n_return=n,
+        steps=steps,
+        generator=gen,
+        **_algo_kwargs(algo, problem),
+    )
+    secs = time.perf_counter() - t0
+    out = {
+        "algo": algo,
+        "n": int(res.samples.shape[0]),
+        "steps": steps,
+        "budget": int(budget),
+        "nfe": int(res.nfe),
+        "nfe_per_sample": res.nfe_per_sample,
+        "score": float(res.scores.mean()),
+        "diversity": diversity(res.samples),
+        "verifier_calls": res.verifier_calls,
+        "seconds": secs,
+    }
+    if problem.truth is not None:
+        out.update(problem.truth(res.samples))
+    if problem.obstacles is not None:
+        x = res.samples.reshape(res.samples.shape[0], -1)
+        out["hit_rate"] = float(problem.obstacles.inside(x).double().mean())
+        if target is not None:
+            out["energy_distance"] = energy_distance(x, target)
+        if target is not None and target2 is not None:
+            out["energy_distance_floor"] = energy_distance(target2, target)
+    return out

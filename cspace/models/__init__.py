@@ -1,0 +1,6 @@
+"""The C-space models: data, teachers, the aligned VAE, encoders, latent flow models, the judge,
+the exact Gaussian-mixture toy, metrics and the registry of shipped weights.
+
+Modules here import only :mod:`cspace.io` (and the field's libraries), never ``obstacles``,
+``guidance``, :mod:`cspace.experiments` or :mod:`cspace.cli`.
+"""

@@ -1,0 +1,35 @@
+"""The registry of the weights shipped inside the package (``cspace/weights``).
+
+Every shipped folder is named here and nowhere else:
+
+=================  ==========================================================  ==================
+name               what                                                        made by
+=================  ==========================================================  ==================
+``teacher``        the digits teacher CNN (the DINOv2 stand-in at 8x8)         ``cspace train teacher``
+``vae_aligned``    the digits VAE with the VF (alignment) loss, weight 0.1     ``cspace train vae``
+``vae_plain``      the same VAE without the VF loss (its plain twin)           ``cspace train vae``
+``flow_aligned``   the latent flow model of ``vae_aligned``'s latents          ``cspace train flow``
+``flow_plain``     the latent flow model of ``vae_plain``'s latents            ``cspace train flow``
+=================  ==========================================================  ==================
+
+:data:`SPACES` maps the C-space names the command line accepts (``--encoder digits``) to their
+VAE and flow folders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["NAMES", "SPACES", "WEIGHTS_DIR", "shipped"]
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+NAMES = ("teacher", "vae_aligned", "vae_plain", "flow_aligned", "flow_plain")
+#: C-space name -> (VAE folder, flow folder)
+SPACES = {"digits": ("vae_aligned", "flow_aligned"), "digits-plain": ("vae_plain", "flow_plain")}
+
+
+def shipped(name: str) -> Path:
+    """The folder of the shipped weights ``name`` (one of :data:`NAMES`)."""
+    if name not in NAMES:
+        raise ValueError(f"no shipped weights named {name!r}; choose one of {NAMES}")
+    return WEIGHTS_DIR / name
