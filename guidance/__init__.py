@@ -1,7 +1,13 @@
 """Guidance: the repulsive potential field, samplers with guidance and backtracking."""
 
-from guidance.field import FieldOutput, RepulsiveField, safe_norm
-from guidance.halfspace import ClassifierField, CombinedField
+from guidance.fields import (
+    ClassifierField,
+    CombinedField,
+    Field,
+    FieldOutput,
+    RepulsiveField,
+    safe_norm,
+)
 from guidance.sampler import METHODS, Backtrack, SampleOutput, sample, time_grid
 
 __all__ = [
@@ -9,6 +15,7 @@ __all__ = [
     "Backtrack",
     "ClassifierField",
     "CombinedField",
+    "Field",
     "FieldOutput",
     "RepulsiveField",
     "SampleOutput",

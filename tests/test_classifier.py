@@ -16,8 +16,7 @@ import torch
 from safetensors.numpy import save as st_save
 
 from cspace.models.toy import GaussianMixture
-from guidance import RepulsiveField, safe_norm, sample
-from guidance.halfspace import ClassifierField, CombinedField
+from guidance import ClassifierField, CombinedField, RepulsiveField, safe_norm, sample
 from obstacles import ObstacleSet
 from obstacles.classifier import ClassifierError, PreferenceClassifier
 
@@ -196,7 +195,7 @@ def test_no_pickle_in_the_code():
     for rel in (
         "obstacles/classifier.py",
         "obstacles/from_images.py",
-        "guidance/halfspace.py",
+        "guidance/fields/classifier.py",
         "cspace/cli/obstacles.py",
     ):
         text = (ROOT / rel).read_text()

@@ -514,3 +514,86 @@ def test_cuda_matches_cpu(dtype):
             assert err <= 1e-3, (name, err)
     assert torch.equal(gpu.active.cpu(), cpu.active)
     assert _all_finite(field.evaluate(torch.zeros(3, 4, dtype=dtype, device="cuda")))
+
+
+# ---------------------------------------------------------------------- the base all fields share
+def _three_fields(d: int = 3):
+    from guidance import ClassifierField, CombinedField
+    from obstacles import PreferenceClassifier
+
+    rng = np.random.default_rng(0)
+    rep = RepulsiveField(_set(rng.normal(size=(6, d)).astype(np.float32), q_star=1.5, eta=2.0))
+    clf = ClassifierField(PreferenceClassifier(rng.normal(size=d), 0.2, q_star=1.0, eta=0.5))
+    return {"repulsive": rep, "classifier": clf, "combined": CombinedField(rep, clf)}
+
+
+@pytest.mark.parametrize("name", ["repulsive", "classifier", "combined"])
+def test_every_field_shares_the_base_checks(name):
+    from guidance import Field
+
+    field = _three_fields()[name]
+    assert isinstance(field, Field)
+    x = torch.zeros(2, 3, dtype=F64)
+    for bad, msg in (
+        (torch.full((2, 3), math.nan, dtype=F64), "NaN or Inf"),
+        (torch.zeros(0, 3, dtype=F64), "B >= 1"),
+        (torch.zeros(2, 3, dtype=torch.long), "floating tensor"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            field.evaluate(bad)
+    out = field.evaluate(x)
+    assert out.potential.shape == (2,) and out.force.shape == (2, 3)
+    # the wrappers are the base's: the same numbers as evaluate
+    assert torch.equal(field.potential(x), out.potential)
+    assert torch.equal(field.force(x), out.force)
+    assert torch.equal(field.clearance(x), out.clearance)
+
+
+@pytest.mark.parametrize("name", ["repulsive", "classifier"])
+def test_projection_pull_back_is_shared(name):
+    """With P(x) = A x the force on the state is A^T F(A x) for both embedding fields."""
+    fields = _three_fields()
+    a = torch.tensor([[2.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.3, 0.0, 1.0]], dtype=F64)
+    plain = fields[name]
+    cls = type(plain)
+    arg = plain.obstacles if name == "repulsive" else plain.classifier
+    projected = cls(arg, projection=lambda s: s @ a.T)
+    x = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    want = plain.evaluate(x @ a.T).force @ a
+    assert torch.allclose(projected.evaluate(x).force, want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="projection must return"):
+        cls(arg, projection=lambda s: s[:, :1].reshape(-1)).evaluate(x)
+    with pytest.raises(ValueError, match="NaN or Inf embeddings"):
+        cls(arg, projection=lambda s: s * math.inf).evaluate(x)
+
+
+def test_combined_field_total_cap():
+    """``CombinedField(field, max_force=m)``: the total force norm is at most m, its direction
+    unchanged; below the cap the force is the field's own; clearance untouched."""
+    from guidance import CombinedField
+
+    rep = _three_fields()["repulsive"]
+    x = torch.from_numpy(rep.obstacles.embeddings[:4].astype(np.float64)) + 0.05
+    own = rep.evaluate(x)
+    m = 0.5 * float(_norms(own.force).min())
+    capped = CombinedField(rep, max_force=m).evaluate(x)
+    assert torch.allclose(_norms(capped.force), torch.full((4,), m, dtype=F64), rtol=1e-12)
+    cos = (capped.force * own.force).sum(1) / (_norms(capped.force) * _norms(own.force))
+    assert torch.allclose(cos, torch.ones(4, dtype=F64), atol=1e-12)
+    assert torch.equal(capped.clearance, own.clearance)
+    loose = CombinedField(rep, max_force=10 * float(_norms(own.force).max())).evaluate(x)
+    assert torch.equal(loose.force, own.force)
+    with pytest.raises(ValueError, match="max_force"):
+        CombinedField(rep, max_force=0.0)
+
+
+def test_classifier_force_is_capped_at_its_clamp_force():
+    """Inside the bad region the classifier's force is the clamp force (its default cap), in the
+    direction of the good side."""
+    clf = _three_fields()["classifier"]
+    u = clf._u  # unit normal into the bad region; D(x) = offset - u . x
+    deep = ((clf._offset + torch.tensor([1.0, 10.0, 1e3], dtype=F64))[:, None]) * u[None]
+    out = clf.evaluate(deep)
+    assert bool(out.collided.all())
+    assert torch.allclose(_norms(out.force), torch.full((3,), clf.max_force, dtype=F64), rtol=1e-14)
+    assert bool(((out.force @ u) < 0).all())  # along -u, out of the bad region

@@ -47,8 +47,8 @@ def test_backend_argument():
     import torch
 
     # auto on CPU states, or float64 states anywhere: the reference
-    assert RepulsiveField(oset)._use_kernel(torch.zeros(1, 2)) is False
-    assert RepulsiveField(oset)._use_kernel(torch.zeros(1, 2), torch.float64) is False
+    assert RepulsiveField(oset).kernel.usable(torch.zeros(1, 2)) is False
+    assert RepulsiveField(oset).kernel.usable(torch.zeros(1, 2), torch.float64) is False
 
 
 def test_tf32_rounding_is_to_nearest():

@@ -64,7 +64,7 @@ def case(name, o, x, q, eta, radius, dtype=torch.float32, precision="tf32", prun
     x64 = torch.from_numpy(np.asarray(x, dtype=np.float64)).to(dtype).double()  # as the kernel sees
     ref = RepulsiveField(oset, backend="torch").evaluate(x64)
     ker = RepulsiveField(oset, backend="triton", precision=precision, prune=prune)
-    ker._poison_kernel_outputs = True  # NaN / -1 in every output buffer before the run
+    ker.kernel.poison = True  # NaN / -1 in every output buffer before the run
     out = ker.evaluate(x64.to(dtype).to(DEV))
     assert all(bool(torch.isfinite(v).all()) for v in (out.potential, out.force, out.nearest))
     assert bool((out.active >= 0).all()), f"{name}: active unwritten"
@@ -159,7 +159,7 @@ def main():
         oset = ObstacleSet.from_embeddings(o, q_star=q, eta=eta)
         ker = RepulsiveField(oset, backend="triton")
         xs = torch.from_numpy(x).float().to(DEV)
-        assert not ker._use_kernel(xs.double(), torch.float32), name
+        assert not ker.kernel.usable(xs.double(), torch.float32), name
         out = ker.evaluate(xs)
         ref = RepulsiveField(oset, backend="torch").evaluate(xs.cpu())  # float32 out, held finite
         assert all(bool(torch.isfinite(v).all()) for v in (out.potential, out.force, out.nearest))

@@ -150,8 +150,7 @@ def run_demo(
     """Run the demo; returns the report (also written to ``out_dir/report.json``)."""
     from cspace.models.judge import Judge, copy_rate, nearest_train_distance
     from cspace.models.metrics import diversity
-    from guidance import RepulsiveField
-    from guidance.halfspace import ClassifierField
+    from guidance import ClassifierField, RepulsiveField
     from obstacles.classifier import PreferenceClassifier
 
     s = settings or DemoSettings()

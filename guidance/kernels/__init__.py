@@ -1,1 +1,2 @@
-"""GPU kernels for the field (Triton); the torch reference in ``guidance.field`` is the truth."""
+"""GPU kernels for the field (Triton) and the rule that picks them (:mod:`.dispatch`); the torch
+reference in :mod:`guidance.fields.repulsive` is the truth they are tested against."""

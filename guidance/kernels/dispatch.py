@@ -1,0 +1,169 @@
+r"""When and how :class:`guidance.RepulsiveField` runs the fused kernel of
+:mod:`guidance.kernels.repulsive`.
+
+:class:`KernelPath` holds, for one field, everything the kernel needs that does not depend on the
+states: the float32-safe range check (:data:`KERNEL_RANGE`), the obstacles on each device and
+dtype (centred, sorted by cluster when pruning, with their squared norms) and the per-block visit
+lists of the pruned path. The field asks :meth:`KernelPath.usable` for each evaluation and calls
+the path when it says yes; otherwise the float64 reference runs. Triton is imported only when
+the kernel runs, so this module loads on machines without it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["BACKENDS", "KERNEL_RANGE", "PRECISIONS", "KernelPath"]
+
+BACKENDS = ("auto", "torch", "triton")
+PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+KERNEL_RANGE = 1e15
+"""The kernel's float32-safe range: coordinates (centred for float32) up to this magnitude, so
+that squared norms stay below 4e33 at d = 4096; Q* within [1/KERNEL_RANGE, KERNEL_RANGE]; N times
+the largest per-pair force and potential (at the clamp distance, after the caps) below
+KERNEL_RANGE^2, so that no float32 sum overflows. Outside it the reference is used, so that no
+NaN or Inf comes out of float32 arithmetic."""
+
+
+class KernelPath:
+    """The kernel side of one :class:`~guidance.RepulsiveField` (module docstring).
+
+    Attributes:
+        poison: tests set it to fill the kernel's output buffers with NaN first, so that an
+            entry the kernel forgets to write shows up.
+    """
+
+    def __init__(self, field) -> None:
+        self.field = field
+        self.poison = False
+        self._cache: dict = {}
+        self._limits: dict | None = None
+
+    # ------------------------------------------------------------------ selection
+    def limits(self) -> dict:
+        """The state-independent part of the range check (computed once)."""
+        if self._limits is None:
+            f = self.field
+            q, eta, rho, n = f._q, f._eta, f.rho_min, len(f.obstacles)
+            big = KERNEL_RANGE
+            with np.errstate(over="ignore", divide="ignore"):
+                per_f = torch.clamp(eta / q**3 * (1 / rho - 1) / rho**2, max=f.max_force)
+                per_u = torch.clamp(0.5 * eta / q**2 * (1 / rho - 1) ** 2, max=f.max_potential)
+            params_ok = bool((q >= 1 / big).all() and (q <= big).all()) and bool(
+                n * float(per_f.max()) < big * big and n * float(per_u.max()) < big * big
+            )
+            centre = f._emb.mean(dim=0)
+            self._limits = dict(
+                params_ok=params_ok,
+                centre=centre,
+                centred_max=float((f._emb - centre).abs().max()),
+                raw_max=float(f._emb.abs().max()),
+            )
+        return self._limits
+
+    def in_range(self, e: torch.Tensor, x_dtype: torch.dtype) -> bool:
+        """Whether states ``e`` (B, d) float64 and the obstacles lie in :data:`KERNEL_RANGE`."""
+        lim = self.limits()
+        if not lim["params_ok"]:
+            return False
+        if x_dtype == torch.bfloat16:  # used as given, not centred
+            return max(lim["raw_max"], float(e.abs().max())) <= KERNEL_RANGE
+        states = float((e - lim["centre"].to(e.device)).abs().max())
+        return max(lim["centred_max"], states) <= KERNEL_RANGE
+
+    def usable(self, e: torch.Tensor, x_dtype: torch.dtype = torch.float32) -> bool:
+        """Whether this evaluation runs the kernel: ``backend="triton"`` always (in range);
+        ``"auto"`` for float32/bfloat16 CUDA states when Triton is installed (in range)."""
+        backend = self.field.backend
+        if backend == "torch":
+            return False
+        if backend == "triton":
+            return self.in_range(e, x_dtype)
+        if x_dtype == torch.float64 or e.device.type != "cuda":
+            return False  # float64 states ask for the float64 reference
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return self.in_range(e, x_dtype)
+
+    # ------------------------------------------------------------------ the run
+    def inputs(self, dev: torch.device, dtype: torch.dtype) -> dict:
+        """Obstacles for the kernel on ``dev`` in ``dtype``, cached: centred on their float64
+        mean for float32 (a common offset would make every pair 'near'), sorted by cluster
+        when pruning, with their squared norms and per-obstacle parameters in the same order."""
+        from guidance.kernels.repulsive import sq_norms
+
+        key = (str(dev), dtype)
+        if key not in self._cache:
+            f = self.field
+            # float32: centred in float64 first. bfloat16: used as given (rounding a centred copy
+            # to bf16 would move the points by 2^-9 |x - c|); an offset sends pairs to the
+            # kernel's exact differences path instead
+            centre = self.limits()["centre"]
+            if dtype != torch.float32:
+                centre = torch.zeros_like(centre)
+            if f.clusters is None:
+                order = torch.arange(len(f.obstacles))
+                bounds = None
+            else:
+                order, sizes = f.clusters.order, f.clusters.sizes
+                hi = sizes.cumsum(0)
+                bounds = torch.stack([hi - sizes, hi], dim=1)  # cluster k's range in `order`
+            oc = (f._emb[order] - centre).to(dtype)
+            self._cache[key] = dict(
+                centre=centre.to(dev),
+                o=oc.to(dev),
+                o_sqnorm=sq_norms(oc, f.precision).to(dev),
+                q=f._q[order].float().to(dev),
+                eta=f._eta[order].float().to(dev),
+                radius=f._radius[order].float().to(dev),
+                clusters=bounds,
+            )
+        return self._cache[key]
+
+    def __call__(self, e: torch.Tensor):
+        """The fused kernel's pair sums for embeddings ``e`` (B, d), as float64 (the caps are
+        applied by the field after); over the surviving clusters when pruning (every block of
+        states visits the clusters alive for any of its states). Sets the field's
+        ``last_evaluated``."""
+        from guidance.kernels.repulsive import default_blocks, pair_sums
+
+        f = self.field
+        dev = e.device
+        n = len(f.obstacles)
+        dtype = e.dtype if e.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        kin = self.inputs(dev, dtype)
+        x = (e.double() - kin["centre"]).to(dtype)
+        blocks = default_blocks(e.shape[0], e.shape[1], dtype, dev)
+        extra: dict = {}
+        if f.clusters is not None:
+            alive, near_lb, clear_lb = f.clusters.bounds(e.double())
+            bb = blocks["block_b"]
+            pad = -e.shape[0] % bb
+            per_block = torch.nn.functional.pad(alive, (0, 0, 0, pad)).reshape(
+                -1, bb, alive.shape[1]
+            )
+            visited = per_block.any(dim=1).cpu()  # (blocks, K)
+            extra = dict(
+                segments=kin["clusters"],
+                visits=[row.nonzero().flatten() for row in visited],
+            )
+            sizes = f.clusters.sizes.double()
+            rows = torch.full((visited.shape[0],), float(bb), dtype=torch.float64)
+            rows[-1] = bb - pad
+            f.last_evaluated = float((visited.double() @ sizes * rows).sum()) / e.shape[0]
+        else:
+            f.last_evaluated = float(n)
+        pot, force, near, clear, active = pair_sums(
+            x, kin["o"], kin["q"], kin["eta"], kin["radius"],
+            f.rho_min, min(f.max_force, 1e300 / n), min(f.max_potential, 1e300 / n),
+            o_sqnorm=kin["o_sqnorm"], precision=f.precision, blocks=blocks,
+            poison=self.poison, **extra,
+        )  # fmt: skip
+        if f.clusters is not None:
+            near = torch.minimum(near, near_lb.to(near.device))
+            clear = torch.minimum(clear, clear_lb.to(clear.device))
+        return pot, force, near, clear, active
