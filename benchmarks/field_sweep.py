@@ -5,7 +5,7 @@
     python benchmarks/field_sweep.py --preset cpu     --out benchmarks/results/field_cpu.json
     python benchmarks/field_sweep.py --b 16,64 --n 100000 --d 64,256 --dtype float32 --q 0.5,0.0005
 
-Every case is one :func:`cspace.cli.bench.bench_field` run (blob obstacles, Q* a quantile of the
+Every case is one :func:`cspace.experiments.bench.bench_field` run (blob obstacles, Q* a quantile of the
 state-obstacle distances, floor measured in the same run, errors against the float64
 reference). Presets:
 

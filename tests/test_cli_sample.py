@@ -10,9 +10,9 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_pipelines import tiny_unet
 
 from cspace.cli import main
+from cspace.models.tiny_pipelines import tiny_unet
 from obstacles import ObstacleSet
 
 torch.set_num_threads(1)

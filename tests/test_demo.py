@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import matplotlib.image as mpimg
+import numpy as np
 import pytest
 
 from cspace.cli import main
@@ -46,9 +47,25 @@ def test_guidance_lowers_the_avoided_rate(report):
 
 
 def test_figures_written(report):
-    for key in ("grid_unguided", "grid_guided", "grid_classifier", "umap"):
-        img = mpimg.imread(report["files"][key])
-        assert img.ndim in (2, 3) and img.shape[0] > 100
+    """The grids: 10 x 10 digits of 8 x 8 pixels with 1-pixel white borders, upscaled 4 x by
+    nearest neighbour (364 x 364), with digits in the cells and different samples per arm; the
+    UMAP figure: the figure's size at 110 dpi, not blank."""
+    grids = {}
+    for arm in ARMS:
+        img = mpimg.imread(report["files"][f"grid_{arm}"])
+        assert img.shape[:2] == (364, 364), (arm, img.shape)
+        grey = img if img.ndim == 2 else img[..., 0]
+        small = grey[::4, ::4]  # undo the 4 x nearest-neighbour upscale
+        assert np.array_equal(np.kron(small, np.ones((4, 4), dtype=small.dtype)), grey)
+        assert np.all(small[::9, :] == 1.0) and np.all(small[:, ::9] == 1.0)  # white borders
+        cells = small[1:, 1:].reshape(10, 9, 10, 9)[:, :8, :, :8]  # (row, y, col, x)
+        assert (cells.std(axis=(1, 3)) > 0.05).all()  # every cell holds a digit, not a blank
+        grids[arm] = small
+    assert not np.array_equal(grids["unguided"], grids["guided"])
+    assert not np.array_equal(grids["unguided"], grids["classifier"])
+    umap_png = mpimg.imread(report["files"]["umap"])
+    assert umap_png.shape[:2] == (round(6.5 * 110), round(7.5 * 110))
+    assert umap_png[..., :3].std() > 0.05  # points and paths drawn, not an empty canvas
 
 
 def test_cli_json_and_bad_class(tmp_path, capsys):

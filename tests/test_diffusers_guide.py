@@ -16,8 +16,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
-from tiny_pipelines import tiny_dit, tiny_sd, tiny_sd3, tiny_unet
 
+from cspace.models.tiny_pipelines import tiny_dit, tiny_sd, tiny_sd3, tiny_unet
 from guidance import RepulsiveField
 from guidance.integrations.diffusers import GuidanceError, guide
 from obstacles import ObstacleSet

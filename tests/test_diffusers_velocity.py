@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-from tiny_pipelines import tiny_conditional_unet, tiny_unet
 
+from cspace.models.tiny_pipelines import tiny_conditional_unet, tiny_unet
 from cspace.models.toy import default_toy
 from guidance import sample
 from guidance.integrations.velocity import DiffusersVelocity, stable_diffusion, unconditional

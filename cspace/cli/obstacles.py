@@ -22,7 +22,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-__all__ = ["ObstaclesCommandError", "register"]
+__all__ = ["register"]
 
 
 class ObstaclesCommandError(ValueError):

@@ -1,5 +1,18 @@
-"""Tiny diffusers pipelines and models built offline from configs with random weights
-(REFERENCE.md section 6), shared by the integration tests."""
+"""Tiny diffusers pipelines and models built offline from configs, with random weights.
+
+They run anywhere in seconds and need no download: the tests of the diffusers integration, the
+notebooks and anyone trying ``guide``, ``DiffusersVelocity`` or ``cspace sample`` on a machine
+without weights use them. Random weights do not make pictures; the mechanics are those of the
+real pipelines (the same classes, schedulers and calls). ``tiny_sd`` needs ``transformers`` (a
+test dependency) for its CLIP text encoder.
+
+* :func:`tiny_unet`: ``UNet2DModel`` on 3 x 8 x 8 (DDPM/DDIM/flow pipelines);
+* :func:`tiny_vae`: ``AutoencoderKL``, 3 channels in, 4 latent channels, 2 x downsampling;
+* :func:`tiny_conditional_unet`, :func:`tiny_sd`: Stable Diffusion (epsilon, DDIM) with a tiny
+  CLIP text encoder and no tokenizer (call it with ``prompt_embeds`` (B, L, 8));
+* :func:`tiny_sd3`: Stable Diffusion 3 (flow matching) without text encoders;
+* :func:`tiny_dit`: DiT (class-conditional, DDIM).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +29,15 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+
+__all__ = [
+    "tiny_conditional_unet",
+    "tiny_dit",
+    "tiny_sd",
+    "tiny_sd3",
+    "tiny_unet",
+    "tiny_vae",
+]
 
 
 def tiny_unet() -> UNet2DModel:
@@ -64,6 +85,8 @@ def tiny_conditional_unet() -> UNet2DConditionModel:
 def tiny_sd() -> StableDiffusionPipeline:
     """Stable Diffusion (epsilon, DDIM) with a tiny CLIP text encoder and no tokenizer: call it
     with ``prompt_embeds`` (B, L, 8)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     unet = tiny_conditional_unet()
     text = CLIPTextModel(
         CLIPTextConfig(
