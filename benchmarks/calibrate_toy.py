@@ -1,4 +1,4 @@
-"""``cspace calibrate`` on the exact 2-D toy against an exhaustive grid (issue 6's checks).
+"""``cspace calibrate`` on the exact 2-D toy against an exhaustive grid.
 
     python benchmarks/calibrate_toy.py [--grid 8] [--seeds 0,1,2] [--json FILE]
 

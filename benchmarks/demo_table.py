@@ -9,7 +9,7 @@ Every figure about ``cspace demo`` in the README comes from this script::
     python benchmarks/demo_table.py --classes 0 --field-only --q-star-scales 1.5,2 \\
         --strengths 5,10,15 --out benchmarks/results/demo_field_only.json
 
-A run passes the issue's targets when the guided avoided rate is <= 10% of the unguided one,
+A run passes the demo's targets when the guided avoided rate is <= 10% of the unguided one,
 every other class's share is within 3 points of unguided and the mean judge confidence drops by
 <= 2 points. The script prints one markdown row per (encoder, class, q* scale, strength) with
 the figures of each seed, and writes every report to ``--out`` (JSON).
@@ -41,7 +41,7 @@ def _floats(text: str) -> list[float]:
 
 
 def verdict(report: dict, arm: str) -> dict:
-    """The issue's three figures for one arm of one report."""
+    """The demo's three target figures for one arm of one report."""
     c = report["settings"]["avoid_class"]
     base, armr = report["arms"]["unguided"], report["arms"][arm]
     dev = [abs(a - b) for a, b in zip(armr["class_shares"], base["class_shares"], strict=True)]

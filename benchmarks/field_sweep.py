@@ -1,6 +1,6 @@
-"""The field's backends over B, N, d, dtype and Q* (dense and sparse), with the issue's targets.
+"""The field's backends over B, N, d, dtype and Q* (dense and sparse), with the kernel's speed targets.
 
-    python benchmarks/field_sweep.py --preset issue   --device cuda --out results/field_issue.json
+    python benchmarks/field_sweep.py --preset targets --device cuda --out results/field_targets.json
     python benchmarks/field_sweep.py --preset scaling --device cuda --out results/field_scaling.json
     python benchmarks/field_sweep.py --preset cpu     --out benchmarks/results/field_cpu.json
     python benchmarks/field_sweep.py --b 16,64 --n 100000 --d 64,256 --dtype float32 --q 0.5,0.0005
@@ -9,7 +9,7 @@ Every case is one :func:`cspace.experiments.bench.bench_field` run (blob obstacl
 state-obstacle distances, floor measured in the same run, errors against the float64
 reference). Presets:
 
-* ``issue`` (CUDA): the speed targets of the kernel issue for the ``triton`` row, with the
+* ``targets`` (CUDA): the kernel's speed targets for the ``triton`` row, with the
   accuracy bounds (relative error <= 1e-3 float32/tf32, <= 1e-2 bfloat16): B=256, N=1M, d=256 in
   <= 1.0 ms; B=64, N=1M, d=64 in <= 0.2 ms; B=16, N=4M, d=256 within 1.15 x the floor; the first
   case in bf16 within 1.5 x its floor; d = 4096 and a sparse case for coverage.
@@ -37,7 +37,7 @@ GPU = ["torch-eager", "torch-compile", "triton"]
 
 def preset(name: str, max_n: int, device: str) -> list[dict]:
     """Cases: bench_field keyword arguments plus optional ``target`` (backend, kind, value)."""
-    if name == "issue":
+    if name == "targets":
         return [
             dict(b=256, n=1_000_000, d=256, q_quantile=0.5, backends=GPU,
                  target=("triton", "ms", 1.0)),
@@ -71,7 +71,7 @@ def preset(name: str, max_n: int, device: str) -> list[dict]:
                 backends = ["reference", *backends]
             cases.append(dict(b=b, n=n, d=d, q_quantile=q, backends=backends))
         return cases
-    raise ValueError(f"unknown preset {name!r}: issue, scaling or cpu")
+    raise ValueError(f"unknown preset {name!r}: targets, scaling or cpu")
 
 
 def check(rep: dict, target) -> tuple[float, bool] | None:
@@ -114,7 +114,7 @@ def summarize(reports: list[dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=["issue", "scaling", "cpu"], default=None)
+    p.add_argument("--preset", choices=["targets", "scaling", "cpu"], default=None)
     p.add_argument("--b", default="64")
     p.add_argument("--n", default="100000")
     p.add_argument("--d", default="64")

@@ -76,14 +76,14 @@ def test_sweep_targets_need_speed_and_accuracy():
     rep["rows"][0]["force_rel_error"] = 2e-3  # fast but beyond the tf32 bound: not met
     assert sweep.check(rep, ("triton", "ms", 1.0))[1] is False
     assert sweep.check(rep, None) is None
-    # every preset names only known backends; the issue's cases carry their targets
+    # every preset names only known backends; the speed-target cases carry their targets
     from cspace.experiments.bench import BACKENDS
 
-    for name in ("issue", "scaling", "cpu"):
+    for name in ("targets", "scaling", "cpu"):
         for dev in ("cpu", "cuda"):
             for case in sweep.preset(name, 10_000_000, dev):
                 assert set(case["backends"]) <= set(BACKENDS)
-    targets = [c.get("target") for c in sweep.preset("issue", 10_000_000, "cuda")]
+    targets = [c.get("target") for c in sweep.preset("targets", 10_000_000, "cuda")]
     assert ("triton", "ms", 1.0) in targets and ("triton", "x_floor", 1.15) in targets
 
 

@@ -103,7 +103,7 @@ def main():
         x = rng.normal(size=(b, d))
         q = float(np.median(np.linalg.norm(x[:, None] - o[None], axis=2)))
         case(f"dense, Q* = median, {precision}", o, x, q, 1.0, 0.1, precision=precision)
-    # d = 4096 (the largest dimension the issue asks for): a near state and far ones in range
+    # d = 4096 (the largest dimension the kernel supports): a near state and far ones in range
     o = rng.normal(size=(20, 4096))
     x = np.concatenate([o[:1] + rng.normal(scale=0.01, size=(1, 4096)), rng.normal(size=(2, 4096))])
     q = float(np.median(np.linalg.norm(x[:, None] - o[None], axis=2)))

@@ -1,7 +1,7 @@
 r"""The repulsive potential field of obstacles (torch reference implementation).
 
 For a state embedding ``x`` (d,) and obstacles ``o_j`` with influence ranges ``Q_j`` (Q*) and
-strengths ``eta_j``, the seed's potential (Khatib's artificial potential field) is
+strengths ``eta_j``, the repulsive potential (Khatib's artificial potential field, 1986) is
 
     U(x) = sum_j 1/2 eta_j (1/D_j - 1/Q_j)^2   for D_j = |x - o_j| <= Q_j, else 0,
 
