@@ -249,9 +249,9 @@ def _check_version(path: Path, manifest: dict, kind: FolderKind) -> int:
     if type(version) is not int or not lo <= version <= hi:
         newer = type(version) is int and version > hi
         hint = f" (upgrade cspace to read newer {kind.what} folders)" if newer else ""
+        reads = f"version {hi}" if lo == hi else f"versions {lo}..{hi}"
         raise kind.error(
-            f"{path} has format_version {version!r}; this cspace reads versions {lo}..{hi}{hint}",
-            path,
+            f"{path} has format_version {version!r}; this cspace reads {reads}{hint}", path
         )
     return version
 

@@ -40,7 +40,7 @@ Files (a folder in cspace's safe-folder format, :mod:`cspace.io.folder`): ``mani
 and ``model.safetensors`` (``vae.*``: the AutoencoderKL state; ``proj.weight``: the VF projection
 when ``vf_weight > 0``). :func:`load_aligned_vae` reads them (and the older layout,
 ``config.json`` with ``model_sha256`` + ``model.safetensors``, :mod:`cspace.io.legacy`);
-:func:`train_vae` writes them as one atomic folder. Training checkpoints (``checkpoint/`` inside
+:func:`train_vae` writes them as one atomic folder (:func:`save_aligned_vae`). Training checkpoints (``checkpoint/`` inside
 the folder) make an interrupted run resume where it stopped.
 """
 
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cspace.io.errors import FolderError, MissingWeightsError
-from cspace.io.files import save_safetensors_atomic, sha256_hex, write_json_atomic
+from cspace.io.files import save_safetensors_atomic, write_json_atomic
 from cspace.io.folder import FolderKind, check_target, read_folder, write_folder
 from cspace.io.legacy import VAE_V1
 from cspace.io.weights import check_state_dict
@@ -80,6 +80,7 @@ __all__ = [
     "latent_stats",
     "load_aligned_vae",
     "match_token_grid",
+    "save_aligned_vae",
     "train_vae",
     "vf_loss",
 ]
@@ -392,6 +393,33 @@ VAE_KIND = FolderKind(
 )
 
 
+def save_aligned_vae(
+    path: str | os.PathLike,
+    vae,
+    meta: dict[str, Any],
+    projection: VFAlignment | None = None,
+    *,
+    allow: tuple[str, ...] = (),
+) -> Path:
+    """Write a VAE folder atomically (what :func:`train_vae` writes at the end); returns the path.
+
+    ``vae``: the ``AutoencoderKL`` (saved as ``vae.*``); ``projection``: the VF projection
+    (``proj.weight``), if any; ``meta``: the manifest fields, at least ``config`` (an
+    :meth:`AlignedVAEConfig.to_dict`), ``scaling_factor``, ``shift_factor`` and
+    ``teacher_width`` (None without a projection); ``format`` and ``model_sha256`` are dropped
+    (the manifest has its own). ``allow``: entries an existing folder may hold besides a VAE
+    (e.g. the training ``checkpoint``); they are kept.
+    """
+    from safetensors.torch import save
+
+    tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+    if projection is not None:
+        tensors.update(projection.state_dict())
+    blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    fields = {k: v for k, v in meta.items() if k not in ("format", "model_sha256", "projection")}
+    return write_folder(path, VAE_KIND, fields, {_WEIGHTS: blob}, allow=allow)
+
+
 def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: bool = False):
     """Load a VAE folder made by :func:`train_vae` -> ``(AutoencoderKL, meta)``.
 
@@ -692,15 +720,7 @@ def train_vae(
         "shift_factor": shift,
         "metrics": metrics,
     }
-    from safetensors.torch import save
-
-    tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
-    if align is not None:
-        tensors.update(align.state_dict())
-    blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    fields = {k: v for k, v in meta.items() if k != "format"}
-    write_folder(out, VAE_KIND, fields, {_WEIGHTS: blob}, allow=(CHECKPOINT_DIR,))
-    meta["model_sha256"] = sha256_hex(blob)
+    save_aligned_vae(out, vae, meta, align, allow=(CHECKPOINT_DIR,))
     if not keep_checkpoint:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {
