@@ -167,6 +167,7 @@ def apply_parameters(oset: ObstacleSet, q_star, eta) -> ObstacleSet:
         radius=oset.radius,
         labels=oset.labels,
         sources=oset.sources,
+        space=oset.space,
     )
 
 

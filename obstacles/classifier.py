@@ -23,18 +23,24 @@ has not seen; the model is then refit on all examples.
 side, times 1 (``AUTO_Q_STAR_FACTOR``): the field acts on the half of the good region that is
 nearest to the boundary, where states are at risk, and leaves the typical good example alone.
 
-On disk a classifier is a folder (written to a temporary folder and swapped in with
-``os.replace``; verified on load, never unpickled)::
+A classifier records the C-space of the embeddings it was trained on (:attr:`space`, a
+:class:`cspace.models.space.Space`; None: unknown, as for classifiers saved before spaces were
+recorded); :meth:`PreferenceClassifier.check_space` refuses another space.
 
-    manifest.json              format, version, d, threshold, q_star, eta, accuracy, classes,
-                               counts, training settings, size and SHA-256 of the tensor file
+On disk a classifier is a folder in cspace's safe-folder format (:mod:`cspace.io.folder`:
+written to a temporary folder and swapped in with ``os.replace``; verified on load, never
+unpickled)::
+
+    manifest.json              format "cspace.classifier", format_version 2, d, threshold, q_star,
+                               eta, accuracy, classes, counts, training settings, space, size
+                               and SHA-256 of the tensor file
     classifier.safetensors     w (d,) float64, b (1,) float64
+
+Classifiers of format_version 1 (no space) still load, with ``space = None``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
 import os
 from pathlib import Path
@@ -44,13 +50,17 @@ import torch
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from cspace.io.files import sha256_hex, write_folder_atomic
+from cspace.io.errors import FolderError
+from cspace.io.folder import FolderKind, is_folder_of, read_folder, write_folder
+from cspace.io.legacy import CLASSIFIER_V1
+from cspace.models.space import Space, check_same_space
 
 __all__ = [
     "AUTO_Q_STAR_FACTOR",
     "CLASSES",
     "CLASSIFIER_FORMAT",
     "CLASSIFIER_FORMAT_VERSION",
+    "CLASSIFIER_KIND",
     "ClassifierError",
     "PreferenceClassifier",
     "is_classifier_folder",
@@ -58,25 +68,34 @@ __all__ = [
 ]
 
 CLASSIFIER_FORMAT = "cspace.classifier"
-CLASSIFIER_FORMAT_VERSION = 1
+CLASSIFIER_FORMAT_VERSION = 2
 CLASSES = ("good", "bad")  # label 0, label 1
 AUTO_Q_STAR_FACTOR = 1.0
-_MANIFEST = "manifest.json"
 _TENSORS = "classifier.safetensors"
 
 
-class ClassifierError(ValueError):
+class ClassifierError(FolderError):
     """A bad preference classifier: invalid input, or a file that is corrupt, foreign or
     mismatched."""
 
 
+#: the classifier's folder kind (:mod:`cspace.io.folder`)
+CLASSIFIER_KIND = FolderKind(
+    format=CLASSIFIER_FORMAT,
+    version=CLASSIFIER_FORMAT_VERSION,
+    what="classifier",
+    a_what="a cspace classifier",
+    error=ClassifierError,
+    files=(_TENSORS,),
+    fix="retrain it (cspace obstacles classifier) or restore the folder from a copy",
+    legacy=(CLASSIFIER_V1,),
+)
+
+
 def is_classifier_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a manifest.json written by :meth:`PreferenceClassifier.save`."""
-    try:
-        manifest = json.loads((Path(path) / _MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == CLASSIFIER_FORMAT
+    """Whether ``path`` holds a manifest.json written by :meth:`PreferenceClassifier.save` (any
+    version; not verified)."""
+    return is_folder_of(path, CLASSIFIER_KIND)
 
 
 def _check_threshold(p0) -> float:
@@ -128,6 +147,8 @@ class PreferenceClassifier:
         accuracy: held-out accuracy at ``p0`` (None when not measured).
         train_accuracy: accuracy at ``p0`` on all training examples (None if unknown).
         info: extra JSON-serialisable metadata (counts, training settings, encoder name).
+        space: the C-space of the embeddings (:class:`cspace.models.space.Space`; None:
+            unknown).
     """
 
     def __init__(
@@ -141,6 +162,7 @@ class PreferenceClassifier:
         accuracy: float | None = None,
         train_accuracy: float | None = None,
         info: dict | None = None,
+        space: Space | None = None,
     ) -> None:
         w = np.asarray(w, dtype=np.float64).reshape(-1)
         if w.size < 1 or not np.all(np.isfinite(w)):
@@ -162,6 +184,7 @@ class PreferenceClassifier:
         self.accuracy = None if accuracy is None else float(accuracy)
         self.train_accuracy = None if train_accuracy is None else float(train_accuracy)
         self.info = dict(info or {})
+        self.space = space
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -178,12 +201,14 @@ class PreferenceClassifier:
         eta: float = 1.0,
         balanced: bool = True,
         max_iter: int = 5000,
+        space: Space | None = None,
     ) -> PreferenceClassifier:
         """Train on good (class 0) and bad (class 1) embeddings (N, d) each.
 
         A stratified ``holdout`` fraction (0 <= holdout < 1; 0 skips it and leaves ``accuracy``
         None) is held out to measure the accuracy at ``threshold``, then the model is refit on
-        all examples. ``q_star="auto"``: see the module docstring.
+        all examples. ``q_star="auto"``: see the module docstring. ``space``: the C-space of
+        the embeddings (recorded with the classifier).
         """
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import train_test_split
@@ -262,7 +287,9 @@ class PreferenceClassifier:
                 )
             q_star = AUTO_Q_STAR_FACTOR * float(np.median(pos))
             info["q_star_rule"] = "auto: median signed distance of the good examples (> 0)"
-        out = cls(w, b, threshold=p0, q_star=q_star, eta=eta, accuracy=accuracy, info=info)
+        out = cls(
+            w, b, threshold=p0, q_star=q_star, eta=eta, accuracy=accuracy, info=info, space=space
+        )
         out.train_accuracy = acc(full, x, y)
         return out
 
@@ -270,6 +297,31 @@ class PreferenceClassifier:
     @property
     def dim(self) -> int:
         return int(self.w.size)
+
+    @property
+    def space(self) -> Space | None:
+        """The C-space of the embeddings (None: unknown); settable, its d must be the
+        classifier's."""
+        return self._space
+
+    @space.setter
+    def space(self, value: Space | None) -> None:
+        if value is not None:
+            if not isinstance(value, Space):
+                raise ClassifierError(
+                    f"space must be a cspace.models.space.Space or None; got {type(value).__name__}"
+                )
+            if value.dim != self.dim:
+                raise ClassifierError(
+                    f"dimension mismatch: the space {value.describe()} has d={value.dim} but "
+                    f"the classifier has d={self.dim}"
+                )
+        self._space = value
+
+    def check_space(self, other: Space | None, what: str, fix: str = "") -> None:
+        """Raise :class:`cspace.models.space.SpaceMismatchError` (naming both spaces) when
+        ``other`` (the space of ``what``) is not the classifier's; None on either side passes."""
+        check_same_space(self.space, other, "the classifier", what, fix)
 
     @property
     def offset(self) -> float:
@@ -323,23 +375,8 @@ class PreferenceClassifier:
 
         An existing folder is replaced only if it is a saved classifier or empty.
         """
-        path = Path(path)
-        if path.exists():
-            if not path.is_dir():
-                raise ClassifierError(f"{path} exists and is not a folder; choose another --out")
-            if any(path.iterdir()) and not is_classifier_folder(path):
-                raise ClassifierError(
-                    f"{path} is a non-empty folder that is not a cspace classifier; refusing to "
-                    "overwrite it (choose another --out)"
-                )
-        parent = path.parent if str(path.parent) else Path(".")
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK):
-            raise ClassifierError(f"no write permission in {parent}")
         blob = _st_save({"w": self.w.astype(np.float64), "b": np.array([self.b], np.float64)})
-        manifest = {
-            "format": CLASSIFIER_FORMAT,
-            "format_version": CLASSIFIER_FORMAT_VERSION,
+        fields = {
             "dim": self.dim,
             "threshold": self.threshold,
             "q_star": self.q_star,
@@ -348,72 +385,49 @@ class PreferenceClassifier:
             "train_accuracy": self.train_accuracy,
             "classes": list(CLASSES),
             "info": self.info,
-            "files": {_TENSORS: {"bytes": len(blob), "sha256": sha256_hex(blob)}},
-            "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "space": None if self.space is None else self.space.to_json(),
         }
-        files = {_TENSORS: blob, _MANIFEST: json.dumps(manifest, indent=1).encode()}
-        return write_folder_atomic(path, files)
+        return write_folder(path, CLASSIFIER_KIND, fields, {_TENSORS: blob})
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_dim: int | None = None) -> PreferenceClassifier:
-        """Read a classifier written by :meth:`save`, verifying format, version, size, SHA-256,
-        shapes and values; raises :class:`ClassifierError` naming the problem."""
-        path = Path(path)
-        mpath = path / _MANIFEST
-        if not mpath.is_file():
-            raise ClassifierError(f"{path} is not a cspace classifier: {_MANIFEST} is missing")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ClassifierError(f"{mpath} is corrupt or not JSON: {err}") from err
-        if not isinstance(manifest, dict) or manifest.get("format") != CLASSIFIER_FORMAT:
-            raise ClassifierError(
-                f"{mpath} is not a cspace classifier manifest (format != {CLASSIFIER_FORMAT!r})"
-            )
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or not 1 <= version <= CLASSIFIER_FORMAT_VERSION:
-            raise ClassifierError(
-                f"{path} has format_version {version!r}; this cspace reads versions "
-                f"1..{CLASSIFIER_FORMAT_VERSION} (upgrade cspace to read newer classifiers)"
-            )
+        """Read a classifier written by :meth:`save` (or a version-1 one), verifying format,
+        version, size, SHA-256, shapes and values; raises :class:`ClassifierError` naming the
+        problem."""
+        folder = read_folder(path, CLASSIFIER_KIND)
+        path, mpath, manifest = folder.path, folder.mpath, folder.manifest
         try:
             dim = int(manifest["dim"])
-            want = manifest["files"][_TENSORS]
             threshold, q_star, eta = manifest["threshold"], manifest["q_star"], manifest["eta"]
-            nbytes, digest = want["bytes"], want["sha256"]
         except (KeyError, TypeError, ValueError) as err:
-            raise ClassifierError(f"{mpath} lacks a required field: {err}") from err
+            raise ClassifierError(f"{mpath} lacks a required field: {err}", mpath) from err
         if manifest.get("classes", list(CLASSES)) != list(CLASSES):
             raise ClassifierError(
-                f"{mpath}: classes {manifest.get('classes')!r}, expected {list(CLASSES)}"
+                f"{mpath}: classes {manifest.get('classes')!r}, expected {list(CLASSES)}", mpath
             )
         if expected_dim is not None and dim != int(expected_dim):
             raise ClassifierError(
                 f"dimension mismatch: {path} is a d={dim} classifier but d={expected_dim} was "
-                "expected (use the encoder it was trained with)"
-            )
-        tpath = path / _TENSORS
-        if not tpath.is_file():
-            raise ClassifierError(f"{tpath} is missing")
-        data = tpath.read_bytes()
-        if len(data) != nbytes:
-            raise ClassifierError(
-                f"{tpath} has {len(data)} bytes but the manifest says {nbytes}: truncated or "
-                "replaced"
-            )
-        if sha256_hex(data) != digest:
-            raise ClassifierError(
-                f"checksum mismatch for {tpath}: the file changed after it was saved"
+                "expected (use the encoder it was trained with)",
+                path,
             )
         try:
-            tensors = _st_load(data)
+            space = Space.from_json(manifest.get("space"))
+        except ValueError as err:
+            raise ClassifierError(f"{mpath}: bad space record: {err}", mpath) from err
+        tpath = path / _TENSORS
+        try:
+            tensors = _st_load(folder.files[_TENSORS])
         except Exception as err:  # safetensors raises its own error type
-            raise ClassifierError(f"{tpath} is not a readable safetensors file: {err}") from err
+            raise ClassifierError(
+                f"{tpath} is not a readable safetensors file: {err}", tpath
+            ) from err
         w, b = tensors.get("w"), tensors.get("b")
         if w is None or w.shape != (dim,) or b is None or b.shape != (1,):
             raise ClassifierError(
                 f"{tpath}: expected w of shape ({dim},) and b of shape (1,); got "
-                f"{None if w is None else w.shape} and {None if b is None else b.shape}"
+                f"{None if w is None else w.shape} and {None if b is None else b.shape}",
+                tpath,
             )
         info = manifest.get("info", {})
         return cls(
@@ -425,6 +439,7 @@ class PreferenceClassifier:
             accuracy=manifest.get("accuracy"),
             train_accuracy=manifest.get("train_accuracy"),
             info=info if isinstance(info, dict) else {},
+            space=space,
         )
 
 

@@ -4,8 +4,12 @@
 (all-or-nothing: one bad file raises :class:`cspace.io.images.ImageFolderError` naming it before
 anything is encoded), encodes them with an :class:`cspace.models.encoders.Encoder` (posterior mean,
 normalised latents), embeds them (flatten, ``Encoder.embed``) and returns a new
-:class:`~obstacles.ObstacleSet` whose sources are the absolute file paths. :func:`add_images` grows
-an existing set the same way; bad input adds nothing.
+:class:`~obstacles.ObstacleSet` whose sources are the file paths as given (a folder's files as
+``folder/name``; :meth:`~obstacles.ObstacleSet.save` stores those inside the set's folder
+relative to it) and whose ``space`` is the encoder's C-space at ``size``
+(:meth:`cspace.models.encoders.Encoder.space`). :func:`add_images` grows an existing set the same
+way, and refuses an encoder of another space (an error naming both spaces); bad input adds
+nothing. A set of unknown space (saved before spaces were recorded) takes the encoder's space.
 
 Default parameters (documented rules, both overridable):
 
@@ -167,6 +171,12 @@ def _expected_dim(encoder, size: tuple[int, int]) -> int | None:
     return int(np.prod(shape(size)))
 
 
+def _space(encoder, size: tuple[int, int]):
+    """The encoder's C-space at ``size`` (None for an encoder without ``space``)."""
+    space = getattr(encoder, "space", None)
+    return space(size) if callable(space) else None
+
+
 def _labels(label: str | Sequence[str] | None, files: list[Path]) -> list[str]:
     if label is None:
         return [f.resolve().parent.name for f in files]
@@ -228,7 +238,8 @@ def build_from_images(
         eta=eta,
         radius=r,
         labels=_labels(label, files),
-        sources=[str(f.resolve()) for f in files],
+        sources=[str(f) for f in files],
+        space=_space(encoder, _size(size)),
     )
 
 
@@ -249,6 +260,10 @@ def add_images(
     Same arguments as :func:`build_from_images`; ``"auto"`` measures the new examples' spacing
     among the set's obstacles and the new examples together. All-or-nothing: on any error the
     set is unchanged.
+
+    Raises:
+        cspace.models.space.SpaceMismatchError: the encoder (at ``size``) is not in the set's
+            C-space; the message names both. A set of unknown space takes the encoder's.
     """
     if not isinstance(obstacles, ObstacleSet):
         raise TypeError(f"add_images needs an ObstacleSet; got {type(obstacles).__name__}")
@@ -261,14 +276,24 @@ def add_images(
             f"to d={want} but the obstacle set has d={obstacles.dim}; use the encoder (and --size) "
             "the set was built with"
         )
+    space = _space(encoder, _size(size))
+    obstacles.check_space(
+        space,
+        f"the encoder {getattr(encoder, 'name', '')!r} at {_size(size)[0]}x{_size(size)[1]}",
+        fix="add images with the encoder (and --size) the set was built with, or build a new "
+        "set with this encoder",
+    )
     emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size)
     ref = obstacles.embeddings if len(obstacles) else None
     q, r = _parameters(q_star, radius, emb, ref)
-    return obstacles.add(
+    ids = obstacles.add(
         emb,
         q_star=q,
         eta=eta,
         radius=r,
         labels=_labels(label, files),
-        sources=[str(f.resolve()) for f in files],
+        sources=[str(f) for f in files],
     )
+    if obstacles.space is None and space is not None:
+        obstacles.space = space  # a set of unknown space takes the encoder's (the migration)
+    return ids

@@ -7,16 +7,31 @@ is squared, and its batched search computes ``|x|^2 + |o|^2 - 2 x.o``, which can
 much smaller than |x|; so candidates are searched with a safety margin and their distances are
 recomputed from the differences ``x - o`` in float64.
 
-On disk a set is a folder::
+An obstacle set records the C-space of its embeddings (:attr:`ObstacleSet.space`, a
+:class:`cspace.models.space.Space`: encoder, config hash, weights fingerprint, image size,
+channels, latent shape, d), or None for an unknown space (embeddings from elsewhere, sets saved
+before spaces were recorded), which every space check accepts. :meth:`ObstacleSet.check_space`
+refuses another space with an error naming both.
 
-    manifest.json          format, version, d, count, revision, checksums, labels, sources,
-                           history (the earlier Q*, eta and radius of each revision)
+On disk a set is a folder in cspace's safe-folder format (:mod:`cspace.io.folder`)::
+
+    manifest.json          format "cspace.obstacles", format_version 2, size and SHA-256 of each
+                           file, d, count, metric, next_id, revision, space, saved
     index.faiss            the FAISS index (faiss.serialize_index)
     metadata.safetensors   ids (int64), q_star, eta, radius (float64)
+    records.json           labels, sources, history (the earlier Q*, eta and radius of each
+                           revision)
 
 It is written to a temporary folder and swapped in with ``os.replace``, so an interrupted save
-leaves the previous set intact; :meth:`ObstacleSet.load` checks format, version, sizes, SHA-256
-checksums, dimension and count, and never unpickles anything.
+leaves the previous set intact; files in the folder that are not the set's (images kept beside
+it) are kept. :meth:`ObstacleSet.load` checks format, version, sizes, SHA-256 checksums,
+dimension and count, and never unpickles anything. Sets of format_version 1 (labels, sources and
+history in the manifest, no space) still load, with ``space = None``
+(:mod:`cspace.io.legacy`).
+
+Sources are strings (usually image paths). :meth:`ObstacleSet.save` stores a source that names
+an existing file inside the set's folder relative to that folder (so the folder can be moved
+with its images); every other source is stored as given.
 """
 
 from __future__ import annotations
@@ -32,20 +47,36 @@ import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from cspace.io.files import sha256_hex, write_folder_atomic
+from cspace.io.errors import FolderError
+from cspace.io.folder import FolderKind, is_folder_of, read_folder, write_folder
+from cspace.io.legacy import OBSTACLES_V1
+from cspace.models.space import Space, check_same_space
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ObstacleSet", "ObstacleSetError"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "KIND", "ObstacleSet", "ObstacleSetError"]
 
 FORMAT = "cspace.obstacles"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _INDEX_FILE = "index.faiss"
 _META_FILE = "metadata.safetensors"
-_MANIFEST = "manifest.json"
+_RECORDS = "records.json"
 _EPS32 = float(np.finfo(np.float32).eps)
 
 
-class ObstacleSetError(ValueError):
+class ObstacleSetError(FolderError):
     """A bad obstacle set: invalid input, or a file that is corrupt, foreign or mismatched."""
+
+
+#: the obstacle set's folder kind (:mod:`cspace.io.folder`)
+KIND = FolderKind(
+    format=FORMAT,
+    version=FORMAT_VERSION,
+    what="obstacle-set",
+    a_what="an obstacle set",
+    error=ObstacleSetError,
+    files=(_INDEX_FILE, _META_FILE, _RECORDS),
+    fix="rebuild the set (cspace obstacles build) or restore the folder from a copy",
+    legacy=(OBSTACLES_V1,),
+)
 
 
 def _per_obstacle(value, n: int, name: str, *, positive: bool) -> np.ndarray:
@@ -80,13 +111,24 @@ def _strings(value, n: int, name: str, default: str) -> list[str]:
     return out
 
 
-def is_obstacle_set(path: Path) -> bool:
-    """Whether the folder holds a manifest.json written by :meth:`ObstacleSet.save`."""
+def is_obstacle_set(path: str | os.PathLike) -> bool:
+    """Whether the folder holds a manifest.json written by :meth:`ObstacleSet.save` (any
+    version; not verified)."""
+    return is_folder_of(path, KIND)
+
+
+def _stored_source(source: str, root: Path) -> str:
+    """``source`` relative to the set folder ``root`` when it names an existing file inside it,
+    else unchanged."""
+    if not source:
+        return source
     try:
-        manifest = json.loads((path / _MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+        p = Path(source)
+        if not p.exists():
+            return source
+        return p.resolve().relative_to(root).as_posix()
+    except (OSError, ValueError):
+        return source
 
 
 class ObstacleSet:
@@ -94,13 +136,14 @@ class ObstacleSet:
 
     Build one with :meth:`from_embeddings`; grow and shrink it with :meth:`add` and
     :meth:`remove`; query it with :meth:`knn` and :meth:`within`; persist it with :meth:`save`
-    and :meth:`load`.
+    and :meth:`load`. ``space``: the C-space of the embeddings (None: unknown).
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, space: Space | None = None) -> None:
         if int(dim) < 1:
             raise ObstacleSetError(f"dim must be >= 1; got {dim}")
         self.index = faiss.IndexFlatL2(int(dim))
+        self.space = space
         self._ids = np.zeros(0, dtype=np.int64)
         self._q_star = np.zeros(0)
         self._eta = np.zeros(0)
@@ -121,18 +164,20 @@ class ObstacleSet:
         radius=0.0,
         labels: str | Sequence[str] | None = None,
         sources: str | Sequence[str] | None = None,
+        space: Space | None = None,
     ) -> ObstacleSet:
         """A new set from ``embeddings`` (N, d), N >= 1.
 
         ``q_star`` (> 0), ``eta`` (>= 0) and ``radius`` (>= 0, the hard collision radius) are
-        numbers or (N,) arrays; ``labels``/``sources`` are strings or N strings.
+        numbers or (N,) arrays; ``labels``/``sources`` are strings or N strings; ``space`` the
+        C-space the embeddings come from (None: unknown).
         """
         emb = cls._check_embeddings(embeddings, None)
         if emb.shape[0] == 0:
             raise ObstacleSetError(
                 "empty obstacle set: from_embeddings needs at least one embedding"
             )
-        out = cls(emb.shape[1])
+        out = cls(emb.shape[1], space=space)
         out.add(emb, q_star=q_star, eta=eta, radius=radius, labels=labels, sources=sources)
         return out
 
@@ -214,6 +259,35 @@ class ObstacleSet:
     @property
     def dim(self) -> int:
         return int(self.index.d)
+
+    @property
+    def space(self) -> Space | None:
+        """The C-space of the embeddings (:class:`cspace.models.space.Space`); None: unknown.
+
+        Settable (e.g. to record the space of a set saved before spaces were recorded); the
+        space's d must be the set's.
+        """
+        return self._space
+
+    @space.setter
+    def space(self, value: Space | None) -> None:
+        if value is not None:
+            if not isinstance(value, Space):
+                raise ObstacleSetError(
+                    f"space must be a cspace.models.space.Space or None; got {type(value).__name__}"
+                )
+            if value.dim != self.dim:
+                raise ObstacleSetError(
+                    f"dimension mismatch: the space {value.describe()} has d={value.dim} but "
+                    f"this obstacle set has d={self.dim}"
+                )
+        self._space = value
+
+    def check_space(self, other: Space | None, what: str, fix: str = "") -> None:
+        """Raise :class:`cspace.models.space.SpaceMismatchError` (naming both spaces) when
+        ``other`` (the space of ``what``: an encoder, a flow, a field) is not this set's space;
+        an unknown space (None) on either side passes."""
+        check_same_space(self.space, other, "the obstacle set", what, fix)
 
     @property
     def embeddings(self) -> np.ndarray:
@@ -365,21 +439,12 @@ class ObstacleSet:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the set to the folder ``path`` atomically; returns the path.
 
-        An existing folder is replaced only if it is an obstacle set (holds a manifest.json) or
-        empty; anything else raises rather than being overwritten.
+        An existing folder is replaced only if it is an obstacle set or empty; anything else
+        raises rather than being overwritten. Other files inside an existing set's folder
+        (images kept beside it) are kept. Sources naming files inside the folder are stored
+        relative to it (see the module docstring).
         """
         path = Path(path)
-        if path.exists():
-            if not path.is_dir():
-                raise ObstacleSetError(f"{path} exists and is not a folder; choose another --out")
-            if any(path.iterdir()) and not is_obstacle_set(path):
-                raise ObstacleSetError(
-                    f"{path} is a non-empty folder that is not an obstacle set; refusing to overwrite it"
-                )
-        parent = path.parent if str(path.parent) else Path(".")
-        parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(parent, os.W_OK):
-            raise ObstacleSetError(f"no write permission in {parent}")
         index_bytes = faiss.serialize_index(self.index).tobytes()
         meta_bytes = _st_save(
             {
@@ -389,118 +454,106 @@ class ObstacleSet:
                 "radius": self._radius.astype(np.float64),
             }
         )
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+        root = path.resolve()
+        records = {
+            "labels": self._labels,
+            "sources": [_stored_source(src, root) for src in self._sources],
+            "history": self.history,
+        }
+        fields = {
             "dim": self.dim,
             "count": len(self),
             "metric": "l2",
             "next_id": int(self._next_id),
             "revision": len(self.history),  # one more at every set_parameters
-            "files": {
-                _INDEX_FILE: {"bytes": len(index_bytes), "sha256": sha256_hex(index_bytes)},
-                _META_FILE: {"bytes": len(meta_bytes), "sha256": sha256_hex(meta_bytes)},
-            },
-            "labels": self._labels,
-            "sources": self._sources,
-            "history": self.history,
-            "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "space": None if self.space is None else self.space.to_json(),
         }
-        files = {
+        payload = {
             _INDEX_FILE: index_bytes,
             _META_FILE: meta_bytes,
-            _MANIFEST: json.dumps(manifest, indent=1).encode(),
+            _RECORDS: json.dumps(records, indent=0).encode(),
         }
-        return write_folder_atomic(path, files)
+        return write_folder(path, KIND, fields, payload)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_dim: int | None = None) -> ObstacleSet:
-        """Read a set written by :meth:`save`, verifying everything; see the module docstring.
+        """Read a set written by :meth:`save` (or a version-1 set), verifying everything; see
+        the module docstring.
 
         ``expected_dim`` (optional) is the embedding dimension the caller needs.
         """
-        path = Path(path)
-        mpath = path / _MANIFEST
-        if not mpath.is_file():
-            raise ObstacleSetError(f"{path} is not an obstacle set: {_MANIFEST} is missing")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ObstacleSetError(f"{mpath} is corrupt or not JSON: {err}") from err
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ObstacleSetError(
-                f"{mpath} is not a cspace obstacle-set manifest (format != {FORMAT!r})"
-            )
-        version = manifest.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-            raise ObstacleSetError(
-                f"{path} has format_version {version!r}; this cspace reads versions 1..{FORMAT_VERSION} "
-                "(upgrade cspace to read newer sets)"
-            )
+        folder = read_folder(path, KIND)
+        path, mpath, manifest = folder.path, folder.mpath, folder.manifest
         try:
             dim, count = int(manifest["dim"]), int(manifest["count"])
-            files = manifest["files"]
-            labels, sources = list(manifest["labels"]), list(manifest["sources"])
         except (KeyError, TypeError, ValueError) as err:
-            raise ObstacleSetError(f"{mpath} lacks a required field: {err}") from err
+            raise ObstacleSetError(f"{mpath} lacks a required field: {err}", mpath) from err
         if expected_dim is not None and dim != int(expected_dim):
             raise ObstacleSetError(
-                f"dimension mismatch: {path} holds d={dim} embeddings but d={expected_dim} was expected"
+                f"dimension mismatch: {path} holds d={dim} embeddings but d={expected_dim} was expected",
+                path,
             )
-        blobs = {}
-        for name in (_INDEX_FILE, _META_FILE):
-            fpath = path / name
-            if not fpath.is_file():
-                raise ObstacleSetError(f"{fpath} is missing")
-            data = fpath.read_bytes()
-            want = files.get(name) if isinstance(files, dict) else None
-            want = want if isinstance(want, dict) else {}
-            if len(data) != want.get("bytes"):
-                raise ObstacleSetError(
-                    f"{fpath} has {len(data)} bytes but the manifest says {want.get('bytes')}: truncated or replaced"
-                )
-            if sha256_hex(data) != want.get("sha256"):
-                raise ObstacleSetError(
-                    f"checksum mismatch for {fpath}: the file changed after it was saved"
-                )
-            blobs[name] = data
+        records = folder.json(_RECORDS)
         try:
-            index = faiss.deserialize_index(np.frombuffer(blobs[_INDEX_FILE], dtype=np.uint8))
+            labels, sources = list(records["labels"]), list(records["sources"])
+            history = list(records.get("history", []))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ObstacleSetError(
+                f"{path / _RECORDS} lacks a required field: {err}", path / _RECORDS
+            ) from err
+        try:
+            space = Space.from_json(manifest.get("space"))
+        except ValueError as err:
+            raise ObstacleSetError(f"{mpath}: bad space record: {err}", mpath) from err
+        try:
+            index = faiss.deserialize_index(
+                np.frombuffer(folder.files[_INDEX_FILE], dtype=np.uint8)
+            )
         except RuntimeError as err:
             raise ObstacleSetError(
-                f"{path / _INDEX_FILE} is not a readable FAISS index: {err}"
+                f"{path / _INDEX_FILE} is not a readable FAISS index: {err}", path / _INDEX_FILE
             ) from err
         if not isinstance(index, faiss.IndexFlatL2):
             raise ObstacleSetError(
-                f"{path / _INDEX_FILE} holds a {type(index).__name__}, not an IndexFlatL2"
+                f"{path / _INDEX_FILE} holds a {type(index).__name__}, not an IndexFlatL2",
+                path / _INDEX_FILE,
             )
         if index.d != dim or index.ntotal != count:
             raise ObstacleSetError(
-                f"{path}: index has d={index.d}, count={index.ntotal} but the manifest says d={dim}, count={count}"
+                f"{path}: index has d={index.d}, count={index.ntotal} but the manifest says d={dim}, count={count}",
+                path,
             )
         try:
-            meta = _st_load(blobs[_META_FILE])
+            meta = _st_load(folder.files[_META_FILE])
         except Exception as err:  # safetensors raises its own error type
             raise ObstacleSetError(
-                f"{path / _META_FILE} is not a readable safetensors file: {err}"
+                f"{path / _META_FILE} is not a readable safetensors file: {err}", path / _META_FILE
             ) from err
         for key in ("ids", "q_star", "eta", "radius"):
             if key not in meta or meta[key].shape != (count,):
                 raise ObstacleSetError(
-                    f"{path / _META_FILE}: {key!r} missing or not of shape ({count},)"
+                    f"{path / _META_FILE}: {key!r} missing or not of shape ({count},)",
+                    path / _META_FILE,
                 )
         if len(labels) != count or len(sources) != count:
-            raise ObstacleSetError(f"{mpath}: labels/sources do not have {count} entries")
+            raise ObstacleSetError(
+                f"{path / _RECORDS}: labels/sources do not have {count} entries", path / _RECORDS
+            )
         ids = meta["ids"].astype(np.int64)
         try:
             next_id = int(manifest.get("next_id", int(ids.max(initial=-1)) + 1))
         except (TypeError, ValueError) as err:
-            raise ObstacleSetError(f"{mpath}: next_id is not an integer: {err}") from err
+            raise ObstacleSetError(f"{mpath}: next_id is not an integer: {err}", mpath) from err
         if np.unique(ids).size != count or (count and (ids.min() < 0 or ids.max() >= next_id)):
             raise ObstacleSetError(
-                f"{path}: obstacle ids are duplicated, negative or not below next_id={next_id}"
+                f"{path}: obstacle ids are duplicated, negative or not below next_id={next_id}",
+                path,
             )
-        out = cls(dim)
+        if space is not None and space.dim != dim:
+            raise ObstacleSetError(
+                f"{mpath}: the recorded space has d={space.dim} but the set has d={dim}", mpath
+            )
+        out = cls(dim, space=space)
         out.index = index
         out._ids = ids
         out._q_star = _per_obstacle(meta["q_star"], count, "q_star", positive=True)
@@ -508,5 +561,5 @@ class ObstacleSet:
         out._radius = _per_obstacle(meta["radius"], count, "radius", positive=False)
         out._labels, out._sources = [str(s) for s in labels], [str(s) for s in sources]
         out._next_id = next_id
-        out.history = list(manifest.get("history", []))
+        out.history = history
         return out

@@ -177,7 +177,8 @@ def test_cli_toy_writes_a_new_revision(tmp_path, capsys):
     assert loaded.eta.tolist() == pytest.approx(rep["chosen"]["eta"])
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["revision"] == 1
-    assert manifest["history"][0]["q_star"] == pytest.approx(toy_set().q_star.tolist())
+    records = json.loads((path / "records.json").read_text())  # labels, sources, history
+    assert records["history"][0]["q_star"] == pytest.approx(toy_set().q_star.tolist())
     assert len(loaded.history) == 1
     assert loaded.history[-1]["note"].startswith("cspace calibrate (toy, per global): trial ")
     assert (tmp_path / "toyset-calibration" / "study.log").is_file()

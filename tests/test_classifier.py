@@ -124,7 +124,7 @@ def test_save_load_round_trip(tmp_path):
     assert back.q_star == clf.q_star and back.accuracy == clf.accuracy
     assert back.info["encoder"] == "tiny" and back.info["counts"] == {"good": 60, "bad": 60}
     manifest = json.loads((tmp_path / "clf" / "manifest.json").read_text())
-    assert manifest["format"] == "cspace.classifier" and manifest["format_version"] == 1
+    assert manifest["format"] == "cspace.classifier" and manifest["format_version"] == 2
     assert manifest["dim"] == 5 and manifest["classes"] == ["good", "bad"]
     assert "sha256" in manifest["files"]["classifier.safetensors"]
     clf.save(tmp_path / "clf")  # replacing a classifier is fine
@@ -446,7 +446,7 @@ def test_cli_classifier(tmp_path, capsys, monkeypatch):
     assert clf.dim == 32 and clf.threshold == 0.6 and clf.eta == 0.5
     assert clf.accuracy is not None and clf.info["encoder"].startswith("tiny")
     rc, text, _ = _run(["obstacles", "info", out], capsys)
-    assert rc == 0 and "cspace.classifier v1" in text and "threshold: 0.6" in text
+    assert rc == 0 and "cspace.classifier v2" in text and "threshold: 0.6" in text
     assert "examples: 16 good, 8 bad" in text
     rc, _, err = _run(argv, capsys)
     assert rc == 2 and "--overwrite" in err

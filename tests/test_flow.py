@@ -159,11 +159,12 @@ def test_save_load_round_trip(tmp_path, gmm_flow):
     assert loaded.config == net.config
     x, t = torch.randn(16, 2, 1, 1), torch.rand(16)
     assert torch.equal(loaded(x, t), FlowModel(net)(x, t))
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["format"] == "cspace-flow" and cfg["parameters"] == net.num_parameters()
+    cfg = json.loads((out / "manifest.json").read_text())
+    assert cfg["format"] == "cspace.flow" and cfg["parameters"] == net.num_parameters()
+    assert cfg["format_version"] == 2 and "sha256" in cfg["files"]["model.safetensors"]
     # saving again replaces the folder; a folder that is not a flow is never overwritten
     save_flow(out, loaded, loaded.meta)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
@@ -173,9 +174,9 @@ def test_save_load_round_trip(tmp_path, gmm_flow):
 
 def test_load_rejects_corrupt_or_mismatched_files(tmp_path, gmm_flow):
     out = save_flow(tmp_path / "flow", gmm_flow[0], {"encoder": "vae_test"})
-    cpath, wpath = out / "config.json", out / "model.safetensors"
+    cpath, wpath = out / "manifest.json", out / "model.safetensors"
     cfg = json.loads(cpath.read_text())
-    # architecture in config.json that does not match the tensors
+    # architecture in the manifest that does not match the tensors
     bad = {**cfg, "config": {**cfg["config"], "width": 32}}
     cpath.write_text(json.dumps(bad))
     with pytest.raises(FlowWeightsError, match="does not match the architecture"):
@@ -203,7 +204,7 @@ def test_missing_weights_say_how_to_make_them(tmp_path):
 @pytest.mark.parametrize("name", ["flow_aligned", "flow_plain"])
 def test_shipped_flow(name):
     folder = WEIGHTS_DIR / name
-    if not (folder / "config.json").is_file():
+    if not (folder / "manifest.json").is_file():
         pytest.skip(f"no shipped weights at {folder} (train with `cspace train flow`)")
     flow = load_flow(folder)
     meta, tr = flow.meta, flow.meta["training"]
@@ -223,11 +224,12 @@ def test_shipped_flow(name):
     assert torch.isfinite(flow(x, torch.rand(8))).all()
     # the recorded training loss is reproduced by these weights on the recorded encoder's latents
     vae = WEIGHTS_DIR / meta["encoder"]
-    if not (vae / "config.json").is_file():
+    if not (vae / "manifest.json").is_file():
         pytest.skip(f"the flow's VAE {vae} is not shipped")
     from cspace.models.data import digits
 
     encoder = flow.load_encoder()
+    assert flow.space == encoder.space((8, 8))  # the flow records its C-space
     latents = encoder.encode(digits("train")[0])
     assert flow_matching_loss(flow, latents, seed=0) == pytest.approx(tr["train_loss"], rel=1e-3)
     assert Path(meta["path"]) == folder

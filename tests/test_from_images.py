@@ -95,7 +95,8 @@ def test_build_from_folder_and_files(digits, encoder):
     oset = build_from_images([digits / "3"], encoder)
     files = sorted((digits / "3").iterdir())
     assert len(oset) == 6 and oset.dim == 32 == int(np.prod(encoder.latent_shape((8, 8))))
-    assert oset.sources == [str(f.resolve()) for f in files]
+    assert oset.sources == [str(f) for f in files]  # as given (folder / name), not resolved
+    assert oset.space == encoder.space((8, 8)) and oset.space.dim == 32
     assert oset.labels == ["3"] * 6  # default label: the folder's name
     images, _ = load_images(files)
     want = encoder.embed(encoder.encode(images)).numpy()
@@ -251,11 +252,13 @@ def test_cli_build_info_append(digits, cli_encoder, capsys, tmp_path):
     assert rc == 0 and "12 in the set" in text
     rc, text, _ = _run(["obstacles", "info", out], capsys)
     assert rc == 0
-    assert "cspace.obstacles v1" in text and "count: 12" in text and "3: 6, seven: 6" in text
+    assert "cspace.obstacles v2" in text and "count: 12" in text and "3: 6, seven: 6" in text
+    assert f"space: {cli_encoder.space((8, 8)).describe()}" in text
     assert "eta: 1 .. 2" in text and "history: 0 entries" in text
     rc, text, _ = _run(["obstacles", "info", out, "--json"], capsys)
     info = json.loads(text)
     assert info["count"] == 12 and info["labels"] == {"3": 6, "seven": 6} and info["dim"] == 32
+    assert info["space"] == cli_encoder.space((8, 8)).to_json()
 
 
 @pytest.mark.parametrize("kind", BAD)

@@ -15,7 +15,7 @@ import pytest
 import obstacles.obstacle_set as obstacle_set_module
 from obstacles import FORMAT, FORMAT_VERSION, ObstacleSet, ObstacleSetError
 
-FILES = {"manifest.json", "index.faiss", "metadata.safetensors"}
+FILES = {"manifest.json", "index.faiss", "metadata.safetensors", "records.json"}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -636,8 +636,9 @@ def test_load_expected_dim_mismatch(saved):
 
 def test_load_labels_count_mismatch(saved):
     _, path = saved
-    manifest = json.loads((path / "manifest.json").read_text())
-    _rewrite_manifest(path, labels=manifest["labels"][:-1])
+    records = json.loads((path / "records.json").read_text())
+    records["labels"] = records["labels"][:-1]
+    _replace_file(path, "records.json", json.dumps(records).encode())
     with pytest.raises(ObstacleSetError, match="labels/sources do not have 12 entries"):
         ObstacleSet.load(path)
 

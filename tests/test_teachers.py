@@ -121,7 +121,8 @@ def test_digits_teacher_shipped_accuracy():
     assert tok.shape == (5, 16, t.width)
     acc = teacher_accuracy(t, "heldout")
     assert acc >= 0.9
-    meta = json.loads((shipped("teacher") / "config.json").read_text())
+    meta = json.loads((shipped("teacher") / "manifest.json").read_text())
+    assert meta["format"] == "cspace.teacher" and meta["format_version"] == 2
     assert abs(meta["metrics"]["heldout_accuracy"] - acc) < 1e-6
     with pytest.raises(ValueError, match="expects images"):
         t.tokens(torch.zeros(2, 1, 16, 16))
@@ -135,8 +136,12 @@ def test_train_teacher_tiny(tmp_path):
     a, b = load_teacher(str(tmp_path / "a")), DigitsTeacher.load(tmp_path / "b")
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k  # deterministic for a seed
-    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    meta = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert meta["steps"] == 3 and "heldout_accuracy" in meta["metrics"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+    ]
 
 
 def test_load_teacher_errors(tmp_path):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from cspace.models.encoders import Encoder
 from cspace.models.shipped import shipped as shipped_dir
 from cspace.models.vae import (
     AlignedVAEConfig,
+    VAEWeightsError,
     VFAlignment,
     adaptive_vf_weight,
     build_autoencoder,
@@ -154,7 +157,7 @@ def tiny_run(tmp_path_factory):
 
 def test_train_vae_writes_loadable_files(tiny_run):
     out, report = tiny_run
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
     assert not (out / "checkpoint").exists()  # removed after a finished run
     vae, meta = load_aligned_vae(out, with_projection=True)
     assert meta["vf_weight"] == 0.1 and meta["teacher"] == "digits" and meta["steps"] == 4
@@ -234,44 +237,85 @@ def test_train_with_a_dinov2_teacher_resamples_its_grid(tmp_path):
         _run(tmp_path / "c", steps=1, teacher=coarse)
 
 
+def _replace_weights(folder, sd) -> None:
+    """New tensors in ``folder`` with the manifest's size and checksum updated to match."""
+    from safetensors.torch import save
+
+    blob = save(sd)
+    (folder / "model.safetensors").write_bytes(blob)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = {
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_load_errors(tiny_run, tmp_path):
     out, _ = tiny_run
     with pytest.raises(MissingWeightsError, match="cspace train vae"):
         load_aligned_vae(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingWeightsError, match=r"manifest\.json is missing.*cspace train vae"):
+        load_aligned_vae(tmp_path / "empty")
     bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text((out / "config.json").read_text())
-    with pytest.raises(MissingWeightsError, match=r"model\.safetensors is missing"):
+    shutil.copytree(out, bad)
+    (bad / "model.safetensors").unlink()  # listed in the manifest: a damaged folder
+    with pytest.raises(VAEWeightsError, match=r"model\.safetensors is missing"):
         load_aligned_vae(bad)
-    # tampered shapes
+    # tampered shapes (with a matching checksum)
     sd = load_file(str(out / "model.safetensors"))
     sd["vae.encoder.conv_in.weight"] = torch.zeros(8, 1, 5, 5)
-    save_file(sd, str(bad / "model.safetensors"))
+    _replace_weights(bad, sd)
     with pytest.raises(ValueError, match=r"shape mismatches.*conv_in"):
         load_aligned_vae(bad)
     # a dropped key
     sd = load_file(str(out / "model.safetensors"))
     del sd["proj.weight"]
-    save_file(sd, str(bad / "model.safetensors"))
+    _replace_weights(bad, sd)
     with pytest.raises(ValueError, match="missing keys"):
         load_aligned_vae(bad)
     # a config that does not match the weights
-    meta = json.loads((out / "config.json").read_text())
+    meta = json.loads((out / "manifest.json").read_text())
     meta["config"]["latent_channels"] = 4
-    (bad / "config.json").write_text(json.dumps(meta))
-    save_file(load_file(str(out / "model.safetensors")), str(bad / "model.safetensors"))
+    (bad / "manifest.json").write_text(json.dumps(meta))
+    shutil.copy(out / "model.safetensors", bad / "model.safetensors")
     with pytest.raises(ValueError, match="do not match"):
         load_aligned_vae(bad)
-    # same keys and shapes, other values: not the file the config was written with
-    (bad / "config.json").write_text((out / "config.json").read_text())
+    # same keys and shapes, other values: not the file the manifest was written with
+    shutil.copy(out / "manifest.json", bad / "manifest.json")
     sd = load_file(str(out / "model.safetensors"))
     sd["proj.weight"] = sd["proj.weight"] + 1.0
     save_file(sd, str(bad / "model.safetensors"))
-    with pytest.raises(ValueError, match="SHA-256"):
+    with pytest.raises(VAEWeightsError, match="checksum mismatch"):
         load_aligned_vae(bad)
-    (bad / "config.json").write_text("{}")
+    (bad / "manifest.json").write_text("{}")
     with pytest.raises(ValueError, match="not a cspace aligned-VAE"):
         load_aligned_vae(bad)
+
+
+def test_train_vae_writes_one_folder(tmp_path):
+    """The final files are one atomic folder: a foreign folder is refused before training; the
+    checkpoint inside the output folder survives the swap when asked to."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(VAEWeightsError, match="refusing to overwrite"):
+        _run(foreign, steps=1)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    out = tmp_path / "v"
+    _run(out, steps=2, keep_checkpoint=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint",
+        "manifest.json",
+        "model.safetensors",
+    ]
+    assert json.loads((out / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "cspace.vae" and manifest["format_version"] == 2
+    assert "model_sha256" not in manifest and manifest["steps"] == 2
+    _, meta = load_aligned_vae(out)
+    assert meta["model_sha256"] == manifest["files"]["model.safetensors"]["sha256"]
 
 
 # ---------------------------------------------------------------------- the shipped weights
@@ -380,7 +424,7 @@ def test_cli_train_vae_and_teacher(tmp_path):
     with contextlib.redirect_stdout(buf):
         assert args.func(args) == 0
     assert "heldout_accuracy" in buf.getvalue()
-    assert (tmp_path / "t" / "config.json").is_file()
+    assert (tmp_path / "t" / "manifest.json").is_file()
 
 
 def test_cli_train_rejects_bad_options(capsys):

@@ -8,8 +8,9 @@
 
 It encodes the digits train split with the chosen VAE, trains a :class:`cspace.models.flow.VelocityNet`
 by flow matching, evaluates 1,000 samples with the pixel-space judge (quality, class balance,
-diversity, copy rate, beside real held-out digits) and saves ``config.json`` +
-``model.safetensors`` (metrics inside ``config.json``).
+diversity, copy rate, beside real held-out digits) and saves ``manifest.json`` +
+``model.safetensors`` (metrics and the C-space inside ``manifest.json``; see
+:mod:`cspace.io.folder`).
 
 The shipped weights are reproduced, from the repository root, by (same settings and seed for
 both C-spaces; the VAEs ``cspace/weights/vae_aligned`` and ``vae_plain`` must exist)::
@@ -96,7 +97,7 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
         help="train a latent flow-matching model on the digits train split",
         description="Encode the digits train split with a VAE, train a flow-matching velocity "
         "model on the latents, judge 1,000 samples against real held-out digits, and save "
-        "config.json + model.safetensors.",
+        "manifest.json + model.safetensors.",
     )
     p.add_argument(
         "--encoder",

@@ -143,6 +143,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _describe_space(space) -> str:
+    if space is None:
+        return (
+            "unknown (saved before C-spaces were recorded: it is accepted with every encoder; "
+            "see cspace.models.space)"
+        )
+    return space.describe()
+
+
 def _set_summary(path: Path) -> dict:
     from obstacles import ObstacleSet
 
@@ -160,6 +169,8 @@ def _set_summary(path: Path) -> dict:
         "eta": _range(oset.eta),
         "radius": _range(oset.radius),
         "history": len(oset.history),
+        "space": None if oset.space is None else oset.space.to_json(),
+        "space_description": _describe_space(oset.space),
     }
 
 
@@ -181,6 +192,8 @@ def _classifier_summary(path: Path) -> dict:
         "train_accuracy": clf.train_accuracy,
         "counts": clf.info.get("counts"),
         "encoder": clf.info.get("encoder"),
+        "space": None if clf.space is None else clf.space.to_json(),
+        "space_description": _describe_space(clf.space),
     }
 
 
@@ -206,6 +219,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"{info['kind']}: {info['path']}")
     print(f"format: {info['format']} v{info['format_version']}")
     print(f"d: {info['dim']}")
+    print(f"space: {info['space_description']}")
     if info["kind"] == "obstacle set":
         print(f"count: {info['count']}")
         labels = ", ".join(f"{k or '(none)'}: {v}" for k, v in info["labels"].items())
@@ -269,6 +283,7 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
         threshold=threshold,
         q_star=q_star,
         eta=eta,
+        space=encoder.space(size) if hasattr(encoder, "space") else None,
     )
     clf.info["encoder"] = f"{args.encoder} ({encoder.name})"
     clf.info["image_size"] = list(size)

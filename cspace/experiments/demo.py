@@ -188,7 +188,7 @@ def run_demo(
     from cspace.io.images import load_images
 
     good_emb = encoder.embed(encoder.encode(load_images(good_files)[0].to(device))).cpu().numpy()
-    clf = PreferenceClassifier.fit(good_emb, oset.embeddings, seed=s.seed)
+    clf = PreferenceClassifier.fit(good_emb, oset.embeddings, seed=s.seed, space=oset.space)
     fields = {
         "guided": (RepulsiveField(oset), s.strength),
         "classifier": (ClassifierField(clf), s.classifier_strength),

@@ -102,8 +102,9 @@ def train_flow_for_encoder(
 ) -> dict:
     """Encode the digits *train* split with ``encoder`` (never judge or heldout), train a flow on
     the latents (:func:`train_flow`), optionally evaluate it (:func:`evaluate_flow`, on the
-    heldout split), save it to ``out_dir`` and return the metrics (also stored in
-    ``config.json`` under ``meta``).
+    heldout split), save it to ``out_dir`` and return the metrics (also stored in the folder's
+    ``manifest.json`` under ``meta``, with ``meta["space"]``: the encoder's C-space at the
+    digits' 8x8).
 
     ``encoder_name``: what ``meta["encoder"]`` records, the VAE folder name under
     ``cspace/weights`` (e.g. ``"vae_aligned"``) or an absolute path; default ``encoder.name``.
@@ -139,6 +140,9 @@ def train_flow_for_encoder(
         "latent_std": float(latents.std()),
         "training": metrics,
     }
+    space = getattr(encoder, "space", None)
+    if callable(space):
+        meta["space"] = space(tuple(images.shape[-2:])).to_json()
     flow.meta = dict(meta)
     if evaluate:
         meta["evaluation"] = evaluate_flow(flow, encoder, n=eval_samples, seed=0)

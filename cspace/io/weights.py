@@ -28,6 +28,4 @@ def check_state_dict(module, state: Mapping[str, Any], where: Path | str, what: 
             parts.append(f"unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
         if shapes:
             parts.append(f"shape mismatches {shapes[:5]}{' ...' if len(shapes) > 5 else ''}")
-        raise ValueError(
-            f"{what} weights in {where} do not match its config.json: " + "; ".join(parts)
-        )
+        raise ValueError(f"{what} weights in {where} do not match its config: " + "; ".join(parts))

@@ -8,7 +8,9 @@ decodes them back, and embeds latents as the C-space vectors that obstacles live
     embedding = flatten(z)                                               (B, c*h*w)
 
 Flow models and guidance work on normalised latents, so a state of the sampler and an obstacle
-embedding are directly comparable (the field's default flatten projection).
+embedding are directly comparable (the field's default flatten projection) - within one C-space:
+:meth:`Encoder.space` is the :class:`~cspace.models.space.Space` record that obstacle sets,
+classifiers and flows keep to refuse one another's embeddings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from cspace.io.errors import MissingWeightsError
 from cspace.models.shipped import SPACES, shipped
+from cspace.models.space import Space, config_hash, weights_fingerprint
 
 __all__ = ["Encoder", "EncoderError", "is_aligned_vae_folder", "load_encoder"]
 
@@ -37,6 +40,8 @@ class Encoder:
         scaling_factor: multiplies latents after the shift (``vae.config.scaling_factor`` if None).
         shift_factor: subtracted from latents first (``vae.config.shift_factor`` or 0 if None).
         name: a short description for reports.
+
+    The weights' fingerprint for :meth:`space` is taken here, before any ``.to(dtype)``.
     """
 
     def __init__(
@@ -57,6 +62,8 @@ class Encoder:
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
         self.name = name
+        self.config_hash = config_hash(dict(cfg), self.scaling_factor, self.shift_factor)
+        self.weights_fingerprint = weights_fingerprint(vae)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -83,8 +90,8 @@ class Encoder:
 
     @classmethod
     def from_aligned(cls, path: str | os.PathLike | None = None) -> Encoder:
-        """Load a cspace aligned VAE folder (``config.json`` + ``model.safetensors``); default:
-        the digits VAE shipped in the package."""
+        """Load a cspace aligned VAE folder (``manifest.json`` + ``model.safetensors``, or the
+        older ``config.json`` layout); default: the digits VAE shipped in the package."""
         from cspace.models.vae import load_aligned_vae
 
         vae, meta = load_aligned_vae(path)
@@ -143,11 +150,37 @@ class Encoder:
             image_size[1] // self.downsample,
         )
 
+    def space(self, image_size: tuple[int, int] | int = (8, 8)) -> Space:
+        """The C-space of this encoder for images of ``image_size`` (H, W) (an int: square)."""
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        h, w = (int(s) for s in image_size)
+        if h < 1 or w < 1 or h % self.downsample or w % self.downsample:
+            raise ValueError(
+                f"{self.name} needs positive H and W divisible by {self.downsample}; got {h}x{w}"
+            )
+        shape = self.latent_shape((h, w))
+        return Space(
+            encoder=self.name,
+            config_hash=self.config_hash,
+            weights=self.weights_fingerprint,
+            image_size=(h, w),
+            channels=self.channels,
+            latent_shape=shape,
+            dim=shape[0] * shape[1] * shape[2],
+        )
+
 
 def is_aligned_vae_folder(path: str | os.PathLike) -> bool:
-    """A cspace aligned VAE folder: config.json with a "cspace" marker, or model.safetensors next
-    to a config.json that holds "scaling_factor"."""
+    """A cspace aligned VAE folder: a manifest.json of format ``cspace.vae``, or (the older
+    layout) a config.json with a "cspace" marker, or model.safetensors next to a config.json
+    that holds "scaling_factor"."""
+    from cspace.io.folder import is_folder_of
+    from cspace.models.vae import VAE_KIND
+
     path = Path(path)
+    if (path / "manifest.json").exists():
+        return is_folder_of(path, VAE_KIND)
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -20,9 +20,13 @@ Pieces:
 * :func:`train_flow`: AdamW, linear warm-up and cosine decay, gradient clipping, EMA weights,
   deterministic for a seed, optional checkpoint/resume (bit-identical to an uninterrupted run);
 * :class:`FlowModel`: the trained net as the velocity callable ``v(x, t)`` of the sampler, with
-  its metadata (``meta["encoder"]``: the VAE folder whose latents it models);
-* :func:`save_flow` / :func:`load_flow`: ``config.json`` + ``model.safetensors``, written
-  atomically, checksums and shapes verified on load, never unpickled;
+  its metadata (``meta["encoder"]``: the VAE folder whose latents it models; ``meta["space"]``:
+  their C-space, :attr:`FlowModel.space`);
+* :func:`save_flow` / :func:`load_flow`: a folder in cspace's safe-folder format
+  (:mod:`cspace.io.folder`): ``manifest.json`` (format ``cspace.flow`` v2: config, parameters,
+  meta, size and SHA-256 of the weights) + ``model.safetensors``, written atomically, checksums
+  and shapes verified on load, never unpickled. Folders of the older layout (``config.json`` +
+  ``model.safetensors``, format ``cspace-flow`` v1) still load (:mod:`cspace.io.legacy`);
 * :mod:`cspace.experiments.flow_training` trains one on a C-space's digits latents and evaluates
   it by sampling.
 
@@ -35,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as _dt
 import json
 import math
 import os
@@ -48,11 +51,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cspace.io.errors import MissingWeightsError
-from cspace.io.files import sha256_hex, write_file_atomic, write_folder_atomic
+from cspace.io.errors import FolderError, MissingWeightsError
+from cspace.io.files import write_file_atomic
+from cspace.io.folder import FolderKind, read_folder, write_folder
+from cspace.io.legacy import FLOW_V1
 from cspace.models.shipped import WEIGHTS_DIR, shipped
+from cspace.models.space import Space
 
 __all__ = [
+    "FLOW_KIND",
     "FlowConfig",
     "FlowModel",
     "FlowWeightsError",
@@ -63,15 +70,16 @@ __all__ = [
     "train_flow",
 ]
 
-FORMAT = "cspace-flow"
-FORMAT_VERSION = 1
+FORMAT = "cspace.flow"
+FORMAT_VERSION = 2
 CHECKPOINT_FORMAT = "cspace-flow-checkpoint"
-_CONFIG = "config.json"
 _WEIGHTS = "model.safetensors"
+#: the safetensors header tag of the weights file (unchanged since the v1 layout)
+_TENSOR_TAG = {"format": "cspace-flow"}
 TIME_DISTS = ("uniform", "logit_normal")
 
 
-class FlowWeightsError(ValueError):
+class FlowWeightsError(FolderError):
     """A flow folder or checkpoint exists but cannot be used (corrupt, foreign, mismatched)."""
 
 
@@ -247,6 +255,16 @@ class FlowModel:
     def encoder(self) -> str | None:
         """The VAE folder name (e.g. ``"vae_aligned"``) whose latents this flow models."""
         return self.meta.get("encoder")
+
+    @property
+    def space(self) -> Space | None:
+        """The C-space of the latents this flow models (``meta["space"]``, a
+        :class:`cspace.models.space.Space`); None: unknown (a flow trained before spaces were
+        recorded), which every space check accepts."""
+        try:
+            return Space.from_json(self.meta.get("space"))
+        except ValueError as err:
+            raise FlowWeightsError(f"the flow's meta['space'] is not a space: {err}") from err
 
     def to(self, device: torch.device | str) -> FlowModel:
         self.net.to(device)
@@ -560,7 +578,7 @@ def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, res
 # ---------------------------------------------------------------------------------- files
 
 
-def _missing(path: Path) -> MissingWeightsError:
+def _missing(path: Path, detail: str = "") -> MissingWeightsError:
     if path.resolve() == shipped("flow_aligned").resolve():
         cmd = "cspace train flow --encoder digits"
     elif path.resolve() == shipped("flow_plain").resolve():
@@ -568,97 +586,76 @@ def _missing(path: Path) -> MissingWeightsError:
     else:
         cmd = f"cspace train flow --encoder digits|digits-plain|VAE_DIR --out {path}"
     return MissingWeightsError(
-        f"no flow weights at {path} ({_CONFIG} and {_WEIGHTS} expected). Train them with "
-        f"`{cmd}` (a few minutes on 2 CPU cores; see cspace.cli.flow), or from Python with "
+        f"no flow weights at {path} ({detail or 'the folder is missing'}: manifest.json and "
+        f"{_WEIGHTS} expected). Train them with `{cmd}` (a few minutes on 2 CPU cores; see "
+        "cspace.cli.flow), or from Python with "
         "cspace.experiments.flow_training.train_flow_for_encoder"
     )
 
 
+#: the flow's folder kind (:mod:`cspace.io.folder`)
+FLOW_KIND = FolderKind(
+    format=FORMAT,
+    version=FORMAT_VERSION,
+    what="flow",
+    a_what="a saved flow",
+    error=FlowWeightsError,
+    files=(_WEIGHTS,),
+    fix="retrain it (cspace train flow) or restore the folder from a copy",
+    missing=_missing,
+    legacy=(FLOW_V1,),
+)
+
+
 def save_flow(dir: str | os.PathLike, model: VelocityNet | FlowModel, meta: dict) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` into the folder ``dir`` atomically.
+    """Write ``manifest.json`` + ``model.safetensors`` into the folder ``dir`` atomically.
 
     The files are written into a temporary sibling folder and swapped in with ``os.replace``; an
-    existing folder is replaced only if it is a saved flow or empty. ``meta`` must be JSON
-    serialisable (``meta["encoder"]``: the VAE folder name the latents come from).
+    existing folder is replaced only if it is a saved flow (any layout) or empty. ``meta`` must
+    be JSON serialisable (``meta["encoder"]``: the VAE folder name the latents come from;
+    ``meta["space"]``: their :class:`~cspace.models.space.Space` as JSON, or a Space).
     """
     from safetensors.torch import save
 
     net = model.net if isinstance(model, FlowModel) else model
     if not isinstance(net, VelocityNet):
         raise TypeError(f"save_flow needs a VelocityNet or FlowModel; got {type(model).__name__}")
-    path = Path(dir)
-    if path.exists():
-        if not path.is_dir():
-            raise FlowWeightsError(f"{path} exists and is not a folder")
-        if any(path.iterdir()) and not _is_flow_dir(path):
-            raise FlowWeightsError(f"{path} is a non-empty folder that is not a saved flow")
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta)
+    if isinstance(meta.get("space"), Space):
+        meta["space"] = meta["space"].to_json()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    blob = save(tensors, metadata={"format": FORMAT})
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+    blob = save(tensors, metadata=_TENSOR_TAG)
+    fields = {
         "config": net.config.to_dict(),
         "parameters": net.num_parameters(),
-        "files": {_WEIGHTS: {"bytes": len(blob), "sha256": sha256_hex(blob)}},
         "meta": json.loads(json.dumps(meta)),
-        "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    files = {_WEIGHTS: blob, _CONFIG: (json.dumps(config, indent=1) + "\n").encode()}
-    return write_folder_atomic(path, files)
-
-
-def _is_flow_dir(path: Path) -> bool:
-    try:
-        return json.loads((path / _CONFIG).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return write_folder(dir, FLOW_KIND, fields, {_WEIGHTS: blob})
 
 
 def load_flow(dir: str | os.PathLike | None = None) -> FlowModel:
-    """Load a flow saved by :func:`save_flow` (default: the shipped ``flow_aligned``).
+    """Load a flow saved by :func:`save_flow` (default: the shipped ``flow_aligned``), or one in
+    the older ``config.json`` layout.
 
     Checks the format, the size and SHA-256 of the weights, and every tensor's name and shape
-    against the recorded architecture. Raises :class:`~cspace.models.encoders.MissingWeightsError` (with
-    the command that trains them) when the files are absent and :class:`FlowWeightsError` when
-    they are unusable.
+    against the recorded architecture. Raises :class:`~cspace.io.errors.MissingWeightsError`
+    (with the command that trains them) when the files are absent and :class:`FlowWeightsError`
+    when they are unusable.
     """
     from safetensors.torch import load
 
     path = Path(dir) if dir is not None else shipped("flow_aligned")
-    cpath, wpath = path / _CONFIG, path / _WEIGHTS
-    if not cpath.is_file() or not wpath.is_file():
-        raise _missing(path)
+    folder = read_folder(path, FLOW_KIND)
+    mpath, wpath = folder.mpath, path / _WEIGHTS
     try:
-        config = json.loads(cpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FlowWeightsError(f"{cpath} is corrupt or not JSON: {err}") from err
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise FlowWeightsError(f"{cpath} is not a cspace flow config (format != {FORMAT!r})")
-    version = config.get("format_version")
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise FlowWeightsError(
-            f"{path} has format_version {version!r}; this cspace reads 1..{FORMAT_VERSION}"
-        )
-    try:
-        cfg = FlowConfig.from_dict(config["config"])
-        want = config["files"][_WEIGHTS]
-        meta = dict(config.get("meta") or {})
+        cfg = FlowConfig.from_dict(folder.manifest["config"])
+        meta = dict(folder.manifest.get("meta") or {})
     except (KeyError, TypeError, ValueError) as err:
-        raise FlowWeightsError(f"{cpath} lacks or has a bad field: {err}") from err
-    blob = wpath.read_bytes()
-    if len(blob) != want.get("bytes"):
-        raise FlowWeightsError(
-            f"{wpath} has {len(blob)} bytes but {_CONFIG} says {want.get('bytes')}: truncated "
-            "or replaced"
-        )
-    if sha256_hex(blob) != want.get("sha256"):
-        raise FlowWeightsError(f"checksum mismatch for {wpath}: the file changed after saving")
+        raise FlowWeightsError(f"{mpath} lacks or has a bad field: {err}", mpath) from err
     try:
-        tensors = load(blob)
+        tensors = load(folder.files[_WEIGHTS])
     except Exception as err:  # safetensors raises its own error types
-        raise FlowWeightsError(f"{wpath} is not a readable safetensors file: {err}") from err
+        raise FlowWeightsError(f"{wpath} is not a readable safetensors file: {err}", wpath) from err
     net = VelocityNet(cfg)
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -667,13 +664,16 @@ def load_flow(dir: str | os.PathLike | None = None) -> FlowModel:
         extra = sorted(set(got) - set(expected))
         wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
         raise FlowWeightsError(
-            f"{wpath} does not match the architecture in {_CONFIG}: missing {missing[:5]}, "
+            f"{wpath} does not match the architecture in {mpath.name}: missing {missing[:5]}, "
             f"unexpected {extra[:5]}, wrong shapes "
-            f"{[(k, got[k], expected[k]) for k in wrong[:5]]}"
+            f"{[(k, got[k], expected[k]) for k in wrong[:5]]}",
+            wpath,
         )
     for k, v in tensors.items():
         if not bool(torch.isfinite(v).all()):
-            raise FlowWeightsError(f"{wpath}: tensor {k} holds NaN or Inf")
+            raise FlowWeightsError(f"{wpath}: tensor {k} holds NaN or Inf", wpath)
     net.load_state_dict(tensors, strict=True)
     meta.setdefault("path", str(path))
-    return FlowModel(net, meta)
+    flow = FlowModel(net, meta)
+    flow.space  # noqa: B018 - a malformed space record fails here, not at the first check
+    return flow

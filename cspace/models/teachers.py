@@ -14,7 +14,10 @@ pulls the tokens of its latent towards a teacher's tokens with VA-VAE's VF loss.
   (never ``judge`` or ``heldout``); its patch tokens are the last feature map on a 4x4 grid
   (T = 16, 64 channels, layer-normalised per token like a ViT's output). The classification head
   exists only to train it; the VF loss uses the tokens. Its weights ship in
-  ``cspace/weights/teacher/`` (``cspace train teacher`` rebuilds them).
+  ``cspace/weights/teacher/`` (``cspace train teacher`` rebuilds them), a folder in cspace's
+  safe-folder format (:mod:`cspace.io.folder`: ``manifest.json``, format ``cspace.teacher`` v2,
+  + ``model.safetensors``); folders of the older layout (``config.json`` +
+  ``model.safetensors``, no checksum) still load.
 
 Teachers are frozen: parameters do not require gradients and the module stays in eval mode
 (``.train()`` is a no-op), so a parent module's ``.train()`` cannot switch it back.
@@ -22,7 +25,6 @@ Teachers are frozen: parameters do not require gradients and the module stays in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -34,18 +36,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cspace.io.errors import MissingWeightsError
-from cspace.io.files import save_safetensors_atomic, write_json_atomic
+from cspace.io.errors import FolderError, MissingWeightsError
+from cspace.io.folder import FolderKind, check_target, is_folder_of, read_folder, write_folder
+from cspace.io.legacy import TEACHER_V1
 from cspace.io.weights import check_state_dict
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
 
 __all__ = [
     "DINOV2_MODELS",
+    "TEACHER_KIND",
     "DigitsTeacher",
     "DigitsTeacherConfig",
     "DinoV2Teacher",
     "Teacher",
+    "TeacherWeightsError",
     "load_teacher",
     "train_teacher",
 ]
@@ -56,7 +61,34 @@ DINOV2_MODELS = tuple(
     for reg in ("", "_reg4")
 )
 _DINOV2_TAG = "lvd142m"
-TEACHER_FORMAT = "cspace-digits-teacher"
+TEACHER_FORMAT = "cspace.teacher"
+TEACHER_FORMAT_VERSION = 2
+_WEIGHTS = "model.safetensors"
+
+
+class TeacherWeightsError(FolderError):
+    """A digits-teacher folder that exists but cannot be used (corrupt, foreign, mismatched)."""
+
+
+def _missing_teacher(folder: Path, detail: str) -> MissingWeightsError:
+    return MissingWeightsError(
+        f"digits teacher: {folder}: {detail}. Train it with "
+        f"`cspace train teacher --out {folder}` (or cspace.models.teachers.train_teacher)"
+    )
+
+
+#: the digits teacher's folder kind (:mod:`cspace.io.folder`)
+TEACHER_KIND = FolderKind(
+    format=TEACHER_FORMAT,
+    version=TEACHER_FORMAT_VERSION,
+    what="digits-teacher",
+    a_what="a cspace digits-teacher folder",
+    error=TeacherWeightsError,
+    files=(_WEIGHTS,),
+    fix="retrain it (cspace train teacher) or restore the folder from a copy",
+    missing=_missing_teacher,
+    legacy=(TEACHER_V1,),
+)
 
 
 # ---------------------------------------------------------------------- the teacher interface
@@ -159,32 +191,39 @@ class DigitsTeacher(Teacher):
     # ------------------------------------------------------------------ files
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> DigitsTeacher:
-        """Load ``config.json`` + ``model.safetensors`` (default: the shipped teacher)."""
-        from safetensors.torch import load_file
+        """Load a teacher folder (default: the shipped teacher): ``manifest.json`` +
+        ``model.safetensors``, or the older ``config.json`` + ``model.safetensors``."""
+        from safetensors.torch import load
 
         folder = Path(path) if path is not None else shipped("teacher")
-        cfg_file, w_file = folder / "config.json", folder / "model.safetensors"
-        for f in (cfg_file, w_file):
-            if not f.is_file():
-                raise MissingWeightsError(
-                    f"digits teacher: {f} is missing. Train it with "
-                    f"`cspace train teacher --out {folder}` (or cspace.models.teachers.train_teacher)"
-                )
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format") != TEACHER_FORMAT:
-            raise ValueError(f"{cfg_file} is not a cspace digits teacher config")
-        model = cls(DigitsTeacherConfig(**meta["config"]))
-        state = load_file(str(w_file))
+        read = read_folder(folder, TEACHER_KIND)
+        meta = {"format": TEACHER_FORMAT, "format_version": TEACHER_FORMAT_VERSION, **read.fields}
+        w_file = folder / _WEIGHTS
+        try:
+            model = cls(DigitsTeacherConfig(**meta["config"]))
+        except (KeyError, TypeError) as err:
+            raise TeacherWeightsError(
+                f"{read.mpath} lacks or has a bad field: {err}", read.mpath
+            ) from err
+        try:
+            state = load(read.files[_WEIGHTS])
+        except Exception as err:  # safetensors raises its own error types
+            raise TeacherWeightsError(
+                f"{w_file} is not a readable safetensors file: {err}", w_file
+            ) from err
         check_state_dict(model, state, w_file, "digits teacher")
         model.load_state_dict(state)
         model.meta = meta
         return model.freeze()
 
-    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-        folder = Path(path)
-        save_safetensors_atomic(folder / "model.safetensors", self.state_dict())
-        meta = {"format": TEACHER_FORMAT, "config": asdict(self.config), **(extra or {})}
-        write_json_atomic(folder / "config.json", meta)
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write the teacher as one atomic folder (``manifest.json``: the config and ``extra``
+        fields; ``model.safetensors``); returns the path."""
+        from safetensors.torch import save
+
+        blob = save({k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()})
+        fields = {"config": asdict(self.config), **(extra or {})}
+        return write_folder(path, TEACHER_KIND, fields, {_WEIGHTS: blob})
 
 
 # ---------------------------------------------------------------------- DINOv2 (timm)
@@ -342,7 +381,7 @@ def load_teacher(
     if "dinov2" in spec:
         return DinoV2Teacher(spec, weights=weights, img_size=img_size)
     p = Path(spec)
-    if p.is_dir() and (p / "config.json").is_file():
+    if p.is_dir() and is_folder_of(p, TEACHER_KIND):
         return DigitsTeacher.load(p)
     raise ValueError(
         f"unknown teacher {spec!r}: use 'digits', a folder made by `cspace train teacher`, or a "
@@ -372,8 +411,8 @@ def train_teacher(
     """Train the digits teacher on the digits *train* split and save it to ``out_dir``.
 
     AdamW, cross-entropy with label smoothing 0.1, random 1-pixel shifts, cosine learning rate.
-    Deterministic for a seed. Writes ``model.safetensors`` and ``config.json`` (with the
-    metrics); returns the metrics: ``heldout_accuracy`` and ``train_accuracy``.
+    Deterministic for a seed. Writes the folder (``manifest.json`` with the metrics,
+    ``model.safetensors``); returns the metrics: ``heldout_accuracy`` and ``train_accuracy``.
     """
     from tqdm.auto import tqdm
 
@@ -381,6 +420,7 @@ def train_teacher(
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
+    check_target(out_dir, TEACHER_KIND)  # before training, not after
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = DigitsTeacher()

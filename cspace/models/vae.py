@@ -34,16 +34,18 @@ Shapes for the shipped digits VAE: images (B, 1, 8, 8) -> latents (B, 2, 4, 4), 
 the digits teacher (:class:`cspace.models.teachers.DigitsTeacher`, the stand-in for DINOv2 at 8x8) has
 a 4x4 grid of 64-d tokens, so ``P`` is a (64, 2, 1, 1) convolution.
 
-Files (a folder): ``config.json`` (the :class:`AlignedVAEConfig`, ``scaling_factor``,
-``shift_factor``, ``vf_weight``, teacher, steps, seed, metrics) and ``model.safetensors``
-(``vae.*``: the AutoencoderKL state; ``proj.weight``: the VF projection when ``vf_weight > 0``).
-:func:`load_aligned_vae` reads them; :func:`train_vae` writes them. Training checkpoints
-(``checkpoint/``) make an interrupted run resume where it stopped.
+Files (a folder in cspace's safe-folder format, :mod:`cspace.io.folder`): ``manifest.json``
+(format ``cspace.vae`` v2: the :class:`AlignedVAEConfig`, ``name``, ``scaling_factor``,
+``shift_factor``, ``vf_weight``, teacher, steps, seed, metrics, size and SHA-256 of the weights)
+and ``model.safetensors`` (``vae.*``: the AutoencoderKL state; ``proj.weight``: the VF projection
+when ``vf_weight > 0``). :func:`load_aligned_vae` reads them (and the older layout,
+``config.json`` with ``model_sha256`` + ``model.safetensors``, :mod:`cspace.io.legacy`);
+:func:`train_vae` writes them as one atomic folder (:func:`save_aligned_vae`). Training checkpoints (``checkpoint/`` inside
+the folder) make an interrupted run resume where it stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -58,15 +60,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cspace.io.errors import MissingWeightsError
+from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.files import save_safetensors_atomic, write_json_atomic
+from cspace.io.folder import FolderKind, check_target, read_folder, write_folder
+from cspace.io.legacy import VAE_V1
 from cspace.io.weights import check_state_dict
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
 from cspace.models.teachers import Teacher, load_teacher
 
 __all__ = [
+    "VAE_KIND",
     "AlignedVAEConfig",
+    "VAEWeightsError",
     "VFAlignment",
     "adaptive_vf_weight",
     "build_autoencoder",
@@ -74,12 +80,19 @@ __all__ = [
     "latent_stats",
     "load_aligned_vae",
     "match_token_grid",
+    "save_aligned_vae",
     "train_vae",
     "vf_loss",
 ]
 
-VAE_FORMAT = "cspace-aligned-vae"
+VAE_FORMAT = "cspace.vae"
+VAE_FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoint"
+_WEIGHTS = "model.safetensors"
+
+
+class VAEWeightsError(FolderError):
+    """A VAE folder that exists but cannot be used (corrupt, foreign, mismatched)."""
 
 
 @dataclass
@@ -361,40 +374,88 @@ def _missing_vae(folder: Path, what: str) -> MissingWeightsError:
     )
 
 
+def _missing_folder(folder: Path, detail: str) -> MissingWeightsError:
+    where = f"no folder {folder}" if detail == "the folder is missing" else f"{folder}: {detail}"
+    return _missing_vae(folder, where)
+
+
+#: the VAE's folder kind (:mod:`cspace.io.folder`)
+VAE_KIND = FolderKind(
+    format=VAE_FORMAT,
+    version=VAE_FORMAT_VERSION,
+    what="aligned-VAE",
+    a_what="a cspace VAE folder",
+    error=VAEWeightsError,
+    files=(_WEIGHTS,),
+    fix="retrain it (cspace train vae) or restore the folder from a copy",
+    missing=_missing_folder,
+    legacy=(VAE_V1,),
+)
+
+
+def save_aligned_vae(
+    path: str | os.PathLike,
+    vae,
+    meta: dict[str, Any],
+    projection: VFAlignment | None = None,
+    *,
+    allow: tuple[str, ...] = (),
+) -> Path:
+    """Write a VAE folder atomically (what :func:`train_vae` writes at the end); returns the path.
+
+    ``vae``: the ``AutoencoderKL`` (saved as ``vae.*``); ``projection``: the VF projection
+    (``proj.weight``), if any; ``meta``: the manifest fields, at least ``config`` (an
+    :meth:`AlignedVAEConfig.to_dict`), ``scaling_factor``, ``shift_factor`` and
+    ``teacher_width`` (None without a projection); ``format`` and ``model_sha256`` are dropped
+    (the manifest has its own). ``allow``: entries an existing folder may hold besides a VAE
+    (e.g. the training ``checkpoint``); they are kept.
+    """
+    from safetensors.torch import save
+
+    tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+    if projection is not None:
+        tensors.update(projection.state_dict())
+    blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    fields = {k: v for k, v in meta.items() if k not in ("format", "model_sha256", "projection")}
+    return write_folder(path, VAE_KIND, fields, {_WEIGHTS: blob}, allow=allow)
+
+
 def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: bool = False):
     """Load a VAE folder made by :func:`train_vae` -> ``(AutoencoderKL, meta)``.
 
     ``path`` None: the shipped digits VAE (``cspace/weights/vae_aligned``). ``meta`` is the
-    ``config.json`` content plus ``name``, ``scaling_factor`` and ``shift_factor``; with
-    ``with_projection`` also ``meta["projection"]``, the trained VF projection (or None).
-    The model is in eval mode.
+    manifest's fields (format, config, name, ``scaling_factor``, ``shift_factor``, training
+    settings, metrics) plus ``model_sha256`` (of the weights file); with ``with_projection``
+    also ``meta["projection"]``, the trained VF projection (or None). The model is in eval mode.
+    Folders in the older ``config.json`` layout load too.
 
     Raises:
-        MissingWeightsError: the folder or one of its files is missing.
-        ValueError: a foreign config, weights whose keys/shapes do not match the config, or a
-            weights file other than the one the config was written with (SHA-256 check).
+        MissingWeightsError: the folder or its weights file is missing.
+        VAEWeightsError (a ValueError): a foreign, corrupt or newer folder (size, SHA-256).
+        ValueError: weights whose keys/shapes do not match the config.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     folder = Path(path) if path is not None else shipped("vae_aligned")
-    if not folder.is_dir():
-        raise _missing_vae(folder, f"no folder {folder}")
-    cfg_file, w_file = folder / "config.json", folder / "model.safetensors"
-    for f in (cfg_file, w_file):
-        if not f.is_file():
-            raise _missing_vae(folder, f"{f} is missing")
+    read = read_folder(folder, VAE_KIND)
+    w_file = folder / _WEIGHTS
+    meta = {
+        "format": VAE_FORMAT,
+        "format_version": VAE_FORMAT_VERSION,
+        **read.fields,
+        "model_sha256": read.sha256(_WEIGHTS),
+    }
     try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_file} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != VAE_FORMAT:
-        raise ValueError(f"{cfg_file} is not a cspace aligned-VAE config (format {VAE_FORMAT})")
-    cfg = AlignedVAEConfig.from_dict(meta["config"])
+        cfg = AlignedVAEConfig.from_dict(meta["config"])
+        scaling, shift = float(meta["scaling_factor"]), float(meta["shift_factor"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise VAEWeightsError(f"{read.mpath} lacks or has a bad field: {err}", read.mpath) from err
     try:
-        state = load_file(str(w_file))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{w_file} is not a readable safetensors file: {err}") from err
+        state = load(read.files[_WEIGHTS])
+    except Exception as err:  # safetensors raises its own error types
+        raise VAEWeightsError(
+            f"{w_file} is not a readable safetensors file: {err}", w_file
+        ) from err
     vae = build_autoencoder(cfg)
     vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
     others = {k: v for k, v in state.items() if not k.startswith("vae.")}
@@ -405,21 +466,10 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
         check_state_dict(proj, others, w_file, "VF projection")
         proj.load_state_dict(others)
     elif others:
-        raise ValueError(f"{w_file} has unexpected keys {sorted(others)[:5]}")
-    want_hash = meta.get("model_sha256")
-    if want_hash is not None:
-        got = hashlib.sha256(w_file.read_bytes()).hexdigest()
-        if got != want_hash:
-            raise ValueError(
-                f"{w_file} is not the file {cfg_file} was written with (SHA-256 {got[:12]}... "
-                f"!= {want_hash[:12]}...): an interrupted or foreign write; retrain it"
-            )
+        raise VAEWeightsError(f"{w_file} has unexpected keys {sorted(others)[:5]}", w_file)
     vae.load_state_dict(vae_state)
     vae.eval()
-    vae.register_to_config(
-        scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"])
-    )
-    meta = dict(meta)
+    vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
     meta.setdefault("name", f"aligned-vae:{folder.name}")
     if with_projection:
         meta["projection"] = proj
@@ -487,9 +537,11 @@ def train_vae(
     """Train the C-space VAE on the digits train split and write it to ``out_dir``.
 
     Args:
-        out_dir: output folder: ``config.json`` + ``model.safetensors`` at the end, and
-            ``checkpoint/`` (model + optimizer in safetensors; step, seed and settings in JSON;
-            the random state is a function of (seed, step)) every ``checkpoint_every`` steps.
+        out_dir: output folder: ``manifest.json`` + ``model.safetensors`` at the end (one atomic
+            folder; an existing folder must be a VAE folder, empty, or hold only the
+            checkpoint), and ``checkpoint/`` (model + optimizer in safetensors; step, seed and
+            settings in JSON; the random state is a function of (seed, step)) every
+            ``checkpoint_every`` steps.
         vf_weight: the VF loss weight (times VA-VAE's adaptive factor); 0 trains the plain VAE
             (no teacher, no projection, otherwise the same run: same init, batches and noise).
         teacher: ``"digits"``, a DINOv2 name, a teacher folder or a :class:`Teacher`.
@@ -507,8 +559,8 @@ def train_vae(
         callback: called as ``callback(step, logs)`` after each step (``step`` counts done steps).
 
     Returns:
-        The metrics (see :func:`evaluate_vae`) and the run's settings, as stored in config.json,
-        plus ``wall_s`` and ``steps_run`` (steps done in this call).
+        The metrics (see :func:`evaluate_vae`) and the run's settings, as stored in the
+        manifest, plus ``wall_s`` and ``steps_run`` (steps done in this call).
     """
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
@@ -525,6 +577,7 @@ def train_vae(
     cfg = cfg or AlignedVAEConfig()
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
+    check_target(out, VAE_KIND, allow=(CHECKPOINT_DIR,))  # before training, not after
 
     # ---- teacher: frozen; without augmentation its tokens for the training set are precomputed
     x_train, _ = digits("train")
@@ -667,11 +720,7 @@ def train_vae(
         "shift_factor": shift,
         "metrics": metrics,
     }
-    tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
-    if align is not None:
-        tensors.update(align.state_dict())
-    meta["model_sha256"] = save_safetensors_atomic(out / "model.safetensors", tensors)
-    write_json_atomic(out / "config.json", meta)
+    save_aligned_vae(out, vae, meta, align, allow=(CHECKPOINT_DIR,))
     if not keep_checkpoint:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {

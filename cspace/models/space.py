@@ -1,0 +1,218 @@
+"""The C-space a set of embeddings lives in: which encoder, at which image size.
+
+Embeddings are only comparable within one space: the latents of the aligned digits VAE and of
+its plain twin have the same shape (2, 4, 4) but mean different things, so an obstacle set
+built with one and used with the other's states would silently repel from the wrong places.
+A :class:`Space` records what decides the space, and :func:`check_same_space` refuses a
+mismatch with an error naming both spaces.
+
+Fields:
+
+* ``encoder``: the encoder's name (descriptive; not compared, since a VAE loaded from two
+  folders gets two names);
+* ``config_hash``: SHA-256 (first 16 hex digits) of the canonical JSON of the VAE's
+  architecture (:data:`CONFIG_KEYS` of its config; other keys vary between diffusers releases)
+  and the latent normalisation actually used (``scaling_factor``, ``shift_factor``);
+* ``weights``: a cheap fingerprint of the weights' values (:func:`weights_fingerprint`), so two
+  VAEs with one config (the aligned and plain digits VAEs) are different spaces;
+* ``image_size`` (H, W), ``channels``: the images encoded;
+* ``latent_shape`` (c, h, w) and ``dim`` = c*h*w: the embeddings.
+
+``None`` stands for an *unknown* space (obstacle sets and classifiers saved before spaces were
+recorded, flows trained before, embeddings from elsewhere): it matches every space. This is the
+migration default for old folders; to record the space of an old set, set its ``space``
+(``oset.space = encoder.space((8, 8))``) and save it, or add images to it with the encoder it
+was built with (``add_images`` / ``cspace obstacles build --append``), which records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "CONFIG_KEYS",
+    "Space",
+    "SpaceMismatchError",
+    "check_same_space",
+    "config_hash",
+    "weights_fingerprint",
+]
+
+#: the VAE config keys that shape its latents (hashed by :func:`config_hash`)
+CONFIG_KEYS = (
+    "in_channels",
+    "out_channels",
+    "latent_channels",
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "layers_per_block",
+    "norm_num_groups",
+    "act_fn",
+)
+#: values sampled per tensor by :func:`weights_fingerprint`
+FINGERPRINT_SAMPLES = 256
+#: the fields two spaces must share (``encoder`` only describes)
+_IDENTITY = ("config_hash", "weights", "image_size", "channels", "latent_shape", "dim")
+
+
+class SpaceMismatchError(ValueError):
+    """Embeddings, a field, an encoder or a flow of one C-space used with another."""
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def config_hash(config: Mapping[str, Any], scaling_factor: float, shift_factor: float) -> str:
+    """SHA-256 (16 hex digits) of :data:`CONFIG_KEYS` of ``config`` (absent keys as null) and
+    the latent normalisation, as canonical JSON."""
+    doc = {k: _canonical(config.get(k)) for k in CONFIG_KEYS}
+    doc["scaling_factor"] = float(scaling_factor)
+    doc["shift_factor"] = float(shift_factor)
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(module_or_state, samples: int = FINGERPRINT_SAMPLES) -> str:
+    """A cheap fingerprint (16 hex digits) of a module's weights: SHA-256 over, for every tensor
+    of the state dict in name order, its name, shape and ``samples`` evenly spaced values
+    (index ``i * (n - 1) // (samples - 1)`` of the flattened tensor, all of it when smaller),
+    cast to float32 on the CPU.
+
+    Identical weights give identical fingerprints on any device; other trained weights differ
+    in almost every sampled value. Cast the VAE to another dtype *after* taking its fingerprint
+    (an :class:`~cspace.models.encoders.Encoder` takes it when it is made): values rounded to
+    float16 are other values.
+    """
+    import torch
+
+    state = module_or_state
+    if hasattr(state, "state_dict"):
+        state = state.state_dict()
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name in sorted(state):
+            t = state[name]
+            if not torch.is_tensor(t):
+                continue
+            flat = t.detach().reshape(-1)
+            n = flat.numel()
+            if n > samples:
+                idx = torch.arange(samples, dtype=torch.int64) * (n - 1) // (samples - 1)
+                flat = flat[idx.to(flat.device)]
+            vals = flat.to(device="cpu", dtype=torch.float32).contiguous().numpy()
+            h.update(f"{name}:{tuple(t.shape)}\n".encode())
+            h.update(vals.tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Space:
+    """A C-space: an encoder at an image size. See the module docstring for the fields."""
+
+    encoder: str
+    config_hash: str
+    weights: str
+    image_size: tuple[int, int]
+    channels: int
+    latent_shape: tuple[int, ...]
+    dim: int
+
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in self.image_size)
+        shape = tuple(int(s) for s in self.latent_shape)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"image_size must be (H, W) of positive ints; got {self.image_size}")
+        if not shape or min(shape) < 1:
+            raise ValueError(f"latent_shape must be positive ints; got {self.latent_shape}")
+        object.__setattr__(self, "image_size", size)
+        object.__setattr__(self, "latent_shape", shape)
+        object.__setattr__(self, "channels", int(self.channels))
+        object.__setattr__(self, "dim", int(self.dim))
+        if self.dim != math.prod(shape):
+            raise ValueError(f"dim {self.dim} is not the size of latent_shape {shape}")
+
+    # ------------------------------------------------------------------ comparison
+    def differences(self, other: Space) -> list[str]:
+        """The identity fields in which ``other`` differs (``encoder`` is not one)."""
+        return [f for f in _IDENTITY if getattr(self, f) != getattr(other, f)]
+
+    def same_as(self, other: Space | None) -> bool:
+        """Whether ``other`` is this space (None, an unknown space, is taken as this one)."""
+        return other is None or not self.differences(other)
+
+    def describe(self) -> str:
+        """One line for messages."""
+        h, w = self.image_size
+        shape = "x".join(map(str, self.latent_shape))
+        return (
+            f"{self.encoder} [config {self.config_hash[:8]}, weights {self.weights[:8]}; "
+            f"{h}x{w}x{self.channels} images -> latents {shape}, d={self.dim}]"
+        )
+
+    __str__ = describe
+
+    # ------------------------------------------------------------------ JSON
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "encoder": self.encoder,
+            "config_hash": self.config_hash,
+            "weights": self.weights,
+            "image_size": list(self.image_size),
+            "channels": self.channels,
+            "latent_shape": list(self.latent_shape),
+            "dim": self.dim,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any] | None) -> Space | None:
+        """The space of :meth:`to_json`'s dict; None for None (an unknown space). Raises
+        ValueError for anything else that is not such a dict."""
+        if doc is None:
+            return None
+        if not isinstance(doc, Mapping):
+            raise ValueError(f"a space must be a JSON object; got {type(doc).__name__}")
+        try:
+            return cls(
+                encoder=str(doc["encoder"]),
+                config_hash=str(doc["config_hash"]),
+                weights=str(doc["weights"]),
+                image_size=tuple(doc["image_size"]),
+                channels=doc["channels"],
+                latent_shape=tuple(doc["latent_shape"]),
+                dim=doc["dim"],
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"a space lacks or has a bad field: {err}") from err
+
+
+def check_same_space(
+    a: Space | None, b: Space | None, what_a: str, what_b: str, fix: str = ""
+) -> None:
+    """Raise :class:`SpaceMismatchError` naming both spaces unless ``a`` and ``b`` are one space.
+
+    None (an unknown space: a legacy set, embeddings from elsewhere) matches every space.
+    ``what_a``/``what_b`` name the two things (``"the obstacle set /data/set"``,
+    ``"the encoder digits-plain"``); ``fix`` says what to do (a default is given).
+    """
+    if a is None or b is None or a.same_as(b):
+        return
+    fix = fix or (
+        "use them in one space: the encoder (and image size) the embeddings were made with, or "
+        "rebuild one of them in the other's space"
+    )
+    raise SpaceMismatchError(
+        f"{what_a} and {what_b} are in different C-spaces (they differ in "
+        f"{', '.join(a.differences(b))}):\n  {what_a}: {a.describe()}\n  {what_b}: "
+        f"{b.describe()}\n{fix}"
+    )

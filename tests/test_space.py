@@ -1,0 +1,241 @@
+"""C-spaces (cspace.models.space): the record, the check, and where it is kept and enforced
+(Encoder.space, ObstacleSet.space, PreferenceClassifier.space, FlowModel.space, add_images)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from legacy_writers import save_obstacle_set_v1
+
+from cspace.models.encoders import Encoder
+from cspace.models.flow import load_flow
+from cspace.models.shipped import shipped
+from cspace.models.space import (
+    Space,
+    SpaceMismatchError,
+    check_same_space,
+    config_hash,
+    weights_fingerprint,
+)
+from obstacles import ObstacleSet, ObstacleSetError, PreferenceClassifier
+from obstacles.from_images import add_images, build_from_images
+
+ROOT = Path(__file__).resolve().parents[1]
+THREES = sorted((ROOT / "examples" / "digits" / "3").glob("*.png"))[:6]
+SEVENS = sorted((ROOT / "examples" / "digits" / "7").glob("*.png"))[:3]
+
+
+@pytest.fixture(scope="module")
+def digits() -> Encoder:
+    return Encoder.from_aligned(shipped("vae_aligned"))
+
+
+@pytest.fixture(scope="module")
+def plain() -> Encoder:
+    return Encoder.from_aligned(shipped("vae_plain"))
+
+
+def _space(**kw) -> Space:
+    base = dict(
+        encoder="enc",
+        config_hash="0123456789abcdef",
+        weights="fedcba9876543210",
+        image_size=(8, 8),
+        channels=1,
+        latent_shape=(2, 4, 4),
+        dim=32,
+    )
+    return Space(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------- the record
+def test_json_round_trip_and_describe():
+    s = _space()
+    doc = json.loads(json.dumps(s.to_json()))
+    assert Space.from_json(doc) == s and Space.from_json(None) is None
+    assert s.describe() == (
+        "enc [config 01234567, weights fedcba98; 8x8x1 images -> latents 2x4x4, d=32]"
+    )
+    for bad in ([1, 2], {"encoder": "x"}, {**doc, "dim": 31}, {**doc, "image_size": [8]}):
+        with pytest.raises(ValueError):
+            Space.from_json(bad)
+
+
+def test_check_same_space():
+    a = _space()
+    check_same_space(a, a, "x", "y")
+    check_same_space(a, _space(encoder="another name"), "x", "y")  # the name only describes
+    check_same_space(None, a, "x", "y")  # an unknown space matches every space
+    check_same_space(a, None, "x", "y")
+    b = _space(weights="0000000000000000")
+    with pytest.raises(SpaceMismatchError, match="differ in weights") as err:
+        check_same_space(a, b, "the obstacle set", "the encoder 'z'")
+    msg = str(err.value)
+    assert f"the obstacle set: {a.describe()}" in msg and f"the encoder 'z': {b.describe()}" in msg
+    assert isinstance(err.value, ValueError)
+    assert _space(image_size=(16, 16), latent_shape=(2, 8, 8), dim=128).differences(a) == [
+        "image_size",
+        "latent_shape",
+        "dim",
+    ]
+
+
+def test_fingerprint_and_config_hash():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 40), torch.nn.Linear(40, 3))
+    fp = weights_fingerprint(net)
+    assert fp == weights_fingerprint(copy.deepcopy(net)) == weights_fingerprint(net.state_dict())
+    with torch.no_grad():
+        net[0].weight.add_(1e-3)
+    assert weights_fingerprint(net) != fp
+    cfg = {"in_channels": 1, "latent_channels": 2, "block_out_channels": (8, 16), "extra": 1}
+    h = config_hash(cfg, 1.0, 0.0)
+    assert h == config_hash({**cfg, "extra": 2, "_diffusers_version": "x"}, 1.0, 0.0)
+    assert h != config_hash(cfg, 1.0, 0.1) and h != config_hash({**cfg, "latent_channels": 4}, 1, 0)
+
+
+# ---------------------------------------------------------------------- encoders
+def test_digits_and_plain_are_different_spaces(digits, plain):
+    a, p = digits.space((8, 8)), plain.space(8)
+    assert a.dim == p.dim == 32 and a.latent_shape == p.latent_shape == (2, 4, 4)
+    assert a.image_size == (8, 8) and a.channels == 1
+    assert "weights" in a.differences(p) and not a.same_as(p)
+    # one config, one normalisation, other weights: still another space
+    same_cfg = Encoder(plain.vae, digits.scaling_factor, digits.shift_factor, name=digits.name)
+    assert same_cfg.space().differences(a) == ["weights"]
+    # the same VAE loaded again, under another name, is the same space
+    again = Encoder.from_aligned(shipped("vae_aligned"))
+    again.name = "renamed"
+    assert Encoder(again.vae, again.scaling_factor, again.shift_factor, name="x").space() == (
+        Space(**{**a.to_json(), "encoder": "x"})
+    )
+    with pytest.raises(ValueError, match="divisible by 2"):
+        digits.space((7, 8))
+
+
+def test_shipped_flows_record_their_space(digits, plain):
+    assert load_flow(shipped("flow_aligned")).space == digits.space((8, 8))
+    assert load_flow(shipped("flow_plain")).space == plain.space((8, 8))
+
+
+# ---------------------------------------------------------------------- obstacle sets
+def test_set_built_with_digits_refuses_digits_plain(digits, plain, tmp_path):
+    oset = build_from_images(THREES, digits)
+    assert oset.space == digits.space((8, 8))
+    oset.save(tmp_path / "set")
+    loaded = ObstacleSet.load(tmp_path / "set")
+    assert loaded.space == oset.space
+    before = loaded.embeddings.copy()
+    with pytest.raises(SpaceMismatchError) as err:
+        add_images(loaded, SEVENS, plain)
+    msg = str(err.value)
+    assert digits.space((8, 8)).describe() in msg and plain.space((8, 8)).describe() in msg
+    assert (
+        "differ in config_hash, weights" in msg
+        and "the encoder (and --size) the set was built with" in msg
+    )
+    assert len(loaded) == 6 and np.array_equal(loaded.embeddings, before)  # nothing added
+    assert len(add_images(loaded, SEVENS, digits)) == 3  # its own encoder is fine
+    with pytest.raises(SpaceMismatchError):
+        loaded.check_space(plain.space((8, 8)), "the flow digits-plain")
+    loaded.check_space(None, "embeddings from elsewhere")
+
+
+def test_cli_append_with_another_encoder_names_both_spaces(digits, plain, tmp_path, capsys):
+    from cspace.cli import main
+
+    out = tmp_path / "set"
+    assert main(["obstacles", "build", *map(str, THREES), "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["obstacles", "build", *map(str, SEVENS), "--out", str(out), "--append"]
+    assert main([*argv, "--encoder", "digits-plain"]) == 2
+    err = capsys.readouterr().err
+    assert digits.space().describe() in err and plain.space().describe() in err
+    assert len(ObstacleSet.load(out)) == 6  # unchanged
+    assert main(["obstacles", "info", str(out)]) == 0
+    assert f"space: {digits.space().describe()}" in capsys.readouterr().out
+
+
+def test_legacy_set_has_an_unknown_space_and_takes_the_encoders(digits, plain, tmp_path, capsys):
+    from cspace.cli import main
+
+    old = build_from_images(THREES, digits)
+    save_obstacle_set_v1(old, tmp_path / "old")
+    legacy = ObstacleSet.load(tmp_path / "old")
+    assert legacy.space is None
+    legacy.check_space(plain.space(), "anything")  # unknown: accepted
+    assert main(["obstacles", "info", str(tmp_path / "old"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["space"] is None and info["format_version"] == 1
+    assert info["space_description"].startswith("unknown")
+    add_images(legacy, SEVENS, digits)  # the documented migration: it takes the space
+    assert legacy.space == digits.space()
+    legacy.save(tmp_path / "old")
+    assert ObstacleSet.load(tmp_path / "old").space == digits.space()
+
+
+def test_space_must_fit_the_set(digits):
+    s = ObstacleSet.from_embeddings(np.zeros((2, 3)), q_star=1.0)
+    assert s.space is None
+    with pytest.raises(ObstacleSetError, match="dimension mismatch"):
+        s.space = digits.space()
+    with pytest.raises(ObstacleSetError, match=r"must be a cspace\.models\.space\.Space"):
+        s.space = {"dim": 3}
+    with pytest.raises(ObstacleSetError, match="dimension mismatch"):
+        ObstacleSet.from_embeddings(np.zeros((2, 3)), q_star=1.0, space=digits.space())
+    t = ObstacleSet.from_embeddings(np.zeros((2, 32)), q_star=1.0, space=digits.space())
+    t.remove([0])
+    assert t.space == digits.space()  # kept through edits
+
+
+def test_bad_space_record_in_a_manifest(tmp_path, digits):
+    path = ObstacleSet.from_embeddings(np.zeros((2, 32)), q_star=1.0, space=digits.space()).save(
+        tmp_path / "s"
+    )
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["space"] = {"encoder": "x"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ObstacleSetError, match="bad space record"):
+        ObstacleSet.load(path)
+
+
+# ---------------------------------------------------------------------- classifiers
+def test_classifier_records_its_space(digits, plain, tmp_path):
+    rng = np.random.default_rng(0)
+    good, bad = rng.normal(size=(20, 32)), rng.normal(size=(20, 32)) + 1.0
+    clf = PreferenceClassifier.fit(good, bad, space=digits.space())
+    clf.save(tmp_path / "clf")
+    back = PreferenceClassifier.load(tmp_path / "clf")
+    assert back.space == digits.space()
+    assert json.loads((tmp_path / "clf" / "manifest.json").read_text())["space"] == (
+        digits.space().to_json()
+    )
+    with pytest.raises(SpaceMismatchError, match="the classifier and the encoder"):
+        back.check_space(plain.space(), "the encoder digits-plain")
+
+
+def test_cli_classifier_records_the_encoders_space(digits, tmp_path, capsys):
+    from cspace.cli.obstacles import register
+
+    parser = argparse.ArgumentParser(prog="cspace")
+    register(parser.add_subparsers(dest="command"))
+    argv = ["obstacles", "classifier", "--good", str(ROOT / "examples" / "digits" / "1")]
+    argv += ["--bad", str(ROOT / "examples" / "digits" / "7"), "--out", str(tmp_path / "c")]
+    args = parser.parse_args(argv)
+    try:
+        assert args.func(args) == 0
+    except ValueError as err:  # pragma: no cover - shown on failure
+        print(err, file=sys.stderr)
+        raise
+    assert PreferenceClassifier.load(tmp_path / "c").space == digits.space()
+    capsys.readouterr()
+    args = parser.parse_args(["obstacles", "info", str(tmp_path / "c"), "--json"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["space"] == digits.space().to_json()
