@@ -2,7 +2,15 @@
 
 from guidance.field import FieldOutput, RepulsiveField, safe_norm
 from guidance.halfspace import ClassifierField, CombinedField
-from guidance.sampler import METHODS, Backtrack, SampleOutput, sample, time_grid
+from guidance.sampling import (
+    METHODS,
+    Backtrack,
+    Guided,
+    Prediction,
+    SampleOutput,
+    sample,
+    time_grid,
+)
 
 __all__ = [
     "METHODS",
@@ -10,6 +18,8 @@ __all__ = [
     "ClassifierField",
     "CombinedField",
     "FieldOutput",
+    "Guided",
+    "Prediction",
     "RepulsiveField",
     "SampleOutput",
     "safe_norm",
