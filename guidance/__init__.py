@@ -8,7 +8,15 @@ from guidance.fields import (
     RepulsiveField,
     safe_norm,
 )
-from guidance.sampler import METHODS, Backtrack, SampleOutput, sample, time_grid
+from guidance.sampling import (
+    METHODS,
+    Backtrack,
+    Guided,
+    Prediction,
+    SampleOutput,
+    sample,
+    time_grid,
+)
 
 __all__ = [
     "METHODS",
@@ -17,6 +25,8 @@ __all__ = [
     "CombinedField",
     "Field",
     "FieldOutput",
+    "Guided",
+    "Prediction",
     "RepulsiveField",
     "SampleOutput",
     "safe_norm",

@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import save as st_save
 
 from cspace.models.toy import GaussianMixture
-from guidance import ClassifierField, CombinedField, RepulsiveField, safe_norm, sample
+from guidance import ClassifierField, CombinedField, Guided, RepulsiveField, safe_norm, sample
 from obstacles import ObstacleSet
 from obstacles.classifier import ClassifierError, PreferenceClassifier
 
@@ -343,7 +343,7 @@ def test_sampling_avoids_the_bad_mode():
     assert clf.accuracy > 0.98
     noise = torch.randn(2000, 2, generator=gen, dtype=F64)
     plain = sample(mix.velocity, noise, steps=50)
-    guided = sample(mix.velocity, noise, steps=50, field=ClassifierField(clf), strength=1.0)
+    guided = sample(Guided(mix.velocity, ClassifierField(clf), strength=1.0), noise, steps=50)
     plain_bad = float(np.mean(clf.is_bad(plain.samples.numpy())))
     guided_bad = float(np.mean(clf.is_bad(guided.samples.numpy())))
     assert 0.45 < plain_bad < 0.55
@@ -379,7 +379,7 @@ def test_combined_field_sums():
     big = torch.full((1, 2), 1e308, dtype=F64)
     hb = CombinedField(hs, hs, hs).evaluate(big)
     assert bool(torch.isfinite(hb.force).all()) and bool(torch.isfinite(hb.potential).all())
-    out = sample(lambda s, t: -s, x, steps=5, field=both, strength=0.1)
+    out = sample(Guided(lambda s, t: -s, both, strength=0.1), x, steps=5)
     assert bool(torch.isfinite(out.samples).all()) and out.collided.shape == (64,)
     with pytest.raises(ValueError, match="at least one"):
         CombinedField()

@@ -14,7 +14,7 @@ import torch
 
 from cspace.models.metrics import energy_distance
 from cspace.models.toy import GaussianMixture, default_toy
-from guidance import Backtrack, RepulsiveField, sample, time_grid
+from guidance import Backtrack, Guided, RepulsiveField, sample, time_grid
 from obstacles import ObstacleSet
 
 F64 = torch.float64
@@ -150,27 +150,24 @@ def test_zero_strength_and_far_field_change_nothing(toy, method):
     noise = _noise(7, n=500)
     plain = sample(mix.velocity, noise, steps=30, method=method, generator=_gen(8))
     zero = sample(
-        mix.velocity, noise, steps=30, method=method, field=field, strength=0.0, generator=_gen(8)
+        Guided(mix.velocity, field, strength=0.0), noise, steps=30, method=method, generator=_gen(8)
     )
     assert torch.equal(plain.samples, zero.samples)
     far = RepulsiveField(
         ObstacleSet.from_embeddings([[100.0, 100.0], [-80.0, 0.0]], q_star=1.0, radius=0.5)
     )
     guided = sample(
-        mix.velocity, noise, steps=30, method=method, field=far, strength=5.0, generator=_gen(8)
+        Guided(mix.velocity, far, strength=5.0), noise, steps=30, method=method, generator=_gen(8)
     )
     assert torch.equal(plain.samples, guided.samples)
     assert guided.collided is not None and not bool(guided.collided.any())
     assert plain.collided is None
     # a zero weight switches guidance off too
     weighted = sample(
-        mix.velocity,
+        Guided(mix.velocity, field, strength=3.0, weight=torch.zeros_like),
         noise,
         steps=30,
         method=method,
-        field=field,
-        strength=3.0,
-        weight=torch.zeros_like,
         generator=_gen(8),
     )
     assert torch.equal(plain.samples, weighted.samples)
@@ -229,7 +226,7 @@ def test_guidance_avoids_the_obstacles(toy):
     mix, balls, field = toy
     noise = _noise(12)
     plain = sample(mix.velocity, noise, steps=50, method="euler")
-    guided = sample(mix.velocity, noise, steps=50, method="euler", field=field, strength=3.0)
+    guided = sample(Guided(mix.velocity, field, strength=3.0), noise, steps=50, method="euler")
     assert _hit_rate(balls, plain.samples) > 0.20
     assert _hit_rate(balls, guided.samples) <= 0.01
     assert float(guided.collided.double().mean()) <= 0.01
@@ -241,12 +238,15 @@ def test_guidance_avoids_the_obstacles(toy):
     assert energy_distance(guided.samples, target) < energy_distance(plain.samples, target)
     # guidance only in the noisy half of the path is weaker and gives another result
     late = sample(
-        mix.velocity, noise, steps=50, method="euler", field=field, strength=3.0, window=(0.5, 1.0)
+        Guided(mix.velocity, field, strength=3.0, window=(0.5, 1.0)),
+        noise,
+        steps=50,
+        method="euler",
     )
     assert not torch.equal(late.samples, guided.samples)
     assert _hit_rate(balls, late.samples) > _hit_rate(balls, guided.samples)
     noisy = sample(
-        mix.velocity, noise, steps=50, method="euler", field=field, strength=3.0, mode="noisy"
+        Guided(mix.velocity, field, strength=3.0, mode="noisy"), noise, steps=50, method="euler"
     )
     assert noisy.samples.shape == (N, 2) and bool(torch.isfinite(noisy.samples).all())
     assert not torch.equal(noisy.samples, guided.samples)
@@ -266,9 +266,7 @@ def test_backtracking_avoids_the_obstacles(toy):
         noise,
         steps=steps,
         method="sde",
-        field=field,
-        strength=0.0,
-        backtrack=Backtrack(revert=20, max_retries=20),
+        backtrack=Backtrack(revert=20, max_retries=20, field=field),
         generator=_gen(14),
         callback=count,
         return_trajectory=True,
@@ -287,19 +285,24 @@ def test_backtracking_avoids_the_obstacles(toy):
 def test_backtracking_needs_sde_and_a_field(toy):
     mix, _, field = toy
     noise = _noise(16, n=10)
+    guided = Guided(mix.velocity, field)
     for method in ("euler", "heun"):
         with pytest.raises(ValueError, match="sde"):
-            sample(mix.velocity, noise, method=method, field=field, backtrack=Backtrack())
+            sample(guided, noise, method=method, backtrack=Backtrack())
+        with pytest.raises(ValueError, match="sde"):
+            sample(mix.velocity, noise, method=method, backtrack=Backtrack(field=field))
     with pytest.raises(ValueError, match="noise_scale"):
-        sample(
-            mix.velocity, noise, method="sde", noise_scale=0.0, field=field, backtrack=Backtrack()
-        )
-    with pytest.raises(ValueError, match="field"):
+        sample(guided, noise, method="sde", noise_scale=0.0, backtrack=Backtrack())
+    with pytest.raises(ValueError, match=r"field.*Backtrack\(field=\.\.\.\) or a Guided"):
         sample(mix.velocity, noise, method="sde", backtrack=Backtrack())
     with pytest.raises(ValueError):
         Backtrack(revert=0)
     with pytest.raises(ValueError):
         Backtrack(max_retries=-1)
+    with pytest.raises(ValueError, match="window"):
+        Backtrack(window=(0.7, 0.2))
+    with pytest.raises(TypeError, match="evaluate"):
+        Backtrack(field=object())
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -322,6 +325,7 @@ def _vel(x, t):
         ({"noise_scale": -0.5}, "noise_scale"),
         ({"window": (0.8, 0.2)}, "window"),
         ({"window": (-0.1, 0.5)}, "window"),
+        ({"window": (0.2, 1.5)}, "window"),
         ({"steps": 0}, "steps"),
         ({"times": torch.tensor([1.0, 0.5, 0.6, 0.0])}, "decreasing"),
         ({"times": torch.tensor([1.0, 1.0, 0.0])}, "decreasing"),
@@ -329,10 +333,13 @@ def _vel(x, t):
         ({"times": torch.tensor([1.5, 0.5, 0.0])}, r"\[0, 1\]"),
     ],
 )
-def test_bad_input_raises_value_error(kwargs, match):
+def test_bad_input_raises_value_error(toy, kwargs, match):
     kwargs = dict(kwargs)
     velocity = kwargs.pop("velocity", _vel)
+    guide = {k: kwargs.pop(k) for k in ("mode", "strength", "window") if k in kwargs}
     with pytest.raises(ValueError, match=match):
+        if guide:  # the guidance settings are the Guided velocity's, checked when it is built
+            velocity = Guided(velocity, toy[2], **guide)
         sample(velocity, _noise(17, n=4), steps=kwargs.pop("steps", 5), **kwargs)
 
 

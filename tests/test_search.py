@@ -10,10 +10,9 @@ import torch
 from cspace.experiments.toy import toy_obstacle_set
 from cspace.models.metrics import energy_distance
 from cspace.models.toy import GaussianMixture, default_toy, toy_with_coverage
-from guidance import RepulsiveField, sample
+from guidance import Guided, Prediction, RepulsiveField, sample
 from guidance.search import (
     ALGORITHMS,
-    NEEDS_FIELD,
     Budget,
     BudgetExceeded,
     CallableVerifier,
@@ -53,7 +52,7 @@ def toy75():
 
 
 def kwargs_for(algo, fld):
-    return {"field": fld} if algo in NEEDS_FIELD else {}
+    return {"field": fld} if ALGORITHMS[algo].needs_field else {}
 
 
 # ------------------------------------------------------------------ toy problems
@@ -317,11 +316,12 @@ def test_particle_weights_are_carried_and_reset_only_on_resampling():
     # the potential state is gathered with the particles
     pot = FKPotential(CallableVerifier(lambda x: x[:, 0]), "diff", 1.0, 8)
     x = torch.arange(8, dtype=torch.float64)[:, None].repeat(1, 2)
-    pot.step(x, 0.5)
+    pred = Prediction(v=torch.zeros_like(x), x0_hat=x, eps_hat=x)  # the verifier sees x0_hat
+    pot.step(pred, 0.5)
     pot.gather(idx)
     assert torch.equal(pot.prev[:4], torch.zeros(4, dtype=torch.float64))
     assert torch.equal(pot.prev[4:], torch.arange(4, 8, dtype=torch.float64))
-    inc2 = pot.step(x, 0.4)
+    inc2 = pot.step(pred, 0.4)
     assert torch.equal(inc2[:4], torch.arange(4, dtype=torch.float64))
 
 
@@ -365,11 +365,11 @@ def test_guided_proposal_weights_correct_one_step(toy75):
     mix, _, fld, _ = toy75
     m = 100_000
     x = torch.tensor([[3.0, 0.8]], dtype=torch.float64).repeat(m, 1)
-    xp, _, _ = smc.propagate(mix.velocity, x, 0.3, 0.28, noise_scale=1.0, generator=gen(10))
-    xq, _, lr = smc.propagate(
-        mix.velocity, x, 0.3, 0.28, noise_scale=1.0, generator=gen(11),
-        field=smc_guided.CappedField(fld, 1.0), strength=1.0, weight=torch.sqrt,
-    )  # fmt: skip
+    p_step, lr0 = smc.propagate(mix.velocity, x, 0.3, 0.28, noise_scale=1.0, generator=gen(10))
+    assert torch.equal(lr0, torch.zeros(m, dtype=torch.float64))  # no displacement, no correction
+    proposal = Guided(mix.velocity, smc_guided.CappedField(fld, 1.0), weight=torch.sqrt)
+    q_step, lr = smc.propagate(proposal, x, 0.3, 0.28, noise_scale=1.0, generator=gen(11))
+    xp, xq = p_step.x_next, q_step.x_next
     w = torch.softmax(lr, 0)
     assert not torch.allclose(xq.mean(0), xp.mean(0), atol=0.01)  # the proposal differs
     assert torch.allclose((w[:, None] * xq).sum(0), xp.mean(0), atol=0.01)

@@ -86,10 +86,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
         den, shape = pipeline_denoiser(pipe, args.prompt, args.negative_prompt, args.guidance_scale)
         vel = DiffusersVelocity(den, pipe.scheduler)
-        kwargs = {}
-        if args.search in ("smc-guided", "backtrack"):
-            kwargs["field"] = field
-        res = ALGORITHMS[args.search](
+        algo = ALGORITHMS[args.search]
+        kwargs = algo.keywords(field=field)  # the field where the algorithm takes one
+        res = algo(
             vel, shape, ClearanceVerifier(field), int(args.budget), n_return=args.n,
             steps=args.steps, generator=torch.Generator().manual_seed(args.seed), **kwargs,
         )  # fmt: skip

@@ -46,7 +46,7 @@ def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
     """``evaluate(set) -> {"hit", "loss", "nfe"}`` on the exact 2-D toy (module docstring)."""
     from cspace.models.metrics import energy_distance
     from cspace.models.toy import BallObstacles, default_toy
-    from guidance import RepulsiveField, sample
+    from guidance import Guided, RepulsiveField, sample
 
     mix, _ = default_toy()
     noise = torch.randn(
@@ -67,7 +67,8 @@ def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
         if key not in targets:
             g = torch.Generator().manual_seed(10_000 + seed)
             targets[key] = mix.sample_outside(n, balls, g)
-        out = sample(mix.velocity, noise, steps=steps, field=RepulsiveField(oset), progress=False)
+        guided = Guided(mix.velocity, RepulsiveField(oset), strength=1.0)
+        out = sample(guided, noise, steps=steps, progress=False)
         return {
             "hit": float(balls.inside(out.samples).double().mean()),
             "loss": energy_distance(out.samples, targets[key]),

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cspace.io.files import write_file_atomic
-from guidance.sampler import METHODS
+from guidance.sampling import METHODS
 
 __all__ = [
     "ARMS",
@@ -99,16 +99,15 @@ def sample_arm(flow, noise: torch.Tensor, s: DemoSettings, field=None, strength:
     """One arm of the demo from ``noise`` (n, C, H, W): ``s.method`` with ``s.steps`` steps, the
     field at ``strength`` and, when ``s.backtrack``, collision backtracking; the SDE's noise
     from seed ``s.seed + 1`` (the same for every arm). Returns :class:`guidance.SampleOutput`."""
-    from guidance import Backtrack, sample
+    from guidance import Backtrack, Guided, sample
 
+    guided = field is not None
     return sample(
-        flow,
+        Guided(flow, field, strength=strength) if guided else flow,
         noise,
         steps=s.steps,
         method=s.method,
-        field=field,
-        strength=strength,
-        backtrack=Backtrack() if (s.backtrack and field is not None) else None,
+        backtrack=Backtrack() if (s.backtrack and guided) else None,
         generator=torch.Generator(noise.device).manual_seed(s.seed + 1),
         callback=callback,
         progress=False,

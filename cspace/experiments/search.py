@@ -205,17 +205,20 @@ def exact_targets(problem: SearchProblem, n: int, seed: int):
 
 
 def _algo_kwargs(algo: str, problem: SearchProblem) -> dict:
-    if algo == "smc":
-        # temperature: a collision (the verifier's penalty) costs 10 nats of log-weight
-        penalty = getattr(problem.verifier, "collision_penalty", None)
-        if penalty is None:
-            penalty = -getattr(problem.verifier, "inside_score", -10.0)
-        return {"lam": 10.0 / max(float(penalty), 1e-12)}
-    if algo == "smc-guided":
-        return {"field": problem.field, "data_scale": problem.data_scale}
-    if algo == "backtrack":
-        return {"field": problem.field, "revert": 10, "max_retries": 20}
-    return {}
+    """The problem's settings that ``algo`` takes (the registry entry picks them): the field for
+    the algorithms that need it, the guided SMC's data scale, the FK potential's temperature
+    (a collision, the verifier's penalty, costs 10 nats of log-weight), backtracking's revert and
+    retries."""
+    penalty = getattr(problem.verifier, "collision_penalty", None)
+    if penalty is None:
+        penalty = -getattr(problem.verifier, "inside_score", -10.0)
+    return ALGORITHMS[algo].keywords(
+        field=problem.field,
+        data_scale=problem.data_scale,
+        lam=10.0 / max(float(penalty), 1e-12),
+        revert=10,
+        max_retries=20,
+    )
 
 
 def run_search(

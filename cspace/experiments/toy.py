@@ -18,7 +18,7 @@ import torch
 
 from cspace.models.metrics import energy_distance
 from cspace.models.toy import BallObstacles, GaussianMixture, default_toy
-from guidance import Backtrack, RepulsiveField, sample
+from guidance import Backtrack, Guided, RepulsiveField, sample
 from obstacles import ObstacleSet
 
 __all__ = ["ToySettings", "plot_toy", "run_toy", "toy_obstacle_set"]
@@ -89,16 +89,16 @@ def _run_method(name, mix, fld, noise, settings, seed, return_trajectory=False):
     method, guided, bt, mode = METHOD_TABLE[name]
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
+    velocity = (
+        Guided(mix.velocity, fld, strength=settings.strength, mode=mode) if guided else mix.velocity
+    )
     out = sample(
-        mix.velocity,
+        velocity,
         noise,
         steps=settings.steps,
         method=method,
         noise_scale=settings.noise_scale,
-        field=fld,
-        strength=settings.strength if guided else 0.0,
-        mode=mode,
-        backtrack=Backtrack(settings.revert, settings.max_retries) if bt else None,
+        backtrack=Backtrack(settings.revert, settings.max_retries, field=fld) if bt else None,
         generator=g,
         return_trajectory=return_trajectory,
         progress=False,
@@ -225,8 +225,7 @@ def plot_toy(
                         [grid, torch.zeros(grid.shape[0], s.dim - 2, dtype=grid.dtype)], 1
                     )
                 t = torch.full((grid.shape[0],), 0.3, dtype=grid.dtype)
-                v = mix.velocity(grid, t)
-                v = v - s.strength * fld.force(grid - t[:, None] * v)
+                v = Guided(mix.velocity, fld, strength=s.strength)(grid, t)
                 # the sampler moves along -v (t decreases)
                 ax.streamplot(
                     xx.numpy(),

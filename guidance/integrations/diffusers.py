@@ -44,6 +44,8 @@ from dataclasses import field as dc_field
 
 import torch
 
+from guidance.sampling import Prediction
+
 __all__ = ["SUPPORTED_SCHEDULERS", "GuidanceError", "GuideStats", "GuidedPipeline", "guide"]
 
 SUPPORTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DDPMScheduler", "DDIMScheduler")
@@ -182,8 +184,9 @@ class GuidedPipeline:
                 "resolution (cspace.models.encoders.Encoder.from_diffusers), or pass a projection"
             )
         mf, xf = m.float(), x.float()
-        if kind == "flow":
-            x0 = xf - sigma * mf
+        flow = Prediction.from_velocity(xf, sigma, mf) if kind == "flow" else None
+        if flow is not None:  # our own convention: x0_hat = x - t v
+            x0 = flow.x0_hat
         elif kind == "epsilon":
             x0 = (xf - sigma * mf) / alpha
         elif kind == "v_prediction":
@@ -192,7 +195,9 @@ class GuidedPipeline:
             x0 = mf
         ev = self.field.evaluate(x0) if self.mode == "clean" else self.field.evaluate(xf, t)
         delta = (self.strength * lam) * ev.force.float()
-        if kind in ("flow", "v_prediction"):
+        if flow is not None:
+            guided = flow.displaced(delta).v  # v - delta
+        elif kind == "v_prediction":
             guided = mf - delta
         elif kind == "epsilon":
             guided = mf - alpha * delta

@@ -27,6 +27,8 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from guidance.sampling import Prediction
+
 __all__ = ["StochasticFlowMatchScheduler"]
 
 
@@ -95,7 +97,7 @@ class StochasticFlowMatchScheduler(FlowMatchEulerDiscreteScheduler):
         new = x - h * v
         scale = float(self.config.noise_scale)
         if scale > 0 and t > 0 and t_next > 0:
-            eps_hat = x + (1 - t) * v
+            eps_hat = Prediction.from_velocity(x, t, v).eps_hat
             z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             new = new - h * (scale / 2) * eps_hat + math.sqrt(scale * t * h) * z
         self._step_index += 1

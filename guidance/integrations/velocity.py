@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from guidance.integrations.diffusers import GuidanceError, prediction_kind
+from guidance.sampling import Prediction
 
 __all__ = ["DiffusersVelocity", "stable_diffusion", "stable_diffusion_3", "unconditional"]
 
@@ -93,7 +94,8 @@ class DiffusersVelocity:
             x0 = al * x_vp - si * m
         else:
             x0 = m
-        return ((xd - x0) / tt.reshape(shape).clamp(min=1e-6)).to(x.dtype)
+        # v = (x - x0_hat) / t in our convention (t clamped away from 0)
+        return Prediction.from_clean(xd, tt.reshape(shape).clamp(min=1e-6), x0).v.to(x.dtype)
 
 
 # ---------------------------------------------------------------------- denoisers

@@ -1,7 +1,10 @@
-"""Inference-time search: verifiers, NFE budgets and search algorithms on one signature.
+"""Inference-time search: verifiers, NFE budgets and search algorithms on one protocol.
 
 Every algorithm is ``search(velocity, shape, verifier, budget, *, n_return, steps, generator,
-...) -> SearchResult`` and never spends more NFE than its budget (see :mod:`.budget`):
+...) -> SearchResult`` (:class:`~guidance.search.protocol.SearchAlgorithm`) and never spends more
+NFE than its budget (see :mod:`.budget`). Each module declares its
+:class:`~guidance.search.protocol.Algorithm` (name, function, what it searches over, whether it
+needs the obstacles' field); :data:`ALGORITHMS` is the one registry of them:
 
 =============  ==============================================  ==========================
 name           module                                          searches over
@@ -18,6 +21,7 @@ backtrack      :mod:`guidance.search.backtrack`                 SDE segments (re
 from guidance.search import backtrack, paths, random_search, smc, smc_guided, zero_order
 from guidance.search.budget import Budget, BudgetExceeded, as_budget
 from guidance.search.common import SearchError, SearchResult
+from guidance.search.protocol import Algorithm, SearchAlgorithm
 from guidance.search.verifiers import (
     CallableVerifier,
     ClearanceVerifier,
@@ -28,21 +32,22 @@ from guidance.search.verifiers import (
     VerifierError,
 )
 
-#: name -> search function
-ALGORITHMS = {
-    "best-of-n": random_search.search,
-    "zero-order": zero_order.search,
-    "paths": paths.search,
-    "smc": smc.search,
-    "smc-guided": smc_guided.search,
-    "backtrack": backtrack.search,
+#: name -> :class:`Algorithm` (callable like its search function)
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        random_search.ALGORITHM,
+        zero_order.ALGORITHM,
+        paths.ALGORITHM,
+        smc.ALGORITHM,
+        smc_guided.ALGORITHM,
+        backtrack.ALGORITHM,
+    )
 }
-#: algorithms that need the obstacles' field (keyword ``field=``)
-NEEDS_FIELD = ("smc-guided", "backtrack")
 
 __all__ = [
     "ALGORITHMS",
-    "NEEDS_FIELD",
+    "Algorithm",
     "Budget",
     "BudgetExceeded",
     "CallableVerifier",
@@ -50,6 +55,7 @@ __all__ = [
     "EnsembleVerifier",
     "OracleVerifier",
     "PreferenceVerifier",
+    "SearchAlgorithm",
     "SearchError",
     "SearchResult",
     "Verifier",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from guidance.sampler import Backtrack, sample, time_grid
+from guidance.sampling import Backtrack, Guided, sample, time_grid
 from guidance.search.common import SearchError, SearchResult, begin, draw_noise, per_sample_budget
+from guidance.search.protocol import Algorithm
 
 __all__ = ["search"]
 
@@ -54,18 +55,25 @@ def search(
     retries = min(int(max_retries), (each - int(steps)) // (int(revert) + 1))
     worst = int(n_return) * (int(steps) + retries * (int(revert) + 1))
     run.budget.require(worst, "backtracking (worst case)")
+    # the field displaces x0_hat when strength > 0 (its evaluation then also serves the
+    # collision check) and is known to the sampler either way (the final collision flags)
     out = sample(
-        run.velocity,
+        Guided(run.velocity, field, strength=strength),
         draw_noise(n_return, shape, generator, dtype, device),
         times=time_grid(steps),
         method="sde",
         noise_scale=noise_scale,
-        field=field,
-        strength=strength,
-        backtrack=Backtrack(revert=int(revert), max_retries=retries) if retries > 0 else None,
+        backtrack=(
+            Backtrack(revert=int(revert), max_retries=retries, field=field) if retries > 0 else None
+        ),
         generator=generator,
         progress=False,
     )
     scores = verifier.score(out.samples)
     records = {"max_retries": retries, "retries": out.retries, "collided": out.collided}
     return run.result(out.samples, scores, records)
+
+
+ALGORITHM = Algorithm(
+    name="backtrack", run=search, searches_over="SDE segments (retries)", needs_field=True
+)

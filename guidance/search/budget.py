@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import torch
 
+from guidance.sampling import Prediction, predict
+
 __all__ = ["Budget", "BudgetExceeded", "as_budget"]
 
 
@@ -70,16 +72,31 @@ class Budget:
     def wrap(
         self, velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``velocity`` behind a meter: each call charges its batch size before the model runs."""
+        """``velocity`` behind a meter: each call charges its batch size before the model runs.
 
-        def charged(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            self.charge(x.shape[0], "a velocity call")
-            return velocity(x, t)
-
-        return charged
+        The metered velocity keeps ``predict`` (:func:`guidance.sampling.predict`), so a
+        :class:`~guidance.Guided` velocity stays one: its whole prediction (the model's
+        ``x0_hat``, ``delta``, the field output) reaches the step functions, charged once.
+        """
+        return _Metered(self, velocity)
 
     def __repr__(self) -> str:
         return f"Budget(total={self.total}, spent={self.spent})"
+
+
+class _Metered:
+    """A velocity whose every call (``__call__`` or ``predict``) is charged to a budget."""
+
+    def __init__(self, budget: Budget, velocity) -> None:
+        self.budget, self.velocity = budget, velocity
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.budget.charge(x.shape[0], "a velocity call")
+        return self.velocity(x, t)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> Prediction:
+        self.budget.charge(x.shape[0], "a velocity call")
+        return predict(self.velocity, x, t)
 
 
 def as_budget(budget: Budget | int) -> Budget:

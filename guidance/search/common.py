@@ -14,12 +14,11 @@ batched); the particle methods document their own layout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from guidance.sampler import sample
+from guidance.sampling import Prediction, Velocity, sample
 from guidance.search.budget import Budget, BudgetExceeded, as_budget
 from guidance.search.verifiers import Verifier, VerifierError
 
@@ -34,8 +33,6 @@ __all__ = [
     "ode",
     "per_sample_budget",
 ]
-
-Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class SearchError(ValueError):
@@ -164,11 +161,12 @@ def ode(
 
 
 def x0_hat(velocity: Velocity, x: torch.Tensor, t: float) -> torch.Tensor:
-    """The clean estimate ``x - t v(x, t)`` (one NFE per state; none at t = 0)."""
+    """The clean estimate ``x - t v(x, t)`` (:class:`~guidance.sampling.Prediction`; one NFE per
+    state, none at t = 0)."""
     if t == 0:
         return x
     tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-    return x - t * velocity(x, tt)
+    return Prediction.from_velocity(x, t, velocity(x, tt)).x0_hat
 
 
 def group_argmax(scores: torch.Tensor) -> torch.Tensor:

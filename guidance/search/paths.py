@@ -52,6 +52,7 @@ from guidance.search.common import (
     per_sample_budget,
     x0_hat,
 )
+from guidance.search.protocol import Algorithm
 
 __all__ = ["forward_noise", "plan", "search"]
 
@@ -159,3 +160,8 @@ def search(
         "survivor_scores": survivor_scores,
     }
     return run.result(x0[rows, best], s[rows, best], records)
+
+
+ALGORITHM = Algorithm(
+    name="paths", run=search, searches_over="re-noised partial paths (ODE)", needs_field=False
+)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from guidance.sampler import time_grid
+from guidance.sampling import time_grid
 from guidance.search.common import (
     SearchError,
     SearchResult,
@@ -20,6 +20,7 @@ from guidance.search.common import (
     ode,
     per_sample_budget,
 )
+from guidance.search.protocol import Algorithm
 
 __all__ = ["search"]
 
@@ -75,3 +76,8 @@ def search(
     if record:
         records["candidates"] = cand
     return run.result(cand[rows, best], scores[rows, best], records)
+
+
+ALGORITHM = Algorithm(
+    name="best-of-n", run=search, searches_over="initial noises (ODE)", needs_field=False
+)

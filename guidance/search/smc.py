@@ -1,11 +1,11 @@
 r"""Trajectory search by sequential Monte Carlo on the SDE (FK steering, Singhal et al. 2025).
 
-Particles follow the marginal-preserving SDE of :func:`guidance.sample` (``method="sde"``), one
-step at a time (``sample(..., times=[t_k, t_{k+1}])``); an ODE would not do: resampled copies of a
-particle would stay identical. Write ``x_k`` for the state at grid time ``t_k`` (``t_0 = 1``,
-``t_S = 0``) and ``r_k = lambda * verifier(x0_hat(x_k))`` for the tempered reward of its clean
-estimate (the step from ``x_k`` evaluates the velocity at ``x_k``, which gives ``x0_hat(x_k)`` at
-no extra NFE; ``x_S`` is its own clean sample).
+Particles follow the marginal-preserving SDE, one :func:`guidance.sampling.sde_step` at a time
+(the step :func:`guidance.sample` takes with ``method="sde"``); an ODE would not do: resampled
+copies of a particle would stay identical. Write ``x_k`` for the state at grid time ``t_k``
+(``t_0 = 1``, ``t_S = 0``) and ``r_k = lambda * verifier(x0_hat(x_k))`` for the tempered reward
+of its clean estimate (the step from ``x_k`` evaluates the velocity at ``x_k``, which gives
+``x0_hat(x_k)`` at no extra NFE; ``x_S`` is its own clean sample).
 
 **Potentials** (the FK paper's three; the incremental log-weight added at step k):
 
@@ -37,18 +37,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from guidance.sampler import sample, time_grid
+from guidance.sampling import Prediction, Step, sde_step, time_grid
 from guidance.search.budget import BudgetExceeded
-from guidance.search.common import SearchError, SearchResult, begin, draw_noise
+from guidance.search.common import Run, SearchError, SearchResult, begin, draw_noise
+from guidance.search.protocol import Algorithm
 
 __all__ = [
     "SCHEMES",
     "FKPotential",
+    "ParticleRun",
     "ParticleWeights",
+    "check_particle_options",
+    "particle_result",
+    "particle_run",
     "propagate",
+    "proposal_log_ratio",
     "resample_indices",
     "run_particles",
     "search",
@@ -99,7 +107,7 @@ class ParticleWeights:
         self.last_resampled = torch.zeros(self.groups, dtype=torch.bool)
 
     def add(self, inc: torch.Tensor) -> None:
-        inc = inc.reshape(self.groups, self.n).to(self.logw.dtype)
+        inc = inc.reshape(self.groups, self.n).to(device=self.logw.device, dtype=self.logw.dtype)
         if bool(torch.isnan(inc).any()):
             raise SearchError("a log-weight increment is NaN (check the verifier and potential)")
         self.logw = self.logw + inc
@@ -142,7 +150,8 @@ class ParticleWeights:
 class FKPotential:
     """The FK steering potentials on verifier rewards; per-particle state gathered on resampling.
 
-    ``step(x0, t)`` returns the incremental log-weight of each particle (see the module doc).
+    ``step(prediction, t)`` returns the incremental log-weight of each particle from the
+    verifier's score of ``prediction.x0_hat`` (see the module doc).
     """
 
     def __init__(self, verifier, kind: str, lam: float, m: int) -> None:
@@ -156,7 +165,10 @@ class FKPotential:
         self.run_sum = torch.zeros(m, dtype=torch.float64)
         self.last_scores: torch.Tensor | None = None
 
-    def step(self, x0: torch.Tensor, t: float) -> torch.Tensor:
+    def step(self, prediction: Prediction, t: float) -> torch.Tensor:
+        return self._advance(prediction.x0_hat)
+
+    def _advance(self, x0: torch.Tensor) -> torch.Tensor:
         s = self.verifier.score(x0)
         self.last_scores = s
         r = self.lam * s
@@ -171,7 +183,7 @@ class FKPotential:
         return inc
 
     def final(self, x: torch.Tensor) -> torch.Tensor:
-        return self.step(x, 0.0)
+        return self._advance(x)
 
     def gather(self, idx: torch.Tensor) -> None:
         self.prev, self.run_max, self.run_sum = self.prev[idx], self.run_max[idx], self.run_sum[idx]
@@ -180,100 +192,92 @@ class FKPotential:
 def propagate(
     velocity,
     x: torch.Tensor,
-    t: float,
-    t_next: float,
+    t: torch.Tensor | float,
+    t_next: torch.Tensor | float,
     *,
     noise_scale: float,
     generator: torch.Generator | None,
-    field=None,
-    strength: float = 0.0,
-    weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
-):
-    """One SDE step of :func:`guidance.sample` from t to t_next (guided in clean mode if a field
-    and strength > 0 are given).
+) -> tuple[Step, torch.Tensor]:
+    """One SDE step (:func:`guidance.sampling.sde_step`) of ``velocity`` from t to t_next, and the
+    proposal's log-ratio.
 
-    Returns ``(x_next, x0_hat(x), log_ratio)`` where ``log_ratio`` (B,) is
-    ``log N(x_next; mu_p, s^2) - log N(x_next; mu_q, s^2)``: the unguided transition over the guided
-    proposal (zeros without guidance). With ``h = t - t_next``, ``s^2 = noise_scale t h`` and the
-    guidance displacement ``d = mu_q - mu_p = h strength weight(t) F(x0_hat)``, it is
-    ``-(2 (x_next - mu_q) . d + |d|^2) / (2 s^2)``.
+    ``velocity`` may be a :class:`~guidance.Guided` velocity (the proposal q) around the model (the
+    reference p). Both steps share ``eps_hat`` and the noise, so
+    ``q = N(mu_q, s^2 I)``, ``p = N(mu_p, s^2 I)`` with ``mu_q`` the step's ``mean``,
+    ``s^2 = noise_scale t h`` its ``noise_var`` and ``d = mu_q - mu_p = h delta`` (``delta`` the
+    prediction's displacement, ``v' = v - delta``). Returns ``(step, log_ratio)`` with
+    ``log_ratio`` (B,) float64
+
+        log N(x_next; mu_p, s^2) - log N(x_next; mu_q, s^2)
+            = -(2 (x_next - mu_q) . d + |d|^2) / (2 s^2),
+
+    zeros when nothing displaced the velocity. The velocity (and the guidance's field) is
+    evaluated once per state.
     """
-    seen = {}
+    step = sde_step(velocity, x, t, t_next, noise_scale=noise_scale, generator=generator)
+    return step, proposal_log_ratio(step)
 
-    def keep(info: dict) -> None:
-        seen["x0"] = info["x0_hat"]
 
-    times = torch.tensor([float(t), float(t_next)], dtype=torch.float64)
-    guided = field is not None and strength > 0
-    out = sample(
-        velocity,
-        x,
-        times=times,
-        method="sde",
-        noise_scale=noise_scale,
-        field=field if guided else None,
-        strength=strength if guided else 0.0,
-        weight=weight,
-        generator=generator,
-        progress=False,
-        callback=keep,
-    )
-    xn, x0 = out.samples, seen["x0"]
-    b = x.shape[0]
-    if not guided:
-        return xn, x0, torch.zeros(b, dtype=torch.float64)
-    h = float(t) - float(t_next)
-    tt = torch.full((b,), float(t), dtype=x.dtype, device=x.device)
-    lam = weight(tt) if weight is not None else torch.ones_like(tt)
-    shape1 = (-1,) + (1,) * (x.ndim - 1)
-    force = field.evaluate(x0).force
-    scale = (strength * lam).reshape(shape1)
-    v = (x - x0) / float(t)  # the unguided velocity: x0_hat = x - t v
-    eps = x + (1 - float(t)) * v
-    mu_q = x - h * (v - scale * force) - h * (noise_scale / 2) * eps
-    d = (h * scale * force).reshape(b, -1).double()
-    r = (xn - mu_q).reshape(b, -1).double()
-    var = noise_scale * float(t) * h
-    log_ratio = -(2 * (r * d).sum(1) + (d * d).sum(1)) / (2 * var)
-    return xn, x0, log_ratio
+def proposal_log_ratio(step: Step) -> torch.Tensor:
+    """``log p/q (x_next)`` of one SDE step (:func:`propagate`), from the step's own ``mean``,
+    ``noise_var``, ``h`` and the prediction's ``delta``; (B,) float64."""
+    b = step.x_next.shape[0]
+    delta = step.prediction.delta
+    if delta is None:
+        return torch.zeros(b, dtype=torch.float64, device=step.x_next.device)
+    if step.noise_var is None:
+        raise SearchError("the proposal correction needs a stochastic step (sde_step)")
+    d = (step.h * delta).reshape(b, -1).double()
+    r = (step.x_next - step.mean).reshape(b, -1).double()
+    var = step.noise_var.reshape(b).double()
+    return -(2 * (r * d).sum(1) + (d * d).sum(1)) / (2 * var)
+
+
+class Potential(Protocol):
+    """What :func:`run_particles` needs of a potential: increments per particle (G*N,)."""
+
+    def step(self, prediction: Prediction, t: float) -> torch.Tensor: ...
+
+    def final(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, idx: torch.Tensor) -> None: ...
 
 
 def run_particles(
     velocity,
     x: torch.Tensor,
     times: torch.Tensor,
-    potential,
+    potential: Potential,
     weights: ParticleWeights,
     *,
     noise_scale: float,
     generator: torch.Generator | None,
     threshold: float,
     scheme: str,
-    field=None,
-    strength: float = 0.0,
-    weight=None,
 ):
-    """The SMC loop: propagate, weigh (potential increments + proposal correction), resample.
+    """The SMC loop: propagate (:func:`propagate`), weigh (potential increment + proposal
+    log-ratio), resample.
 
-    ``potential`` has ``step(x0_hat, t) -> inc``, ``final(x) -> inc`` and ``gather(idx)``.
+    ``potential`` has ``step(prediction, t) -> inc`` (``prediction`` the step's
+    :class:`~guidance.sampling.Prediction` at the particles before the move: ``x0_hat`` and any
+    field output to reuse), ``final(x) -> inc`` and ``gather(idx)``.
     Returns the final particles and the per-step ESS (S, G) and resampling flags (S, G).
     """
     n_steps = times.numel() - 1
+    grid = times.to(device=x.device, dtype=x.dtype)
+    b = x.shape[0]
     ess_hist, resampled = [], []
     for k in range(n_steps):
-        t, tn = float(times[k]), float(times[k + 1])
-        x, x0, log_ratio = propagate(
+        step, log_ratio = propagate(
             velocity,
             x,
-            t,
-            tn,
+            grid[k].repeat(b),
+            grid[k + 1].repeat(b),
             noise_scale=noise_scale,
             generator=generator,
-            field=field,
-            strength=strength,
-            weight=weight,
         )
-        weights.add(potential.step(x0, t) + log_ratio)
+        x = step.x_next
+        weights.add(potential.step(step.prediction, float(times[k])) + log_ratio)
         ess_hist.append(weights.ess())
         flags = torch.zeros(weights.groups, dtype=torch.bool)
         if k < n_steps - 1:
@@ -335,6 +339,111 @@ def _layout(budget_left: int, n_return: int, steps: int, groups, n_particles, al
     return g, n
 
 
+def check_particle_options(algo: str, scheme: str, threshold: float, noise_scale: float) -> None:
+    """The checks every particle search shares (resampling scheme, ESS threshold, a stochastic
+    sampler); raises :class:`SearchError` naming the bad value."""
+    if scheme not in SCHEMES:
+        raise SearchError(f"{algo}: unknown resampling scheme {scheme!r}; choose one of {SCHEMES}")
+    if not 0 <= threshold <= 1:
+        raise SearchError(f"{algo}: threshold must be in [0, 1]; got {threshold}")
+    if not (math.isfinite(noise_scale) and noise_scale > 0):
+        raise SearchError(
+            f"{algo}: SMC needs a stochastic sampler: noise_scale must be > 0; got {noise_scale}"
+        )
+
+
+@dataclass
+class ParticleRun:
+    """The particles of a finished SMC run and what happened to them.
+
+    Attributes:
+        x: (G*N, ...) the final particles (t = 0).
+        weights: their :class:`ParticleWeights` (log-weights including the final potential).
+        ess: (S, G) ESS after each step; resampled: (S, G) resampling flags.
+        groups, n: G systems of N particles.
+        potential: the potential (its per-particle state gathered with the particles).
+    """
+
+    x: torch.Tensor
+    weights: ParticleWeights
+    ess: torch.Tensor
+    resampled: torch.Tensor
+    groups: int
+    n: int
+    potential: Potential
+
+
+def particle_run(
+    run: Run,
+    shape: tuple[int, ...],
+    velocity,
+    make_potential: Callable[[int], Potential],
+    *,
+    n_return: int,
+    steps: int,
+    groups: int | None,
+    n_particles: int | None,
+    generator: torch.Generator | None,
+    threshold: float,
+    scheme: str,
+    noise_scale: float,
+    dtype: torch.dtype,
+    device,
+) -> ParticleRun:
+    """The particle run every SMC search shares: layout from the budget, the budget check, the
+    potential (``make_potential(G*N)``), initial noise, :func:`run_particles` on the uniform grid.
+
+    ``velocity`` is the metered model (``run.velocity``) or a guidance wrapper around it.
+    """
+    g, n = _layout(run.budget.remaining, n_return, steps, groups, n_particles, run.algo)
+    run.budget.require(g * n * int(steps), f"{run.algo} with {g} x {n} particles")
+    pot = make_potential(g * n)
+    w = ParticleWeights(g, n)
+    x = draw_noise(g * n, shape, generator, dtype, device)
+    x, ess, resampled = run_particles(
+        velocity,
+        x,
+        time_grid(steps),
+        pot,
+        w,
+        noise_scale=noise_scale,
+        generator=generator,
+        threshold=threshold,
+        scheme=scheme,
+    )
+    return ParticleRun(x, w, ess, resampled, g, n, pot)
+
+
+def particle_result(
+    run: Run,
+    pr: ParticleRun,
+    scores: torch.Tensor,
+    n_return: int,
+    select_by: str,
+    generator: torch.Generator | None,
+    extra: Callable[[ParticleRun, torch.Tensor], dict] | None = None,
+) -> SearchResult:
+    """Select the returned particles (:func:`select`) and build the records every SMC search
+    shares (see :func:`search`); ``extra(pr, idx)`` adds algorithm-specific records."""
+    idx, dead = select(pr.x, pr.weights, scores, int(n_return) // pr.groups, select_by, generator)
+    w = pr.weights
+    records = {
+        "n_particles": pr.n,
+        "groups": pr.groups,
+        "ess": pr.ess,
+        "resampled": pr.resampled,
+        "resamplings": w.resamplings,
+        "log_z": w.final_log_z(),
+        "final_logw": w.logw,
+        "particles": pr.x,
+        "weights": w.normalised(),
+        "dead_groups": dead,
+    }
+    if extra is not None:
+        records.update(extra(pr, idx))
+    return run.result(pr.x[idx], scores[idx], records)
+
+
 def search(
     velocity,
     shape,
@@ -365,45 +474,24 @@ def search(
         threshold: resample a group when its ESS < threshold x N (default 0.5).
         scheme: ``"systematic"`` or ``"multinomial"`` resampling.
 
+    A :class:`~guidance.Guided` velocity is a proposal: its displacement is corrected by the
+    proposal log-ratio of :func:`propagate`, so the target stays the model's.
+
     Records: ``n_particles``, ``groups``, ``ess`` (S, G), ``resampled`` (S, G), ``resamplings``,
     ``log_z`` (G,), ``final_logw`` (G, N), ``particles`` (G*N, ...) and their normalised
     ``weights`` (G, N) at t = 0, ``dead_groups`` (G,).
     """
     run, shape = begin("smc", velocity, shape, verifier, budget, n_return, steps)
-    if scheme not in SCHEMES:
-        raise SearchError(f"unknown resampling scheme {scheme!r}; choose one of {SCHEMES}")
-    if not 0 <= threshold <= 1:
-        raise SearchError(f"threshold must be in [0, 1]; got {threshold}")
-    if not (math.isfinite(noise_scale) and noise_scale > 0):
-        raise SearchError("SMC needs a stochastic sampler: noise_scale must be > 0")
-    g, n = _layout(run.budget.remaining, n_return, steps, groups, n_particles, "smc")
-    run.budget.require(g * n * int(steps), f"smc with {g} x {n} particles")
-    pot = FKPotential(verifier, potential, lam, g * n)
-    w = ParticleWeights(g, n)
-    x = draw_noise(g * n, shape, generator, dtype, device)
-    x, ess, resampled = run_particles(
-        run.velocity,
-        x,
-        time_grid(steps),
-        pot,
-        w,
-        noise_scale=noise_scale,
-        generator=generator,
-        threshold=threshold,
-        scheme=scheme,
-    )
-    final_scores = pot.last_scores
-    idx, dead = select(x, w, final_scores, int(n_return) // g, select_by, generator)
-    records = {
-        "n_particles": n,
-        "groups": g,
-        "ess": ess,
-        "resampled": resampled,
-        "resamplings": w.resamplings,
-        "log_z": w.final_log_z(),
-        "final_logw": w.logw,
-        "particles": x,
-        "weights": w.normalised(),
-        "dead_groups": dead,
-    }
-    return run.result(x[idx], final_scores[idx], records)
+    check_particle_options("smc", scheme, threshold, noise_scale)
+    pr = particle_run(
+        run, shape, run.velocity, lambda m: FKPotential(verifier, potential, lam, m),
+        n_return=n_return, steps=steps, groups=groups, n_particles=n_particles,
+        generator=generator, threshold=threshold, scheme=scheme, noise_scale=noise_scale,
+        dtype=dtype, device=device,
+    )  # fmt: skip
+    return particle_result(run, pr, pr.potential.last_scores, n_return, select_by, generator)
+
+
+ALGORITHM = Algorithm(
+    name="smc", run=search, searches_over="SDE trajectories (FK steering SMC)", needs_field=False
+)

@@ -5,23 +5,28 @@ system below targets it exactly in the limit of many particles (up to the SDE's 
 discretisation), and uses the repulsive field only to *propose* better moves.
 
 **Reference process.** The unguided Euler-Maruyama chain of the marginal-preserving SDE
-(:func:`guidance.sample`, ``method="sde"``): from ``x_k`` at ``t_k`` to ``t_{k+1} = t_k - h``,
+(:func:`guidance.sampling.sde_step`): from ``x_k`` at ``t_k`` to ``t_{k+1} = t_k - h``,
 
     p(x_{k+1} | x_k) = N(mu_p, s^2 I),  mu_p = x_k - h v - h (g^2 / 2t) eps_hat,  s^2 = g^2 h,
 
 with ``g^2 = noise_scale t``. Its law of ``x_S`` (t = 0) is p0 up to the discretisation error.
 
-**Proposal.** The guided step of :func:`guidance.sample` in clean mode: the velocity becomes
-``v - lambda(t) F(x0_hat)`` (``lambda(t) = strength x weight(t)``), the noise and the score term are
-unchanged, so ``q(x_{k+1} | x_k) = N(mu_q, s^2 I)`` with ``mu_q = mu_p + d``,
-``d = h lambda(t) F(x0_hat(x_k))``: same covariance, shifted mean. The density ratio of one step is
+**Proposal.** The same SDE step on the :class:`~guidance.Guided` velocity in clean mode: the
+velocity becomes ``v - lambda(t) F(x0_hat)`` (``lambda(t) = strength x weight(t)``), the noise and
+the score term (the unguided ``eps_hat``) are unchanged, so ``q(x_{k+1} | x_k) = N(mu_q, s^2 I)``
+with ``mu_q = mu_p + d``, ``d = h delta``, ``delta = lambda(t) F(x0_hat(x_k))``: same covariance,
+shifted mean. The density ratio of one step is
 
     log p/q (x_{k+1}) = [|x_{k+1} - mu_q|^2 - |x_{k+1} - mu_p|^2] / (2 s^2)
                       = -(2 (x_{k+1} - mu_q) . d + |d|^2) / (2 s^2),
 
-computed from the step's own ``x0_hat`` (``v = (x - x0_hat)/t``). Its expectation under q is
-``-|d|^2 / 2s^2 = -h lambda(t)^2 |F|^2 / (2 noise_scale t)`` (Girsanov): the default
-``weight(t) = t`` keeps this finite as t -> 0, where ``s^2`` vanishes.
+computed from the step's own quantities (:func:`guidance.search.smc.propagate`: ``mu_q`` its
+mean, ``s^2`` its noise variance, ``delta`` its prediction's displacement); the field is
+evaluated once per step, at ``x0_hat``, and that evaluation also gives the potential's clearance.
+Its expectation under q is ``-|d|^2 / 2s^2 = -h lambda(t)^2 |F|^2 / (2 noise_scale t)``
+(Girsanov): the default ``weight(t) = sqrt(t)`` keeps this bounded as t -> 0, where ``s^2``
+vanishes (``h lambda(t)^2 / t = h strength^2``), and the proposal's force is capped at
+``max_force`` (default 1) so that ``|F|^2`` is bounded too.
 
 **Potentials.** ``G_k(x_k) = Phi(c(x0_hat(x_k)) / sigma(t_k))``, Phi the standard normal CDF,
 ``c`` the clearance of the field (negative inside), and ``sigma(t) = temper x a t / sqrt(t^2 +
@@ -55,9 +60,10 @@ import math
 
 import torch
 
-from guidance.sampler import time_grid
-from guidance.search.common import SearchError, SearchResult, begin, draw_noise
-from guidance.search.smc import SCHEMES, ParticleWeights, _layout, run_particles, select
+from guidance.sampling import Guided, Prediction
+from guidance.search.common import SearchError, SearchResult, begin
+from guidance.search.protocol import Algorithm
+from guidance.search.smc import check_particle_options, particle_result, particle_run
 
 __all__ = ["ClearancePotential", "posterior_std", "search"]
 
@@ -70,7 +76,10 @@ def posterior_std(t: float, data_scale: float) -> float:
 
 class ClearancePotential:
     """``log G_k = log Phi(c / sigma(t))`` on ``x0_hat``, the hard indicator at the end; the
-    increments telescope (per-particle previous value gathered on resampling)."""
+    increments telescope (per-particle previous value gathered on resampling).
+
+    The clearance at ``x0_hat`` is read from the step's prediction when the guided velocity
+    evaluated this very field there (no second evaluation), else computed."""
 
     def __init__(self, field, m: int, data_scale: float = 1.0, temper: float = 1.0) -> None:
         if not (data_scale > 0 and temper > 0):
@@ -82,12 +91,20 @@ class ClearancePotential:
     def clearance(self, x: torch.Tensor) -> torch.Tensor:
         return self.field.evaluate(x, need_force=False).clearance.to(torch.float64).reshape(-1)
 
-    def log_g(self, x0: torch.Tensor, t: float) -> torch.Tensor:
-        sigma = self.temper * posterior_std(t, self.data_scale)
-        return torch.special.log_ndtr(self.clearance(x0) / sigma)
+    def clearance_of(self, prediction: Prediction) -> torch.Tensor:
+        """The clearance of ``prediction.x0_hat`` (B,) float64, reusing its field output."""
+        p = prediction
+        if p.field is not None and p.field_mode == "clean" and p.field_source is self.field:
+            return p.field.clearance.to(torch.float64).reshape(-1)
+        return self.clearance(p.x0_hat)
 
-    def step(self, x0: torch.Tensor, t: float) -> torch.Tensor:
-        lg = self.log_g(x0, t)
+    def log_g(self, clearance: torch.Tensor, t: float) -> torch.Tensor:
+        """``log Phi(c / sigma(t))`` for clearances ``c`` (B,)."""
+        sigma = self.temper * posterior_std(t, self.data_scale)
+        return torch.special.log_ndtr(clearance / sigma)
+
+    def step(self, prediction: Prediction, t: float) -> torch.Tensor:
+        lg = self.log_g(self.clearance_of(prediction), t)
         inc, self.prev = lg - self.prev, lg
         return inc
 
@@ -154,11 +171,13 @@ def search(
     Args:
         field: the obstacles' field (``evaluate`` gives ``clearance`` and ``force``).
         strength, weight: the proposal's guidance ``lambda(t) = strength x weight(t)``
-            (default ``weight(t) = t``); ``strength = 0`` proposes with the unguided SDE.
+            (default ``weight(t) = sqrt(t)``); ``strength = 0`` proposes with the unguided SDE.
+        max_force: cap on the proposal's force norm (None: the field's own force).
         data_scale, temper: the potentials' ``sigma(t)`` (see the module docstring).
         n_particles: particles per group (default: as many as the budget pays).
         groups: independent systems (default 1); each returns ``n_return / groups`` samples.
         select_by: ``"sample"`` (weighted draw, default) or ``"best"`` (verifier score).
+        threshold, scheme, noise_scale: as :func:`guidance.search.smc.search`.
 
     The verifier scores the final particles (one call) for the returned ``scores``.
     Records: as :func:`guidance.search.smc.search`, plus ``free_fraction`` (the share of final
@@ -167,46 +186,34 @@ def search(
     run, shape = begin("smc-guided", velocity, shape, verifier, budget, n_return, steps)
     if field is None or not hasattr(field, "evaluate"):
         raise SearchError("smc-guided needs the obstacles' field (with evaluate())")
-    if scheme not in SCHEMES:
-        raise SearchError(f"unknown resampling scheme {scheme!r}; choose one of {SCHEMES}")
-    if not (math.isfinite(noise_scale) and noise_scale > 0):
-        raise SearchError("SMC needs a stochastic sampler: noise_scale must be > 0")
+    check_particle_options("smc-guided", scheme, threshold, noise_scale)
     if not (math.isfinite(strength) and strength >= 0):
         raise SearchError(f"strength must be a finite number >= 0; got {strength}")
-    g, n = _layout(run.budget.remaining, n_return, steps, groups, n_particles, "smc-guided")
-    run.budget.require(g * n * int(steps), f"smc-guided with {g} x {n} particles")
-    pot = ClearancePotential(field, g * n, data_scale, temper)
     proposal_field = field if max_force is None else CappedField(field, max_force)
-    w = ParticleWeights(g, n)
-    x = draw_noise(g * n, shape, generator, dtype, device)
-    x, ess, resampled = run_particles(
-        run.velocity,
-        x,
-        time_grid(steps),
-        pot,
-        w,
-        noise_scale=noise_scale,
-        generator=generator,
-        threshold=threshold,
-        scheme=scheme,
-        field=proposal_field,
-        strength=strength,
-        weight=weight,
-    )
-    scores = verifier.score(x)
-    idx, dead = select(x, w, scores, int(n_return) // g, select_by, generator)
-    records = {
-        "n_particles": n,
-        "groups": g,
-        "ess": ess,
-        "resampled": resampled,
-        "resamplings": w.resamplings,
-        "log_z": w.final_log_z(),
-        "final_logw": w.logw,
-        "particles": x,
-        "weights": w.normalised(),
-        "dead_groups": dead,
-        "free_fraction": float(torch.isfinite(w.logw).double().mean()),
-        "unique": int(torch.unique(idx).numel()),
-    }
-    return run.result(x[idx], scores[idx], records)
+    proposal = Guided(run.velocity, proposal_field, strength=strength, weight=weight)
+    # the capped field has the field's clearance: the potential reads it from the proposal's
+    # evaluation at x0_hat (one field evaluation per step)
+    pr = particle_run(
+        run, shape, proposal,
+        lambda m: ClearancePotential(proposal_field, m, data_scale, temper),
+        n_return=n_return, steps=steps, groups=groups, n_particles=n_particles,
+        generator=generator, threshold=threshold, scheme=scheme, noise_scale=noise_scale,
+        dtype=dtype, device=device,
+    )  # fmt: skip
+    scores = verifier.score(pr.x)
+
+    def extra(p, idx):
+        return {
+            "free_fraction": float(torch.isfinite(p.weights.logw).double().mean()),
+            "unique": int(torch.unique(idx).numel()),
+        }
+
+    return particle_result(run, pr, scores, n_return, select_by, generator, extra)
+
+
+ALGORITHM = Algorithm(
+    name="smc-guided",
+    run=search,
+    searches_over="SDE trajectories, guided proposal (exact restriction)",
+    needs_field=True,
+)

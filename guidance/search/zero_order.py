@@ -23,9 +23,10 @@ import math
 
 import torch
 
-from guidance.sampler import time_grid
+from guidance.sampling import time_grid
 from guidance.search.common import SearchError, SearchResult, begin, draw_noise, ode
 from guidance.search.common import per_sample_budget as _per_sample
+from guidance.search.protocol import Algorithm
 
 __all__ = ["neighbours", "search"]
 
@@ -188,3 +189,11 @@ def _rows(x: torch.Tensor, idx: torch.Tensor, fallback: torch.Tensor) -> torch.T
     out = fallback.clone()
     out[ok] = x[idx[ok]]
     return out
+
+
+ALGORITHM = Algorithm(
+    name="zero-order",
+    run=search,
+    searches_over="initial noises (ODE), local moves",
+    needs_field=False,
+)

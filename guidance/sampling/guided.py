@@ -1,0 +1,119 @@
+r"""Guidance as a wrapper of the velocity (the pattern of k-diffusion's ``CFGDenoiser``).
+
+``Guided(velocity, field, strength=..., window=..., mode=..., weight=...)`` is itself a velocity
+``v'(x, t)``: every sampler, step function and search takes it where it takes a model. Inside the
+window ``t_lo <= t <= t_hi`` it displaces the clean estimate by the field's force,
+
+    delta = strength * weight(t) * F,        v' = v - delta,
+
+which moves ``x0_hat`` by ``delta`` while keeping ``eps_hat`` fixed
+(:mod:`guidance.sampling.convention`). ``F`` is evaluated once per call:
+
+* ``mode="clean"`` (default): at the model's clean estimate, ``F = F(x0_hat)``;
+* ``mode="noisy"``: at the state ``x_t`` itself against the obstacles noised to level t (centres
+  ``(1-t) o_j``; ``field.evaluate(x, t)``), the seed's literal ``D(x_t, t)``.
+
+:meth:`Guided.predict` returns the whole :class:`~guidance.sampling.Prediction`: the guided
+``v``, the model's (unguided) ``x0_hat`` and ``eps_hat``, ``delta`` and the field's output, so
+that a caller can reuse that one evaluation (backtracking's collision check, SMC's proposal
+correction and clearance potential). With ``strength = 0``, or when no state is inside the window,
+the field is not evaluated and ``v'`` is the model's ``v`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from guidance.sampling.convention import Prediction, Velocity, batch_times, predict
+
+__all__ = ["MODES", "Guided"]
+
+MODES = ("clean", "noisy")
+
+
+class Guided:
+    """A velocity guided by a field (module docstring); call it as ``v'(x, t)``.
+
+    Args:
+        velocity: the model ``v(x, t)`` (or another guidance wrapper).
+        field: ``RepulsiveField``, ``ClassifierField``, ``CombinedField`` (anything with
+            ``evaluate(x, t=None, *, need_force=True) -> FieldOutput``).
+        strength: >= 0; 0 switches the displacement off.
+        window: ``(t_lo, t_hi)`` with ``0 <= t_lo <= t_hi <= 1``; guidance acts while
+            ``t_lo <= t <= t_hi``.
+        mode: ``"clean"`` (field on x0_hat) or ``"noisy"`` (field on x_t).
+        weight: ``lambda(t)`` for times (B,), returning (B,); default 1.
+
+    Raises:
+        ValueError: a bad strength, window or mode (the message names the value).
+        TypeError: a velocity that is not callable or a field without ``evaluate``.
+    """
+
+    def __init__(
+        self,
+        velocity: Velocity,
+        field,
+        *,
+        strength: float = 1.0,
+        window: tuple[float, float] = (0.0, 1.0),
+        mode: str = "clean",
+        weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if not callable(velocity):
+            raise TypeError(
+                f"Guided needs a velocity callable v(x, t); got {type(velocity).__name__}"
+            )
+        if not callable(getattr(field, "evaluate", None)):
+            raise TypeError(
+                f"Guided needs a field with an evaluate() method (RepulsiveField, "
+                f"ClassifierField, CombinedField); got {type(field).__name__}"
+            )
+        strength = float(strength)
+        if not (math.isfinite(strength) and strength >= 0):
+            raise ValueError(f"strength must be a finite number >= 0; got {strength}")
+        lo, hi = (float(w) for w in window)
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"window must satisfy 0 <= t_lo <= t_hi <= 1; got {window}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if weight is not None and not callable(weight):
+            raise TypeError(f"weight must be a callable lambda(t) or None; got {weight!r}")
+        self.velocity, self.field, self.strength = velocity, field, strength
+        self.window, self.mode, self.weight = (lo, hi), mode, weight
+
+    def in_window(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: which of the times ``t`` (B,) lie inside the window."""
+        lo, hi = self.window
+        return (t >= lo) & (t <= hi)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor | float) -> Prediction:
+        """The guided prediction at states ``x`` (B, ...) and times ``t`` (B,) (or a number):
+        ``v' = v - strength * weight(t) * F`` inside the window (module docstring)."""
+        t = batch_times(t, x)
+        p = predict(self.velocity, x, t)
+        if self.strength == 0:
+            return p
+        inwin = self.in_window(t)
+        if not bool(inwin.any()):
+            return p
+        if self.mode == "clean":
+            ev = self.field.evaluate(p.x0_hat, need_force=True)
+        else:
+            ev = self.field.evaluate(x, t)
+        lam = self.weight(t) if self.weight is not None else torch.ones_like(t)
+        scale = torch.where(inwin, self.strength * lam, torch.zeros_like(t))
+        delta = scale.reshape((-1,) + (1,) * (x.ndim - 1)) * ev.force
+        return p.displaced(delta, field=ev, field_mode=self.mode, field_source=self.field)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """The guided velocity ``v'(x, t)``; (B, ...)."""
+        return self.predict(x, t).v
+
+    def __repr__(self) -> str:
+        return (
+            f"Guided({self.velocity!r}, {type(self.field).__name__}, strength={self.strength}, "
+            f"window={self.window}, mode={self.mode!r})"
+        )
