@@ -10,7 +10,7 @@ import torch
 from cspace.experiments.toy import toy_obstacle_set
 from cspace.models.metrics import energy_distance
 from cspace.models.toy import GaussianMixture, default_toy, toy_with_coverage
-from guidance import Guided, Prediction, RepulsiveField, sample
+from guidance import CombinedField, Guided, Prediction, RepulsiveField, sample
 from guidance.search import (
     ALGORITHMS,
     Budget,
@@ -367,7 +367,7 @@ def test_guided_proposal_weights_correct_one_step(toy75):
     x = torch.tensor([[3.0, 0.8]], dtype=torch.float64).repeat(m, 1)
     p_step, lr0 = smc.propagate(mix.velocity, x, 0.3, 0.28, noise_scale=1.0, generator=gen(10))
     assert torch.equal(lr0, torch.zeros(m, dtype=torch.float64))  # no displacement, no correction
-    proposal = Guided(mix.velocity, smc_guided.CappedField(fld, 1.0), weight=torch.sqrt)
+    proposal = Guided(mix.velocity, CombinedField(fld, max_force=1.0), weight=torch.sqrt)
     q_step, lr = smc.propagate(proposal, x, 0.3, 0.28, noise_scale=1.0, generator=gen(11))
     xp, xq = p_step.x_next, q_step.x_next
     w = torch.softmax(lr, 0)

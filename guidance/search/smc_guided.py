@@ -55,11 +55,11 @@ potentials; with a flat potential it is the unguided SDE.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
+from guidance.fields import CombinedField
 from guidance.sampling import Guided, Prediction
 from guidance.search.common import SearchError, SearchResult, begin
 from guidance.search.protocol import Algorithm
@@ -123,25 +123,6 @@ def _sqrt_weight(t: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(t)
 
 
-class CappedField:
-    """A field whose force norm is capped at ``max_force`` (clearance unchanged): a bounded
-    proposal displacement keeps the importance weights from degenerating."""
-
-    def __init__(self, field, max_force: float) -> None:
-        if not (math.isfinite(max_force) and max_force > 0):
-            raise SearchError(f"max_force must be a finite number > 0; got {max_force}")
-        self.field, self.max_force = field, float(max_force)
-
-    def evaluate(self, x, t=None, *, need_force: bool = True):
-        out = self.field.evaluate(x, t, need_force=need_force)
-        if need_force:
-            f = out.force.reshape(x.shape[0], -1)
-            norm = torch.linalg.vector_norm(f, dim=1, keepdim=True)
-            f = f * torch.clamp(self.max_force / norm.clamp(min=1e-300), max=1.0)
-            out = dataclasses.replace(out, force=f.reshape(out.force.shape))
-        return out
-
-
 def search(
     velocity,
     shape,
@@ -189,7 +170,7 @@ def search(
     check_particle_options("smc-guided", scheme, threshold, noise_scale)
     if not (math.isfinite(strength) and strength >= 0):
         raise SearchError(f"strength must be a finite number >= 0; got {strength}")
-    proposal_field = field if max_force is None else CappedField(field, max_force)
+    proposal_field = field if max_force is None else CombinedField(field, max_force=max_force)
     proposal = Guided(run.velocity, proposal_field, strength=strength, weight=weight)
     # the capped field has the field's clearance: the potential reads it from the proposal's
     # evaluation at x0_hat (one field evaluation per step)
