@@ -23,6 +23,7 @@ from cspace.models.space import (
     check_same_space,
     config_hash,
     weights_fingerprint,
+    weights_match,
 )
 from obstacles import ObstacleSet, ObstacleSetError, PreferenceClassifier
 from obstacles.from_images import add_images, build_from_images
@@ -46,7 +47,7 @@ def _space(**kw) -> Space:
     base = dict(
         encoder="enc",
         config_hash="0123456789abcdef",
-        weights="fedcba9876543210",
+        weights=(0.25, -0.5, 0.125, 1.0),
         image_size=(8, 8),
         channels=1,
         latent_shape=(2, 4, 4),
@@ -61,7 +62,8 @@ def test_json_round_trip_and_describe():
     doc = json.loads(json.dumps(s.to_json()))
     assert Space.from_json(doc) == s and Space.from_json(None) is None
     assert s.describe() == (
-        "enc [config 01234567, weights fedcba98; 8x8x1 images -> latents 2x4x4, d=32]"
+        "enc [config 01234567, weights (0.25, -0.5, 0.125, ...); 8x8x1 images -> latents "
+        "2x4x4, d=32]"
     )
     for bad in ([1, 2], {"encoder": "x"}, {**doc, "dim": 31}, {**doc, "image_size": [8]}):
         with pytest.raises(ValueError):
@@ -74,7 +76,9 @@ def test_check_same_space():
     check_same_space(a, _space(encoder="another name"), "x", "y")  # the name only describes
     check_same_space(None, a, "x", "y")  # an unknown space matches every space
     check_same_space(a, None, "x", "y")
-    b = _space(weights="0000000000000000")
+    # weights within the tolerance (a float16 copy) are the same; beyond it another space
+    check_same_space(a, _space(weights=(0.2505, -0.4995, 0.125, 1.0)), "x", "y")
+    b = _space(weights=(0.25, -0.5, 0.125, 1.1))
     with pytest.raises(SpaceMismatchError, match="differ in weights") as err:
         check_same_space(a, b, "the obstacle set", "the encoder 'z'")
     msg = str(err.value)
@@ -91,10 +95,13 @@ def test_fingerprint_and_config_hash():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(300, 40), torch.nn.Linear(40, 3))
     fp = weights_fingerprint(net)
+    assert len(fp) == 32
     assert fp == weights_fingerprint(copy.deepcopy(net)) == weights_fingerprint(net.state_dict())
+    assert weights_match(fp, weights_fingerprint(copy.deepcopy(net).half()))  # half precision
+    assert weights_match(fp, weights_fingerprint(copy.deepcopy(net).bfloat16()))
     with torch.no_grad():
-        net[0].weight.add_(1e-3)
-    assert weights_fingerprint(net) != fp
+        net[0].weight.add_(0.05)
+    assert not weights_match(weights_fingerprint(net), fp)
     cfg = {"in_channels": 1, "latent_channels": 2, "block_out_channels": (8, 16), "extra": 1}
     h = config_hash(cfg, 1.0, 0.0)
     assert h == config_hash({**cfg, "extra": 2, "_diffusers_version": "x"}, 1.0, 0.0)
@@ -118,6 +125,25 @@ def test_digits_and_plain_are_different_spaces(digits, plain):
     )
     with pytest.raises(ValueError, match="divisible by 2"):
         digits.space((7, 8))
+
+
+def test_half_precision_and_a_new_decoder_keep_the_space(digits):
+    """The space is the encoding half's: the same VAE in float16 (a pipeline run in half
+    precision) and the same encoder with another decoder (a fine-tuned decoder) embed alike."""
+    a = digits.space((8, 8))
+    half = copy.deepcopy(digits.vae).half()
+    assert Encoder(half, digits.scaling_factor, digits.shift_factor).space().same_as(a)
+    other = copy.deepcopy(digits.vae)
+    with torch.no_grad():
+        for p in other.decoder.parameters():
+            p.add_(0.1)
+    assert Encoder(other, digits.scaling_factor, digits.shift_factor).space().same_as(a)
+    with torch.no_grad():
+        for p in other.encoder.parameters():
+            p.add_(0.1)
+    assert Encoder(other, digits.scaling_factor, digits.shift_factor).space().differences(a) == [
+        "weights"
+    ]
 
 
 def test_shipped_flows_record_their_space(digits, plain):
@@ -239,3 +265,61 @@ def test_cli_classifier_records_the_encoders_space(digits, tmp_path, capsys):
     args = parser.parse_args(["obstacles", "info", str(tmp_path / "c"), "--json"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["space"] == digits.space().to_json()
+
+
+# ---------------------------------------------------------------------- fields, samplers, pipelines
+def test_fields_and_guided_velocities_refuse_another_space(digits, plain):
+    """A field carries its obstacles' space; a flow model of another space, a sum of fields of
+    two spaces and backtracking against another space's obstacles are refused, naming both."""
+    from guidance import Backtrack, ClassifierField, CombinedField, Guided, RepulsiveField, sample
+
+    field = RepulsiveField(build_from_images(THREES, digits))
+    assert field.space == digits.space()
+    aligned, plain_flow = load_flow(shipped("flow_aligned")), load_flow(shipped("flow_plain"))
+    guided = Guided(aligned, field, strength=1.0)  # its own space: fine
+    assert guided.space == digits.space()
+    with pytest.raises(SpaceMismatchError) as err:
+        Guided(plain_flow, field)
+    msg = str(err.value)
+    assert "the velocity (FlowModel)" in msg and "the field (RepulsiveField)" in msg
+    assert digits.space().describe() in msg and plain.space().describe() in msg
+    noise = torch.randn(4, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(SpaceMismatchError, match="the backtracking field"):
+        sample(plain_flow, noise, steps=4, method="sde", backtrack=Backtrack(field=field))
+    rng = np.random.default_rng(0)
+    clf = PreferenceClassifier.fit(
+        rng.normal(size=(20, 32)), rng.normal(size=(20, 32)) + 1, space=plain.space()
+    )
+    with pytest.raises(SpaceMismatchError, match="field 0 of the sum and field 1"):
+        CombinedField(field, ClassifierField(clf))
+    # an unknown space (embeddings from elsewhere) is accepted everywhere
+    anywhere = RepulsiveField(ObstacleSet.from_embeddings(np.zeros((2, 32)), q_star=1.0))
+    assert anywhere.space is None and CombinedField(field, anywhere).space == digits.space()
+    Guided(plain_flow, anywhere)
+
+
+def test_guide_refuses_obstacles_of_another_vae():
+    """``guide(pipe, field)``: obstacles built with the pipeline's own VAE (any dtype) are
+    accepted; obstacles of another VAE (other encoder weights) are refused, naming both."""
+    from cspace.models.tiny_pipelines import tiny_sd, tiny_vae
+    from guidance import RepulsiveField
+    from guidance.integrations.diffusers import guide, pipeline_space
+
+    pipe = tiny_sd()
+    own = Encoder(pipe.vae).space((16, 16))
+    assert pipeline_space(pipe, (16, 16)).same_as(own) and own.latent_shape == (4, 8, 8)
+    emb = np.random.default_rng(0).normal(size=(3, own.dim))
+    ok = RepulsiveField(ObstacleSet.from_embeddings(emb, q_star=1.0, space=own))
+    guide(pipe, ok)
+    other_vae = tiny_vae()
+    with torch.no_grad():
+        for p in other_vae.encoder.parameters():
+            p.mul_(1.5)
+    other = Encoder(other_vae).space((16, 16))
+    bad = RepulsiveField(ObstacleSet.from_embeddings(emb, q_star=1.0, space=other))
+    with pytest.raises(SpaceMismatchError) as err:
+        guide(pipe, bad)
+    msg = str(err.value)
+    assert "the pipeline's VAE (StableDiffusionPipeline)" in msg and "Encoder.from_diffusers" in msg
+    pipe.vae.to(torch.float16)  # the same VAE in half precision: the same space
+    guide(pipe, ok)

@@ -41,7 +41,10 @@ class Encoder:
         shift_factor: subtracted from latents first (``vae.config.shift_factor`` or 0 if None).
         name: a short description for reports.
 
-    The weights' fingerprint for :meth:`space` is taken here, before any ``.to(dtype)``.
+    The weights' fingerprint for :meth:`space` is taken here, from the encoding half of the VAE
+    (``encoder.*`` and ``quant_conv.*``: what the embeddings depend on, so a VAE with a
+    fine-tuned decoder keeps its C-space), compared with a tolerance that accepts the same
+    weights in float16 or bfloat16.
     """
 
     def __init__(
@@ -63,7 +66,9 @@ class Encoder:
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
         self.name = name
         self.config_hash = config_hash(dict(cfg), self.scaling_factor, self.shift_factor)
-        self.weights_fingerprint = weights_fingerprint(vae)
+        state = vae.state_dict()
+        encoding = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))}
+        self.weights_fingerprint = weights_fingerprint(encoding or state)
 
     # ------------------------------------------------------------------ constructors
     @classmethod

@@ -13,8 +13,9 @@ Fields:
 * ``config_hash``: SHA-256 (first 16 hex digits) of the canonical JSON of the VAE's
   architecture (:data:`CONFIG_KEYS` of its config; other keys vary between diffusers releases)
   and the latent normalisation actually used (``scaling_factor``, ``shift_factor``);
-* ``weights``: a cheap fingerprint of the weights' values (:func:`weights_fingerprint`), so two
-  VAEs with one config (the aligned and plain digits VAEs) are different spaces;
+* ``weights``: a cheap fingerprint of the weights' values (:func:`weights_fingerprint`: a few
+  sampled values, compared with a tolerance, so that the same VAE in float16 is the same space),
+  so two VAEs with one config (the aligned and plain digits VAEs) are different spaces;
 * ``image_size`` (H, W), ``channels``: the images encoded;
 * ``latent_shape`` (c, h, w) and ``dim`` = c*h*w: the embeddings.
 
@@ -40,7 +41,9 @@ __all__ = [
     "SpaceMismatchError",
     "check_same_space",
     "config_hash",
+    "space_of",
     "weights_fingerprint",
+    "weights_match",
 ]
 
 #: the VAE config keys that shape its latents (hashed by :func:`config_hash`)
@@ -55,10 +58,18 @@ CONFIG_KEYS = (
     "norm_num_groups",
     "act_fn",
 )
-#: values sampled per tensor by :func:`weights_fingerprint`
-FINGERPRINT_SAMPLES = 256
+#: weight values sampled by :func:`weights_fingerprint`
+FINGERPRINT_SAMPLES = 32
+#: how far a sampled weight may move and still be the same weight (float16/bfloat16 copies)
+FINGERPRINT_RTOL = 1e-2
 #: the fields two spaces must share (``encoder`` only describes)
 _IDENTITY = ("config_hash", "weights", "image_size", "channels", "latent_shape", "dim")
+
+
+def _show(weights: tuple[float, ...]) -> str:
+    """The first sampled weights, for messages."""
+    head = ", ".join(f"{v:.4g}" for v in weights[:3])
+    return f"({head}{', ...' if len(weights) > 3 else ''})"
 
 
 class SpaceMismatchError(ValueError):
@@ -83,37 +94,48 @@ def config_hash(config: Mapping[str, Any], scaling_factor: float, shift_factor: 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def weights_fingerprint(module_or_state, samples: int = FINGERPRINT_SAMPLES) -> str:
-    """A cheap fingerprint (16 hex digits) of a module's weights: SHA-256 over, for every tensor
-    of the state dict in name order, its name, shape and ``samples`` evenly spaced values
-    (index ``i * (n - 1) // (samples - 1)`` of the flattened tensor, all of it when smaller),
-    cast to float32 on the CPU.
+def weights_fingerprint(module_or_state, samples: int = FINGERPRINT_SAMPLES) -> tuple[float, ...]:
+    """A cheap fingerprint of a module's weights: ``samples`` of their values, evenly spaced over
+    all floating tensors of the state dict taken in name order (global index
+    ``i * (N - 1) // (samples - 1)`` of the N values), as float32 numbers.
 
-    Identical weights give identical fingerprints on any device; other trained weights differ
-    in almost every sampled value. Cast the VAE to another dtype *after* taking its fingerprint
-    (an :class:`~cspace.models.encoders.Encoder` takes it when it is made): values rounded to
-    float16 are other values.
+    Values, not a hash, so that :func:`weights_match` can compare them with a tolerance: the same
+    weights in float16 or bfloat16 (a pipeline run in half precision) agree to well within
+    :data:`FINGERPRINT_RTOL`, while any other trained weights differ in almost every sample.
     """
     import torch
 
     state = module_or_state
     if hasattr(state, "state_dict"):
         state = state.state_dict()
-    h = hashlib.sha256()
+    tensors = [
+        state[k].detach().reshape(-1)
+        for k in sorted(state)
+        if torch.is_tensor(state[k]) and torch.is_floating_point(state[k])
+    ]
+    sizes = [t.numel() for t in tensors]
+    total = sum(sizes)
+    if total == 0:
+        return ()
+    k = min(int(samples), total)
+    wanted = [i * (total - 1) // max(k - 1, 1) for i in range(k)]
+    out, start, j = [], 0, 0
     with torch.no_grad():
-        for name in sorted(state):
-            t = state[name]
-            if not torch.is_tensor(t):
-                continue
-            flat = t.detach().reshape(-1)
-            n = flat.numel()
-            if n > samples:
-                idx = torch.arange(samples, dtype=torch.int64) * (n - 1) // (samples - 1)
-                flat = flat[idx.to(flat.device)]
-            vals = flat.to(device="cpu", dtype=torch.float32).contiguous().numpy()
-            h.update(f"{name}:{tuple(t.shape)}\n".encode())
-            h.update(vals.tobytes())
-    return h.hexdigest()[:16]
+        for t, n in zip(tensors, sizes, strict=True):
+            while j < k and wanted[j] < start + n:
+                out.append(float(t[wanted[j] - start].to(device="cpu", dtype=torch.float32)))
+                j += 1
+            start += n
+    return tuple(out)
+
+
+def weights_match(a, b, rtol: float = FINGERPRINT_RTOL, atol: float = 1e-6) -> bool:
+    """Whether two :func:`weights_fingerprint` s are of the same weights: equal lengths and every
+    pair within ``rtol`` (relative) or ``atol`` (absolute: float16 flushes tiny values)."""
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(
+        abs(x - y) <= max(rtol * max(abs(x), abs(y)), atol) for x, y in zip(a, b, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -122,7 +144,7 @@ class Space:
 
     encoder: str
     config_hash: str
-    weights: str
+    weights: tuple[float, ...]
     image_size: tuple[int, int]
     channels: int
     latent_shape: tuple[int, ...]
@@ -137,6 +159,7 @@ class Space:
             raise ValueError(f"latent_shape must be positive ints; got {self.latent_shape}")
         object.__setattr__(self, "image_size", size)
         object.__setattr__(self, "latent_shape", shape)
+        object.__setattr__(self, "weights", tuple(float(v) for v in self.weights))
         object.__setattr__(self, "channels", int(self.channels))
         object.__setattr__(self, "dim", int(self.dim))
         if self.dim != math.prod(shape):
@@ -145,7 +168,15 @@ class Space:
     # ------------------------------------------------------------------ comparison
     def differences(self, other: Space) -> list[str]:
         """The identity fields in which ``other`` differs (``encoder`` is not one)."""
-        return [f for f in _IDENTITY if getattr(self, f) != getattr(other, f)]
+        return [
+            f
+            for f in _IDENTITY
+            if (
+                not weights_match(self.weights, other.weights)
+                if f == "weights"
+                else getattr(self, f) != getattr(other, f)
+            )
+        ]
 
     def same_as(self, other: Space | None) -> bool:
         """Whether ``other`` is this space (None, an unknown space, is taken as this one)."""
@@ -156,7 +187,7 @@ class Space:
         h, w = self.image_size
         shape = "x".join(map(str, self.latent_shape))
         return (
-            f"{self.encoder} [config {self.config_hash[:8]}, weights {self.weights[:8]}; "
+            f"{self.encoder} [config {self.config_hash[:8]}, weights {_show(self.weights)}; "
             f"{h}x{w}x{self.channels} images -> latents {shape}, d={self.dim}]"
         )
 
@@ -167,7 +198,7 @@ class Space:
         return {
             "encoder": self.encoder,
             "config_hash": self.config_hash,
-            "weights": self.weights,
+            "weights": list(self.weights),
             "image_size": list(self.image_size),
             "channels": self.channels,
             "latent_shape": list(self.latent_shape),
@@ -186,7 +217,7 @@ class Space:
             return cls(
                 encoder=str(doc["encoder"]),
                 config_hash=str(doc["config_hash"]),
-                weights=str(doc["weights"]),
+                weights=tuple(float(v) for v in doc["weights"]),
                 image_size=tuple(doc["image_size"]),
                 channels=doc["channels"],
                 latent_shape=tuple(doc["latent_shape"]),
@@ -194,6 +225,13 @@ class Space:
             )
         except (KeyError, TypeError) as err:
             raise ValueError(f"a space lacks or has a bad field: {err}") from err
+
+
+def space_of(obj) -> Space | None:
+    """The C-space an object records (``obj.space``: obstacle sets, classifiers, fields, flow
+    models, guided velocities), or None when it records none (an unknown space)."""
+    space = getattr(obj, "space", None)
+    return space if isinstance(space, Space) else None
 
 
 def check_same_space(

@@ -100,6 +100,8 @@ class Field:
 
     #: what the error messages call the field's obstacles
     _what = "the field"
+    #: the C-space of the field's obstacles (:class:`cspace.models.space.Space`; None: unknown)
+    space = None
 
     def __init__(
         self,

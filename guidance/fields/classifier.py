@@ -38,6 +38,7 @@ import math
 import numpy as np
 import torch
 
+from cspace.models.space import space_of
 from guidance.fields.base import Field, Projection
 from obstacles.classifier import signed_distance_torch
 
@@ -85,6 +86,7 @@ class ClassifierField(Field):
         if not (np.isfinite(q) and q > 0) or not (np.isfinite(eta) and eta >= 0):
             raise ValueError(f"the classifier needs q_star > 0 and eta >= 0; got {q}, {eta}")
         self.classifier = classifier
+        self.space = space_of(classifier)
         self.q_star, self.eta = q, eta
         self._u = torch.as_tensor(np.asarray(classifier.unit_normal, dtype=np.float64))
         self._offset = float(classifier.offset)

@@ -4,7 +4,8 @@ ClassifierField(classifier))``.
 Potentials and forces add, ``nearest`` and ``clearance`` take the minimum (so ``.collided`` is true
 when any field reports a collision), ``active`` adds. Each field's outputs are already within
 ``finfo(dtype).max / 2``; the sums of n of them are formed as n times their mean, held within the
-same bound. An optional total cap (``max_force``, ``max_potential``) bounds the sum, e.g. a
+same bound. The fields must share one C-space (their recorded spaces, when known). An optional
+total cap (``max_force``, ``max_potential``) bounds the sum, e.g. a
 proposal displacement in guided SMC: ``CombinedField(field, max_force=1.0)``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cspace.models.space import check_same_space, space_of
 from guidance.fields.base import Field, safe_norm
 
 __all__ = ["CombinedField"]
@@ -39,6 +41,13 @@ class CombinedField(Field):
                 )
         super().__init__(max_force=max_force, max_potential=max_potential)
         self.fields = tuple(fields)
+        known = [(i, space_of(f)) for i, f in enumerate(self.fields) if space_of(f) is not None]
+        for i, s in known[1:]:
+            check_same_space(
+                known[0][1], s, f"field {known[0][0]} of the sum", f"field {i}",
+                fix="combine fields whose obstacles were built with one encoder at one image size",
+            )  # fmt: skip
+        self.space = known[0][1] if known else None
 
     @property
     def dim(self) -> None:

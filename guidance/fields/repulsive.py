@@ -41,6 +41,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cspace.models.space import space_of
 from guidance.fields.base import Field, Projection, safe_norm
 from guidance.kernels.dispatch import BACKENDS, KERNEL_RANGE, PRECISIONS, KernelPath
 from obstacles import ObstacleSet
@@ -114,6 +115,7 @@ class RepulsiveField(Field):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
         self.obstacles = obstacles
+        self.space = space_of(obstacles)
         self.chunk_elements = int(chunk_elements)
         self._emb = torch.from_numpy(obstacles.embeddings.astype(np.float64))
         self._q = torch.from_numpy(obstacles.q_star.astype(np.float64))

@@ -44,9 +44,18 @@ from dataclasses import field as dc_field
 
 import torch
 
+from cspace.models.encoders import Encoder
+from cspace.models.space import Space, check_same_space, space_of
 from guidance.sampling import Prediction
 
-__all__ = ["SUPPORTED_SCHEDULERS", "GuidanceError", "GuideStats", "GuidedPipeline", "guide"]
+__all__ = [
+    "SUPPORTED_SCHEDULERS",
+    "GuidanceError",
+    "GuideStats",
+    "GuidedPipeline",
+    "guide",
+    "pipeline_space",
+]
 
 SUPPORTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DDPMScheduler", "DDIMScheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -89,6 +98,20 @@ def _coefficients(scheduler, kind: str, timestep) -> tuple[float, float, float]:
     return math.sqrt(ab), math.sqrt(1.0 - ab), t_int / scheduler.config.num_train_timesteps
 
 
+def pipeline_space(pipe, image_size: tuple[int, int]) -> Space | None:
+    """The C-space of a pipeline's latents for images of ``image_size``: its VAE (normalised by the
+    VAE's own ``scaling_factor``/``shift_factor``, as the pipelines do) as an
+    :class:`~cspace.models.encoders.Encoder`; None for a pipeline without an ``AutoencoderKL``-like
+    VAE (pixel-space DDPM/DDIM)."""
+    vae = getattr(pipe, "vae", None)
+    cfg = getattr(vae, "config", None)
+    if vae is None or not all(
+        hasattr(cfg, k) for k in ("in_channels", "latent_channels", "block_out_channels")
+    ):
+        return None
+    return Encoder(vae, name=f"{type(pipe).__name__}.vae").space(image_size)
+
+
 @dataclass
 class GuideStats:
     """What the last call did: steps seen, steps where the field changed the output, and the
@@ -129,6 +152,17 @@ class GuidedPipeline:
             raise GuidanceError(
                 "mode='noisy' noises the obstacles as (1 - t) o, the flow-matching path; use "
                 "mode='clean' with DDPM/DDIM schedulers"
+            )
+        field_space = space_of(field)
+        if field_space is not None:
+            check_same_space(
+                pipeline_space(pipe, field_space.image_size),
+                field_space,
+                f"the pipeline's VAE ({type(pipe).__name__})",
+                "the field's obstacles",
+                fix="build the obstacles with this pipeline's VAE at this resolution "
+                "(cspace.models.encoders.Encoder.from_diffusers, or `cspace obstacles build "
+                "--encoder PIPELINE_DIR --size HxW`)",
             )
         self.pipe, self.field, self.strength = pipe, field, float(strength)
         self.window, self.mode, self.weight = (lo, hi), mode, weight

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from cspace.models.space import check_same_space, space_of
 from guidance.sampling.convention import Prediction, Velocity, batch_times, predict
 
 __all__ = ["MODES", "Guided"]
@@ -81,8 +82,18 @@ class Guided:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if weight is not None and not callable(weight):
             raise TypeError(f"weight must be a callable lambda(t) or None; got {weight!r}")
+        check_same_space(
+            space_of(velocity),
+            space_of(field),
+            f"the velocity ({type(velocity).__name__})",
+            f"the field ({type(field).__name__})",
+            fix="guide a model with obstacles built in its own latent space (the encoder its "
+            "latents come from, at its image size)",
+        )
         self.velocity, self.field, self.strength = velocity, field, strength
         self.window, self.mode, self.weight = (lo, hi), mode, weight
+        #: the C-space of the model and the field (None: neither records one)
+        self.space = space_of(velocity) or space_of(field)
 
     def in_window(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) bool: which of the times ``t`` (B,) lie inside the window."""

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cspace.models.space import check_same_space, space_of
 from guidance.sampling.convention import Velocity
 from guidance.sampling.guided import Guided
 from guidance.sampling.steps import STEPS, Step
@@ -210,6 +211,13 @@ def sample(
                 "backtracking needs a field whose obstacles have hard collision radii: pass "
                 "Backtrack(field=...) or a Guided velocity"
             )
+        check_same_space(
+            space_of(velocity),
+            space_of(bt_field),
+            f"the velocity ({type(velocity).__name__})",
+            "the backtracking field",
+            fix="check collisions against obstacles built in the model's own latent space",
+        )
         window = backtrack.window or (guided.window if guided is not None else (0.0, 1.0))
         check = _CollisionCheck(bt_field, tuple(float(w) for w in window))
     known_field = check.field if check is not None else getattr(guided, "field", None)
