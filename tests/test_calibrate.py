@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cspace.cli import calibrate as cli_calibrate
 from cspace.cli import main
+from cspace.experiments import calibration
 from cspace.experiments.calibration import digits_evaluator, toy_evaluator, toy_set
 from guidance.calibrate import (
     CalibrationError,
@@ -216,9 +216,9 @@ def test_cli_bad_input(tmp_path, monkeypatch, capsys):
     assert main(["calibrate", str(path), "--model", "toy", "--init"]) == 2
     assert "exists" in capsys.readouterr().err
     # no write permission (root ignores chmod, so the check itself is made to fail)
-    real_access = cli_calibrate.os.access
+    real_access = calibration.os.access
     monkeypatch.setattr(
-        cli_calibrate.os,
+        calibration.os,
         "access",
         lambda p, mode: False if str(p) == str(path) else real_access(p, mode),
     )

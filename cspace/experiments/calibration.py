@@ -18,10 +18,20 @@ Both return ``evaluate(set) -> {"hit", "loss", "nfe", ...}`` (both minimised; se
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import torch
 
-__all__ = ["digits_evaluator", "toy_evaluator", "toy_set"]
+__all__ = [
+    "avoid_class_of",
+    "calibrate_set",
+    "digits_evaluator",
+    "toy_evaluator",
+    "toy_set",
+]
 
 
 def toy_set():
@@ -130,3 +140,134 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
 
     evaluate.unguided_rate = float(base[avoid_class])
     return evaluate
+
+
+def _check_writable(path: Path) -> None:
+    """Raise PermissionError unless the set and its folder are writable."""
+    parent = path.parent if str(path.parent) else Path(".")
+    for where in (path, parent):
+        if not os.access(where, os.W_OK):
+            raise PermissionError(
+                f"no write permission for {where}: calibrate writes the chosen values into the "
+                "set (a new revision, saved atomically next to it); pass --no-write to only "
+                "report them, or copy the set somewhere writable"
+            )
+
+
+def avoid_class_of(oset) -> int:
+    """The digit class an obstacle set stands for, from its labels (``digit-3`` or ``3``)."""
+    labels = set(oset.labels)
+    digits_ = {lab.removeprefix("digit-") for lab in labels}
+    if len(digits_) == 1 and (c := digits_.pop()).isdigit() and 0 <= int(c) <= 9:
+        return int(c)
+    raise ValueError(
+        f"cannot tell the avoided class from the set's labels {sorted(labels)[:5]}; pass "
+        "avoid_class (--avoid-class C)"
+    )
+
+
+def calibrate_set(
+    path: str | os.PathLike,
+    model: str,
+    *,
+    per: str = "global",
+    max_hit: float | None = None,
+    trials: int = 24,
+    budget: int | None = None,
+    n: int | None = None,
+    steps: int = 50,
+    seed: int = 0,
+    q_star_range: tuple[float, float] | None = None,
+    eta_range: tuple[float, float] | None = None,
+    avoid_class: int | None = None,
+    out: str | os.PathLike | None = None,
+    write: bool = True,
+    init: bool = False,
+) -> dict:
+    """``cspace calibrate``: search Q* and eta of the obstacle set at ``path`` against the
+    ``model``'s objectives (``"toy"`` or ``"digits"``, module docstring) with
+    :func:`guidance.calibrate.calibrate`, and write the chosen values into the set (a new
+    revision; the old values stay in its history) unless ``write`` is False or no trial met
+    ``max_hit``.
+
+    Defaults: ``max_hit`` 0.01 on the toy and 0.1 x the unguided rate of the avoided class on
+    digits; ``n`` 512 (toy) or 1000 (digits); ranges Q* in [0.5 x min Q*, 3 x max Q*] and eta in
+    [0.01 x min eta, 100 x max eta] of the set's values, or the stored study's when resuming
+    after a write-back; ``avoid_class`` from the set's labels; ``out`` = ``SET-calibration``
+    (the study, resumable). ``init`` (toy only) writes the toy's set to ``path`` first.
+
+    Returns the report: ``feasible``, ``message``, ``chosen``, ``front``, ``trials``, ``nfe``,
+    ``written``, ``files``, ``settings``.
+    """
+    from guidance.calibrate import CalibrationSettings, calibrate
+    from obstacles import ObstacleSet, is_obstacle_set
+
+    if model not in ("toy", "digits"):
+        raise ValueError(f"unknown model {model!r}; choose 'toy' or 'digits'")
+    path = Path(path)
+    if init:
+        if model != "toy":
+            raise ValueError("init writes the toy's obstacle set; it needs the toy model")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path} exists; --init only writes a new set")
+        toy_set().save(path)
+    if not is_obstacle_set(path):
+        hint = (
+            f"`cspace calibrate {path} --model toy --init` writes the toy's set"
+            if model == "toy"
+            else f"build one with `cspace obstacles build examples/digits/0 --out {path}`"
+        )
+        raise FileNotFoundError(f"{path} is not an obstacle set; {hint}")
+    oset = ObstacleSet.load(path)
+    if write:
+        _check_writable(path)
+    out = Path(out) if out else path.with_name(path.name + "-calibration")
+    # default ranges from the set's values; when resuming after a write-back, those of the study
+    prev = out / "calibration.json"
+    stored = json.loads(prev.read_text()).get("settings", {}) if prev.is_file() else {}
+    q_default = stored.get("q_star_range") or (0.5 * oset.q_star.min(), 3 * oset.q_star.max())
+    eta_lo = 0.01 * oset.eta.min() if oset.eta.min() > 0 else 1e-3
+    e_default = stored.get("eta_range") or (eta_lo, 100 * max(oset.eta.max(), eta_lo))
+    q_range = tuple(float(v) for v in (q_star_range or q_default))
+    e_range = tuple(float(v) for v in (eta_range or e_default))
+    if model == "toy":
+        evaluate = toy_evaluator(n=n or 512, steps=steps, seed=seed)
+        max_hit = 0.01 if max_hit is None else max_hit
+        tag = "toy"
+    else:
+        c = avoid_class_of(oset) if avoid_class is None else int(avoid_class)
+        evaluate = digits_evaluator(c, n=n or 1000, steps=steps, seed=seed)
+        # default: the demo's target, <= 10% of the unguided rate of the avoided class
+        max_hit = 0.1 * evaluate.unguided_rate if max_hit is None else max_hit
+        tag = f"digits, avoid {c}"
+    settings = CalibrationSettings(
+        per=per,
+        q_star_range=q_range,
+        eta_range=e_range,
+        max_hit=max_hit,
+        trials=trials,
+        budget=budget,
+        seed=seed,
+    )
+    res = calibrate(oset, evaluate, settings, out, tag=f"{tag}, n={n}, steps={steps}")
+    written = False
+    if res.feasible and write:
+        oset.set_parameters(
+            q_star=np.asarray(res.chosen["q_star"]),
+            eta=np.asarray(res.chosen["eta"]),
+            note=f"cspace calibrate ({tag}, per {per}): trial {res.chosen['number']}, "
+            f"hit {res.chosen['hit']:.4g}, loss {res.chosen['loss']:.4g}",
+        )
+        oset.save(path)
+        written = True
+    return {
+        "feasible": res.feasible,
+        "message": res.message,
+        "chosen": res.chosen,
+        "front": [{k: r[k] for k in ("number", "hit", "loss")} for r in res.front],
+        "trials": len(res.trials),
+        "nfe": res.nfe,
+        "written": written,
+        "files": res.files,
+        "settings": res.settings,
+    }
