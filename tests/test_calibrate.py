@@ -102,6 +102,7 @@ def test_calibrate_toy_chooses_the_best_feasible_trial(toy_eval, tmp_path):
     assert mpimg.imread(res.files["front"]).shape[0] > 200
 
 
+@pytest.mark.slow
 def test_per_label_beats_one_global_pair(toy_eval):
     # the wide and the narrow obstacles want different (Q*, eta): one pair for both pays in ED
     oset = toy_set()

@@ -3,11 +3,9 @@ field (against an independent potential and autograd), sampling with it, and Com
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -388,46 +386,10 @@ def test_combined_field_sums():
 
 
 # ---------------------------------------------------------------------- the command
-def _tiny_encoder():
-    from diffusers import AutoencoderKL
-
-    from cspace.models.encoders import Encoder
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=2,
-        norm_num_groups=4,
-        sample_size=8,
-    )
-    return Encoder(vae, scaling_factor=1.0, shift_factor=0.0, name="tiny")
-
-
-def _run(argv, capsys) -> tuple[int, str, str]:
-    from cspace.cli.obstacles import register
-
-    parser = argparse.ArgumentParser(prog="cspace")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args([str(a) for a in argv])
-    try:
-        rc = args.func(args)
-    except (ValueError, RuntimeError) as err:
-        print(f"cspace {args.command}: error: {err}", file=sys.stderr)
-        rc = 2
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def test_cli_classifier(tmp_path, capsys, monkeypatch):
+def test_cli_classifier(tmp_path, run_cli, tiny_encoder, monkeypatch):
     import cspace.models.encoders as mod
 
-    enc = _tiny_encoder()
+    enc = tiny_encoder
     calls = []
     real_encode = enc.encode
     enc.encode = lambda images, batch_size=256: calls.append(len(images)) or real_encode(images)
@@ -439,22 +401,22 @@ def test_cli_classifier(tmp_path, capsys, monkeypatch):
     out = tmp_path / "clf"
     argv = ["obstacles", "classifier", "--good", tmp_path / "1", tmp_path / "2"]
     argv += ["--bad", tmp_path / "3", "--out", out, "--encoder", "tiny"]
-    rc, text, err = _run([*argv, "--threshold", "0.6", "--eta", "0.5"], capsys)
+    rc, text, err = run_cli([*argv, "--threshold", "0.6", "--eta", "0.5"])
     assert rc == 0, err
     assert "held-out accuracy: " in text and "16 good and 8 bad" in text and "(auto)" in text
     clf = PreferenceClassifier.load(out)
     assert clf.dim == 32 and clf.threshold == 0.6 and clf.eta == 0.5
     assert clf.accuracy is not None and clf.info["encoder"].startswith("tiny")
-    rc, text, _ = _run(["obstacles", "info", out], capsys)
+    rc, text, _ = run_cli(["obstacles", "info", out])
     assert rc == 0 and "cspace.classifier v2" in text and "threshold: 0.6" in text
     assert "examples: 16 good, 8 bad" in text
-    rc, _, err = _run(argv, capsys)
+    rc, _, err = run_cli(argv)
     assert rc == 2 and "--overwrite" in err
     before = (out / "classifier.safetensors").read_bytes()
     # a bad image among the bad ones: nothing encoded, nothing written
     (tmp_path / "3" / "broken.png").write_text("no")
     calls.clear()
-    rc, _, err = _run([*argv, "--overwrite"], capsys)
+    rc, _, err = run_cli([*argv, "--overwrite"])
     assert rc == 2 and err.startswith("cspace obstacles: error:") and "broken.png" in err
     assert calls == [] and (out / "classifier.safetensors").read_bytes() == before
     (tmp_path / "3" / "broken.png").unlink()
@@ -463,8 +425,8 @@ def test_cli_classifier(tmp_path, capsys, monkeypatch):
         (["--q-star", "zero"], "--q-star must be 'auto'"),
         (["--holdout", "1"], "--holdout must be in [0, 1)"),
     ):
-        rc, _, err = _run([*argv, "--overwrite", *extra], capsys)
+        rc, _, err = run_cli([*argv, "--overwrite", *extra])
         assert rc == 2 and msg in err, err
     same = ["obstacles", "classifier", "--good", tmp_path / "1", "--bad", tmp_path / "1"]
-    rc, _, err = _run([*same, "--out", tmp_path / "c2", "--encoder", "tiny"], capsys)
+    rc, _, err = run_cli([*same, "--out", tmp_path / "c2", "--encoder", "tiny"])
     assert rc == 2 and "both --good and --bad" in err and not (tmp_path / "c2").exists()

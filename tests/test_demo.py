@@ -18,6 +18,7 @@ def report(tmp_path_factory):
     return run_demo(DemoSettings(n=120, steps=20, paths=2), out_dir=out)
 
 
+@pytest.mark.slow  # the module's demo run: about 25 s
 def test_report_schema(report):
     assert set(report["arms"]) == set(ARMS)
     for m in report["arms"].values():
@@ -36,6 +37,7 @@ def test_report_schema(report):
     assert report["obstacles"]["radius"] == pytest.approx(s.radius_scale * auto)
 
 
+@pytest.mark.slow  # the module's demo run: about 25 s
 def test_guidance_lowers_the_avoided_rate(report):
     # the defaults give about a tenth of the unguided rate at n = 1000 (README); at n = 120 and
     # 20 steps, a half is a loose bound that still fails if the field does nothing
@@ -46,6 +48,7 @@ def test_guidance_lowers_the_avoided_rate(report):
     assert json.load(open(report["files"]["report"]))["arms"].keys() == report["arms"].keys()
 
 
+@pytest.mark.slow  # the module's demo run: about 25 s
 def test_figures_written(report):
     """The grids: 10 x 10 digits of 8 x 8 pixels with 1-pixel white borders, upscaled 4 x by
     nearest neighbour (364 x 364), with digits in the cells and different samples per arm; the

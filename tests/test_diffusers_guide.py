@@ -87,6 +87,7 @@ def test_unconditional_off_is_bit_exact_and_on_moves_out(kind):
     assert stats.guided_steps >= 1 and bool((ratio > 1).all()), ratio
 
 
+@pytest.mark.slow
 def test_stable_diffusion_cfg_and_two_prompts():
     pipe = tiny_sd()
     g = torch.Generator().manual_seed(1)

@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 from cspace.io.errors import MissingWeightsError
 from cspace.models.encoders import Encoder
-
-
-def _tiny_vae(**kw) -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=2,
-        norm_num_groups=4,
-        sample_size=8,
-        **kw,
-    )
+from cspace.models.tiny_pipelines import tiny_digits_vae
 
 
 def test_from_diffusers_local_folder(tmp_path):
-    vae = _tiny_vae(scaling_factor=0.5, shift_factor=0.25)
+    vae = tiny_digits_vae(scaling_factor=0.5, shift_factor=0.25)
     vae.save_pretrained(tmp_path / "vae")
     enc = Encoder.from_diffusers(tmp_path / "vae")
     assert enc.scaling_factor == 0.5 and enc.shift_factor == 0.25
@@ -43,7 +27,7 @@ def test_from_diffusers_local_folder(tmp_path):
 
 
 def test_pipeline_subfolder(tmp_path):
-    _tiny_vae().save_pretrained(tmp_path / "pipe" / "vae")
+    tiny_digits_vae().save_pretrained(tmp_path / "pipe" / "vae")
     enc = Encoder.from_diffusers(tmp_path / "pipe", subfolder="vae")
     assert enc.encode(torch.zeros(1, 1, 8, 8)).shape == (1, 2, 4, 4)
 
@@ -54,7 +38,7 @@ def test_missing_weights_message(tmp_path):
 
 
 def test_bad_image_shapes():
-    enc = Encoder(_tiny_vae())
+    enc = Encoder(tiny_digits_vae())
     with pytest.raises(ValueError, match=r"expects images \(B, 1, H, W\)"):
         enc.encode(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="divisible by 2"):

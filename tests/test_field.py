@@ -495,7 +495,7 @@ def test_rejects_projection_of_wrong_shape():
 
 
 # ---------------------------------------------------------------------------------- CUDA
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_cpu(dtype):
     obs, x, *_ = _clustered_problem(seed=11, d=4, n_obs=8)

@@ -14,13 +14,6 @@ import numpy as np
 import pytest
 import tomllib
 import torch
-from legacy_writers import (
-    save_classifier_v1,
-    save_flow_v1,
-    save_obstacle_set_v1,
-    save_teacher_v1,
-    save_vae_v1,
-)
 from safetensors.torch import load_file
 
 import cspace.io.folder as folder_mod
@@ -47,6 +40,13 @@ from cspace.models.vae import (
 from obstacles import ObstacleSet, ObstacleSetError, PreferenceClassifier, is_obstacle_set
 from obstacles.classifier import CLASSIFIER_KIND, ClassifierError
 from obstacles.obstacle_set import KIND as OBSTACLES_KIND
+from tests.legacy_writers import (
+    save_classifier_v1,
+    save_flow_v1,
+    save_obstacle_set_v1,
+    save_teacher_v1,
+    save_vae_v1,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 LEGACY_SHIPPED = Path(__file__).resolve().parent / "data" / "legacy_shipped"
@@ -323,27 +323,7 @@ def test_interrupted_swap_keeps_the_old_folder_and_its_files(tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------- sources
-def _tiny_encoder():
-    from diffusers import AutoencoderKL
-
-    from cspace.models.encoders import Encoder
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=2,
-        norm_num_groups=4,
-        sample_size=8,
-    )
-    return Encoder(vae, scaling_factor=1.0, shift_factor=0.0, name="tiny")
-
-
-def test_sources_relative_to_the_set_or_as_given(tmp_path, monkeypatch):
+def test_sources_relative_to_the_set_or_as_given(tmp_path, monkeypatch, tiny_encoder):
     from obstacles import add_images, build_from_images
 
     digits = ROOT / "examples" / "digits"
@@ -351,7 +331,7 @@ def test_sources_relative_to_the_set_or_as_given(tmp_path, monkeypatch):
         (tmp_path / c).mkdir()
         for f in sorted((digits / c).glob("*.png"))[:4]:
             shutil.copy(f, tmp_path / c / f.name)
-    enc = _tiny_encoder()
+    enc = tiny_encoder
     monkeypatch.chdir(tmp_path)
     oset = build_from_images("3", enc, q_star=1.0)  # relative, as the user typed it
     given = [str(Path("3") / f.name) for f in sorted((tmp_path / "3").iterdir())]

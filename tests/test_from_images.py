@@ -7,21 +7,18 @@ raise ImageFolderError naming the file before anything is encoded, and write not
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from cspace.cli.obstacles import register
 from cspace.io.images import ImageFolderError, load_images
 from cspace.models.encoders import Encoder, is_aligned_vae_folder, load_encoder
+from cspace.models.tiny_pipelines import tiny_digits_vae
 from obstacles import ObstacleSet, ObstacleSetError
 from obstacles.from_images import (
     RADIUS_FRACTION,
@@ -33,23 +30,6 @@ from obstacles.from_images import (
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
-
-
-def _tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=2,
-        norm_num_groups=4,
-        sample_size=8,
-    )
 
 
 class SpyEncoder(Encoder):
@@ -64,7 +44,7 @@ class SpyEncoder(Encoder):
 
 @pytest.fixture(scope="module")
 def vae():
-    return _tiny_vae()
+    return tiny_digits_vae()
 
 
 @pytest.fixture
@@ -209,21 +189,6 @@ def test_bad_input_names_the_file_and_encodes_nothing(kind, digits, encoder):
 
 
 # ---------------------------------------------------------------------- the command
-def _run(argv, capsys) -> tuple[int, str, str]:
-    """What cspace.cli.main does with ``obstacles``: parse, run, print errors, exit code 2."""
-    parser = argparse.ArgumentParser(prog="cspace")
-    sub = parser.add_subparsers(dest="command")
-    register(sub)
-    args = parser.parse_args([str(a) for a in argv])
-    try:
-        rc = args.func(args)
-    except (ValueError, RuntimeError) as err:
-        print(f"cspace {args.command}: error: {err}", file=sys.stderr)
-        rc = 2
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.fixture
 def cli_encoder(monkeypatch, encoder):
     """``--encoder tiny`` resolves to the spy encoder."""
@@ -234,39 +199,35 @@ def cli_encoder(monkeypatch, encoder):
     return encoder
 
 
-def test_cli_build_info_append(digits, cli_encoder, capsys, tmp_path):
+def test_cli_build_info_append(digits, cli_encoder, run_cli, tmp_path):
     out = tmp_path / "set"
-    rc, text, _ = _run(
-        ["obstacles", "build", digits / "3", "--out", out, "--encoder", "tiny"], capsys
-    )
+    rc, text, _ = run_cli(["obstacles", "build", digits / "3", "--out", out, "--encoder", "tiny"])
     assert rc == 0
     assert "added 6 obstacles" in text and "d=32" in text and "(auto)" in text and str(out) in text
     oset = ObstacleSet.load(out)
     assert len(oset) == 6
-    rc, text, err = _run(
-        ["obstacles", "build", digits / "7", "--out", out, "--encoder", "tiny"], capsys
-    )
+    rc, text, err = run_cli(["obstacles", "build", digits / "7", "--out", out, "--encoder", "tiny"])
     assert rc == 2 and "--append" in err and "cspace obstacles: error:" in err
     argv = ["obstacles", "build", digits / "7", "--out", out, "--encoder", "tiny", "--append"]
-    rc, text, _ = _run([*argv, "--label", "seven", "--q-star", "0.5", "--eta", "2"], capsys)
+    rc, text, _ = run_cli([*argv, "--label", "seven", "--q-star", "0.5", "--eta", "2"])
     assert rc == 0 and "12 in the set" in text
-    rc, text, _ = _run(["obstacles", "info", out], capsys)
+    rc, text, _ = run_cli(["obstacles", "info", out])
     assert rc == 0
     assert "cspace.obstacles v2" in text and "count: 12" in text and "3: 6, seven: 6" in text
     assert f"space: {cli_encoder.space((8, 8)).describe()}" in text
     assert "eta: 1 .. 2" in text and "history: 0 entries" in text
-    rc, text, _ = _run(["obstacles", "info", out, "--json"], capsys)
+    rc, text, _ = run_cli(["obstacles", "info", out, "--json"])
     info = json.loads(text)
     assert info["count"] == 12 and info["labels"] == {"3": 6, "seven": 6} and info["dim"] == 32
     assert info["space"] == cli_encoder.space((8, 8)).to_json()
 
 
 @pytest.mark.parametrize("kind", BAD)
-def test_cli_bad_input_writes_nothing(kind, digits, cli_encoder, capsys, tmp_path):
+def test_cli_bad_input_writes_nothing(kind, digits, cli_encoder, run_cli, tmp_path):
     extra, name = _make_bad(kind, digits / "3")
     out = tmp_path / "new-set"
     argv = ["obstacles", "build", digits / "3", *extra, "--out", out, "--encoder", "tiny"]
-    rc, _, err = _run(argv, capsys)
+    rc, _, err = run_cli(argv)
     assert rc == 2 and err.startswith("cspace obstacles: error:") and name in err
     assert not out.exists() and cli_encoder.encoded == 0
     # an existing set is left exactly as it was
@@ -275,14 +236,14 @@ def test_cli_bad_input_writes_nothing(kind, digits, cli_encoder, capsys, tmp_pat
     before = _digest(keep)
     cli_encoder.encoded = 0
     argv = ["obstacles", "build", digits / "3", *extra, "--out", keep, "--encoder", "tiny"]
-    rc, _, err = _run([*argv, "--append"], capsys)
+    rc, _, err = run_cli([*argv, "--append"])
     assert rc == 2 and name in err and cli_encoder.encoded == 0
     assert _digest(keep) == before
-    rc, _, err = _run([*argv, "--overwrite"], capsys)
+    rc, _, err = run_cli([*argv, "--overwrite"])
     assert rc == 2 and _digest(keep) == before
 
 
-def test_cli_errors(digits, cli_encoder, capsys, tmp_path):
+def test_cli_errors(digits, cli_encoder, run_cli, tmp_path):
     one = sorted((digits / "3").iterdir())[0]
     base = ["obstacles", "build", one, "--out", tmp_path / "s", "--encoder", "tiny"]
     for extra, msg in (
@@ -292,12 +253,12 @@ def test_cli_errors(digits, cli_encoder, capsys, tmp_path):
         (["--q-star", "1", "--size", "8x"], "--size expects"),
         (["--q-star", "1", "--append"], "not an obstacle set yet"),
     ):
-        rc, _, err = _run([*base, *extra], capsys)
+        rc, _, err = run_cli([*base, *extra])
         assert rc == 2 and msg in err, (extra, err)
         assert not (tmp_path / "s").exists()
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.txt").write_text("mine")
-    rc, _, err = _run(
+    rc, _, err = run_cli(
         [
             "obstacles",
             "build",
@@ -308,16 +269,15 @@ def test_cli_errors(digits, cli_encoder, capsys, tmp_path):
             "tiny",
             "--q-star",
             "1",
-        ],
-        capsys,
+        ]
     )
     assert rc == 2 and "refusing to overwrite" in err
     assert (tmp_path / "junk" / "a.txt").read_text() == "mine"
-    rc, _, err = _run(["obstacles", "info", tmp_path / "junk"], capsys)
+    rc, _, err = run_cli(["obstacles", "info", tmp_path / "junk"])
     assert rc == 2 and "neither an obstacle set nor a classifier" in err
-    rc, _, err = _run(["obstacles", "info", tmp_path / "nothing"], capsys)
+    rc, _, err = run_cli(["obstacles", "info", tmp_path / "nothing"])
     assert rc == 2 and "does not exist" in err
-    rc, _, err = _run([*base[:-1], "no-such-encoder"], capsys)
+    rc, _, err = run_cli([*base[:-1], "no-such-encoder"])
     assert rc == 2 and "unknown encoder 'no-such-encoder'" in err
 
 

@@ -40,6 +40,7 @@ def test_notebook_stored_without_outputs(path: Path) -> None:
     assert not any(cell.get("attachments") for cell in nb.cells), f"{path.name}: cell attachments"
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CSPACE_NB_SMALL", "1")  # inherited by the kernel process

@@ -68,6 +68,7 @@ def _hit_rate(balls, x) -> float:
 
 
 # ---------------------------------------------------------------------------------- exactness
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, steps, noise_scale",
     [("euler", 200, 1.0), ("heun", 50, 1.0), ("sde", 300, 1.0), ("sde", 300, 0.5)],
@@ -252,6 +253,7 @@ def test_guidance_avoids_the_obstacles(toy):
     assert not torch.equal(noisy.samples, guided.samples)
 
 
+@pytest.mark.slow
 def test_backtracking_avoids_the_obstacles(toy):
     mix, balls, field = toy
     noise, steps = _noise(13), 50

@@ -14,8 +14,7 @@ import guidance
 import guidance.sampling.sampler as sampler_mod
 import guidance.search.backtrack as backtrack_mod
 import guidance.search.common as common_mod
-from cspace.experiments.toy import toy_obstacle_set
-from cspace.models.toy import GaussianMixture, default_toy
+from cspace.models.toy import GaussianMixture
 from guidance import Backtrack, Guided, Prediction, RepulsiveField, sample, time_grid
 from guidance.sampling import STEPS, Step, euler_step, heun_step, predict, sde_step
 from guidance.search import ALGORITHMS, Algorithm, OracleVerifier, SearchError, smc, smc_guided
@@ -26,12 +25,6 @@ torch.set_num_threads(1)
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(scope="module")
-def toy():
-    mix, balls = default_toy()
-    return mix, balls, RepulsiveField(toy_obstacle_set(balls))
 
 
 class Spy:

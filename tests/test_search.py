@@ -39,13 +39,6 @@ def gen(seed: int) -> torch.Generator:
 
 
 @pytest.fixture(scope="module")
-def toy():
-    mix, balls = default_toy()
-    fld = RepulsiveField(toy_obstacle_set(balls))
-    return mix, balls, fld
-
-
-@pytest.fixture(scope="module")
 def toy75():
     mix, balls, measured = toy_with_coverage(2, 0.75)
     return mix, balls, RepulsiveField(toy_obstacle_set(balls)), measured

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from legacy_writers import save_obstacle_set_v1
 
 from cspace.models.encoders import Encoder
 from cspace.models.flow import load_flow
@@ -27,6 +26,7 @@ from cspace.models.space import (
 )
 from obstacles import ObstacleSet, ObstacleSetError, PreferenceClassifier
 from obstacles.from_images import add_images, build_from_images
+from tests.legacy_writers import save_obstacle_set_v1
 
 ROOT = Path(__file__).resolve().parents[1]
 THREES = sorted((ROOT / "examples" / "digits" / "3").glob("*.png"))[:6]

@@ -17,6 +17,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kernel_matches_the_reference_in_the_interpreter(seed):
     env = {**os.environ, "TRITON_INTERPRET": "1", "SEED": str(seed), "OMP_NUM_THREADS": "1"}

@@ -155,6 +155,7 @@ def tiny_run(tmp_path_factory):
     return out, report
 
 
+@pytest.mark.slow
 def test_train_vae_writes_loadable_files(tiny_run):
     out, report = tiny_run
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
@@ -177,6 +178,7 @@ def _run(out, steps=6, **kw):
     )
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tmp_path):
     ref = _run(tmp_path / "ref")
 
@@ -210,6 +212,7 @@ def test_plain_vae_has_no_projection(tmp_path):
     assert r["vf_weight"] == 0.0
 
 
+@pytest.mark.slow
 def test_train_with_a_dinov2_teacher_resamples_its_grid(tmp_path):
     from cspace.models.teachers import DinoV2Teacher
 
@@ -251,6 +254,7 @@ def _replace_weights(folder, sd) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_load_errors(tiny_run, tmp_path):
     out, _ = tiny_run
     with pytest.raises(MissingWeightsError, match="cspace train vae"):
@@ -346,6 +350,7 @@ def test_shipped_default_is_aligned(shipped):
     assert meta["config"] == shipped["aligned"][1]["config"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["aligned", "plain"])
 def test_shipped_metrics_match_fresh_evaluation(shipped, kind):
     vae, meta = shipped[kind]
@@ -402,6 +407,7 @@ def _parser():
     return parser
 
 
+@pytest.mark.slow
 def test_cli_train_vae_and_teacher(tmp_path):
     args = _parser().parse_args(
         [

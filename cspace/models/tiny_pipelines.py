@@ -8,6 +8,8 @@ test dependency) for its CLIP text encoder.
 
 * :func:`tiny_unet`: ``UNet2DModel`` on 3 x 8 x 8 (DDPM/DDIM/flow pipelines);
 * :func:`tiny_vae`: ``AutoencoderKL``, 3 channels in, 4 latent channels, 2 x downsampling;
+* :func:`tiny_digits_vae`: ``AutoencoderKL`` shaped like the digits VAE (1 x 8 x 8 images,
+  latents 2 x 4 x 4), for encoders and obstacle sets from image files;
 * :func:`tiny_conditional_unet`, :func:`tiny_sd`: Stable Diffusion (epsilon, DDIM) with a tiny
   CLIP text encoder and no tokenizer (call it with ``prompt_embeds`` (B, L, 8));
 * :func:`tiny_sd3`: Stable Diffusion 3 (flow matching) without text encoders;
@@ -32,6 +34,7 @@ from diffusers import (
 
 __all__ = [
     "tiny_conditional_unet",
+    "tiny_digits_vae",
     "tiny_dit",
     "tiny_sd",
     "tiny_sd3",
@@ -65,6 +68,26 @@ def tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=2,
     ).eval()
+
+
+def tiny_digits_vae(**config) -> AutoencoderKL:
+    """An ``AutoencoderKL`` shaped like the digits VAE: grey 8 x 8 images, latents 2 x 4 x 4
+    (``config`` overrides, e.g. ``scaling_factor``)."""
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        **{
+            "in_channels": 1,
+            "out_channels": 1,
+            "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2,
+            "block_out_channels": (8, 16),
+            "layers_per_block": 1,
+            "latent_channels": 2,
+            "norm_num_groups": 4,
+            "sample_size": 8,
+            **config,
+        }
+    )
 
 
 def tiny_conditional_unet() -> UNet2DConditionModel:
