@@ -1,5 +1,5 @@
 """``guidance.integrations.diffusers.guide`` on real diffusers pipelines built offline from tiny
-configs with random weights (REFERENCE.md section 6): DDPM and DDIM (epsilon, v-prediction,
+configs with random weights (:mod:`cspace.models.tiny_pipelines`): DDPM and DDIM (epsilon, v-prediction,
 sample), flow matching (FlowMatchEulerDiscreteScheduler), Stable Diffusion with classifier-free
 guidance and a batch of prompts (``tokenizer=None``, ``prompt_embeds``), and DiT."""
 

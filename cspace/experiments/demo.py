@@ -7,9 +7,8 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
 2. train a preference classifier (the other classes' examples are "good", the class is "bad");
 3. sample ``n`` digits unguided, guided by the obstacle set, and guided by the classifier obstacle,
    from the same noises, with the marginal-preserving SDE sampler; the guided arms add the
-   repulsive field and collision backtracking (seed 002's "feel the pain and revert": a sample
-   whose clean estimate enters an obstacle's hard radius goes back ``revert`` steps and draws
-   that segment's noise again);
+   repulsive field and collision backtracking (a sample whose clean estimate enters an
+   obstacle's hard radius goes back ``revert`` steps and draws that segment's noise again);
 4. judge every sample with an independent classifier trained on pixels of a split that neither
    the teacher, the VAEs nor the flow model saw.
 
@@ -50,9 +49,10 @@ class DemoSettings:
     """Settings of ``cspace demo``; the defaults are the README's numbers.
 
     The defaults of ``strength``, ``classifier_strength``, ``q_star_scale`` and ``radius_scale``
-    were chosen by a sweep on class 0 (``benchmarks/demo_sweep.py``) for the issue's targets:
-    guided avoided rate <= 10% of unguided, other classes within 3 points, judge confidence
-    down by <= 2 points. ``benchmarks/demo_classes.py`` measures them on every class.
+    were chosen by a sweep on class 0 (``benchmarks/demo_table.py --field-only`` and its grid
+    options) for the demo's targets: guided avoided rate <= 10% of unguided, other classes
+    within 3 points, judge confidence down by <= 2 points. ``benchmarks/demo_table.py --classes
+    0-9`` measures them on every class.
     """
 
     avoid_class: int = 0

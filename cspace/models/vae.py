@@ -1,7 +1,7 @@
 """The C-space VAE: a diffusers ``AutoencoderKL`` aligned to a frozen teacher with VA-VAE's VF loss.
 
 VA-VAE (Yao et al. 2025, "Reconstruction vs. generation", hustvl/LightningDiT,
-``vavae/ldm/modules/losses/contperceptual.py``; see REFERENCE.md section 4) adds a
+``vavae/ldm/modules/losses/contperceptual.py``) adds a
 *vision-foundation (VF) alignment loss* to the usual VAE objective:
 
 * a 1x1 convolution without bias projects the latent ``z`` (B, c, h, w) to the teacher's width:

@@ -25,7 +25,7 @@ clean estimate, at the same ``x_t``, is ``x0_hat + sigma_t delta``:
     flow: m' = m - delta;   epsilon: m' = m - alpha delta;   v: m' = m - delta;
     sample: m' = m + sigma delta.
 
-For flow matching this is exactly ``guidance.sample``'s ``v' = v - delta`` (REFERENCE section 1);
+For flow matching this is exactly :class:`guidance.Guided`'s ``v' = v - delta``;
 for the others it is the same displacement of the clean estimate, scaled by the step's noise
 level. ``mode="noisy"`` (flow matching only) evaluates the field at ``x_t`` against the obstacles
 noised to level t, as ``guidance.sample`` does.

@@ -1,7 +1,7 @@
 r"""The flow convention, in one place: clean and noise estimates and the velocity from them.
 
 Time runs from t = 1 (noise) to t = 0 (data), ``x_t = (1-t) x0 + t eps`` and the model predicts
-the velocity ``v = eps - x0`` (diffusers' flow-matching convention, REFERENCE section 1). From one
+the velocity ``v = eps - x0`` (diffusers' flow-matching convention). From one
 velocity at a state ``x`` (B, ...) and time ``t`` (B,) the estimates are
 
     x0_hat = x - t v,        eps_hat = x + (1 - t) v,        v = eps_hat - x0_hat,

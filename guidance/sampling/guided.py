@@ -11,7 +11,8 @@ which moves ``x0_hat`` by ``delta`` while keeping ``eps_hat`` fixed
 
 * ``mode="clean"`` (default): at the model's clean estimate, ``F = F(x0_hat)``;
 * ``mode="noisy"``: at the state ``x_t`` itself against the obstacles noised to level t (centres
-  ``(1-t) o_j``; ``field.evaluate(x, t)``), the seed's literal ``D(x_t, t)``.
+  ``(1-t) o_j``; ``field.evaluate(x, t)``), the distance ``D(x_t, t)`` read literally on the
+  noisy state.
 
 :meth:`Guided.predict` returns the whole :class:`~guidance.sampling.Prediction`: the guided
 ``v``, the model's (unguided) ``x0_hat`` and ``eps_hat``, ``delta`` and the field's output, so

@@ -6,7 +6,7 @@ Convention (:mod:`guidance.sampling.convention`): t = 1 is noise, t = 0 is data,
 :mod:`guidance.sampling.steps` (``euler``, ``heun``, ``sde``). Guidance is not a keyword of the
 sampler: pass a :class:`~guidance.Guided` velocity.
 
-Backtracking (seed 002: "feel the pain and revert"). With ``backtrack=Backtrack(revert=k,
+Backtracking ("feel the pain and revert": undo the steps that led into an obstacle). With ``backtrack=Backtrack(revert=k,
 max_retries=r, field=...)`` and the SDE, whenever a sample's ``x0_hat`` (at a time inside the
 backtracking window, and the final sample itself when the window reaches t = 0) lies inside a
 hard collision radius of the field, that sample goes back k steps and the noise of that segment

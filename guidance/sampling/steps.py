@@ -8,7 +8,7 @@ a :class:`~guidance.Guided`):
 
 * ``euler_step``: ``x' = x - h v`` (1 NFE per state);
 * ``heun_step``: ``x~ = x - h v(x, t)``, ``x' = x - h (v(x, t) + v(x~, t_next)) / 2`` (2 NFE);
-* ``sde_step``: the Euler-Maruyama step of the marginal-preserving SDE (REFERENCE section 3),
+* ``sde_step``: the Euler-Maruyama step of the marginal-preserving SDE,
 
       mean = x - h v - h (g^2 / 2t) eps_hat,        x' = mean + sqrt(g^2 h) z,
 

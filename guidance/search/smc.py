@@ -17,9 +17,9 @@ of its clean estimate (the step from ``x_k`` evaluates the velocity at ``x_k``, 
   (``max`` and ``sum`` are heuristics of the paper: they target a path-dependent tilt).
 
 **Weights are carried.** The log-weight of a particle accumulates the increments of every step
-since the last resampling and is reset to 0 only when its group is resampled (the bug of the
-public code, issue #12, is dropping them between resamplings: then the system no longer targets
-anything). Per-particle potential state (``r_{k-1}``, running max, running sum) is gathered with
+since the last resampling and is reset to 0 only when its group is resampled (dropping them
+between resamplings, an open bug of the FK paper's public code, zacharyhorvitz/Fk-Diffusion-Steering
+issue 12, leaves a system that no longer targets anything). Per-particle potential state (``r_{k-1}``, running max, running sum) is gathered with
 the particles. A group is resampled after a step when its ESS ``(sum w)^2 / sum w^2`` falls below
 ``threshold x N`` (default N/2), multinomially or systematically.
 
