@@ -60,6 +60,7 @@ __all__ = [
     "is_folder_of",
     "migrate_folder",
     "read_folder",
+    "read_json_file",
     "read_regular_file",
     "verify_files",
     "write_folder",
@@ -226,13 +227,19 @@ def read_regular_file(
     return data
 
 
+def read_json_file(path: Path, kind: FolderKind) -> Any:
+    """A JSON file of a folder of ``kind`` (a manifest, a legacy config): a regular file of at
+    most :data:`MAX_MANIFEST_BYTES`, UTF-8 JSON; the kind's error otherwise."""
+    data = read_regular_file(path, None, kind, max_size=MAX_MANIFEST_BYTES)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise kind.fail(f"{path} is corrupt or not JSON: {err}", path) from err
+
+
 def _read_manifest(path: Path, kind: FolderKind) -> dict[str, Any]:
     mpath = path / MANIFEST
-    data = read_regular_file(mpath, None, kind, max_size=MAX_MANIFEST_BYTES)
-    try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise kind.fail(f"{mpath} is corrupt or not JSON: {err}", mpath) from err
+    manifest = read_json_file(mpath, kind)
     if not isinstance(manifest, dict) or manifest.get("format") != kind.format:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise kind.error(

@@ -41,10 +41,10 @@ from typing import Any
 from cspace.io.files import sha256_hex
 from cspace.io.folder import (
     MANIFEST,
-    MAX_MANIFEST_BYTES,
     Folder,
     FolderKind,
     Legacy,
+    read_json_file,
     read_regular_file,
     verify_files,
 )
@@ -61,11 +61,7 @@ def _has_config(path: Path) -> bool:
 
 def _config(path: Path, kind: FolderKind, old_format: str, noun: str) -> dict[str, Any]:
     cpath = path / _CONFIG
-    data = read_regular_file(cpath, None, kind, max_size=MAX_MANIFEST_BYTES)
-    try:
-        config = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise kind.fail(f"{cpath} is corrupt or not JSON: {err}", cpath) from err
+    config = read_json_file(cpath, kind)
     if not isinstance(config, dict) or config.get("format") != old_format:
         raise kind.error(f"{cpath} is not a cspace {noun} config (format {old_format})", cpath)
     return config

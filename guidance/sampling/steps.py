@@ -65,12 +65,16 @@ class Step:
     noise_var: torch.Tensor | None = None
 
 
-def _times(x: torch.Tensor, t: Time, t_next: Time) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch_times(t, x), batch_times(t_next, x)
-
-
 def _shape1(x: torch.Tensor) -> tuple[int, ...]:
     return (-1,) + (1,) * (x.ndim - 1)
+
+
+def _begin(velocity: Velocity, x: torch.Tensor, t: Time, t_next: Time):
+    """What every step starts with: the times as (B,), the step ``h = t - t_next`` shaped to
+    broadcast over ``x``, and the prediction at ``(x, t)``."""
+    t, t_next = batch_times(t, x), batch_times(t_next, x)
+    h = (t - t_next).reshape(_shape1(x))
+    return t, t_next, h, predict(velocity, x, t)
 
 
 def euler_step(
@@ -83,9 +87,7 @@ def euler_step(
     generator: torch.Generator | None = None,
 ) -> Step:
     """``x' = x - h v(x, t)`` (module docstring); ``noise_scale`` and ``generator`` unused."""
-    t, t_next = _times(x, t, t_next)
-    h = (t - t_next).reshape(_shape1(x))
-    p = predict(velocity, x, t)
+    t, t_next, h, p = _begin(velocity, x, t, t_next)
     x_next = x - h * p.v
     return Step(x_next, x_next, p.x0_hat, p, nfe=x.shape[0], calls=1, h=h)
 
@@ -100,9 +102,7 @@ def heun_step(
     generator: torch.Generator | None = None,
 ) -> Step:
     """``x' = x - h (v(x, t) + v(x - h v(x, t), t_next)) / 2`` (module docstring)."""
-    t, t_next = _times(x, t, t_next)
-    h = (t - t_next).reshape(_shape1(x))
-    p = predict(velocity, x, t)
+    t, t_next, h, p = _begin(velocity, x, t, t_next)
     p2 = predict(velocity, x - h * p.v, t_next)
     x_next = x - h * (p.v + p2.v) / 2
     return Step(x_next, x_next, p.x0_hat, p, nfe=2 * x.shape[0], calls=2, h=h)
@@ -121,9 +121,7 @@ def sde_step(
     docstring); ``z`` is drawn from ``generator`` after the velocity is evaluated."""
     if not (math.isfinite(noise_scale) and noise_scale >= 0):
         raise ValueError(f"noise_scale must be a finite number >= 0; got {noise_scale}")
-    t, t_next = _times(x, t, t_next)
-    h = (t - t_next).reshape(_shape1(x))
-    p = predict(velocity, x, t)
+    t, t_next, h, p = _begin(velocity, x, t, t_next)
     tb = t.reshape(_shape1(x))
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     mean = x - h * p.v - h * (noise_scale / 2) * p.eps_hat
