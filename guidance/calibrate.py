@@ -1,7 +1,7 @@
 r"""Searching each obstacle's strength eta and range Q*: the engine behind ``cspace calibrate``.
 
-Seed 002 leaves the two numbers of the thresholded potential ``U = 1/2 eta (1/D - 1/Q*)^2``
-(``D <= Q*``) open. Calibration searches them against two measured objectives, both to minimise:
+The thresholded potential ``U = 1/2 eta (1/D - 1/Q*)^2`` (``D <= Q*``) has two numbers per
+obstacle that nothing in its definition fixes. Calibration searches them against two measured objectives, both to minimise:
 
 * **avoidance** ``hit``: what still gets through (the toy: share of samples inside a hard radius;
   digits: the judge's share of the avoided class);

@@ -1,7 +1,7 @@
 """Obstacle sets: embeddings of what the sampler must avoid, indexed with FAISS, saved safely."""
 
 from obstacles.classifier import ClassifierError, PreferenceClassifier
-from obstacles.from_images import add_images, build_from_images
+from obstacles.from_images import add_images, build_from_images, classifier_from_images
 from obstacles.obstacle_set import (
     FORMAT,
     FORMAT_VERSION,
@@ -19,5 +19,6 @@ __all__ = [
     "PreferenceClassifier",
     "add_images",
     "build_from_images",
+    "classifier_from_images",
     "is_obstacle_set",
 ]

@@ -5,8 +5,7 @@
 anything is encoded), encodes them with an :class:`cspace.models.encoders.Encoder` (posterior mean,
 normalised latents), embeds them (flatten, ``Encoder.embed``) and returns a new
 :class:`~obstacles.ObstacleSet` whose sources are the file paths as given (a folder's files as
-``folder/name``; :meth:`~obstacles.ObstacleSet.save` stores those inside the set's folder
-relative to it) and whose ``space`` is the encoder's C-space at ``size``
+``folder/name``, never resolved to absolute paths) and whose ``space`` is the encoder's C-space at ``size``
 (:meth:`cspace.models.encoders.Encoder.space`). :func:`add_images` grows an existing set the same
 way, and refuses an encoder of another space (an error naming both spaces); bad input adds
 nothing. A set of unknown space (saved before spaces were recorded) takes the encoder's space.
@@ -34,7 +33,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from obstacles.classifier import ClassifierError, PreferenceClassifier
 from obstacles.obstacle_set import ObstacleSet, ObstacleSetError
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "add_images",
     "auto_q_star",
     "build_from_images",
+    "classifier_from_images",
     "encode_images",
     "kth_neighbour_distance",
 ]
@@ -269,20 +271,20 @@ def add_images(
         raise TypeError(f"add_images needs an ObstacleSet; got {type(obstacles).__name__}")
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
-    want = _expected_dim(encoder, _size(size))
-    if want is not None and want != obstacles.dim:
-        raise ObstacleSetError(
-            f"dimension mismatch: {getattr(encoder, 'name', 'the encoder')} embeds {size} images "
-            f"to d={want} but the obstacle set has d={obstacles.dim}; use the encoder (and --size) "
-            "the set was built with"
-        )
     space = _space(encoder, _size(size))
-    obstacles.check_space(
+    obstacles.check_space(  # first: it names both spaces, image size included
         space,
         f"the encoder {getattr(encoder, 'name', '')!r} at {_size(size)[0]}x{_size(size)[1]}",
         fix="add images with the encoder (and --size) the set was built with, or build a new "
         "set with this encoder",
     )
+    want = _expected_dim(encoder, _size(size))
+    if want is not None and want != obstacles.dim:  # a set of unknown space
+        raise ObstacleSetError(
+            f"dimension mismatch: {getattr(encoder, 'name', 'the encoder')} embeds {size} images "
+            f"to d={want} but the obstacle set has d={obstacles.dim}; use the encoder (and --size) "
+            "the set was built with"
+        )
     emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size)
     ref = obstacles.embeddings if len(obstacles) else None
     q, r = _parameters(q_star, radius, emb, ref)
@@ -297,3 +299,49 @@ def add_images(
     if obstacles.space is None and space is not None:
         obstacles.space = space  # a set of unknown space takes the encoder's (the migration)
     return ids
+
+
+def classifier_from_images(
+    good: Iterable[PathLike] | PathLike,
+    bad: Iterable[PathLike] | PathLike,
+    encoder,
+    *,
+    size: tuple[int, int] | int = (8, 8),
+    batch_size: int = 256,
+    **fit,
+) -> PreferenceClassifier:
+    """A :class:`~obstacles.classifier.PreferenceClassifier` trained on the C-space embeddings of
+    image files and folders: ``good`` (wanted) and ``bad`` (to avoid).
+
+    Every image of both classes is read and checked before anything is encoded
+    (:func:`cspace.io.images.load_images`); a file given as both good and bad raises
+    :class:`~obstacles.classifier.ClassifierError`. ``fit`` takes the keywords of
+    :meth:`PreferenceClassifier.fit` (``C``, ``seed``, ``holdout``, ``threshold``, ``q_star``,
+    ``eta``). The classifier records the encoder's C-space at ``size`` and, in ``info``, the
+    image size.
+    """
+    from cspace.io.images import load_images
+
+    size = _size(size)
+    good = [good] if isinstance(good, str | os.PathLike) else list(good)
+    bad = [bad] if isinstance(bad, str | os.PathLike) else list(bad)
+    channels = int(encoder.channels)
+    good_images, good_files = load_images(good, size=size, channels=channels)
+    bad_images, bad_files = load_images(bad, size=size, channels=channels)
+    overlap = {f.resolve() for f in good_files} & {f.resolve() for f in bad_files}
+    if overlap:
+        raise ClassifierError(
+            f"{len(overlap)} files are both good and bad (--good and --bad), e.g. "
+            f"{sorted(overlap)[0]}"
+        )
+
+    def embed(images):
+        with torch.no_grad():
+            latents = encoder.encode(images, batch_size=int(batch_size))
+        return encoder.embed(latents).cpu().double().numpy()
+
+    clf = PreferenceClassifier.fit(
+        embed(good_images), embed(bad_images), space=_space(encoder, size), **fit
+    )
+    clf.info["image_size"] = list(size)
+    return clf

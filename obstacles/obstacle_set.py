@@ -29,9 +29,9 @@ dimension and count, and never unpickles anything. Sets of format_version 1 (lab
 history in the manifest, no space) still load, with ``space = None``
 (:mod:`cspace.io.legacy`).
 
-Sources are strings (usually image paths). :meth:`ObstacleSet.save` stores a source that names
-an existing file inside the set's folder relative to that folder (so the folder can be moved
-with its images); every other source is stored as given.
+Sources are strings (usually image paths), stored exactly as they were given (a path typed
+relative to the working folder stays relative; nothing is resolved to an absolute path, so a set
+does not record the machine's folder layout).
 """
 
 from __future__ import annotations
@@ -115,20 +115,6 @@ def is_obstacle_set(path: str | os.PathLike) -> bool:
     """Whether the folder holds a manifest.json written by :meth:`ObstacleSet.save` (any
     version; not verified)."""
     return is_folder_of(path, KIND)
-
-
-def _stored_source(source: str, root: Path) -> str:
-    """``source`` relative to the set folder ``root`` when it names an existing file inside it,
-    else unchanged."""
-    if not source:
-        return source
-    try:
-        p = Path(source)
-        if not p.exists():
-            return source
-        return p.resolve().relative_to(root).as_posix()
-    except (OSError, ValueError):
-        return source
 
 
 class ObstacleSet:
@@ -441,8 +427,7 @@ class ObstacleSet:
 
         An existing folder is replaced only if it is an obstacle set or empty; anything else
         raises rather than being overwritten. Other files inside an existing set's folder
-        (images kept beside it) are kept. Sources naming files inside the folder are stored
-        relative to it (see the module docstring).
+        (images kept beside it) are kept. Sources are stored as given (module docstring).
         """
         path = Path(path)
         index_bytes = faiss.serialize_index(self.index).tobytes()
@@ -454,10 +439,9 @@ class ObstacleSet:
                 "radius": self._radius.astype(np.float64),
             }
         )
-        root = path.resolve()
         records = {
             "labels": self._labels,
-            "sources": [_stored_source(src, root) for src in self._sources],
+            "sources": self._sources,
             "history": self.history,
         }
         fields = {

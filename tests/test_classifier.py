@@ -429,4 +429,4 @@ def test_cli_classifier(tmp_path, run_cli, tiny_encoder, monkeypatch):
         assert rc == 2 and msg in err, err
     same = ["obstacles", "classifier", "--good", tmp_path / "1", "--bad", tmp_path / "1"]
     rc, _, err = run_cli([*same, "--out", tmp_path / "c2", "--encoder", "tiny"])
-    assert rc == 2 and "both --good and --bad" in err and not (tmp_path / "c2").exists()
+    assert rc == 2 and "files are both good and bad" in err and not (tmp_path / "c2").exists()

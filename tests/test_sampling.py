@@ -413,3 +413,39 @@ def test_search_registry_lists_every_algorithm_once():
         ALGORITHMS["smc-guided"].keywords(field=None)
     with pytest.raises(TypeError, match="no field= keyword"):
         Algorithm("odd", run=random_search.search, searches_over="x", needs_field=True)
+
+
+def test_bad_arguments_name_the_value(toy):
+    """Guided, Backtrack, sample and the fields' caps refuse bad values with a message naming
+    the argument and the value (never a raw unpacking or indexing error deep inside)."""
+    from guidance import CombinedField
+
+    mix, _, fld = toy
+    noise = torch.randn(4, 2, dtype=F64, generator=gen(0))
+    cases = [
+        (lambda: Backtrack(revert=2.5), ValueError, "Backtrack revert must be an integer >= 1"),
+        (lambda: Backtrack(max_retries="3"), ValueError, "max_retries must be an integer"),
+        (lambda: Backtrack(window=(0.5,)), ValueError, "Backtrack window must be a pair"),
+        (lambda: Guided(mix.velocity, fld, window=None), ValueError, "window must be a pair"),
+        (lambda: Guided(mix.velocity, fld, strength="1"), ValueError, "strength must be"),
+        (lambda: CombinedField(fld, max_force="1"), ValueError, "max_force"),
+        (
+            lambda: sample(mix.velocity, noise, steps=3, noise_scale=-1.0),
+            ValueError,
+            "noise_scale must be a finite number >= 0; got -1.0",
+        ),
+        (
+            lambda: sample(Guided(mix.velocity, fld), noise, steps=3, method="sde", backtrack=True),
+            TypeError,
+            "backtrack must be a Backtrack",
+        ),
+        (
+            lambda: sample(Guided(mix.velocity, fld, weight=lambda t: t[:, None]), noise, steps=3),
+            ValueError,
+            r"weight\(t\) must return a tensor of the times' shape \(4,\); got \(4, 1\)",
+        ),
+    ]
+    for make, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            make()
+    assert Backtrack(revert=3.0).revert == 3 and isinstance(Backtrack(revert=3.0).revert, int)

@@ -323,3 +323,62 @@ def test_guide_refuses_obstacles_of_another_vae():
     assert "the pipeline's VAE (StableDiffusionPipeline)" in msg and "Encoder.from_diffusers" in msg
     pipe.vae.to(torch.float16)  # the same VAE in half precision: the same space
     guide(pipe, ok)
+
+
+def test_searches_and_bound_methods_keep_the_models_space(digits, plain):
+    """A search meters its velocity (Budget.wrap): the metered model keeps its space, so the
+    searches that guide with the field (backtrack, smc-guided) refuse another space's obstacles;
+    ``flow.velocity`` (a bound method) is the flow's space too."""
+    from guidance import Guided, RepulsiveField
+    from guidance.search import ALGORITHMS, ClearanceVerifier
+
+    field = RepulsiveField(build_from_images(THREES, digits))
+    flow = load_flow(shipped("flow_plain"))
+    with pytest.raises(SpaceMismatchError):
+        Guided(flow.velocity, field)
+    for name in ("backtrack", "smc-guided"):
+        algo = ALGORITHMS[name]
+        with pytest.raises(SpaceMismatchError, match="different C-spaces"):
+            algo(flow, (2, 4, 4), ClearanceVerifier(field), 80, n_return=2, steps=5,
+                 **algo.keywords(field=field))  # fmt: skip
+    aligned = load_flow(shipped("flow_aligned"))  # its own space: runs
+    algo = ALGORITHMS["backtrack"]
+    res = algo(aligned, (2, 4, 4), ClearanceVerifier(field), 80, n_return=2, steps=5,
+               **algo.keywords(field=field))  # fmt: skip
+    assert res.samples.shape == (2, 2, 4, 4)
+
+
+def test_a_projection_leaves_the_states_space_open(digits, plain):
+    """A field with a projection takes states from another space (the projection maps them into
+    the obstacles'): it names no space, so a model of another space may use it."""
+    from guidance import Guided, RepulsiveField
+
+    oset = build_from_images(THREES, digits)
+    bridge = RepulsiveField(oset, projection=lambda z: z.reshape(z.shape[0], -1) * 1.0)
+    assert bridge.space is None and RepulsiveField(oset).space == digits.space()
+    Guided(load_flow(shipped("flow_plain")), bridge)  # accepted
+
+
+def test_cspace_sample_search_refuses_obstacles_of_another_vae(tmp_path, monkeypatch):
+    """``cspace sample --search`` checks the pipeline's space before searching (a search never
+    goes through guide())."""
+    from cspace.experiments import pipeline_sampling
+    from cspace.models.tiny_pipelines import tiny_sd3, tiny_vae
+
+    pipe = tiny_sd3()
+    pipe.set_progress_bar_config(disable=True)
+    other_vae = tiny_vae()
+    with torch.no_grad():
+        for p in other_vae.encoder.parameters():
+            p.mul_(1.5)
+    space = Encoder(other_vae).space((16, 16))
+    emb = np.random.default_rng(0).normal(size=(3, space.dim))
+    ObstacleSet.from_embeddings(emb, q_star=1.0, space=space).save(tmp_path / "other")
+    monkeypatch.setattr(pipeline_sampling, "load_pipeline", lambda path, device: pipe)
+    for search in (None, "best-of-n", "smc-guided"):
+        with pytest.raises(SpaceMismatchError, match="the pipeline's VAE"):
+            pipeline_sampling.sample_pipeline(
+                "unused", obstacles=tmp_path / "other", n=1, steps=2, search=search,
+                budget=40, prompt=None, out_dir=tmp_path / "out",
+            )  # fmt: skip
+    assert not (tmp_path / "out").exists()  # nothing written

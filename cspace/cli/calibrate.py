@@ -75,7 +75,7 @@ def register(subparsers) -> None:
         "calibrate",
         help="search Q* and eta of an obstacle set (Pareto front, chosen point written back)",
         description="Search each obstacle's range Q* and strength eta against avoidance and "
-        "fidelity, with Optuna's multi-objective TPE; resumable; writes the chosen values into "
+        "fidelity, with Optuna's Gaussian-process sampler (constrained, seeded); resumable; writes the chosen values into "
         "the set. Exit code 3 when no trial meets --max-hit.",
     )
     p.add_argument("set", help="obstacle set folder")

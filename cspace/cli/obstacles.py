@@ -127,8 +127,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise ObstaclesCommandError(f"--append: {out} is not an obstacle set yet; drop --append")
     encoder = _encoder_on(args.encoder, args.device)
     kw = dict(q_star=q_star, eta=eta, radius=radius, label=args.label, size=size)
+    adopted = False
     if args.append:
         oset = ObstacleSet.load(out)
+        adopted = oset.space is None  # a set saved before spaces: it takes this encoder's
         added = len(add_images(oset, args.inputs, encoder, batch_size=args.batch_size, **kw))
     else:
         oset = build_from_images(args.inputs, encoder, batch_size=args.batch_size, **kw)
@@ -137,6 +139,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
     new = slice(len(oset) - added, len(oset))  # added obstacles come last
     print(f"added {added} obstacles ({len(oset)} in the set), d={oset.dim}")
     print(f"encoder: {args.encoder} ({encoder.name})")
+    if adopted and oset.space is not None:
+        print(
+            f"note: {out} recorded no C-space (saved before spaces were recorded); it now "
+            f"records this encoder's: {oset.space.describe()}"
+        )
     print(f"q_star: {_range(oset.q_star[new])}{' (auto)' if q_star == 'auto' else ''}")
     print(f"eta: {_range(oset.eta[new])}, radius: {_range(oset.radius[new])}")
     print(f"saved: {out}")
@@ -242,10 +249,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_classifier(args: argparse.Namespace) -> int:
-    import torch
-
-    from cspace.io.images import load_images
-    from obstacles.classifier import PreferenceClassifier, is_classifier_folder
+    from obstacles.classifier import is_classifier_folder
+    from obstacles.from_images import classifier_from_images
 
     q_star = _q_star(args.q_star)
     eta = _number(args.eta, "--eta", strict=False)
@@ -263,33 +268,15 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
             f"{out} already holds a classifier; pass --overwrite to replace it"
         )
     encoder = _encoder_on(args.encoder, args.device)
-    # read every image of both classes before encoding anything
-    good_images, good_files = load_images(args.good, size=size, channels=encoder.channels)
-    bad_images, bad_files = load_images(args.bad, size=size, channels=encoder.channels)
-    overlap = {f.resolve() for f in good_files} & {f.resolve() for f in bad_files}
-    if overlap:
-        raise ObstaclesCommandError(
-            f"{len(overlap)} files are both --good and --bad, e.g. {sorted(overlap)[0]}"
-        )
-    with torch.no_grad():
-        good = encoder.embed(encoder.encode(good_images, batch_size=args.batch_size))
-        bad = encoder.embed(encoder.encode(bad_images, batch_size=args.batch_size))
-    clf = PreferenceClassifier.fit(
-        good.cpu().double().numpy(),
-        bad.cpu().double().numpy(),
-        C=c,
-        seed=args.seed,
-        holdout=holdout,
-        threshold=threshold,
-        q_star=q_star,
-        eta=eta,
-        space=encoder.space(size) if hasattr(encoder, "space") else None,
-    )
+    clf = classifier_from_images(
+        args.good, args.bad, encoder, size=size, batch_size=args.batch_size, C=c,
+        seed=args.seed, holdout=holdout, threshold=threshold, q_star=q_star, eta=eta,
+    )  # fmt: skip
     clf.info["encoder"] = f"{args.encoder} ({encoder.name})"
-    clf.info["image_size"] = list(size)
     clf.save(out)
     acc = "n/a (--holdout 0)" if clf.accuracy is None else f"{clf.accuracy:.3f}"
-    print(f"trained on {len(good_files)} good and {len(bad_files)} bad images, d={clf.dim}")
+    counts = clf.info["counts"]
+    print(f"trained on {counts['good']} good and {counts['bad']} bad images, d={clf.dim}")
     print(f"encoder: {args.encoder} ({encoder.name})")
     print(f"held-out accuracy: {acc} (training accuracy {clf.train_accuracy:.3f})")
     auto = " (auto)" if q_star == "auto" else ""

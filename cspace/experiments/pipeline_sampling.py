@@ -29,7 +29,7 @@ import torch
 
 from cspace.io.files import write_file_atomic
 from guidance import RepulsiveField
-from guidance.integrations.diffusers import guide
+from guidance.integrations.diffusers import check_pipeline_space, guide
 from guidance.integrations.pipelines import decode, load_pipeline, pipeline_denoiser, to_pil
 from guidance.integrations.velocity import DiffusersVelocity
 from guidance.search import ALGORITHMS, ClearanceVerifier
@@ -80,6 +80,7 @@ def sample_pipeline(
             )
     pipe = load_pipeline(pipeline, device)
     field = RepulsiveField(ObstacleSet.load(obstacles)) if obstacles is not None else None
+    check_pipeline_space(pipe, field)  # guide() checks too; a search would not
     record = {"pipeline": str(pipeline), "pipeline_class": type(pipe).__name__}
     record["settings"] = settings
     generator = torch.Generator().manual_seed(int(seed))

@@ -229,8 +229,11 @@ class Space:
 
 def space_of(obj) -> Space | None:
     """The C-space an object records (``obj.space``: obstacle sets, classifiers, fields, flow
-    models, guided velocities), or None when it records none (an unknown space)."""
+    models, guided and metered velocities; for a bound method such as ``flow.velocity``, its
+    object's), or None when it records none (an unknown space)."""
     space = getattr(obj, "space", None)
+    if space is None and hasattr(obj, "__self__"):
+        space = getattr(obj.__self__, "space", None)
     return space if isinstance(space, Space) else None
 
 

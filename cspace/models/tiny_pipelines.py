@@ -18,6 +18,8 @@ test dependency) for its CLIP text encoder.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -32,6 +34,19 @@ from diffusers import (
     UNet2DModel,
 )
 
+
+def _seeded(build):
+    """Build with the weights of seed 0, leaving the caller's global random state as it was."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
 __all__ = [
     "tiny_conditional_unet",
     "tiny_digits_vae",
@@ -43,8 +58,8 @@ __all__ = [
 ]
 
 
+@_seeded
 def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
     return UNet2DModel(
         sample_size=8,
         in_channels=3,
@@ -57,8 +72,8 @@ def tiny_unet() -> UNet2DModel:
     ).eval()
 
 
+@_seeded
 def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
     return AutoencoderKL(
         block_out_channels=(4, 8),
         in_channels=3,
@@ -70,10 +85,10 @@ def tiny_vae() -> AutoencoderKL:
     ).eval()
 
 
+@_seeded
 def tiny_digits_vae(**config) -> AutoencoderKL:
     """An ``AutoencoderKL`` shaped like the digits VAE: grey 8 x 8 images, latents 2 x 4 x 4
     (``config`` overrides, e.g. ``scaling_factor``)."""
-    torch.manual_seed(0)
     return AutoencoderKL(
         **{
             "in_channels": 1,
@@ -90,8 +105,8 @@ def tiny_digits_vae(**config) -> AutoencoderKL:
     )
 
 
+@_seeded
 def tiny_conditional_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
     return UNet2DConditionModel(
         block_out_channels=(4, 8),
         layers_per_block=1,
@@ -105,12 +120,13 @@ def tiny_conditional_unet() -> UNet2DConditionModel:
     ).eval()
 
 
+@_seeded
 def tiny_sd() -> StableDiffusionPipeline:
     """Stable Diffusion (epsilon, DDIM) with a tiny CLIP text encoder and no tokenizer: call it
     with ``prompt_embeds`` (B, L, 8)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = tiny_conditional_unet()
+    unet = tiny_conditional_unet.__wrapped__()  # the CLIP weights draw on after the UNet's
     text = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=8,
@@ -134,8 +150,8 @@ def tiny_sd() -> StableDiffusionPipeline:
     )
 
 
+@_seeded
 def tiny_sd3() -> StableDiffusion3Pipeline:
-    torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=8,
         patch_size=1,
@@ -162,8 +178,8 @@ def tiny_sd3() -> StableDiffusion3Pipeline:
     )
 
 
+@_seeded
 def tiny_dit() -> DiTPipeline:
-    torch.manual_seed(0)
     transformer = DiTTransformer2DModel(
         sample_size=4,
         num_layers=1,

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from guidance.checks import check_number
+
 __all__ = ["Field", "FieldOutput", "Projection", "check_states", "safe_norm"]
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
@@ -100,7 +102,9 @@ class Field:
 
     #: what the error messages call the field's obstacles
     _what = "the field"
-    #: the C-space of the field's obstacles (:class:`cspace.models.space.Space`; None: unknown)
+    #: the C-space of the states the field takes (:class:`cspace.models.space.Space`): its
+    #: obstacles' space; None when unknown, or when a ``projection`` maps states from another
+    #: space into the obstacles' (the checks then accept any model)
     space = None
 
     def __init__(
@@ -111,11 +115,12 @@ class Field:
         max_force: float | None = None,
         max_potential: float | None = None,
     ) -> None:
-        if not 0 < min_distance_ratio < 1:
-            raise ValueError(f"min_distance_ratio must be in (0, 1); got {min_distance_ratio}")
+        rho = check_number(min_distance_ratio, "min_distance_ratio", strict=True)
+        if not rho < 1:
+            raise ValueError(f"min_distance_ratio must be in (0, 1); got {min_distance_ratio!r}")
         for name, val in (("max_force", max_force), ("max_potential", max_potential)):
-            if val is not None and not (math.isfinite(val) and val > 0):
-                raise ValueError(f"{name} must be a finite number > 0 or None; got {val}")
+            if val is not None:
+                check_number(val, f"{name} (or None)", strict=True)
         self.projection = projection
         self.rho_min = float(min_distance_ratio)
         self.max_force = float(max_force) if max_force is not None else math.inf

@@ -86,7 +86,8 @@ class ClassifierField(Field):
         if not (np.isfinite(q) and q > 0) or not (np.isfinite(eta) and eta >= 0):
             raise ValueError(f"the classifier needs q_star > 0 and eta >= 0; got {q}, {eta}")
         self.classifier = classifier
-        self.space = space_of(classifier)
+        # with a projection the states live in another space, which the field cannot name
+        self.space = space_of(classifier) if projection is None else None
         self.q_star, self.eta = q, eta
         self._u = torch.as_tensor(np.asarray(classifier.unit_normal, dtype=np.float64))
         self._offset = float(classifier.offset)

@@ -115,7 +115,8 @@ class RepulsiveField(Field):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
         self.obstacles = obstacles
-        self.space = space_of(obstacles)
+        # with a projection the states live in another space, which the field cannot name
+        self.space = space_of(obstacles) if projection is None else None
         self.chunk_elements = int(chunk_elements)
         self._emb = torch.from_numpy(obstacles.embeddings.astype(np.float64))
         self._q = torch.from_numpy(obstacles.q_star.astype(np.float64))

@@ -46,6 +46,7 @@ import torch
 
 from cspace.models.encoders import Encoder
 from cspace.models.space import Space, check_same_space, space_of
+from guidance.checks import check_number, check_window
 from guidance.sampling import Prediction
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "GuidanceError",
     "GuideStats",
     "GuidedPipeline",
+    "check_pipeline_space",
     "guide",
     "pipeline_space",
 ]
@@ -112,6 +114,24 @@ def pipeline_space(pipe, image_size: tuple[int, int]) -> Space | None:
     return Encoder(vae, name=f"{type(pipe).__name__}.vae").space(image_size)
 
 
+def check_pipeline_space(pipe, field) -> None:
+    """Raise :class:`~cspace.models.space.SpaceMismatchError` naming both spaces when ``field``
+    records a C-space that is not the one of ``pipe``'s latents (its VAE); nothing to check when
+    either is unknown."""
+    field_space = space_of(field)
+    if field_space is None:
+        return
+    check_same_space(
+        pipeline_space(pipe, field_space.image_size),
+        field_space,
+        f"the pipeline's VAE ({type(pipe).__name__})",
+        "the field's obstacles",
+        fix="build the obstacles with this pipeline's VAE at this resolution "
+        "(cspace.models.encoders.Encoder.from_diffusers, or `cspace obstacles build "
+        "--encoder PIPELINE_DIR --size HxW`)",
+    )
+
+
 @dataclass
 class GuideStats:
     """What the last call did: steps seen, steps where the field changed the output, and the
@@ -141,11 +161,8 @@ class GuidedPipeline:
                 f"field must have an evaluate() method (RepulsiveField, ClassifierField, "
                 f"CombinedField); got {type(field).__name__}"
             )
-        if not (math.isfinite(strength) and strength >= 0):
-            raise GuidanceError(f"strength must be a finite number >= 0; got {strength}")
-        lo, hi = (float(v) for v in window)
-        if not 0 <= lo <= hi <= 1:
-            raise GuidanceError(f"window must be (lo, hi) with 0 <= lo <= hi <= 1; got {window}")
+        strength = check_number(strength, "strength", error=GuidanceError)
+        lo, hi = check_window(window, error=GuidanceError)
         if mode not in ("clean", "noisy"):
             raise GuidanceError(f"mode must be 'clean' or 'noisy'; got {mode!r}")
         if mode == "noisy" and prediction_kind(pipe.scheduler) != "flow":
@@ -153,17 +170,7 @@ class GuidedPipeline:
                 "mode='noisy' noises the obstacles as (1 - t) o, the flow-matching path; use "
                 "mode='clean' with DDPM/DDIM schedulers"
             )
-        field_space = space_of(field)
-        if field_space is not None:
-            check_same_space(
-                pipeline_space(pipe, field_space.image_size),
-                field_space,
-                f"the pipeline's VAE ({type(pipe).__name__})",
-                "the field's obstacles",
-                fix="build the obstacles with this pipeline's VAE at this resolution "
-                "(cspace.models.encoders.Encoder.from_diffusers, or `cspace obstacles build "
-                "--encoder PIPELINE_DIR --size HxW`)",
-            )
+        check_pipeline_space(pipe, field)
         self.pipe, self.field, self.strength = pipe, field, float(strength)
         self.window, self.mode, self.weight = (lo, hi), mode, weight
         self.stats = GuideStats()

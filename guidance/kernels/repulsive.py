@@ -212,7 +212,7 @@ def _pow2_at_least(v: int, lo: int, hi: int) -> int:
 
 def default_blocks(b: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
     """Tile sizes: small on the CPU interpreter (its cost is per operation), GPU-sized on CUDA
-    (not tuned on a GPU yet: no GPU was lent to the sessions that wrote this)."""
+    (not tuned on a GPU yet)."""
     if device.type != "cuda":
         return dict(block_b=16, block_n=16, block_d=16, near_d=16)
     return dict(

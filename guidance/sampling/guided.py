@@ -23,12 +23,12 @@ the field is not evaluated and ``v'`` is the model's ``v`` bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
 from cspace.models.space import check_same_space, space_of
+from guidance.checks import check_number, check_window
 from guidance.sampling.convention import Prediction, Velocity, batch_times, predict
 
 __all__ = ["MODES", "Guided"]
@@ -73,12 +73,8 @@ class Guided:
                 f"Guided needs a field with an evaluate() method (RepulsiveField, "
                 f"ClassifierField, CombinedField); got {type(field).__name__}"
             )
-        strength = float(strength)
-        if not (math.isfinite(strength) and strength >= 0):
-            raise ValueError(f"strength must be a finite number >= 0; got {strength}")
-        lo, hi = (float(w) for w in window)
-        if not 0 <= lo <= hi <= 1:
-            raise ValueError(f"window must satisfy 0 <= t_lo <= t_hi <= 1; got {window}")
+        strength = check_number(strength, "strength")
+        lo, hi = check_window(window)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if weight is not None and not callable(weight):
@@ -115,7 +111,12 @@ class Guided:
             ev = self.field.evaluate(p.x0_hat, need_force=True)
         else:
             ev = self.field.evaluate(x, t)
-        lam = self.weight(t) if self.weight is not None else torch.ones_like(t)
+        lam = torch.ones_like(t) if self.weight is None else self.weight(t)
+        if not isinstance(lam, torch.Tensor) or lam.shape != t.shape:
+            got = tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__
+            raise ValueError(
+                f"weight(t) must return a tensor of the times' shape {tuple(t.shape)}; got {got}"
+            )
         scale = torch.where(inwin, self.strength * lam, torch.zeros_like(t))
         delta = scale.reshape((-1,) + (1,) * (x.ndim - 1)) * ev.force
         return p.displaced(delta, field=ev, field_mode=self.mode, field_source=self.field)

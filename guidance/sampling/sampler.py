@@ -20,7 +20,6 @@ NFE are counted per sample: one velocity evaluation of one state is one NFE.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cspace.models.space import check_same_space, space_of
+from guidance.checks import check_count, check_number, check_window
 from guidance.sampling.convention import Velocity
 from guidance.sampling.guided import Guided
 from guidance.sampling.steps import STEPS, Step
@@ -57,22 +57,16 @@ class Backtrack:
     window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if int(self.revert) < 1 or int(self.max_retries) < 0:
-            raise ValueError(
-                f"Backtrack needs revert >= 1 and max_retries >= 0; got revert={self.revert}, "
-                f"max_retries={self.max_retries}"
-            )
+        object.__setattr__(self, "revert", check_count(self.revert, "Backtrack revert", minimum=1))
+        retries = check_count(self.max_retries, "Backtrack max_retries", minimum=0)
+        object.__setattr__(self, "max_retries", retries)
         if self.field is not None and not callable(getattr(self.field, "evaluate", None)):
             raise TypeError(
                 f"Backtrack field must have an evaluate() method (RepulsiveField, ...); got "
                 f"{type(self.field).__name__}"
             )
         if self.window is not None:
-            lo, hi = (float(w) for w in self.window)
-            if not 0 <= lo <= hi <= 1:
-                raise ValueError(
-                    f"Backtrack window must satisfy 0 <= t_lo <= t_hi <= 1; got {self.window}"
-                )
+            object.__setattr__(self, "window", check_window(self.window, "Backtrack window"))
 
 
 @dataclass
@@ -192,8 +186,12 @@ def sample(
         raise ValueError("noise contains NaN or Inf")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if not (math.isfinite(noise_scale) and noise_scale >= 0):
-        raise ValueError(f"noise_scale must be a finite number >= 0; got {noise_scale}")
+    noise_scale = check_number(noise_scale, "noise_scale")
+    if backtrack is not None and not isinstance(backtrack, Backtrack):
+        raise TypeError(
+            f"backtrack must be a Backtrack(revert=..., max_retries=..., field=...) or None; got "
+            f"{backtrack!r}"
+        )
     times = _check_times(times, steps)
     guided = velocity if isinstance(velocity, Guided) else None
     check = None

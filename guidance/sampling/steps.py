@@ -26,12 +26,12 @@ variance per coordinate (SDE).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from guidance.checks import check_number
 from guidance.sampling.convention import Prediction, Time, Velocity, batch_times, predict
 
 __all__ = ["STEPS", "Step", "euler_step", "heun_step", "sde_step"]
@@ -119,8 +119,7 @@ def sde_step(
 ) -> Step:
     """``x' = x - h v - h (noise_scale/2) eps_hat + sqrt(noise_scale t h) z`` (module
     docstring); ``z`` is drawn from ``generator`` after the velocity is evaluated."""
-    if not (math.isfinite(noise_scale) and noise_scale >= 0):
-        raise ValueError(f"noise_scale must be a finite number >= 0; got {noise_scale}")
+    noise_scale = check_number(noise_scale, "noise_scale")
     t, t_next, h, p = _begin(velocity, x, t, t_next)
     tb = t.reshape(_shape1(x))
     z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from cspace.models.space import space_of
 from guidance.sampling import Prediction, predict
 
 __all__ = ["Budget", "BudgetExceeded", "as_budget"]
@@ -89,6 +90,9 @@ class _Metered:
 
     def __init__(self, budget: Budget, velocity) -> None:
         self.budget, self.velocity = budget, velocity
+        #: the model's C-space (:func:`cspace.models.space.space_of`): metering keeps it, so
+        #: that a search's Guided proposal still refuses a field of another space
+        self.space = space_of(velocity)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.budget.charge(x.shape[0], "a velocity call")

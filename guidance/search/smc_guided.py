@@ -59,6 +59,7 @@ import math
 
 import torch
 
+from guidance.checks import check_number
 from guidance.fields import CombinedField
 from guidance.sampling import Guided, Prediction
 from guidance.search.common import SearchError, SearchResult, begin
@@ -168,8 +169,7 @@ def search(
     if field is None or not hasattr(field, "evaluate"):
         raise SearchError("smc-guided needs the obstacles' field (with evaluate())")
     check_particle_options("smc-guided", scheme, threshold, noise_scale)
-    if not (math.isfinite(strength) and strength >= 0):
-        raise SearchError(f"strength must be a finite number >= 0; got {strength}")
+    strength = check_number(strength, "strength", error=SearchError)
     proposal_field = field if max_force is None else CombinedField(field, max_force=max_force)
     proposal = Guided(run.velocity, proposal_field, strength=strength, weight=weight)
     # the capped field has the field's clearance: the potential reads it from the proposal's
