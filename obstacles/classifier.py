@@ -28,15 +28,16 @@ A classifier records the C-space of the embeddings it was trained on (:attr:`spa
 recorded); :meth:`PreferenceClassifier.check_space` refuses another space.
 
 On disk a classifier is a folder in cspace's safe-folder format (:mod:`cspace.io.folder`:
-written to a temporary folder and swapped in with ``os.replace``; verified on load, never
-unpickled)::
+crash-safe, serialised with other writers; verified on load, every field's type and range and
+the tensor header checked; never unpickled)::
 
-    manifest.json              format "cspace.classifier", format_version 2, d, threshold, q_star,
-                               eta, accuracy, classes, counts, training settings, space, size
-                               and SHA-256 of the tensor file
-    classifier.safetensors     w (d,) float64, b (1,) float64
+    manifest.json              format "cspace.classifier", format_version 3, d, threshold, q_star,
+                               eta, accuracy, classes, counts, training settings, space, stored
+                               name, size and SHA-256 of the tensor file
+    classifier.safetensors     w (d,) float64, b (1,) float64 (stored as
+                               classifier-<hash>.safetensors)
 
-Classifiers of format_version 1 (no space) still load, with ``space = None``.
+Classifiers of format_version 2 and 1 (no space) still load, v1 with ``space = None``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,16 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from cspace.io.errors import FolderError
-from cspace.io.folder import FolderKind, is_folder_of, read_folder, write_folder
-from cspace.io.legacy import CLASSIFIER_V1
+from cspace.io.folder import (
+    FolderKind,
+    check_int,
+    check_number,
+    is_folder_of,
+    read_folder,
+    write_folder,
+)
+from cspace.io.legacy import CLASSIFIER_V1, manifest_v2
+from cspace.io.untrusted import MAX_DIM, FormatError, check_safetensors
 from cspace.models.space import Space, check_same_space
 
 __all__ = [
@@ -68,7 +77,7 @@ __all__ = [
 ]
 
 CLASSIFIER_FORMAT = "cspace.classifier"
-CLASSIFIER_FORMAT_VERSION = 2
+CLASSIFIER_FORMAT_VERSION = 3
 CLASSES = ("good", "bad")  # label 0, label 1
 AUTO_Q_STAR_FACTOR = 1.0
 _TENSORS = "classifier.safetensors"
@@ -88,7 +97,7 @@ CLASSIFIER_KIND = FolderKind(
     error=ClassifierError,
     files=(_TENSORS,),
     fix="retrain it (cspace obstacles classifier) or restore the folder from a copy",
-    legacy=(CLASSIFIER_V1,),
+    legacy=(CLASSIFIER_V1, manifest_v2((_TENSORS,))),
 )
 
 
@@ -396,14 +405,17 @@ class PreferenceClassifier:
         problem."""
         folder = read_folder(path, CLASSIFIER_KIND)
         path, mpath, manifest = folder.path, folder.mpath, folder.manifest
-        try:
-            dim = int(manifest["dim"])
-            threshold, q_star, eta = manifest["threshold"], manifest["q_star"], manifest["eta"]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ClassifierError(f"{mpath} lacks a required field: {err}", mpath) from err
+        kind = CLASSIFIER_KIND
+        dim = check_int(folder.get("dim"), "dim", mpath, kind, 1, MAX_DIM)
+        threshold = check_number(folder.get("threshold"), "threshold", mpath, kind, 0.0, 1.0)
+        q_star = check_number(folder.get("q_star"), "q_star", mpath, kind)
+        eta = check_number(folder.get("eta"), "eta", mpath, kind)
+        for name in ("accuracy", "train_accuracy"):
+            check_number(manifest.get(name), name, mpath, kind, 0.0, 1.0, none=True)
         if manifest.get("classes", list(CLASSES)) != list(CLASSES):
             raise ClassifierError(
-                f"{mpath}: classes {manifest.get('classes')!r}, expected {list(CLASSES)}", mpath
+                f"{mpath}: classes {manifest.get('classes')!r:.80}, expected {list(CLASSES)}",
+                mpath,
             )
         if expected_dim is not None and dim != int(expected_dim):
             raise ClassifierError(
@@ -415,20 +427,19 @@ class PreferenceClassifier:
             space = Space.from_json(manifest.get("space"))
         except ValueError as err:
             raise ClassifierError(f"{mpath}: bad space record: {err}", mpath) from err
-        tpath = path / _TENSORS
+        tpath = folder.file(_TENSORS)
         try:
+            check_safetensors(folder.files[_TENSORS], {"w": ("F64", (dim,)), "b": ("F64", (1,))})
             tensors = _st_load(folder.files[_TENSORS])
-        except Exception as err:  # safetensors raises its own error type
+        except FormatError as err:
+            raise ClassifierError(
+                f"{tpath} is not a readable safetensors file of this classifier: {err}", tpath
+            ) from None
+        except Exception as err:  # pragma: no cover - safetensors' own checks, after ours
             raise ClassifierError(
                 f"{tpath} is not a readable safetensors file: {err}", tpath
             ) from err
-        w, b = tensors.get("w"), tensors.get("b")
-        if w is None or w.shape != (dim,) or b is None or b.shape != (1,):
-            raise ClassifierError(
-                f"{tpath}: expected w of shape ({dim},) and b of shape (1,); got "
-                f"{None if w is None else w.shape} and {None if b is None else b.shape}",
-                tpath,
-            )
+        w, b = tensors["w"], tensors["b"]
         info = manifest.get("info", {})
         return cls(
             w,

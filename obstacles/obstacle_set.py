@@ -13,21 +13,29 @@ channels, latent shape, d), or None for an unknown space (embeddings from elsewh
 before spaces were recorded), which every space check accepts. :meth:`ObstacleSet.check_space`
 refuses another space with an error naming both.
 
-On disk a set is a folder in cspace's safe-folder format (:mod:`cspace.io.folder`)::
+On disk a set is a folder in cspace's safe-folder format (:mod:`cspace.io.folder`); each
+payload file is stored under a name carrying its checksum (``embeddings-<hash>.safetensors``)::
 
-    manifest.json          format "cspace.obstacles", format_version 2, size and SHA-256 of each
-                           file, d, count, metric, next_id, revision, space, saved
-    index.faiss            the FAISS index (faiss.serialize_index)
-    metadata.safetensors   ids (int64), q_star, eta, radius (float64)
+    manifest.json          format "cspace.obstacles", format_version 3, the stored name, size
+                           and SHA-256 of each file, d, count, metric, next_id, revision, space,
+                           saved
+    embeddings.safetensors embeddings (float32, (count, d)): the vectors of the exact
+                           IndexFlatL2, rebuilt on load
+    metadata.safetensors   ids (int64), q_star, eta, radius (float64), each (count,)
     records.json           labels, sources, history (the earlier Q*, eta and radius of each
                            revision)
 
-It is written to a temporary folder and swapped in with ``os.replace``, so an interrupted save
-leaves the previous set intact; files in the folder that are not the set's (images kept beside
-it) are kept. :meth:`ObstacleSet.load` checks format, version, sizes, SHA-256 checksums,
-dimension and count, and never unpickles anything. Sets of format_version 1 (labels, sources and
-history in the manifest, no space) still load, with ``space = None``
-(:mod:`cspace.io.legacy`).
+Saves are crash-safe and serialised: payload files are immutable and the manifest is replaced
+last, under a writers' lock, so a reader sees the previous set or the new one whatever moment a
+writer dies at and however many writers run; files in the folder that are not the set's
+(images kept beside it) are kept. :meth:`ObstacleSet.load` treats the folder as untrusted: it
+checks format and version, each file (a regular file, its size before reading it, its SHA-256),
+the type and range of every manifest and records field, each safetensors header against the
+file size and the exact tensors expected (before ``safetensors`` parses it), and that the
+embeddings are finite; FAISS' deserialiser never sees a file, and nothing is unpickled. Sets of
+format_version 2 (``index.faiss``) and 1 (labels, sources and history in the manifest, no
+space) still load (:mod:`cspace.io.legacy`: their index is parsed field by field, never
+deserialised by FAISS); :func:`cspace.io.folder.migrate_folder` rewrites one in version 3.
 
 Sources are strings (usually image paths), stored exactly as they were given (a path typed
 relative to the working folder stays relative; nothing is resolved to an absolute path, so a set
@@ -48,18 +56,29 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from cspace.io.errors import FolderError
-from cspace.io.folder import FolderKind, is_folder_of, read_folder, write_folder
-from cspace.io.legacy import OBSTACLES_V1
+from cspace.io.folder import (
+    FolderKind,
+    check_int,
+    check_number,
+    check_str,
+    check_str_list,
+    is_folder_of,
+    read_folder,
+    write_folder,
+)
+from cspace.io.legacy import OBSTACLES_V1, OBSTACLES_V2
+from cspace.io.untrusted import MAX_COUNT, MAX_DIM, FormatError, check_safetensors
 from cspace.models.space import Space, check_same_space
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KIND", "ObstacleSet", "ObstacleSetError"]
 
 FORMAT = "cspace.obstacles"
-FORMAT_VERSION = 2
-_INDEX_FILE = "index.faiss"
+FORMAT_VERSION = 3
+_EMB_FILE = "embeddings.safetensors"
 _META_FILE = "metadata.safetensors"
 _RECORDS = "records.json"
 _EPS32 = float(np.finfo(np.float32).eps)
+_MAX_ID = 2**62  # ids and revisions: int64 with room to grow
 
 
 class ObstacleSetError(FolderError):
@@ -73,9 +92,9 @@ KIND = FolderKind(
     what="obstacle-set",
     a_what="an obstacle set",
     error=ObstacleSetError,
-    files=(_INDEX_FILE, _META_FILE, _RECORDS),
+    files=(_EMB_FILE, _META_FILE, _RECORDS),
     fix="rebuild the set (cspace obstacles build) or restore the folder from a copy",
-    legacy=(OBSTACLES_V1,),
+    legacy=(OBSTACLES_V1, OBSTACLES_V2),
 )
 
 
@@ -423,14 +442,16 @@ class ObstacleSet:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the set to the folder ``path`` atomically; returns the path.
+        """Write the set to the folder ``path``; returns the path.
 
+        Crash-safe and safe with concurrent readers and writers (:mod:`cspace.io.folder`):
+        readers see the previous set or this one, whatever moment the save is interrupted at.
         An existing folder is replaced only if it is an obstacle set or empty; anything else
         raises rather than being overwritten. Other files inside an existing set's folder
         (images kept beside it) are kept. Sources are stored as given (module docstring).
         """
         path = Path(path)
-        index_bytes = faiss.serialize_index(self.index).tobytes()
+        emb_bytes = _st_save({"embeddings": np.ascontiguousarray(self.embeddings, np.float32)})
         meta_bytes = _st_save(
             {
                 "ids": self._ids,
@@ -453,7 +474,7 @@ class ObstacleSet:
             "space": None if self.space is None else self.space.to_json(),
         }
         payload = {
-            _INDEX_FILE: index_bytes,
+            _EMB_FILE: emb_bytes,
             _META_FILE: meta_bytes,
             _RECORDS: json.dumps(records, indent=0).encode(),
         }
@@ -461,89 +482,152 @@ class ObstacleSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_dim: int | None = None) -> ObstacleSet:
-        """Read a set written by :meth:`save` (or a version-1 set), verifying everything; see
+        """Read a set written by :meth:`save` (or by an older cspace), verifying everything; see
         the module docstring.
 
-        ``expected_dim`` (optional) is the embedding dimension the caller needs.
+        ``expected_dim`` (optional) is the embedding dimension the caller needs. Raises
+        :class:`ObstacleSetError` naming the file and the field for anything that is not such
+        a set (memory used: a few times the set's size on disk, whatever its files declare).
         """
         folder = read_folder(path, KIND)
         path, mpath, manifest = folder.path, folder.mpath, folder.manifest
-        try:
-            dim, count = int(manifest["dim"]), int(manifest["count"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ObstacleSetError(f"{mpath} lacks a required field: {err}", mpath) from err
+        dim = check_int(folder.get("dim"), "dim", mpath, KIND, 1, MAX_DIM)
+        count = check_int(folder.get("count"), "count", mpath, KIND, 0, MAX_COUNT)
+        metric = folder.get("metric")
+        if metric != "l2":
+            raise ObstacleSetError(
+                f"{mpath}: field 'metric' is {metric!r:.40}; obstacle sets use Euclidean "
+                "distances ('l2')",
+                mpath,
+            )
         if expected_dim is not None and dim != int(expected_dim):
             raise ObstacleSetError(
                 f"dimension mismatch: {path} holds d={dim} embeddings but d={expected_dim} was expected",
                 path,
             )
-        records = folder.json(_RECORDS)
-        try:
-            labels, sources = list(records["labels"]), list(records["sources"])
-            history = list(records.get("history", []))
-        except (KeyError, TypeError, AttributeError) as err:
-            raise ObstacleSetError(
-                f"{path / _RECORDS} lacks a required field: {err}", path / _RECORDS
-            ) from err
+        if "revision" in manifest:
+            check_int(manifest["revision"], "revision", mpath, KIND, 0, _MAX_ID)
         try:
             space = Space.from_json(manifest.get("space"))
         except ValueError as err:
             raise ObstacleSetError(f"{mpath}: bad space record: {err}", mpath) from err
-        try:
-            index = faiss.deserialize_index(
-                np.frombuffer(folder.files[_INDEX_FILE], dtype=np.uint8)
+        if space is not None and space.dim != dim:
+            raise ObstacleSetError(
+                f"{mpath}: the recorded space has d={space.dim} but the set has d={dim}", mpath
             )
-        except RuntimeError as err:
+        labels, sources, history = _records(folder, count)
+        emb = _tensors(folder, _EMB_FILE, {"embeddings": ("F32", (count, dim))})["embeddings"]
+        if not np.all(np.isfinite(emb)):
+            bad = int(np.flatnonzero(~np.all(np.isfinite(emb), axis=1))[0])
             raise ObstacleSetError(
-                f"{path / _INDEX_FILE} is not a readable FAISS index: {err}", path / _INDEX_FILE
-            ) from err
-        if not isinstance(index, faiss.IndexFlatL2):
-            raise ObstacleSetError(
-                f"{path / _INDEX_FILE} holds a {type(index).__name__}, not an IndexFlatL2",
-                path / _INDEX_FILE,
+                f"{folder.file(_EMB_FILE)}: embedding {bad} holds NaN or Inf (a corrupt or "
+                "crafted set)",
+                folder.file(_EMB_FILE),
             )
-        if index.d != dim or index.ntotal != count:
-            raise ObstacleSetError(
-                f"{path}: index has d={index.d}, count={index.ntotal} but the manifest says d={dim}, count={count}",
-                path,
-            )
-        try:
-            meta = _st_load(folder.files[_META_FILE])
-        except Exception as err:  # safetensors raises its own error type
-            raise ObstacleSetError(
-                f"{path / _META_FILE} is not a readable safetensors file: {err}", path / _META_FILE
-            ) from err
-        for key in ("ids", "q_star", "eta", "radius"):
-            if key not in meta or meta[key].shape != (count,):
-                raise ObstacleSetError(
-                    f"{path / _META_FILE}: {key!r} missing or not of shape ({count},)",
-                    path / _META_FILE,
-                )
-        if len(labels) != count or len(sources) != count:
-            raise ObstacleSetError(
-                f"{path / _RECORDS}: labels/sources do not have {count} entries", path / _RECORDS
-            )
+        meta = _tensors(
+            folder,
+            _META_FILE,
+            {
+                "ids": ("I64", (count,)),
+                "q_star": ("F64", (count,)),
+                "eta": ("F64", (count,)),
+                "radius": ("F64", (count,)),
+            },
+        )
         ids = meta["ids"].astype(np.int64)
-        try:
-            next_id = int(manifest.get("next_id", int(ids.max(initial=-1)) + 1))
-        except (TypeError, ValueError) as err:
-            raise ObstacleSetError(f"{mpath}: next_id is not an integer: {err}", mpath) from err
+        default_next = int(ids.max(initial=-1)) + 1
+        next_id = check_int(
+            manifest.get("next_id", default_next), "next_id", mpath, KIND, 0, _MAX_ID
+        )
         if np.unique(ids).size != count or (count and (ids.min() < 0 or ids.max() >= next_id)):
             raise ObstacleSetError(
                 f"{path}: obstacle ids are duplicated, negative or not below next_id={next_id}",
                 path,
             )
-        if space is not None and space.dim != dim:
-            raise ObstacleSetError(
-                f"{mpath}: the recorded space has d={space.dim} but the set has d={dim}", mpath
-            )
+        where = folder.file(_META_FILE)
+        try:
+            q_star = _per_obstacle(meta["q_star"], count, "q_star", positive=True)
+            eta = _per_obstacle(meta["eta"], count, "eta", positive=False)
+            radius = _per_obstacle(meta["radius"], count, "radius", positive=False)
+        except ObstacleSetError as err:
+            raise ObstacleSetError(f"{where}: {err}", where) from None
         out = cls(dim, space=space)
-        out.index = index
+        out.index.add(np.ascontiguousarray(emb, dtype=np.float32))
         out._ids = ids
-        out._q_star = _per_obstacle(meta["q_star"], count, "q_star", positive=True)
-        out._eta = _per_obstacle(meta["eta"], count, "eta", positive=False)
-        out._radius = _per_obstacle(meta["radius"], count, "radius", positive=False)
-        out._labels, out._sources = [str(s) for s in labels], [str(s) for s in sources]
+        out._q_star, out._eta, out._radius = q_star, eta, radius
+        out._labels, out._sources = labels, sources
         out._next_id = next_id
         out.history = history
         return out
+
+
+def _tensors(folder, name: str, expected: dict) -> dict[str, np.ndarray]:
+    """The tensors of the safetensors payload ``name``, its header validated against
+    ``expected`` (name -> (dtype, shape)) and the file size before safetensors parses it."""
+    where = folder.file(name)
+    data = folder.files[name]
+    try:
+        check_safetensors(data, expected)
+        return _st_load(data)
+    except FormatError as err:
+        raise ObstacleSetError(
+            f"{where} is not a readable safetensors file of this set: {err}", where
+        ) from None
+    except Exception as err:  # pragma: no cover - safetensors' own checks, after ours
+        raise ObstacleSetError(f"{where} is not a readable safetensors file: {err}", where) from err
+
+
+_HISTORY_LISTS = ("ids", "q_star", "eta", "radius")
+
+
+def _records(folder, count: int) -> tuple[list[str], list[str], list[dict]]:
+    """Labels, sources and history from records.json, every field's type checked."""
+    where = folder.file(_RECORDS)
+    records = folder.json(_RECORDS)
+    if not isinstance(records, dict):
+        raise ObstacleSetError(
+            f"{where} is a JSON {type(records).__name__}, not an object of labels, sources and "
+            "history",
+            where,
+        )
+    for key in ("labels", "sources"):
+        if key not in records:
+            raise ObstacleSetError(f"{where} lacks a required field: {key!r}", where)
+    labels = check_str_list(records["labels"], "labels", where, KIND, count)
+    sources = check_str_list(records["sources"], "sources", where, KIND, count)
+    history = records.get("history", [])
+    if not isinstance(history, list):
+        raise ObstacleSetError(
+            f"{where}: field 'history' must be a list of revisions; got {type(history).__name__}",
+            where,
+        )
+    for i, entry in enumerate(history):
+        if not isinstance(entry, dict):
+            raise ObstacleSetError(
+                f"{where}: history[{i}] must be an object; got {type(entry).__name__}", where
+            )
+        for key in ("time", "note"):
+            if key in entry:
+                check_str(entry[key], f"history[{i}].{key}", where, KIND)
+        sizes = set()
+        for key in _HISTORY_LISTS:
+            if key not in entry:
+                continue
+            values = entry[key]
+            if not isinstance(values, list):
+                raise ObstacleSetError(
+                    f"{where}: history[{i}].{key} must be a list; got {type(values).__name__}",
+                    where,
+                )
+            for j, v in enumerate(values):
+                if key == "ids":
+                    check_int(v, f"history[{i}].ids[{j}]", where, KIND, 0, _MAX_ID)
+                else:
+                    check_number(v, f"history[{i}].{key}[{j}]", where, KIND)
+            sizes.add(len(values))
+        if len(sizes) > 1:
+            raise ObstacleSetError(
+                f"{where}: the lists of history[{i}] have different lengths {sorted(sizes)}",
+                where,
+            )
+    return labels, sources, history

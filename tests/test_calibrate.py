@@ -21,6 +21,7 @@ from guidance.calibrate import (
     pareto_front,
 )
 from obstacles import ObstacleSet
+from tests.folders import stored
 
 torch.set_num_threads(1)
 
@@ -178,7 +179,7 @@ def test_cli_toy_writes_a_new_revision(tmp_path, capsys):
     assert loaded.eta.tolist() == pytest.approx(rep["chosen"]["eta"])
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["revision"] == 1
-    records = json.loads((path / "records.json").read_text())  # labels, sources, history
+    records = json.loads(stored(path, "records.json").read_text())  # labels, sources, history
     assert records["history"][0]["q_star"] == pytest.approx(toy_set().q_star.tolist())
     assert len(loaded.history) == 1
     assert loaded.history[-1]["note"].startswith("cspace calibrate (toy, per global): trial ")

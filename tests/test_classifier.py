@@ -17,6 +17,7 @@ from cspace.models.toy import GaussianMixture
 from guidance import ClassifierField, CombinedField, Guided, RepulsiveField, safe_norm, sample
 from obstacles import ObstacleSet
 from obstacles.classifier import ClassifierError, PreferenceClassifier
+from tests.folders import replace_payload, stored
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits"
@@ -122,7 +123,7 @@ def test_save_load_round_trip(tmp_path):
     assert back.q_star == clf.q_star and back.accuracy == clf.accuracy
     assert back.info["encoder"] == "tiny" and back.info["counts"] == {"good": 60, "bad": 60}
     manifest = json.loads((tmp_path / "clf" / "manifest.json").read_text())
-    assert manifest["format"] == "cspace.classifier" and manifest["format_version"] == 2
+    assert manifest["format"] == "cspace.classifier" and manifest["format_version"] == 3
     assert manifest["dim"] == 5 and manifest["classes"] == ["good", "bad"]
     assert "sha256" in manifest["files"]["classifier.safetensors"]
     clf.save(tmp_path / "clf")  # replacing a classifier is fine
@@ -132,7 +133,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 def _tamper(folder: Path, how: str) -> None:
-    tensors, mpath = folder / "classifier.safetensors", folder / "manifest.json"
+    tensors, mpath = stored(folder, "classifier.safetensors"), folder / "manifest.json"
     manifest = json.loads(mpath.read_text())
     if how == "flip":
         data = bytearray(tensors.read_bytes())
@@ -149,15 +150,9 @@ def _tamper(folder: Path, how: str) -> None:
             manifest["format"] = "something.else"
         mpath.write_text(json.dumps(manifest))
     elif how == "shape":  # a consistent checksum on tensors of the wrong shape
-        blob = st_save({"w": np.ones(3), "b": np.zeros(1)})
-        tensors.write_bytes(blob)
-        import hashlib
-
-        manifest["files"]["classifier.safetensors"] = {
-            "bytes": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest(),
-        }
-        mpath.write_text(json.dumps(manifest))
+        replace_payload(
+            folder, "classifier.safetensors", st_save({"w": np.ones(3), "b": np.zeros(1)})
+        )
     elif how == "json":
         mpath.write_text("{not json")
 
@@ -170,7 +165,7 @@ def _tamper(folder: Path, how: str) -> None:
         ("missing", "is missing"),
         ("version", "format_version 99"),
         ("format", "not a cspace classifier manifest"),
-        ("shape", r"expected w of shape \(2,\)"),
+        ("shape", r"tensor 'w' is F64 of shape \(3,\), expected F64 of shape \(2,\)"),
         ("json", "not JSON"),
     ],
 )
@@ -408,17 +403,17 @@ def test_cli_classifier(tmp_path, run_cli, tiny_encoder, monkeypatch):
     assert clf.dim == 32 and clf.threshold == 0.6 and clf.eta == 0.5
     assert clf.accuracy is not None and clf.info["encoder"].startswith("tiny")
     rc, text, _ = run_cli(["obstacles", "info", out])
-    assert rc == 0 and "cspace.classifier v2" in text and "threshold: 0.6" in text
+    assert rc == 0 and "cspace.classifier v3" in text and "threshold: 0.6" in text
     assert "examples: 16 good, 8 bad" in text
     rc, _, err = run_cli(argv)
     assert rc == 2 and "--overwrite" in err
-    before = (out / "classifier.safetensors").read_bytes()
+    before = stored(out, "classifier.safetensors").read_bytes()
     # a bad image among the bad ones: nothing encoded, nothing written
     (tmp_path / "3" / "broken.png").write_text("no")
     calls.clear()
     rc, _, err = run_cli([*argv, "--overwrite"])
     assert rc == 2 and err.startswith("cspace obstacles: error:") and "broken.png" in err
-    assert calls == [] and (out / "classifier.safetensors").read_bytes() == before
+    assert calls == [] and stored(out, "classifier.safetensors").read_bytes() == before
     (tmp_path / "3" / "broken.png").unlink()
     for extra, msg in (
         (["--threshold", "1.5"], "--threshold must be a probability"),

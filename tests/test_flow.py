@@ -24,6 +24,7 @@ from cspace.models.flow import (
 from cspace.models.shipped import WEIGHTS_DIR
 from cspace.models.toy import GaussianMixture
 from guidance import sample
+from tests.folders import stored, version_files
 
 TINY = FlowConfig(latent_shape=(2, 1, 1), width=64, depth=2, time_channels=32, time_embed_dim=64)
 MIX = GaussianMixture(torch.tensor([[-2.0, 0.0], [2.0, 1.0]]), 0.3)
@@ -161,10 +162,10 @@ def test_save_load_round_trip(tmp_path, gmm_flow):
     assert torch.equal(loaded(x, t), FlowModel(net)(x, t))
     cfg = json.loads((out / "manifest.json").read_text())
     assert cfg["format"] == "cspace.flow" and cfg["parameters"] == net.num_parameters()
-    assert cfg["format_version"] == 2 and "sha256" in cfg["files"]["model.safetensors"]
+    assert cfg["format_version"] == 3 and "sha256" in cfg["files"]["model.safetensors"]
     # saving again replaces the folder; a folder that is not a flow is never overwritten
     save_flow(out, loaded, loaded.meta)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+    assert {p.name for p in out.iterdir()} == version_files(out)
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
@@ -174,7 +175,7 @@ def test_save_load_round_trip(tmp_path, gmm_flow):
 
 def test_load_rejects_corrupt_or_mismatched_files(tmp_path, gmm_flow):
     out = save_flow(tmp_path / "flow", gmm_flow[0], {"encoder": "vae_test"})
-    cpath, wpath = out / "manifest.json", out / "model.safetensors"
+    cpath, wpath = out / "manifest.json", stored(out, "model.safetensors")
     cfg = json.loads(cpath.read_text())
     # architecture in the manifest that does not match the tensors
     bad = {**cfg, "config": {**cfg["config"], "width": 32}}

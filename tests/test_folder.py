@@ -6,7 +6,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,14 @@ from safetensors.torch import load_file
 
 import cspace.io.folder as folder_mod
 from cspace.io.errors import FolderError, MissingWeightsError
-from cspace.io.folder import MAX_MANIFEST_BYTES, is_folder_of, migrate_folder, read_folder
+from cspace.io.folder import (
+    LOCK_FILE,
+    MAX_MANIFEST_BYTES,
+    is_folder_of,
+    migrate_folder,
+    read_folder,
+    stored_name,
+)
 from cspace.models.flow import (
     FLOW_KIND,
     FlowConfig,
@@ -40,6 +46,7 @@ from cspace.models.vae import (
 from obstacles import ObstacleSet, ObstacleSetError, PreferenceClassifier, is_obstacle_set
 from obstacles.classifier import CLASSIFIER_KIND, ClassifierError
 from obstacles.obstacle_set import KIND as OBSTACLES_KIND
+from tests.folders import stored, version_files
 from tests.legacy_writers import (
     save_classifier_v1,
     save_flow_v1,
@@ -152,13 +159,16 @@ def test_every_kind_writes_the_same_format(made):
     kind, path = made
     manifest = _manifest(path)
     fk = FOLDER_KINDS[kind]
-    assert manifest["format"] == fk.format and manifest["format_version"] == fk.version == 2
-    assert isinstance(manifest["saved"], str)
-    assert {p.name for p in path.iterdir()} == {"manifest.json", *manifest["files"]}
+    assert manifest["format"] == fk.format and manifest["format_version"] == fk.version == 3
+    assert isinstance(manifest["saved"], str) and manifest["superseded"] == []
+    files = {e["file"] for e in manifest["files"].values()}
+    assert {p.name for p in path.iterdir()} == {"manifest.json", LOCK_FILE, *files}
     assert set(fk.files) <= set(manifest["files"])
     for name, entry in manifest["files"].items():
-        data = (path / name).read_bytes()
-        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        data = (path / entry["file"]).read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        stem, ext = name.split(".", 1)
+        assert entry == {"file": f"{stem}-{sha[:12]}.{ext}", "bytes": len(data), "sha256": sha}
     assert is_folder_of(path, fk)
     assert not any(is_folder_of(path, other) for k, other in FOLDER_KINDS.items() if k != kind)
     _load(kind, path)  # and it loads
@@ -178,11 +188,11 @@ def test_one_reader_for_every_kind(made, monkeypatch):
 
 def test_flipped_byte_gives_the_shared_error_with_the_kinds_class(made):
     kind, path = made
-    target = path / PAYLOAD[kind]
+    target = stored(path, PAYLOAD[kind])
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(ERRORS[kind], match=f"checksum mismatch for .*{PAYLOAD[kind]}") as err:
+    with pytest.raises(ERRORS[kind], match=f"checksum mismatch for .*{target.name}") as err:
         _load(kind, path)
     assert isinstance(err.value, FolderError) and isinstance(err.value, ValueError)
     assert err.value.path == target
@@ -191,7 +201,7 @@ def test_flipped_byte_gives_the_shared_error_with_the_kinds_class(made):
 
 def test_truncated_file(made):
     kind, path = made
-    target = path / PAYLOAD[kind]
+    target = stored(path, PAYLOAD[kind])
     data = target.read_bytes()
     target.write_bytes(data[:-7])
     msg = f"has {len(data) - 7} bytes but the manifest says {len(data)}: truncated or replaced"
@@ -202,7 +212,7 @@ def test_truncated_file(made):
 def test_symlinked_payload_is_refused(made, tmp_path):
     """A symbolic link to an identical file (same size, same SHA-256) is still refused."""
     kind, path = made
-    target = path / PAYLOAD[kind]
+    target = stored(path, PAYLOAD[kind])
     elsewhere = tmp_path / "elsewhere.bin"
     shutil.copy(target, elsewhere)
     target.unlink()
@@ -224,7 +234,7 @@ def test_size_is_checked_before_reading(made):
     """A 1 TiB sparse file in place of the payload is refused by its size; reading it whole
     would fail with MemoryError instead."""
     kind, path = made
-    target = path / PAYLOAD[kind]
+    target = stored(path, PAYLOAD[kind])
     target.unlink()
     try:
         with open(target, "wb") as f:
@@ -248,8 +258,8 @@ def test_manifest_problems(made, change):
     kind, path = made
     manifest = _manifest(path)
     if change == "newer":
-        manifest["format_version"] = 3
-        msg = r"format_version 3; this cspace reads versions? (1\.\.)?2 \(upgrade cspace"
+        manifest["format_version"] = 4
+        msg = r"format_version 4; this cspace reads versions? ([12]\.\.)?3 \(upgrade cspace"
     elif change == "foreign":
         manifest["format"] = "someone.else"
         msg = "is not a cspace .* manifest .*someone.else"
@@ -299,29 +309,6 @@ def test_save_replaces_only_its_own_kind_and_keeps_other_files(made, tmp_path):
         _make(other, path)  # a folder of another kind is foreign too
 
 
-def test_interrupted_swap_keeps_the_old_folder_and_its_files(tmp_path, monkeypatch):
-    path = tmp_path / "set"
-    _make("obstacles", path)
-    (path / "images").mkdir()
-    (path / "images" / "a.png").write_bytes(b"png")
-    before = _tree(path)
-    real = os.replace
-    failed = []
-
-    def failing(src, dst):
-        if Path(dst) == path and not failed:  # the swap of the new folder into place
-            failed.append(src)
-            raise OSError("disk full (simulated)")
-        return real(src, dst)
-
-    monkeypatch.setattr(folder_mod.os, "replace", failing)
-    with pytest.raises(OSError, match="simulated"):
-        _make_set(seed=5).save(path)
-    monkeypatch.undo()
-    assert failed and _tree(path) == before  # the images were carried out and back
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
-
-
 # ---------------------------------------------------------------------- sources
 def test_sources_are_stored_as_given(tmp_path, monkeypatch, tiny_encoder):
     """Sources keep the form the user gave them in (relative or absolute), through build, add,
@@ -368,15 +355,18 @@ def test_legacy_obstacle_set_v1_loads(tmp_path):
         np.testing.assert_array_equal(getattr(loaded, attr), getattr(s, attr))
     assert loaded.labels == s.labels and loaded.sources == s.sources
     assert loaded.history == s.history
-    # the documented migration: rewrite it in the current format, same tensor bytes
+    # the documented migration: rewrite it in the current format, same tensors
     old = _tree(tmp_path / "old")
     migrate_folder(tmp_path / "old", OBSTACLES_KIND)
-    new = _tree(tmp_path / "old")
-    assert _manifest(tmp_path / "old")["format_version"] == 2
-    assert new["index.faiss"] == old["index.faiss"]
-    assert new["metadata.safetensors"] == old["metadata.safetensors"]
+    assert _manifest(tmp_path / "old")["format_version"] == 3
+    assert (
+        stored(tmp_path / "old", "metadata.safetensors").read_bytes() == old["metadata.safetensors"]
+    )
+    emb = load_file(str(stored(tmp_path / "old", "embeddings.safetensors")))["embeddings"]
+    assert np.array_equal(emb.numpy(), s.embeddings) and emb.dtype == torch.float32
     again = ObstacleSet.load(tmp_path / "old")
     assert again.labels == s.labels and again.history == s.history
+    np.testing.assert_array_equal(again.embeddings, s.embeddings)
     # a v1 set with a damaged file is refused as before
     save_obstacle_set_v1(s, tmp_path / "bad")
     data = bytearray((tmp_path / "bad" / "index.faiss").read_bytes())
@@ -394,8 +384,8 @@ def test_legacy_classifier_v1_loads(tmp_path):
     np.testing.assert_array_equal(back.w, clf.w)
     assert back.b == clf.b and back.threshold == 0.4 and back.q_star == 0.7
     assert back.info == {"encoder": "digits"} and back.space is None
-    back.save(tmp_path / "old")  # saving over a v1 classifier writes v2
-    assert _manifest(tmp_path / "old")["format_version"] == 2
+    back.save(tmp_path / "old")  # saving over a v1 classifier writes v3
+    assert _manifest(tmp_path / "old")["format_version"] == 3
 
 
 def test_legacy_flow_v1_loads(tmp_path):
@@ -421,13 +411,16 @@ def test_legacy_flow_v1_loads(tmp_path):
     wpath.unlink()
     with pytest.raises(MissingWeightsError, match="cspace train flow"):
         load_flow(tmp_path / "old")
-    # saving over a legacy flow replaces its config.json with the manifest
+    # saving over a legacy flow writes the manifest; the old files stay for readers of the old
+    # layout until the next save
     save_flow_v1(tmp_path / "old2", net, {"encoder": "vae_test"})
     save_flow(tmp_path / "old2", net, {"encoder": "vae_test"})
-    assert sorted(p.name for p in (tmp_path / "old2").iterdir()) == [
-        "manifest.json",
-        "model.safetensors",
-    ]
+    assert _manifest(tmp_path / "old2")["superseded"] == ["config.json", "model.safetensors"]
+    assert {p.name for p in (tmp_path / "old2").iterdir()} == version_files(tmp_path / "old2")
+    save_flow(tmp_path / "old2", net, {"encoder": "vae_test"})
+    assert sorted(p.name for p in (tmp_path / "old2").iterdir()) == sorted(
+        [LOCK_FILE, "manifest.json", stored(tmp_path / "old2", "model.safetensors").name]
+    )
 
 
 def test_legacy_vae_v1_loads(tmp_path):
@@ -468,13 +461,15 @@ def test_legacy_vae_v1_loads(tmp_path):
     (old / "model.safetensors").write_bytes(b"")
     with pytest.raises(VAEWeightsError, match="not a cspace aligned-VAE"):
         load_aligned_vae(old)
-    # saving over a legacy VAE folder writes the current format
+    # saving over a legacy VAE folder writes the current format (the old files go at the
+    # next save)
     save_vae_v1(tmp_path / "old2", meta, tensors)
     save_aligned_vae(tmp_path / "old2", vae, meta)
-    assert sorted(p.name for p in (tmp_path / "old2").iterdir()) == [
-        "manifest.json",
-        "model.safetensors",
-    ]
+    assert _manifest(tmp_path / "old2")["superseded"] == ["config.json", "model.safetensors"]
+    save_aligned_vae(tmp_path / "old2", vae, meta)
+    assert sorted(p.name for p in (tmp_path / "old2").iterdir()) == sorted(
+        [LOCK_FILE, "manifest.json", stored(tmp_path / "old2", "model.safetensors").name]
+    )
     assert load_aligned_vae(tmp_path / "old2")[1]["name"] == "old-vae"
 
 
@@ -501,11 +496,14 @@ def test_legacy_teacher_v1_loads(tmp_path):
 def test_shipped_weights_are_in_the_new_format(name):
     folder = shipped(name)
     kind = {"teacher": TEACHER_KIND, "vae": VAE_KIND, "flow": FLOW_KIND}[name.split("_")[0]]
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.safetensors"]
+    weights = stored_name("model.safetensors", SHIPPED_SHA256[name])
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", weights]
     read = read_folder(folder, kind)
     assert read.legacy is None and read.manifest["format_version"] == kind.version
-    # the very bytes shipped before the re-save: every figure stays the same
+    assert read.manifest["superseded"] == []
+    # the very bytes shipped before the re-saves: every figure stays the same
     assert read.sha256("model.safetensors") == SHIPPED_SHA256[name]
+    assert hashlib.sha256((folder / weights).read_bytes()).hexdigest() == SHIPPED_SHA256[name]
     if name.startswith("flow"):
         from cspace.models.encoders import Encoder
 
@@ -527,7 +525,7 @@ def test_shipped_weights_in_the_old_layout_still_load(name, tmp_path):
     old = tmp_path / name
     old.mkdir()
     shutil.copy(LEGACY_SHIPPED / name / "config.json", old / "config.json")
-    shutil.copy(shipped(name) / "model.safetensors", old / "model.safetensors")
+    shutil.copy(stored(shipped(name), "model.safetensors"), old / "model.safetensors")
     kind = {"teacher": TEACHER_KIND, "vae": VAE_KIND, "flow": FLOW_KIND}[name.split("_")[0]]
     legacy, current = read_folder(old, kind), read_folder(shipped(name), kind)
     assert legacy.legacy is not None

@@ -213,7 +213,7 @@ def test_cli_build_info_append(digits, cli_encoder, run_cli, tmp_path):
     assert rc == 0 and "12 in the set" in text
     rc, text, _ = run_cli(["obstacles", "info", out])
     assert rc == 0
-    assert "cspace.obstacles v2" in text and "count: 12" in text and "3: 6, seven: 6" in text
+    assert "cspace.obstacles v3" in text and "count: 12" in text and "3: 6, seven: 6" in text
     assert f"space: {cli_encoder.space((8, 8)).describe()}" in text
     assert "eta: 1 .. 2" in text and "history: 0 entries" in text
     rc, text, _ = run_cli(["obstacles", "info", out, "--json"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,8 +13,10 @@ import pytest
 
 import obstacles.obstacle_set as obstacle_set_module
 from obstacles import FORMAT, FORMAT_VERSION, ObstacleSet, ObstacleSetError
+from tests.folders import live_files, replace_payload, stored, version_files
+from tests.legacy_writers import save_obstacle_set_v2
 
-FILES = {"manifest.json", "index.faiss", "metadata.safetensors", "records.json"}
+PAYLOAD = ("embeddings.safetensors", "metadata.safetensors", "records.json")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -91,11 +92,9 @@ def _rewrite_manifest(path: Path, **changes) -> dict:
 
 
 def _replace_file(path: Path, name: str, data: bytes) -> None:
-    """Replace a data file and update the manifest's size and checksum to match it."""
-    (path / name).write_bytes(data)
-    manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (path / "manifest.json").write_text(json.dumps(manifest))
+    """Replace a data file and update the manifest's entry (stored name, size and checksum)
+    to match it."""
+    replace_payload(path, name, data)
 
 
 @pytest.fixture(params=["default", "blas"])
@@ -119,6 +118,14 @@ def faiss_path(request):
 def saved(tmp_path) -> tuple[ObstacleSet, Path]:
     s = _make_set(n=12, d=8, seed=3)
     path = s.save(tmp_path / "set")
+    return s, path
+
+
+@pytest.fixture
+def saved_v2(tmp_path) -> tuple[ObstacleSet, Path]:
+    """A set of format_version 2 (``index.faiss``), written by the writer of that version."""
+    s = _make_set(n=12, d=8, seed=3)
+    path = save_obstacle_set_v2(s, tmp_path / "set")
     return s, path
 
 
@@ -405,9 +412,10 @@ def test_save_load_round_trip(tmp_path):
     s.set_parameters(q_star=0.75, note="second")
     path = s.save(tmp_path / "set")
     assert path == tmp_path / "set"
-    assert {p.name for p in path.iterdir()} == FILES
+    assert {p.name for p in path.iterdir()} == live_files(path)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION
+    assert manifest["format"] == FORMAT and manifest["format_version"] == FORMAT_VERSION == 3
+    assert sorted(manifest["files"]) == sorted(PAYLOAD)
 
     loaded = ObstacleSet.load(path)
     _assert_same(_snapshot(s), _snapshot(loaded))
@@ -440,8 +448,12 @@ def test_save_replaces_existing_set(tmp_path):
     b.save(path)
     loaded = ObstacleSet.load(path)
     _assert_same(_snapshot(b), _snapshot(loaded))
-    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no .tmp-/.old- folders left
-    assert {p.name for p in path.iterdir()} == FILES
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # nothing beside the folder
+    # the new version, and the files of the one it replaced (for readers still reading it)
+    assert {p.name for p in path.iterdir()} == version_files(path)
+    assert len(json.loads((path / "manifest.json").read_text())["superseded"]) == 3
+    b.save(path)  # the next save removes them
+    assert {p.name for p in path.iterdir()} == live_files(path)
 
 
 def test_save_into_empty_folder_and_new_parents(tmp_path):
@@ -489,12 +501,13 @@ def test_interrupted_save_keeps_previous_set(tmp_path, monkeypatch):
     path = tmp_path / "set"
     a = _make_set(n=5, d=4, seed=35)
     a.save(path)
+    before = {p.name for p in path.iterdir()}
     real_replace = os.replace
     calls = []
 
     def failing_replace(src, dst):
         calls.append((src, dst))
-        if len(calls) == 2:  # the swap of the new folder into place
+        if Path(dst).name == "manifest.json":  # the commit: the new manifest replaces the old
             raise OSError("disk full (simulated)")
         return real_replace(src, dst)
 
@@ -502,9 +515,14 @@ def test_interrupted_save_keeps_previous_set(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         _make_set(n=7, d=4, seed=36).save(path)
     monkeypatch.undo()
-    assert len(calls) >= 2
+    assert len(calls) == 4  # three payload files, then the manifest
     _assert_same(_snapshot(a), _snapshot(ObstacleSet.load(path)))
     assert [p.name for p in tmp_path.iterdir()] == ["set"]
+    # no temporary file is left; the new payload files (named by no manifest) go at the next save
+    assert not [n for n in os.listdir(path) if n.startswith(".cspace-tmp-")]
+    assert before < {p.name for p in path.iterdir()}
+    a.save(path)
+    assert {p.name for p in path.iterdir()} == version_files(path) == before
 
 
 # ----------------------------------------------------------------------------- 6. corrupt files
@@ -557,8 +575,8 @@ def test_load_manifest_missing_field(saved):
         ObstacleSet.load(path)
 
 
-def test_load_truncated_index(saved):
-    _, path = saved
+def test_load_truncated_index(saved_v2):
+    _, path = saved_v2
     data = (path / "index.faiss").read_bytes()
     (path / "index.faiss").write_bytes(data[:-10])
     msg = f"has {len(data) - 10} bytes but the manifest says {len(data)}: truncated"
@@ -566,13 +584,23 @@ def test_load_truncated_index(saved):
         ObstacleSet.load(path)
 
 
-@pytest.mark.parametrize("name", ["index.faiss", "metadata.safetensors"])
-def test_load_flipped_byte(saved, name):
-    _, path = saved
-    data = bytearray((path / name).read_bytes())
+@pytest.mark.parametrize(
+    ("layout", "name"),
+    [
+        ("saved", "embeddings.safetensors"),
+        ("saved", "metadata.safetensors"),
+        ("saved", "records.json"),
+        ("saved_v2", "index.faiss"),
+        ("saved_v2", "metadata.safetensors"),
+    ],
+)
+def test_load_flipped_byte(request, layout, name):
+    _, path = request.getfixturevalue(layout)
+    target = stored(path, name)
+    data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (path / name).write_bytes(bytes(data))
-    with pytest.raises(ObstacleSetError, match=f"checksum mismatch for .*{name}"):
+    target.write_bytes(bytes(data))
+    with pytest.raises(ObstacleSetError, match=f"checksum mismatch for .*{target.name}"):
         ObstacleSet.load(path)
 
 
@@ -587,37 +615,50 @@ def test_load_flipped_byte(saved, name):
     ],
     ids=["text", "png", "garbage-header", "short", "empty"],
 )
-def test_load_foreign_index_with_matching_checksums(saved, blob):
-    _, path = saved
+def test_load_foreign_index_with_matching_checksums(saved_v2, blob):
+    _, path = saved_v2
     _replace_file(path, "index.faiss", blob)
     with pytest.raises(ObstacleSetError, match=r"index\.faiss is not a readable FAISS index"):
         ObstacleSet.load(path)
 
 
-def test_load_index_of_wrong_type(saved):
-    _, path = saved
+def test_load_index_of_wrong_type(saved_v2):
+    _, path = saved_v2
     ip = faiss.IndexFlatIP(8)
     ip.add(_rand(12, 8, seed=38).astype(np.float32))
     _replace_file(path, "index.faiss", faiss.serialize_index(ip).tobytes())
-    with pytest.raises(ObstacleSetError, match="holds a IndexFlatIP, not an IndexFlatL2"):
+    msg = "holds a IndexFlatIP with the inner product metric, not an IndexFlatL2"
+    with pytest.raises(ObstacleSetError, match=msg):
         ObstacleSet.load(path)
 
 
 @pytest.mark.parametrize(("d", "n"), [(4, 12), (8, 11)])
-def test_load_index_shape_disagrees_with_manifest(saved, d, n):
-    _, path = saved
+def test_load_index_shape_disagrees_with_manifest(saved_v2, d, n):
+    _, path = saved_v2
     other = faiss.IndexFlatL2(d)
     other.add(_rand(n, d, seed=39).astype(np.float32))
     _replace_file(path, "index.faiss", faiss.serialize_index(other).tobytes())
-    with pytest.raises(ObstacleSetError, match=f"index has d={d}, count={n} but the manifest"):
+    with pytest.raises(
+        ObstacleSetError, match=rf"index\.faiss has d={d}, count={n} but the manifest"
+    ):
         ObstacleSet.load(path)
 
 
-@pytest.mark.parametrize("name", ["index.faiss", "metadata.safetensors"])
-def test_load_missing_data_file(saved, name):
-    _, path = saved
-    (path / name).unlink()
-    with pytest.raises(ObstacleSetError, match=rf"{name} is missing"):
+@pytest.mark.parametrize(
+    ("layout", "name"),
+    [
+        ("saved", "embeddings.safetensors"),
+        ("saved", "metadata.safetensors"),
+        ("saved", "records.json"),
+        ("saved_v2", "index.faiss"),
+        ("saved_v2", "metadata.safetensors"),
+    ],
+)
+def test_load_missing_data_file(request, layout, name):
+    _, path = request.getfixturevalue(layout)
+    target = stored(path, name)
+    target.unlink()
+    with pytest.raises(ObstacleSetError, match=rf"{target.name} is missing"):
         ObstacleSet.load(path)
 
 
@@ -636,10 +677,10 @@ def test_load_expected_dim_mismatch(saved):
 
 def test_load_labels_count_mismatch(saved):
     _, path = saved
-    records = json.loads((path / "records.json").read_text())
+    records = json.loads(stored(path, "records.json").read_text())
     records["labels"] = records["labels"][:-1]
     _replace_file(path, "records.json", json.dumps(records).encode())
-    with pytest.raises(ObstacleSetError, match="labels/sources do not have 12 entries"):
+    with pytest.raises(ObstacleSetError, match="'labels' must be a list of 12 strings; got 11"):
         ObstacleSet.load(path)
 
 
@@ -655,7 +696,7 @@ def test_load_bad_next_id(saved, next_id):
 def test_load_malformed_files_entry(saved, entry):
     _, path = saved
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["index.faiss"] = entry
+    manifest["files"]["embeddings.safetensors"] = entry
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ObstacleSetError, match="manifest says"):
         ObstacleSet.load(path)
@@ -805,7 +846,8 @@ def _code_without_docs(src: str) -> str:
 def test_module_never_unpickles():
     src = Path(obstacle_set_module.__file__).read_text()
     code = _code_without_docs(src)
-    assert "def load" in code and "deserialize_index" in code  # the check sees real code
+    assert "def load" in code and "check_safetensors" in code  # the check sees real code
+    assert "deserialize_index" not in code  # FAISS' deserialiser never sees a file
     for word in ("pickle", "torch.load", "allow_pickle", "np.load", "eval(", "exec("):
         assert word not in code, word
     assert "torch.load" not in src

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -30,6 +29,7 @@ from cspace.models.vae import (
     train_vae,
     vf_loss,
 )
+from tests.folders import live_files, replace_payload, stored
 
 TINY = AlignedVAEConfig(block_out_channels=(8, 16), norm_num_groups=4)
 
@@ -158,7 +158,7 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.slow
 def test_train_vae_writes_loadable_files(tiny_run):
     out, report = tiny_run
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+    assert {p.name for p in out.iterdir()} == live_files(out)
     assert not (out / "checkpoint").exists()  # removed after a finished run
     vae, meta = load_aligned_vae(out, with_projection=True)
     assert meta["vf_weight"] == 0.1 and meta["teacher"] == "digits" and meta["steps"] == 4
@@ -190,13 +190,13 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         _run(tmp_path / "cut", callback=interrupt)
     ckpt = json.loads((tmp_path / "cut" / "checkpoint" / "checkpoint.json").read_text())
     assert ckpt["step"] == 2
-    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    assert not (tmp_path / "cut" / "manifest.json").exists()
     with pytest.raises(ValueError, match="other settings"):
         _run(tmp_path / "cut", vf_weight=0.5)
     res = _run(tmp_path / "cut")
     assert res["steps_run"] == 4
-    a = load_file(str(tmp_path / "ref" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    a = load_file(str(stored(tmp_path / "ref", "model.safetensors")))
+    b = load_file(str(stored(tmp_path / "cut", "model.safetensors")))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
@@ -244,14 +244,7 @@ def _replace_weights(folder, sd) -> None:
     """New tensors in ``folder`` with the manifest's size and checksum updated to match."""
     from safetensors.torch import save
 
-    blob = save(sd)
-    (folder / "model.safetensors").write_bytes(blob)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["model.safetensors"] = {
-        "bytes": len(blob),
-        "sha256": hashlib.sha256(blob).hexdigest(),
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    replace_payload(folder, "model.safetensors", save(sd))
 
 
 @pytest.mark.slow
@@ -264,17 +257,18 @@ def test_load_errors(tiny_run, tmp_path):
         load_aligned_vae(tmp_path / "empty")
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
-    (bad / "model.safetensors").unlink()  # listed in the manifest: a damaged folder
-    with pytest.raises(VAEWeightsError, match=r"model\.safetensors is missing"):
+    stored(bad, "model.safetensors").unlink()  # listed in the manifest: a damaged folder
+    with pytest.raises(VAEWeightsError, match=r"model-[0-9a-f]{12}\.safetensors is missing"):
         load_aligned_vae(bad)
     # tampered shapes (with a matching checksum)
-    sd = load_file(str(out / "model.safetensors"))
+    weights = stored(out, "model.safetensors")
+    sd = load_file(str(weights))
     sd["vae.encoder.conv_in.weight"] = torch.zeros(8, 1, 5, 5)
     _replace_weights(bad, sd)
     with pytest.raises(ValueError, match=r"shape mismatches.*conv_in"):
         load_aligned_vae(bad)
     # a dropped key
-    sd = load_file(str(out / "model.safetensors"))
+    sd = load_file(str(weights))
     del sd["proj.weight"]
     _replace_weights(bad, sd)
     with pytest.raises(ValueError, match="missing keys"):
@@ -283,14 +277,14 @@ def test_load_errors(tiny_run, tmp_path):
     meta = json.loads((out / "manifest.json").read_text())
     meta["config"]["latent_channels"] = 4
     (bad / "manifest.json").write_text(json.dumps(meta))
-    shutil.copy(out / "model.safetensors", bad / "model.safetensors")
+    shutil.copy(weights, bad / weights.name)
     with pytest.raises(ValueError, match="do not match"):
         load_aligned_vae(bad)
     # same keys and shapes, other values: not the file the manifest was written with
     shutil.copy(out / "manifest.json", bad / "manifest.json")
-    sd = load_file(str(out / "model.safetensors"))
+    sd = load_file(str(weights))
     sd["proj.weight"] = sd["proj.weight"] + 1.0
-    save_file(sd, str(bad / "model.safetensors"))
+    save_file(sd, str(bad / weights.name))
     with pytest.raises(VAEWeightsError, match="checksum mismatch"):
         load_aligned_vae(bad)
     (bad / "manifest.json").write_text("{}")
@@ -309,14 +303,10 @@ def test_train_vae_writes_one_folder(tmp_path):
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
     out = tmp_path / "v"
     _run(out, steps=2, keep_checkpoint=True)
-    assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint",
-        "manifest.json",
-        "model.safetensors",
-    ]
+    assert {p.name for p in out.iterdir()} == {"checkpoint", *live_files(out)}
     assert json.loads((out / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "cspace.vae" and manifest["format_version"] == 2
+    assert manifest["format"] == "cspace.vae" and manifest["format_version"] == 3
     assert "model_sha256" not in manifest and manifest["steps"] == 2
     _, meta = load_aligned_vae(out)
     assert meta["model_sha256"] == manifest["files"]["model.safetensors"]["sha256"]
@@ -421,7 +411,7 @@ def test_cli_train_vae_and_teacher(tmp_path):
         assert args.func(args) == 0
     report = json.loads(buf.getvalue())
     assert report["steps"] == 2 and report["seed"] == 3 and 0 <= report["knn_accuracy"] <= 1
-    assert (tmp_path / "v" / "model.safetensors").is_file()
+    assert stored(tmp_path / "v", "model.safetensors").is_file()
 
     args = _parser().parse_args(
         ["train", "teacher", "--out", str(tmp_path / "t"), "--steps", "2", "--no-progress"]

@@ -1,15 +1,22 @@
-"""The layouts cspace wrote before the shared safe-folder format, and their readers.
+"""The layouts cspace wrote before the current safe-folder format, and their readers.
 
 Every reader here returns a :class:`cspace.io.folder.Folder` in the *current* layout of its
 kind (verified, with the kind's current ``format_version``), so each kind decodes one layout.
 :func:`cspace.io.folder.read_folder` picks the reader; :func:`cspace.io.folder.migrate_folder`
-rewrites an old folder in the current format (same payload bytes). The old layouts:
+rewrites an old folder in the current format (same payload bytes; an old obstacle set's
+``index.faiss`` becomes the ``embeddings.safetensors`` of its vectors). The old layouts:
 
 =====================  ====================================================  ==================
 layout                 files, and how a folder is recognised                 checks kept
 =====================  ====================================================  ==================
-obstacle set v1        ``manifest.json`` (format ``cspace.obstacles``,       size and SHA-256
-                       ``format_version`` 1; labels, sources and history     of every file
+every kind, v2         ``manifest.json`` (``format_version`` 2): the         size and SHA-256
+                       payload files under their plain names                 of every file
+                       (``model.safetensors``), not content-addressed
+obstacle set v2        ``manifest.json`` (``format_version`` 2),             size and SHA-256;
+                       ``index.faiss`` (a serialised ``IndexFlatL2``),       the index parsed
+                       ``metadata.safetensors``, ``records.json``            field by field
+obstacle set v1        ``manifest.json`` (format ``cspace.obstacles``,       as v2
+                       ``format_version`` 1; labels, sources and history
                        in the manifest), ``index.faiss``,
                        ``metadata.safetensors``
 classifier v1          ``manifest.json`` (format ``cspace.classifier``,      size and SHA-256
@@ -24,8 +31,11 @@ teacher v1             ``config.json`` (format ``cspace-digits-teacher``),   non
                        ``model.safetensors``; no ``manifest.json``           writer kept none)
 =====================  ====================================================  ==================
 
-An old manifest (v1) is told apart by its ``format_version``; an old layout without a
+An old manifest (v1, v2) is told apart by its ``format_version``; an old layout without a
 manifest by a ``config.json`` and no ``manifest.json`` (its ``format`` is then checked). The
+``index.faiss`` of an old obstacle set is never given to FAISS' deserialiser: its header is
+parsed and checked against the manifest's ``dim`` and ``count`` and the file's size
+(:func:`cspace.io.untrusted.read_faiss_flat_l2`), and the set is rebuilt from its vectors. The
 model kinds' legacy folders without their weights file raise the kind's *missing* error
 (:class:`~cspace.io.errors.MissingWeightsError`), as the old readers did. Obstacle sets and
 classifiers of v1 record no C-space: they load with ``space = None`` ("unknown", accepted by
@@ -38,21 +48,36 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors.numpy import save as _st_save
+
 from cspace.io.files import sha256_hex
 from cspace.io.folder import (
     MANIFEST,
     Folder,
     FolderKind,
     Legacy,
+    check_int,
     read_json_file,
     read_regular_file,
     verify_files,
 )
+from cspace.io.untrusted import MAX_COUNT, MAX_DIM, FormatError, read_faiss_flat_l2
 
-__all__ = ["CLASSIFIER_V1", "FLOW_V1", "OBSTACLES_V1", "TEACHER_V1", "VAE_V1"]
+__all__ = [
+    "CLASSIFIER_V1",
+    "FLOW_V1",
+    "OBSTACLES_V1",
+    "OBSTACLES_V2",
+    "TEACHER_V1",
+    "VAE_V1",
+    "manifest_v2",
+]
 
 _CONFIG = "config.json"
 _WEIGHTS = "model.safetensors"
+_INDEX = "index.faiss"
+_EMBEDDINGS = "embeddings.safetensors"
+_RECORDS = "records.json"
 
 
 def _has_config(path: Path) -> bool:
@@ -67,14 +92,21 @@ def _config(path: Path, kind: FolderKind, old_format: str, noun: str) -> dict[st
     return config
 
 
-def _current(path: Path, kind: FolderKind, fields: dict, files: dict[str, bytes], name: str):
+def _current(
+    path: Path,
+    kind: FolderKind,
+    fields: dict,
+    files: dict[str, bytes],
+    name: str,
+    stored: dict[str, str] | None = None,
+) -> Folder:
     manifest = {
         "format": kind.format,
         "format_version": kind.version,
         **fields,
         "files": {n: {"bytes": len(b), "sha256": sha256_hex(b)} for n, b in files.items()},
     }
-    return Folder(path, manifest, files, kind, legacy=name)
+    return Folder(path, manifest, files, kind, legacy=name, stored=dict(stored or {}))
 
 
 def _weights(path: Path, kind: FolderKind) -> bytes:
@@ -84,22 +116,70 @@ def _weights(path: Path, kind: FolderKind) -> bytes:
     return read_regular_file(wpath, None, kind)
 
 
-# ---------------------------------------------------------------------- obstacle sets, v1
+# ---------------------------------------------------------------------- obstacle sets, v1 and v2
+def _embeddings_of_index(folder: Folder, kind: FolderKind) -> bytes:
+    """The embeddings of an obstacle set's ``index.faiss`` as ``embeddings.safetensors``
+    (one float32 tensor (count, dim)), parsed by :func:`cspace.io.untrusted.read_faiss_flat_l2`:
+    every header field checked against the manifest and the file size before the codes are
+    read; FAISS' deserialiser never sees the file."""
+    mpath, ipath = folder.mpath, folder.file(_INDEX)
+    dim = check_int(folder.get("dim"), "dim", mpath, kind, 1, MAX_DIM)
+    count = check_int(folder.get("count"), "count", mpath, kind, 0, MAX_COUNT)
+    try:
+        codes = read_faiss_flat_l2(folder.files[_INDEX], dim, count)
+    except FormatError as err:
+        raise kind.fail(f"{ipath} {err}", ipath) from None
+    return _st_save({"embeddings": codes})
+
+
+def _obstacles_v2(folder: Folder, kind: FolderKind) -> Folder:
+    """v2 stored the exact ``faiss.IndexFlatL2`` (``index.faiss``); v3 stores its vectors."""
+    files = {n: b for n, b in folder.files.items() if n != _INDEX}
+    files[_EMBEDDINGS] = _embeddings_of_index(folder, kind)
+    stored = {**folder.stored, _EMBEDDINGS: folder.stored.get(_INDEX, _INDEX)}
+    return _current(folder.path, kind, folder.fields, files, "cspace.obstacles v2", stored)
+
+
 def _obstacles_v1(folder: Folder, kind: FolderKind) -> Folder:
     """v1 kept labels, sources and history in the manifest; v2 keeps them in records.json."""
     labels, sources = folder.require("labels", "sources")
     records = {"labels": labels, "sources": sources, "history": folder.manifest.get("history", [])}
-    fields = {k: v for k, v in folder.fields.items() if k not in ("labels", "sources", "history")}
-    files = {**folder.files, "records.json": json.dumps(records).encode()}
-    return _current(folder.path, kind, fields, files, "cspace.obstacles v1")
+    moved = ("labels", "sources", "history")
+    manifest = {k: v for k, v in folder.manifest.items() if k not in moved}
+    files = {**folder.files, _RECORDS: json.dumps(records).encode()}
+    v2 = Folder(folder.path, manifest, files, kind, stored=folder.stored)
+    out = _obstacles_v2(v2, kind)
+    out.legacy = "cspace.obstacles v1"
+    out.stored[_RECORDS] = MANIFEST
+    return out
 
 
 OBSTACLES_V1 = Legacy(
     name="cspace.obstacles v1",
-    files=(MANIFEST, "index.faiss", "metadata.safetensors"),
+    files=(MANIFEST, _INDEX, "metadata.safetensors"),
     read=_obstacles_v1,
     version=1,
 )
+
+OBSTACLES_V2 = Legacy(
+    name="cspace.obstacles v2",
+    files=(MANIFEST, _INDEX, "metadata.safetensors", _RECORDS),
+    read=_obstacles_v2,
+    version=2,
+)
+
+
+# ---------------------------------------------------------------------- every kind, v2
+def _same_payload(folder: Folder, kind: FolderKind) -> Folder:
+    """A v2 manifest: the current payload under plain file names."""
+    name = f"{kind.format} v2"
+    return _current(folder.path, kind, folder.fields, folder.files, name, folder.stored)
+
+
+def manifest_v2(files: tuple[str, ...]) -> Legacy:
+    """The layout of ``format_version`` 2 of a kind whose payload did not change in version 3
+    (classifiers, flows, VAEs, teachers): the payload ``files`` under their plain names."""
+    return Legacy(name="manifest v2", files=(MANIFEST, *files), read=_same_payload, version=2)
 
 
 # ---------------------------------------------------------------------- classifiers, v1

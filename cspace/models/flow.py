@@ -23,10 +23,11 @@ Pieces:
   its metadata (``meta["encoder"]``: the VAE folder whose latents it models; ``meta["space"]``:
   their C-space, :attr:`FlowModel.space`);
 * :func:`save_flow` / :func:`load_flow`: a folder in cspace's safe-folder format
-  (:mod:`cspace.io.folder`): ``manifest.json`` (format ``cspace.flow`` v2: config, parameters,
-  meta, size and SHA-256 of the weights) + ``model.safetensors``, written atomically, checksums
-  and shapes verified on load, never unpickled. Folders of the older layout (``config.json`` +
-  ``model.safetensors``, format ``cspace-flow`` v1) still load (:mod:`cspace.io.legacy`);
+  (:mod:`cspace.io.folder`): ``manifest.json`` (format ``cspace.flow`` v3: config, parameters,
+  meta, stored name, size and SHA-256 of the weights) + ``model-<hash>.safetensors``, crash-safe
+  and serialised with other writers, checksums and shapes verified on load, never unpickled.
+  Folders of the older layouts (v2 manifests with a plain ``model.safetensors``; ``config.json``
+  + ``model.safetensors``, format ``cspace-flow`` v1) still load (:mod:`cspace.io.legacy`);
 * :mod:`cspace.experiments.flow_training` trains one on a C-space's digits latents and evaluates
   it by sampling.
 
@@ -54,7 +55,7 @@ from tqdm import tqdm
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.files import write_file_atomic
 from cspace.io.folder import FolderKind, read_folder, write_folder
-from cspace.io.legacy import FLOW_V1
+from cspace.io.legacy import FLOW_V1, manifest_v2
 from cspace.models.shipped import WEIGHTS_DIR, shipped
 from cspace.models.space import Space
 
@@ -71,7 +72,7 @@ __all__ = [
 ]
 
 FORMAT = "cspace.flow"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHECKPOINT_FORMAT = "cspace-flow-checkpoint"
 _WEIGHTS = "model.safetensors"
 #: the safetensors header tag of the weights file (unchanged since the v1 layout)
@@ -603,7 +604,7 @@ FLOW_KIND = FolderKind(
     files=(_WEIGHTS,),
     fix="retrain it (cspace train flow) or restore the folder from a copy",
     missing=_missing,
-    legacy=(FLOW_V1,),
+    legacy=(FLOW_V1, manifest_v2((_WEIGHTS,))),
 )
 
 
@@ -646,7 +647,7 @@ def load_flow(dir: str | os.PathLike | None = None) -> FlowModel:
 
     path = Path(dir) if dir is not None else shipped("flow_aligned")
     folder = read_folder(path, FLOW_KIND)
-    mpath, wpath = folder.mpath, path / _WEIGHTS
+    mpath, wpath = folder.mpath, folder.file(_WEIGHTS)
     try:
         cfg = FlowConfig.from_dict(folder.manifest["config"])
         meta = dict(folder.manifest.get("meta") or {})

@@ -16,10 +16,11 @@ name               what                                                        m
 VAE and flow folders.
 
 Every folder is in cspace's safe-folder format (:mod:`cspace.io.folder`): ``manifest.json``
-(format ``cspace.teacher``, ``cspace.vae`` or ``cspace.flow``, version 2; the config, training
-settings and metrics; size and SHA-256 of the weights) and ``model.safetensors``. They were
-converted from the older ``config.json`` layouts (:mod:`cspace.io.legacy`) with
-:func:`cspace.io.folder.migrate_folder`, which keeps the weights files byte for byte; the flows'
+(format ``cspace.teacher``, ``cspace.vae`` or ``cspace.flow``, version 3; the config, training
+settings and metrics; stored name, size and SHA-256 of the weights) and
+``model-<hash>.safetensors``. They were converted from the older ``config.json`` layouts
+(:mod:`cspace.io.legacy`) with :func:`cspace.io.folder.migrate_folder`, which keeps the weights
+files byte for byte; the flows'
 ``meta["space"]`` (their C-space, :class:`cspace.models.space.Space`) was added then, from
 ``Encoder.from_aligned(shipped(vae)).space((8, 8))``.
 """

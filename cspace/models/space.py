@@ -208,23 +208,62 @@ class Space:
     @classmethod
     def from_json(cls, doc: Mapping[str, Any] | None) -> Space | None:
         """The space of :meth:`to_json`'s dict; None for None (an unknown space). Raises
-        ValueError for anything else that is not such a dict."""
+        ValueError naming the field for anything else (the record comes from a file: every
+        field's type and range is checked; no float is truncated to an int)."""
         if doc is None:
             return None
         if not isinstance(doc, Mapping):
             raise ValueError(f"a space must be a JSON object; got {type(doc).__name__}")
-        try:
-            return cls(
-                encoder=str(doc["encoder"]),
-                config_hash=str(doc["config_hash"]),
-                weights=tuple(float(v) for v in doc["weights"]),
-                image_size=tuple(doc["image_size"]),
-                channels=doc["channels"],
-                latent_shape=tuple(doc["latent_shape"]),
-                dim=doc["dim"],
+        missing = [k for k in _FIELDS if k not in doc]
+        if missing:
+            raise ValueError(f"a space lacks the field {missing[0]!r}")
+
+        def ints(name: str, n: tuple[int, int], hi: int) -> tuple[int, ...]:
+            v = doc[name]
+            ok = isinstance(v, list | tuple) and n[0] <= len(v) <= n[1]
+            if not ok or not all(type(x) is int and 1 <= x <= hi for x in v):
+                raise ValueError(
+                    f"a space's {name!r} must be a list of {n[0]}..{n[1]} integers in "
+                    f"[1, {hi}]; got {v!r:.80}"
+                )
+            return tuple(v)
+
+        for name in ("encoder", "config_hash"):
+            if not isinstance(doc[name], str):
+                raise ValueError(f"a space's {name!r} must be a string; got {doc[name]!r:.80}")
+        weights = doc["weights"]
+        if not isinstance(weights, list | tuple) or len(weights) > _MAX_WEIGHTS:
+            raise ValueError(
+                f"a space's 'weights' must be a list of at most {_MAX_WEIGHTS} numbers; got "
+                f"{weights!r:.80}"
             )
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"a space lacks or has a bad field: {err}") from err
+        if not all(type(w) in (int, float) and math.isfinite(w) for w in weights):
+            raise ValueError(f"a space's 'weights' must be finite numbers; got {weights!r:.80}")
+        (channels,) = _int_field(doc, "channels", _MAX_SIDE)
+        (dim,) = _int_field(doc, "dim", _MAX_DIM)
+        return cls(
+            encoder=doc["encoder"],
+            config_hash=doc["config_hash"],
+            weights=tuple(float(w) for w in weights),
+            image_size=ints("image_size", (2, 2), _MAX_SIDE),
+            channels=channels,
+            latent_shape=ints("latent_shape", (1, 8), _MAX_DIM),
+            dim=dim,
+        )
+
+
+_FIELDS = ("encoder", "config_hash", "weights", "image_size", "channels", "latent_shape", "dim")
+_MAX_WEIGHTS = 4096
+_MAX_SIDE = 1 << 20
+_MAX_DIM = 2**31 - 1
+
+
+def _int_field(doc: Mapping[str, Any], name: str, hi: int) -> tuple[int]:
+    """``(doc[name],)`` for an int in [1, hi] (not a float, a bool or a string)."""
+    v = doc[name]
+    if type(v) is not int or not 1 <= v <= hi:
+        raise ValueError(f"a space's {name!r} must be an integer in [1, {hi}]; got {v!r:.80}")
+    return (v,)
 
 
 def space_of(obj) -> Space | None:

@@ -15,9 +15,9 @@ pulls the tokens of its latent towards a teacher's tokens with VA-VAE's VF loss.
   (T = 16, 64 channels, layer-normalised per token like a ViT's output). The classification head
   exists only to train it; the VF loss uses the tokens. Its weights ship in
   ``cspace/weights/teacher/`` (``cspace train teacher`` rebuilds them), a folder in cspace's
-  safe-folder format (:mod:`cspace.io.folder`: ``manifest.json``, format ``cspace.teacher`` v2,
-  + ``model.safetensors``); folders of the older layout (``config.json`` +
-  ``model.safetensors``, no checksum) still load.
+  safe-folder format (:mod:`cspace.io.folder`: ``manifest.json``, format ``cspace.teacher`` v3,
+  + ``model-<hash>.safetensors``); folders of the older layouts (v2 manifests; ``config.json``
+  + ``model.safetensors``, no checksum) still load.
 
 Teachers are frozen: parameters do not require gradients and the module stays in eval mode
 (``.train()`` is a no-op), so a parent module's ``.train()`` cannot switch it back.
@@ -38,7 +38,7 @@ from torch import nn
 
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.folder import FolderKind, check_target, is_folder_of, read_folder, write_folder
-from cspace.io.legacy import TEACHER_V1
+from cspace.io.legacy import TEACHER_V1, manifest_v2
 from cspace.io.weights import check_state_dict
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
@@ -62,7 +62,7 @@ DINOV2_MODELS = tuple(
 )
 _DINOV2_TAG = "lvd142m"
 TEACHER_FORMAT = "cspace.teacher"
-TEACHER_FORMAT_VERSION = 2
+TEACHER_FORMAT_VERSION = 3
 _WEIGHTS = "model.safetensors"
 
 
@@ -87,7 +87,7 @@ TEACHER_KIND = FolderKind(
     files=(_WEIGHTS,),
     fix="retrain it (cspace train teacher) or restore the folder from a copy",
     missing=_missing_teacher,
-    legacy=(TEACHER_V1,),
+    legacy=(TEACHER_V1, manifest_v2((_WEIGHTS,))),
 )
 
 
@@ -198,7 +198,7 @@ class DigitsTeacher(Teacher):
         folder = Path(path) if path is not None else shipped("teacher")
         read = read_folder(folder, TEACHER_KIND)
         meta = {"format": TEACHER_FORMAT, "format_version": TEACHER_FORMAT_VERSION, **read.fields}
-        w_file = folder / _WEIGHTS
+        w_file = read.file(_WEIGHTS)
         try:
             model = cls(DigitsTeacherConfig(**meta["config"]))
         except (KeyError, TypeError) as err:

@@ -35,12 +35,13 @@ the digits teacher (:class:`cspace.models.teachers.DigitsTeacher`, the stand-in 
 a 4x4 grid of 64-d tokens, so ``P`` is a (64, 2, 1, 1) convolution.
 
 Files (a folder in cspace's safe-folder format, :mod:`cspace.io.folder`): ``manifest.json``
-(format ``cspace.vae`` v2: the :class:`AlignedVAEConfig`, ``name``, ``scaling_factor``,
-``shift_factor``, ``vf_weight``, teacher, steps, seed, metrics, size and SHA-256 of the weights)
-and ``model.safetensors`` (``vae.*``: the AutoencoderKL state; ``proj.weight``: the VF projection
+(format ``cspace.vae`` v3: the :class:`AlignedVAEConfig`, ``name``, ``scaling_factor``,
+``shift_factor``, ``vf_weight``, teacher, steps, seed, metrics, stored name, size and SHA-256 of
+the weights) and ``model-<hash>.safetensors`` (``vae.*``: the AutoencoderKL state; ``proj.weight``: the VF projection
 when ``vf_weight > 0``). :func:`load_aligned_vae` reads them (and the older layout,
-``config.json`` with ``model_sha256`` + ``model.safetensors``, :mod:`cspace.io.legacy`);
-:func:`train_vae` writes them as one atomic folder (:func:`save_aligned_vae`). Training checkpoints (``checkpoint/`` inside
+``config.json`` with ``model_sha256`` + ``model.safetensors``, and v2 manifests,
+:mod:`cspace.io.legacy`); :func:`train_vae` writes them with :func:`save_aligned_vae`
+(crash-safe, serialised with other writers). Training checkpoints (``checkpoint/`` inside
 the folder) make an interrupted run resume where it stopped.
 """
 
@@ -63,7 +64,7 @@ from torch import nn
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.files import save_safetensors_atomic, write_json_atomic
 from cspace.io.folder import FolderKind, check_target, read_folder, write_folder
-from cspace.io.legacy import VAE_V1
+from cspace.io.legacy import VAE_V1, manifest_v2
 from cspace.io.weights import check_state_dict
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
@@ -86,7 +87,7 @@ __all__ = [
 ]
 
 VAE_FORMAT = "cspace.vae"
-VAE_FORMAT_VERSION = 2
+VAE_FORMAT_VERSION = 3
 CHECKPOINT_DIR = "checkpoint"
 _WEIGHTS = "model.safetensors"
 
@@ -389,7 +390,7 @@ VAE_KIND = FolderKind(
     files=(_WEIGHTS,),
     fix="retrain it (cspace train vae) or restore the folder from a copy",
     missing=_missing_folder,
-    legacy=(VAE_V1,),
+    legacy=(VAE_V1, manifest_v2((_WEIGHTS,))),
 )
 
 
@@ -438,7 +439,7 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
 
     folder = Path(path) if path is not None else shipped("vae_aligned")
     read = read_folder(folder, VAE_KIND)
-    w_file = folder / _WEIGHTS
+    w_file = read.file(_WEIGHTS)
     meta = {
         "format": VAE_FORMAT,
         "format_version": VAE_FORMAT_VERSION,
