@@ -515,7 +515,6 @@ class ObstacleSet:
             raise ObstacleSetError(
                 f"{mpath}: the recorded space has d={space.dim} but the set has d={dim}", mpath
             )
-        labels, sources, history = _records(folder, count)
         emb = _tensors(folder, _EMB_FILE, {"embeddings": ("F32", (count, dim))})["embeddings"]
         if not np.all(np.isfinite(emb)):
             bad = int(np.flatnonzero(~np.all(np.isfinite(emb), axis=1))[0])
@@ -534,6 +533,7 @@ class ObstacleSet:
                 "radius": ("F64", (count,)),
             },
         )
+        labels, sources, history = _records(folder, count)
         ids = meta["ids"].astype(np.int64)
         default_next = int(ids.max(initial=-1)) + 1
         next_id = check_int(

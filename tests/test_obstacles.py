@@ -518,9 +518,9 @@ def test_interrupted_save_keeps_previous_set(tmp_path, monkeypatch):
     assert len(calls) == 4  # three payload files, then the manifest
     _assert_same(_snapshot(a), _snapshot(ObstacleSet.load(path)))
     assert [p.name for p in tmp_path.iterdir()] == ["set"]
-    # no temporary file is left; the new payload files (named by no manifest) go at the next save
-    assert not [n for n in os.listdir(path) if n.startswith(".cspace-tmp-")]
-    assert before < {p.name for p in path.iterdir()}
+    # an error (not a kill) removes what the save wrote: no temporary file, no payload file
+    # that no manifest names
+    assert {p.name for p in path.iterdir()} == before
     a.save(path)
     assert {p.name for p in path.iterdir()} == version_files(path) == before
 

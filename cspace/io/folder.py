@@ -877,14 +877,18 @@ def write_folder(
     check_target(path, kind, allow=allow, payload=names)  # refuse before creating anything
     parent = path.parent if str(path.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise kind.error(f"no write permission in {parent}", parent)
+    where = path if path.is_dir() else parent  # files are written inside the folder
+    if not os.access(where, os.W_OK):
+        raise kind.error(f"no write permission in {where}", where)
     digests = {n: sha256_hex(b) for n, b in payload.items()}
     stored = {n: stored_name(n, digests[n]) for n in names}
     body = json.loads(json.dumps(dict(fields)))
     created = not os.path.lexists(path)
     own = set(kind.own_names) | set(names)
+    written: list[str] = []
+    committed = False
     with folder_lock(path, kind):
+        previous = _Version()
         try:
             check_target(path, kind, allow=allow, payload=names)  # again, under the lock
             found = folder_kind_of(path, kind)
@@ -903,12 +907,18 @@ def write_folder(
             }
             for n in names:
                 _write_file(path, stored[n], payload[n])
+                written.append(stored[n])
             _write_file(path, MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+            committed = True  # the new version is the folder's
             _fsync_dir(path)
             if created:
                 _fsync_dir(parent)
         except BaseException:
             _remove_temporary(path)
+            if not committed:  # files of this save that no manifest names
+                for name in written:
+                    if name not in previous.files:
+                        _remove(path / name)
             if created:
                 with contextlib.suppress(OSError):
                     if set(os.listdir(path)) <= {LOCK_FILE}:  # nothing but the lock: undo

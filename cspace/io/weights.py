@@ -1,12 +1,65 @@
-"""Checks of loaded weights against the module they are meant for."""
+"""Checks of weights files against the module they are meant for.
+
+A weights folder is untrusted: its manifest's config decides the size of the module built to
+receive the weights. :func:`weights_values` validates the safetensors header (against the file
+size, before ``safetensors`` parses it) and counts the values the file holds;
+:func:`build_within` builds the module on PyTorch's ``meta`` device first (no memory, no random
+numbers drawn) and refuses a config that describes more values than the file holds, so a crafted
+config cannot make a load allocate more than the weights' own size.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["check_state_dict"]
+from cspace.io.untrusted import FormatError, check_safetensors
+
+__all__ = ["build_within", "check_state_dict", "weights_values"]
+
+T = TypeVar("T")
+
+
+def weights_values(data: bytes, where: Path, error: Callable[..., Exception]) -> int:
+    """The number of values (elements of every tensor) of the safetensors file ``data``,
+    whose header is validated first (:func:`cspace.io.untrusted.check_safetensors`);
+    ``error(message, path)`` otherwise."""
+    try:
+        info = check_safetensors(data)
+    except FormatError as err:
+        raise error(f"{where} is not a readable safetensors file: {err}", where) from None
+    return sum(math.prod(shape) for _, shape, _, _ in info.values())
+
+
+def _values(modules: Any) -> int:
+    items = modules if isinstance(modules, tuple) else (modules,)
+    return sum(t.numel() for m in items if m is not None for t in m.state_dict().values())
+
+
+def build_within(
+    factory: Callable[[], T],
+    values: int,
+    where: Path,
+    config: Path,
+    error: Callable[..., Exception],
+) -> T:
+    """``factory()`` (a module, or a tuple of modules and None) after checking, with the same
+    factory on the ``meta`` device, that its state holds at most ``values`` values (those of
+    the weights file ``where``); ``error(message, path)`` naming ``config`` otherwise."""
+    import torch
+
+    with torch.device("meta"):
+        need = _values(factory())
+    if need > values:
+        raise error(
+            f"{where} does not match the architecture in {config.name} (its config describes "
+            f"{need:,} values, the file holds {values:,}): the config and the weights do not "
+            "match",
+            where,
+        )
+    return factory()
 
 
 def check_state_dict(module, state: Mapping[str, Any], where: Path | str, what: str) -> None:

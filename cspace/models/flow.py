@@ -56,6 +56,7 @@ from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.files import write_file_atomic
 from cspace.io.folder import FolderKind, read_folder, write_folder
 from cspace.io.legacy import FLOW_V1, manifest_v2
+from cspace.io.weights import build_within, weights_values
 from cspace.models.shipped import WEIGHTS_DIR, shipped
 from cspace.models.space import Space
 
@@ -651,13 +652,14 @@ def load_flow(dir: str | os.PathLike | None = None) -> FlowModel:
     try:
         cfg = FlowConfig.from_dict(folder.manifest["config"])
         meta = dict(folder.manifest.get("meta") or {})
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise FlowWeightsError(f"{mpath} lacks or has a bad field: {err}", mpath) from err
+    values = weights_values(folder.files[_WEIGHTS], wpath, FlowWeightsError)
+    net = build_within(lambda: VelocityNet(cfg), values, wpath, mpath, FlowWeightsError)
     try:
         tensors = load(folder.files[_WEIGHTS])
     except Exception as err:  # safetensors raises its own error types
         raise FlowWeightsError(f"{wpath} is not a readable safetensors file: {err}", wpath) from err
-    net = VelocityNet(cfg)
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != got:

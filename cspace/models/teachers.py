@@ -39,7 +39,7 @@ from torch import nn
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.folder import FolderKind, check_target, is_folder_of, read_folder, write_folder
 from cspace.io.legacy import TEACHER_V1, manifest_v2
-from cspace.io.weights import check_state_dict
+from cspace.io.weights import build_within, check_state_dict, weights_values
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
 
@@ -200,8 +200,12 @@ class DigitsTeacher(Teacher):
         meta = {"format": TEACHER_FORMAT, "format_version": TEACHER_FORMAT_VERSION, **read.fields}
         w_file = read.file(_WEIGHTS)
         try:
-            model = cls(DigitsTeacherConfig(**meta["config"]))
-        except (KeyError, TypeError) as err:
+            cfg = DigitsTeacherConfig(**read.get("config"))
+            values = weights_values(read.files[_WEIGHTS], w_file, TeacherWeightsError)
+            model = build_within(lambda: cls(cfg), values, w_file, read.mpath, TeacherWeightsError)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+            if isinstance(err, TeacherWeightsError):
+                raise
             raise TeacherWeightsError(
                 f"{read.mpath} lacks or has a bad field: {err}", read.mpath
             ) from err

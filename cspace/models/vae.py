@@ -63,9 +63,16 @@ from torch import nn
 
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.files import save_safetensors_atomic, write_json_atomic
-from cspace.io.folder import FolderKind, check_target, read_folder, write_folder
+from cspace.io.folder import (
+    FolderKind,
+    check_int,
+    check_number,
+    check_target,
+    read_folder,
+    write_folder,
+)
 from cspace.io.legacy import VAE_V1, manifest_v2
-from cspace.io.weights import check_state_dict
+from cspace.io.weights import build_within, check_state_dict, weights_values
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
 from cspace.models.teachers import Teacher, load_teacher
@@ -447,23 +454,40 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
         "model_sha256": read.sha256(_WEIGHTS),
     }
     try:
-        cfg = AlignedVAEConfig.from_dict(meta["config"])
-        scaling, shift = float(meta["scaling_factor"]), float(meta["shift_factor"])
-    except (KeyError, TypeError, ValueError) as err:
+        cfg = AlignedVAEConfig.from_dict(read.get("config"))
+    except (TypeError, ValueError, OverflowError) as err:
         raise VAEWeightsError(f"{read.mpath} lacks or has a bad field: {err}", read.mpath) from err
+    scaling = check_number(read.get("scaling_factor"), "scaling_factor", read.mpath, VAE_KIND)
+    shift = check_number(read.get("shift_factor"), "shift_factor", read.mpath, VAE_KIND)
+    width = meta.get("teacher_width")
+    if width is not None:
+        width = check_int(width, "teacher_width", read.mpath, VAE_KIND, 0, 1 << 20)
+    values = weights_values(read.files[_WEIGHTS], w_file, VAEWeightsError)
+    try:
+        vae, proj = build_within(
+            lambda: (
+                build_autoencoder(cfg),
+                VFAlignment(cfg.latent_channels, width, cfg) if width else None,
+            ),
+            values,
+            w_file,
+            read.mpath,
+            VAEWeightsError,
+        )
+    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+        if isinstance(err, VAEWeightsError):
+            raise
+        raise VAEWeightsError(f"{read.mpath} has a bad config: {err}", read.mpath) from err
     try:
         state = load(read.files[_WEIGHTS])
     except Exception as err:  # safetensors raises its own error types
         raise VAEWeightsError(
             f"{w_file} is not a readable safetensors file: {err}", w_file
         ) from err
-    vae = build_autoencoder(cfg)
     vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
     others = {k: v for k, v in state.items() if not k.startswith("vae.")}
     check_state_dict(vae, vae_state, w_file, "VAE")
-    proj = None
-    if meta.get("teacher_width"):
-        proj = VFAlignment(cfg.latent_channels, int(meta["teacher_width"]), cfg)
+    if proj is not None:
         check_state_dict(proj, others, w_file, "VF projection")
         proj.load_state_dict(others)
     elif others:
