@@ -380,7 +380,8 @@ class PreferenceClassifier:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the classifier to the folder ``path`` atomically; returns the path.
+        """Write the classifier to the folder ``path`` (crash-safe, serialised with other
+        writers: :func:`cspace.io.folder.write_folder`); returns the path.
 
         An existing folder is replaced only if it is a saved classifier or empty.
         """

@@ -495,7 +495,7 @@ class ObstacleSet:
         count = check_int(folder.get("count"), "count", mpath, KIND, 0, MAX_COUNT)
         metric = folder.get("metric")
         if metric != "l2":
-            raise ObstacleSetError(
+            raise KIND.fail(
                 f"{mpath}: field 'metric' is {metric!r:.40}; obstacle sets use Euclidean "
                 "distances ('l2')",
                 mpath,

@@ -394,3 +394,28 @@ def test_v2_folders_written_by_the_previous_writer_still_load_and_are_replaced(t
     _obstacles(6).save(path)
     assert set(os.listdir(path)) == version_files(path)
     assert not (path / "index.faiss").exists()
+
+
+def test_a_writer_waits_for_the_lock_and_gives_up_with_a_clear_error(tmp_path):
+    path = tmp_path / "set"
+    _obstacles(1).save(path)
+    with folder_lock(path, OBSTACLES_KIND):  # another writer holds the folder
+        t0 = time.perf_counter()
+        with pytest.raises(ObstacleSetError, match="another process has been saving to"):
+            with folder_lock(path, OBSTACLES_KIND, timeout=0.2):
+                pass
+        assert 0.2 <= time.perf_counter() - t0 < 5
+    with folder_lock(path, OBSTACLES_KIND, timeout=0.2):  # released: taken at once
+        pass
+
+
+def test_a_lock_file_that_is_a_symbolic_link_is_refused(tmp_path):
+    path = tmp_path / "set"
+    _obstacles(1).save(path)
+    (path / LOCK_FILE).unlink()
+    (tmp_path / "target").write_text("keep")
+    (path / LOCK_FILE).symlink_to(tmp_path / "target")
+    with pytest.raises(ObstacleSetError, match="cannot open the lock file"):
+        _obstacles(2).save(path)
+    assert (tmp_path / "target").read_text() == "keep"
+    assert ObstacleSet.load(path).labels[0] == "seed1"

@@ -2,9 +2,12 @@
 
 * :mod:`cspace.io.errors`: :class:`~cspace.io.errors.MissingWeightsError`,
   :class:`~cspace.io.errors.FolderError`;
-* :mod:`cspace.io.files`: SHA-256 digests, atomic writes of a file or a folder;
-* :mod:`cspace.io.folder`: the one safe-folder format (manifest, checksums, atomic swap) of
-  everything cspace writes; :mod:`cspace.io.legacy`: the readers of the layouts before it;
+* :mod:`cspace.io.files`: SHA-256 digests, atomic writes of a file;
+* :mod:`cspace.io.folder`: the one safe-folder format (manifest, checksums, immutable payload
+  files, the manifest replaced last under a writers' lock) of everything cspace writes;
+  :mod:`cspace.io.legacy`: the readers of the layouts before it;
+* :mod:`cspace.io.untrusted`: bounded parsers of untrusted bytes (JSON, safetensors headers,
+  FAISS flat indexes); :mod:`cspace.io.weights`: checks of weights files against modules;
 * :mod:`cspace.io.images`: image files and folders to tensors in [-1, 1] and back.
 
 Nothing here imports another part of cspace, ``obstacles`` or ``guidance``.

@@ -138,6 +138,13 @@ _STORED = re.compile(r"^(?P<stem>[^.]+)-(?P<hash>[0-9a-f]{12})(?P<ext>\..+)?$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 24
 _MISSING = object()
+# reads never follow a symbolic link nor wait on a FIFO
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_BINARY", 0)
+)
 
 
 @dataclass(frozen=True)
@@ -342,12 +349,6 @@ def read_regular_file(
     """The bytes of ``path``, a regular file (a symbolic link, a FIFO, a device or a folder is
     refused) of exactly ``size`` bytes, or of at most ``max_size`` bytes when ``size`` is
     None; sizes are checked before the file is read."""
-    flags = (
-        os.O_RDONLY
-        | getattr(os, "O_NOFOLLOW", 0)
-        | getattr(os, "O_NONBLOCK", 0)
-        | getattr(os, "O_BINARY", 0)
-    )
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -361,7 +362,7 @@ def read_regular_file(
     if not stat.S_ISREG(st.st_mode):
         raise kind.fail(f"{path} is not a regular file", path)
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, _READ_FLAGS)
     except FileNotFoundError:
         raise kind.fail(f"{path} is missing", path) from None
     except OSError as err:
@@ -543,18 +544,26 @@ def _read_once(path: Path, kind: FolderKind, seen: list) -> Folder:
     return folder
 
 
+def _read_small(path: Path, limit: int) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes (a symbolic
+    link is not followed, a FIFO not waited on), else None; OSError when it cannot be opened."""
+    with os.fdopen(os.open(path, _READ_FLAGS), "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        data = fh.read(limit + 1)
+    return data if len(data) <= limit else None
+
+
 def _peek_manifest(path: Path) -> bytes | str | None:
     """The manifest's bytes now (None: absent; a string for an unreadable one)."""
     try:
-        st = os.lstat(path / MANIFEST)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
-            return f"unreadable {st.st_mode} {st.st_size}"
-        with open(path / MANIFEST, "rb") as fh:
-            return fh.read(MAX_MANIFEST_BYTES + 1)
+        data = _read_small(path / MANIFEST, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         return None
     except OSError as err:
-        return f"unreadable {err}"
+        return f"unreadable: {err}"
+    return "unreadable" if data is None else data
 
 
 def _old_copies(path: Path) -> str:
@@ -609,13 +618,10 @@ def folder_kind_of(path: str | os.PathLike, kind: FolderKind) -> Legacy | bool:
 
 def _manifest_of(path: Path) -> Any:
     """The parsed manifest of ``path`` (bounded), None when absent or unreadable."""
-    mpath = path / MANIFEST
     try:
-        st = os.lstat(mpath)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
+        data = _read_small(path / MANIFEST, MAX_MANIFEST_BYTES)
+        if data is None:
             return None
-        with open(mpath, "rb") as fh:
-            data = fh.read(MAX_MANIFEST_BYTES + 1)
         return parse_json(data, max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_JSON_DEPTH)
     except (OSError, FormatError):
         return None

@@ -610,10 +610,12 @@ FLOW_KIND = FolderKind(
 
 
 def save_flow(dir: str | os.PathLike, model: VelocityNet | FlowModel, meta: dict) -> Path:
-    """Write ``manifest.json`` + ``model.safetensors`` into the folder ``dir`` atomically.
+    """Write ``manifest.json`` + ``model.safetensors`` (stored as ``model-<hash>.safetensors``)
+    into the folder ``dir``; returns the path.
 
-    The files are written into a temporary sibling folder and swapped in with ``os.replace``; an
-    existing folder is replaced only if it is a saved flow (any layout) or empty. ``meta`` must
+    Crash-safe and serialised with other writers (:func:`cspace.io.folder.write_folder`: the
+    manifest is replaced last, readers see the old flow or the new one); an existing folder is
+    replaced only if it is a saved flow (any layout) or empty. ``meta`` must
     be JSON serialisable (``meta["encoder"]``: the VAE folder name the latents come from;
     ``meta["space"]``: their :class:`~cspace.models.space.Space` as JSON, or a Space).
     """

@@ -221,8 +221,9 @@ class DigitsTeacher(Teacher):
         return model.freeze()
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-        """Write the teacher as one atomic folder (``manifest.json``: the config and ``extra``
-        fields; ``model.safetensors``); returns the path."""
+        """Write the teacher folder (``manifest.json``: the config and ``extra`` fields;
+        ``model.safetensors``), crash-safe and serialised with other writers
+        (:func:`cspace.io.folder.write_folder`); returns the path."""
         from safetensors.torch import save
 
         blob = save({k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()})

@@ -409,7 +409,8 @@ def save_aligned_vae(
     *,
     allow: tuple[str, ...] = (),
 ) -> Path:
-    """Write a VAE folder atomically (what :func:`train_vae` writes at the end); returns the path.
+    """Write a VAE folder (what :func:`train_vae` writes at the end; crash-safe and serialised
+    with other writers, :func:`cspace.io.folder.write_folder`); returns the path.
 
     ``vae``: the ``AutoencoderKL`` (saved as ``vae.*``); ``projection``: the VF projection
     (``proj.weight``), if any; ``meta``: the manifest fields, at least ``config`` (an
@@ -562,8 +563,8 @@ def train_vae(
     """Train the C-space VAE on the digits train split and write it to ``out_dir``.
 
     Args:
-        out_dir: output folder: ``manifest.json`` + ``model.safetensors`` at the end (one atomic
-            folder; an existing folder must be a VAE folder, empty, or hold only the
+        out_dir: output folder: ``manifest.json`` + ``model.safetensors`` at the end (one
+            crash-safe save; an existing folder must be a VAE folder, empty, or hold only the
             checkpoint), and ``checkpoint/`` (model + optimizer in safetensors; step, seed and
             settings in JSON; the random state is a function of (seed, step)) every
             ``checkpoint_every`` steps.
