@@ -140,18 +140,20 @@ def test_a_kill_at_every_step_leaves_the_old_or_the_new_folder(kind, fresh, tmp_
     assert old != new
     # a dry run counts the steps of the save
     probe = tmp_path / "probe"
-    if not fresh:
+    if not fresh:  # two versions: the save under test also removes the older one's files
+        _save(kind, probe, 0)
         _save(kind, probe, 1)
     with monkeypatch.context() as m:
         counter = Killer(m)
         _save(kind, probe, 2)
     steps = counter.steps
     ops = {op for op, _ in steps}
-    assert {"open", "write", "fsync", "replace"} <= ops and len(steps) >= 10
+    assert {"open", "write", "fsync", "replace"} | ({"unlink"} if not fresh else set()) <= ops
     commit = max(i for i, (op, name) in enumerate(steps) if op == "replace" and name == MANIFEST)
     for k in range(len(steps) + 1):
         path = tmp_path / f"k{k}"
         if not fresh:
+            _save(kind, path, 0)
             _save(kind, path, 1)
         with monkeypatch.context() as m:
             killer = Killer(m, at=k)
@@ -347,7 +349,7 @@ def test_sigkill_during_saves(tmp_path):
     _obstacles(0).save(path)
     rng = np.random.default_rng(0)
     left = []
-    for _ in range(5):
+    for _ in range(3):
         writer = _writer(path, 1, 100_000)
         assert writer.stdout.readline().strip() == "ready"
         time.sleep(float(rng.uniform(0.05, 0.3)))  # some hundred saves, then a kill in one
