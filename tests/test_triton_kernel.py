@@ -76,3 +76,52 @@ def test_kernel_on_cpu_tensors_says_how_to_run():
     oset = ObstacleSet.from_embeddings(np.zeros((3, 2)), q_star=1.0)
     with pytest.raises(ValueError, match="backend='torch'"):
         RepulsiveField(oset, backend="triton").evaluate(torch.zeros(2, 2))
+
+
+_FLOAT32_LIMITS = """
+import numpy as np, torch
+from guidance import RepulsiveField
+from obstacles import ObstacleSet
+
+def one(q, eta, **kw):
+    oset = ObstacleSet.from_embeddings(np.zeros((1, 2)), q_star=q, eta=eta)
+    return RepulsiveField(oset, backend="triton", **kw)
+
+# a state 1e-22 from an obstacle pushing with 7.6e18: the kernel's direction |F|/D overflows
+# float32 (NaN force); the field recomputes that row with the reference
+near = one(1e-5, 1.0)
+x = torch.tensor([[1e-22, 0.0], [0.5, 0.5]], dtype=torch.float32)
+assert near.kernel.usable(x.double(), torch.float32)
+out = near.evaluate(x)
+assert bool(torch.isfinite(out.force).all()), out.force
+cap32 = float(torch.tensor(near.max_force, dtype=torch.float32))  # the reference's, cast
+assert out.force[0].tolist() == [cap32, 0.0] and out.force[1].tolist() == [0.0, 0.0]
+# eta = 1e40 is inf in float32 (inf * 0 at D = Q*): outside the kernel's range, so the
+# reference runs, with U = F = 0 exactly at D = Q*
+strong = one(1.0, 1e40, max_force=1.0, max_potential=1.0)
+y = torch.tensor([[1.0, 0.0], [0.5, 0.0]], dtype=torch.float32)
+assert not strong.kernel.usable(y.double(), torch.float32)
+res = strong.evaluate(y)
+assert res.potential.tolist() == [0.0, 1.0] and res.force.tolist() == [[0.0, 0.0], [1.0, 0.0]]
+# rho_min = 1e-46 is 0 in float32: outside the range too
+assert not one(1.0, 1.0, min_distance_ratio=1e-46, max_force=1.0).kernel.usable(
+    y.double(), torch.float32
+)
+print("float32 limits ok")
+"""
+
+
+def test_kernel_range_and_rows_it_cannot_hold():
+    """In Triton's interpreter: parameters beyond float32 send the field to the reference, and
+    rows whose float32 sums come back NaN or Inf are recomputed by the reference."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _FLOAT32_LIMITS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE.parent,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "float32 limits ok" in proc.stdout

@@ -8,7 +8,8 @@ implement :meth:`Field._sums`, which returns float64 sums over their obstacles f
 ``P(x)`` (B, d); :meth:`Field.evaluate` does the rest, in this order:
 
 1. **checks**: a floating tensor (B, ...) with B >= 1 and finite values; the embeddings (B, d)
-   from ``projection`` (default: flatten) finite and of the field's dimension ``dim``;
+   from ``projection`` (default: flatten) finite and of the field's dimension ``dim``; the noise
+   level ``t`` (a number, or one per state) finite and in [0, 1];
 2. **sums** (float64) from the subclass, at the embeddings and, with ``t``, the noise level t
    (the obstacles noised to level t: centres ``(1 - t) o_j`` under ``x_t = (1-t) x0 + t eps``);
 3. **cap**: ``U <= max_potential`` and ``|F| <= max_force`` (by norm, in the embedding space);
@@ -18,6 +19,15 @@ implement :meth:`Field._sums`, which returns float64 sums over their obstacles f
 
 So no NaN or Inf leaves a field for a finite state, whatever the subclass computes, as long as
 its sums are finite or +-inf (never NaN).
+
+**Subnormal and huge values.** The cap and the finite range scale a force row by
+``cap / |F|`` (:func:`guidance.numerics.clip_norm`): where ``1 / |F|`` is not a normal number
+(a subnormal ``|F|``, e.g. with ``eta = 1e-315``, or a norm that overflows) the row is first
+scaled by its largest entry, so no reciprocal overflows and no ``0 * inf`` arises; ordinary rows
+get the same bits as ever. The pull-back ``J^T F`` is formed with ``F`` itself where that is
+finite in the projection's dtype, else with the unit direction ``F / |F|`` and scaled by ``|F|``
+after (float64, held within the finite range); a projection whose Jacobian is not finite at the
+states (or overflows even for a unit ``F``) raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -29,17 +39,11 @@ from dataclasses import dataclass
 import torch
 
 from guidance.checks import check_number
+from guidance.numerics import clip_norm, safe_norm
 
 __all__ = ["Field", "FieldOutput", "Projection", "check_states", "safe_norm"]
 
 Projection = Callable[[torch.Tensor], torch.Tensor]
-
-
-def safe_norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Euclidean norm along ``dim`` that does not overflow (scaled by the largest |entry|)."""
-    scale = x.abs().amax(dim=dim, keepdim=True)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.linalg.vector_norm(x / safe, dim=dim, keepdim=True) * scale).squeeze(dim)
 
 
 def check_states(x: torch.Tensor) -> None:
@@ -54,12 +58,11 @@ def check_states(x: torch.Tensor) -> None:
 
 
 def _finite(v: torch.Tensor, dtype: torch.dtype, norm: bool = False) -> torch.Tensor:
-    """Hold values within finfo(dtype).max / 2 (by row norm for (B, n) vectors), cast to dtype."""
+    """Hold values within finfo(dtype).max / 2 (by row norm for (B, n) vectors, direction kept,
+    :func:`~guidance.numerics.clip_norm`), cast to dtype."""
     big = float(torch.finfo(dtype).max) / 2
     if norm:
-        n = safe_norm(v)
-        factor = torch.where(n > big, big / n, torch.ones_like(n))
-        return (v * factor[:, None]).to(dtype)
+        return clip_norm(v, big).to(dtype)
     return v.clamp(-big, big).to(dtype)
 
 
@@ -173,8 +176,7 @@ class Field:
             if xr is None:
                 force = f_emb.reshape(x.shape)
             else:
-                (g,) = torch.autograd.grad(emb, xr, grad_outputs=f_emb.to(emb.dtype))
-                force = g.to(torch.float64)
+                force = self._pull_back(x, emb, xr, f_emb)
             force = _finite(force.reshape(b, -1), x.dtype, norm=True).reshape(x.shape)
         else:
             force = torch.zeros_like(x)
@@ -202,6 +204,12 @@ class Field:
                 raise ValueError(f"projection must return (B, d) = ({b}, d); got {got}")
             if not bool(torch.isfinite(emb.detach()).all()):
                 raise ValueError("the projection returned NaN or Inf embeddings")
+            if need_force and not emb.requires_grad:
+                raise ValueError(
+                    "the projection's output does not depend differentiably on the states (no "
+                    "autograd graph: detached, or computed outside torch), so the force cannot "
+                    "be pulled back: write the projection with differentiable torch operations"
+                )
         dim = self.dim
         if dim is not None and emb.shape[1] != dim:
             raise ValueError(
@@ -210,19 +218,56 @@ class Field:
             )
         return emb, xr
 
+    def _pull_back(self, x, emb, xr, f_emb: torch.Tensor) -> torch.Tensor:
+        """``J_P(x)^T F`` (B, ...) float64 for the embedding force ``f_emb`` (B, d) float64.
+
+        With ``F`` itself when it is finite in the projection's dtype and the product is finite;
+        else with the unit rows ``F / |F|``, scaled by ``|F|`` after in float64 (the norm held
+        within half the float64 range, which the finite range then narrows to the state's
+        dtype). Raises ``ValueError`` when even the unit product is not finite: the projection's
+        Jacobian is not finite (or overflows) at these states."""
+        go = f_emb.to(emb.dtype)
+        if bool(torch.isfinite(go).all()):
+            (g,) = torch.autograd.grad(emb, xr, grad_outputs=go, retain_graph=True)
+            if bool(torch.isfinite(g).all()):
+                return g.to(torch.float64)
+        n = safe_norm(f_emb)  # finite: the capped sums are
+        unit = f_emb / torch.where(n > 0, n, torch.ones_like(n))[:, None]
+        (g,) = torch.autograd.grad(emb, xr, grad_outputs=unit.to(emb.dtype))
+        g = g.to(torch.float64).reshape(x.shape[0], -1)
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError(
+                "the projection's Jacobian is not finite at these states (J_P(x)^T F is NaN or "
+                "Inf even for a unit force): use a projection that is differentiable there, "
+                "with a Jacobian within the dtype's range"
+            )
+        big = float(torch.finfo(torch.float64).max) / 2
+        limit = torch.div(torch.full_like(n, big), n)  # +inf for n = 0 or tiny n: no clip
+        return (clip_norm(g, limit) * n[:, None]).reshape(x.shape)
+
     @staticmethod
     def _levels(t, b: int, device) -> torch.Tensor | None:
-        """``1 - t`` (B,) float64 for the noisy mode (the scale of the noised centres), or None."""
+        """``1 - t`` (B,) float64 for the noisy mode (the scale of the noised centres), or None.
+        Raises ``ValueError`` unless ``t`` is a number or B numbers, finite and in [0, 1]."""
         if t is None:
             return None
-        tt = torch.as_tensor(t, dtype=torch.float64, device=device)
-        return 1 - (tt.expand(b) if tt.ndim == 0 else tt.reshape(b))
+        try:
+            tt = torch.as_tensor(t, dtype=torch.float64, device=device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"t must be a number or a tensor of B={b} times; got {t!r}") from err
+        if tt.numel() not in (1, b):
+            raise ValueError(
+                f"t must be a number or B={b} times (shape ({b},)); got shape {tuple(tt.shape)}"
+            )
+        if not bool(((tt >= 0) & (tt <= 1)).all()):  # also false for NaN
+            bad = tt.reshape(-1)[~((tt >= 0) & (tt <= 1)).reshape(-1)][:3].tolist()
+            raise ValueError(f"t must be finite and in [0, 1] (1 is pure noise); got {bad}")
+        return 1 - (tt.reshape(()).expand(b) if tt.numel() == 1 else tt.reshape(b))
 
     def _cap(self, pot: torch.Tensor, force: torch.Tensor, need_force: bool):
-        """The potential and the force held to ``max_potential`` and ``max_force`` (by norm)."""
+        """The potential and the force held to ``max_potential`` and ``max_force`` (by norm,
+        without a reciprocal that overflows: :func:`~guidance.numerics.clip_norm`)."""
         pot = torch.clamp(pot, max=self.max_potential)
         if need_force and math.isfinite(self.max_force):
-            n = safe_norm(force)
-            factor = torch.where(n > self.max_force, self.max_force / n, torch.ones_like(n))
-            force = force * factor[:, None]
+            force = clip_norm(force, self.max_force)
         return pot, force

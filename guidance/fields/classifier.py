@@ -20,6 +20,15 @@ the good side), the field uses the obstacle sets' thresholded potential,
    every output is held within ``finfo(dtype).max / 2`` (the force by norm). No NaN or Inf leaves
    the field for a finite input.
 
+The prefactors ``eta/Q*^2`` and ``eta/Q*^3`` and the clamp force are computed without an
+exception or a spurious over- or underflow for any ``Q* > 0`` and ``eta >= 0``
+(:func:`guidance.numerics.over_power_np`; a Python ``Q* ** 3`` raised ``OverflowError`` for
+``Q* > 5.6e102`` and ``ZeroDivisionError`` followed for ``Q* < 1e-108``); each is held at 1e300.
+A zero prefactor (``eta = 0``, or one below the subnormals) gives a zero potential and force even
+where ``1/D_eff`` overflows (``min_distance_ratio`` below 1e-154), never ``0 * inf``. A
+classifier whose boundary offset ``(logit(p0) - b)/|w|`` is not finite (``b`` huge against a tiny
+``w``) is refused with ``ValueError``: the noisy mode multiplies that offset by ``1 - t``.
+
 :meth:`ClassifierField.evaluate` returns a :class:`guidance.FieldOutput` with
 ``nearest = clearance = D`` (negative inside the bad region, so ``.collided`` marks states the
 classifier calls bad and backtracking works) and ``active = 1`` where ``D <= Q*``. With ``t``
@@ -40,6 +49,7 @@ import torch
 
 from cspace.models.space import space_of
 from guidance.fields.base import Field, Projection
+from guidance.numerics import over_power_np
 from obstacles.classifier import signed_distance_torch
 
 __all__ = ["ClassifierField"]
@@ -89,13 +99,24 @@ class ClassifierField(Field):
         # with a projection the states live in another space, which the field cannot name
         self.space = space_of(classifier) if projection is None else None
         self.q_star, self.eta = q, eta
-        self._u = torch.as_tensor(np.asarray(classifier.unit_normal, dtype=np.float64))
-        self._offset = float(classifier.offset)
+        with np.errstate(all="ignore"):
+            unit = np.asarray(classifier.unit_normal, dtype=np.float64)
+            offset = float(classifier.offset)
+        if not (np.all(np.isfinite(unit)) and math.isfinite(offset)):
+            raise ValueError(
+                f"the classifier's boundary is not finite (offset (logit(p0) - b)/|w| = {offset}, "
+                "unit normal w/|w| finite: "
+                f"{bool(np.all(np.isfinite(unit)))}): refit it on rescaled embeddings, or "
+                "rescale w and b together"
+            )
+        self._u = torch.as_tensor(unit)
+        self._offset = offset
         rho = self.rho_min
-        with np.errstate(over="ignore", divide="ignore"):
-            clamp_force = eta / q**3 * (1 / rho - 1) / rho**2
-            self._f_pref = min(eta / q**3, _HUGE)  # eta / Q^3
-            self._u_pref = min(eta / q**2, _HUGE)  # eta / Q^2
+        with np.errstate(all="ignore"):  # numpy scalars: inf or 0, never an exception
+            f_pref = over_power_np(eta, q, 3)  # eta / Q^3, the bits of Python's eta / q**3
+            clamp_force = float(np.float64(f_pref) * (1 / rho - 1) / np.float64(rho) ** 2)
+            self._f_pref = min(f_pref, _HUGE)  # eta / Q^3
+            self._u_pref = min(over_power_np(eta, q, 2), _HUGE)  # eta / Q^2
         if max_force is None:  # the force at the clamp distance, which the clamped force equals
             self.max_force = float(clamp_force) if math.isfinite(clamp_force) else math.inf
 
@@ -117,9 +138,14 @@ class ClassifierField(Field):
         inside = dist <= q
         ratio = torch.clamp(dist / q, min=rho)  # D_eff / Q* in [rho, inf)
         gap = torch.where(inside, 1 / ratio - 1, torch.zeros_like(ratio))  # Q* (1/D_eff - 1/Q*)
-        pot = torch.clamp(0.5 * self._u_pref * gap**2, max=_HUGE)
+        # a zero prefactor wins over gap = inf (min_distance_ratio below the subnormals' inverse)
+        half = 0.5 * self._u_pref
+        pot = torch.clamp(half * gap**2, max=_HUGE) if half > 0 else torch.zeros_like(gap)
         force = None
         if need_force:
-            mag = torch.clamp(self._f_pref * gap / ratio**2, max=_HUGE)
+            if self._f_pref > 0:
+                mag = torch.clamp(self._f_pref * gap / ratio**2, max=_HUGE)
+            else:
+                mag = torch.zeros_like(gap)
             force = -mag[:, None] * self._u.to(e.device)[None, :]  # (B, d), towards the good side
         return pot, force, dist, dist, inside.long()

@@ -4,7 +4,8 @@ ClassifierField(classifier))``.
 Potentials and forces add, ``nearest`` and ``clearance`` take the minimum (so ``.collided`` is true
 when any field reports a collision), ``active`` adds. Each field's outputs are already within
 ``finfo(dtype).max / 2``; the sums of n of them are formed as n times their mean, held within the
-same bound. The fields must share one C-space (their recorded spaces, when known). An optional
+same bound (the force by norm, :func:`guidance.numerics.clip_norm`: no reciprocal of an
+overflowed or subnormal norm). The fields must share one C-space (their recorded spaces, when known). An optional
 total cap (``max_force``, ``max_potential``) bounds the sum, e.g. a
 proposal displacement in guided SMC: ``CombinedField(field, max_force=1.0)``.
 """
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from cspace.models.space import check_same_space, space_of
-from guidance.fields.base import Field, safe_norm
+from guidance.fields.base import Field
+from guidance.numerics import clip_norm
 
 __all__ = ["CombinedField"]
 
@@ -71,7 +73,5 @@ class CombinedField(Field):
         force = None
         if need_force:
             mean = torch.stack([o.force.reshape(b, -1).to(torch.float64) / n for o in outs]).sum(0)
-            norm = safe_norm(mean)
-            factor = torch.where(norm > big / n, big / norm, torch.full_like(norm, float(n)))
-            force = mean * factor[:, None]
+            force = clip_norm(mean, big / n) * n  # norm held within big, no reciprocal overflow
         return pot, force, nearest, clear, active

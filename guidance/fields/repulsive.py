@@ -25,6 +25,26 @@ every finite input, with these documented bounds:
    dtype (norm-preserving for the force); distances are computed with a scaled norm, so inputs
    up to the dtype's largest finite values do not overflow.
 
+**Subnormal and huge parameters** (any ``Q* > 0``, ``eta >= 0``, ``0 < rho_min < 1`` the set and
+the field accept; :mod:`guidance.numerics`):
+
+* the prefactors ``eta/Q^2`` and ``eta/Q^3`` (and the default cap) are the plain quotients where
+  ``Q^k`` is a normal float64 number, else ``k`` successive divisions by Q, so ``Q = 1e200`` with
+  ``eta = 1e300`` gives ``eta/Q^3 = 1e-300``, not 0 (``Q^3 = inf``), and ``Q = 1e-110`` with
+  ``eta = 1e-300`` gives 1e30, not the cap (``Q^3 = 0``); a prefactor that truly overflows is
+  held at the per-pair cap;
+* a zero prefactor (``eta = 0``, or a quotient below the subnormals) gives a zero pair term even
+  where ``1/D_eff`` or ``1/D_eff^2`` overflows (``rho_min`` below 1e-154): never ``0 * inf``;
+* the force cap scales by ``max_force / |F|`` without the reciprocal of a subnormal ``|F|`` (two
+  obstacles with ``eta = 1e-315`` push with a subnormal 7.6e-312 each; their sum is held at that
+  force, not at ``[inf, nan]``); a subnormal cap holds to the spacing of the subnormals;
+* the noise level ``t`` must be finite and in [0, 1] (``ValueError`` otherwise), so the noised
+  centres ``(1 - t) o_j`` stay within the obstacles' range;
+* with ``prune``, the clusters' bounds stay exact for states beyond 1e154 (where squared
+  distances overflow) and k-means never sees values FAISS cannot handle
+  (:mod:`obstacles.clusters`); on the kernel path, rows whose float32 sums come back NaN or Inf
+  are recomputed by this reference (:mod:`guidance.kernels.dispatch`).
+
 Distances are taken from the differences ``x - o`` in float64 (never from the expansion
 ``|x|^2 + |o|^2 - 2 x.o``, which cancels catastrophically near an obstacle), over chunks of
 obstacles so that no (B, N, d) tensor larger than ``chunk_elements`` is formed. Outputs come back
@@ -44,6 +64,7 @@ import torch
 from cspace.models.space import space_of
 from guidance.fields.base import Field, Projection, safe_norm
 from guidance.kernels.dispatch import BACKENDS, KERNEL_RANGE, PRECISIONS, KernelPath
+from guidance.numerics import over_power, over_power_np
 from obstacles import ObstacleSet
 from obstacles.clusters import ClusteredObstacles
 
@@ -124,8 +145,8 @@ class RepulsiveField(Field):
         self._radius = torch.from_numpy(obstacles.radius.astype(np.float64))
         if max_force is None:  # the strongest single obstacle at its clamp distance
             rho = self.rho_min
-            with np.errstate(over="ignore", divide="ignore"):
-                per = obstacles.eta / obstacles.q_star**3 * (1 / rho - 1) / rho**2
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                per = over_power_np(obstacles.eta, obstacles.q_star, 3) * (1 / rho - 1) / rho**2
             self.max_force = float(np.max(per)) if np.all(np.isfinite(per)) else np.inf
         self.backend = backend
         self.precision = precision
@@ -150,7 +171,23 @@ class RepulsiveField(Field):
         scale = self._levels(t, x.shape[0], x.device)
         e64 = emb.to(torch.float64)
         if scale is None and self.kernel.usable(e64, emb.dtype):
-            return self.kernel(emb)
+            out = self.kernel(emb)
+            bad = self.kernel.unsound(out)
+            if not bool(bad.any()):
+                return out
+            # rows the float32 kernel could not hold (e.g. a direction mag / D that overflows
+            # for a state within mag / 3.4e38 of an obstacle): the reference recomputes them
+            rows = bad.nonzero().flatten()
+            ref = (
+                self._pairwise(e64[rows], None, need_force)
+                if self.clusters is None
+                else self._pruned(e64[rows], None, need_force)
+            )
+            out = tuple(v.clone() if v is not None else v for v in out)
+            for v, r in zip(out, ref, strict=True):
+                if v is not None and r is not None:
+                    v[rows.to(v.device)] = r.to(device=v.device, dtype=v.dtype)
+            return out
         scale = None if scale is None else scale[:, None]
         if self.clusters is None:
             return self._pairwise(e64, scale, need_force)
@@ -202,15 +239,19 @@ class RepulsiveField(Field):
             active += inside.sum(dim=1)
             if not bool(inside.any()):
                 continue
-            ratio = torch.clamp(dist / q[None], min=rho)  # D_eff / Q, in [rho, inf)
+            ratio = torch.clamp(dist / q[None], min=rho)  # D_eff / Q, in [rho, inf]
             gap = torch.where(inside, 1 / ratio - 1, torch.zeros_like(ratio))  # Q (1/D_eff - 1/Q)
-            u_pref = torch.nan_to_num(eta / q**2, posinf=pot_cap)  # eta / Q^2
-            pot_pair = torch.clamp(0.5 * u_pref[None] * gap**2, max=pot_cap)
-            pot += torch.where(inside, pot_pair, torch.zeros_like(pot_pair)).sum(dim=1)
+            # eta / Q^k without a spurious over- or underflow (inf only when it is: then the cap)
+            u_half = 0.5 * torch.nan_to_num(over_power(eta, q, 2), posinf=pot_cap)  # eta/(2Q^2)
+            pot_pair = torch.clamp(u_half[None] * gap**2, max=pot_cap)
+            # a zero prefactor (eta = 0, or one below the subnormals) wins over gap^2 = inf
+            # (rho_min < 1e-154), which would otherwise make 0 * inf = NaN
+            pot_pair = torch.where((u_half == 0)[None] | ~inside, 0.0, pot_pair)
+            pot += pot_pair.sum(dim=1)
             if need_force:
-                f_pref = torch.nan_to_num(eta / q**3, posinf=pair_cap)  # eta / Q^3
+                f_pref = torch.nan_to_num(over_power(eta, q, 3), posinf=pair_cap)  # eta / Q^3
                 mag = torch.clamp(f_pref[None] * gap / ratio**2, max=pair_cap)  # |F_j|
-                mag = torch.where(inside, mag, torch.zeros_like(mag))
+                mag = torch.where((f_pref == 0)[None] | ~inside, 0.0, mag)
                 dn = dist / 2 if halve else dist  # the norm of `diff` itself
                 safe = torch.where(dn > 0, dn, torch.ones_like(dn))
                 unit = torch.where((dn > 0)[..., None], diff / safe[..., None], default_dir)

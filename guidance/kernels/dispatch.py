@@ -7,12 +7,20 @@ dtype (centred, sorted by cluster when pruning, with their squared norms) and th
 lists of the pruned path. The field asks :meth:`KernelPath.usable` for each evaluation and calls
 the path when it says yes; otherwise the float64 reference runs. Triton is imported only when
 the kernel runs, so this module loads on machines without it.
+
+The range check is computed without a spurious overflow (:func:`guidance.numerics.over_power`
+for ``eta / Q^k``) and a parameter it cannot bound (a non-finite per-pair value) sends the field
+to the reference. The kernel's float32 arithmetic can still overflow for some states the check
+cannot see (a direction ``|F_j| / D_j`` for a state within ``|F_j| / 3.4e38`` of an obstacle):
+:meth:`KernelPath.unsound` names the rows whose sums came back NaN or Inf, and the field
+recomputes those rows with the float64 reference.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from guidance.numerics import over_power
 
 __all__ = ["BACKENDS", "KERNEL_RANGE", "PRECISIONS", "KernelPath"]
 
@@ -23,8 +31,10 @@ KERNEL_RANGE = 1e15
 """The kernel's float32-safe range: coordinates (centred for float32) up to this magnitude, so
 that squared norms stay below 4e33 at d = 4096; Q* within [1/KERNEL_RANGE, KERNEL_RANGE]; N times
 the largest per-pair force and potential (at the clamp distance, after the caps) below
-KERNEL_RANGE^2, so that no float32 sum overflows. Outside it the reference is used, so that no
-NaN or Inf comes out of float32 arithmetic."""
+KERNEL_RANGE^2, so that no float32 sum overflows; ``eta``, ``eta / Q*^2`` and ``eta / Q*^3`` at
+most KERNEL_RANGE^2 and ``rho_min`` at least 1/KERNEL_RANGE, so that the kernel's float32
+prefactors are finite and its clamp ratio is not 0. Outside it the reference is used, so that
+no NaN or Inf comes out of float32 arithmetic."""
 
 
 class KernelPath:
@@ -48,12 +58,19 @@ class KernelPath:
             f = self.field
             q, eta, rho, n = f._q, f._eta, f.rho_min, len(f.obstacles)
             big = KERNEL_RANGE
-            with np.errstate(over="ignore", divide="ignore"):
-                per_f = torch.clamp(eta / q**3 * (1 / rho - 1) / rho**2, max=f.max_force)
-                per_u = torch.clamp(0.5 * eta / q**2 * (1 / rho - 1) ** 2, max=f.max_potential)
-            params_ok = bool((q >= 1 / big).all() and (q <= big).all()) and bool(
-                n * float(per_f.max()) < big * big and n * float(per_u.max()) < big * big
-            )
+            u_pref, f_pref = over_power(eta, q, 2), over_power(eta, q, 3)  # inf or finite
+            prefactors_ok = rho >= 1 / big and bool(
+                (eta <= big * big).all() and (u_pref <= big * big).all()
+                and (f_pref <= big * big).all()
+            )  # fmt: skip
+            params_ok = False
+            if prefactors_ok and bool((q >= 1 / big).all() and (q <= big).all()):
+                # rho >= 1e-15 and prefactors <= 1e30: these are finite float64 values
+                per_f = torch.clamp(f_pref * (1 / rho - 1) / rho**2, max=f.max_force)
+                per_u = torch.clamp(0.5 * u_pref * (1 / rho - 1) ** 2, max=f.max_potential)
+                params_ok = bool(
+                    n * float(per_f.max()) < big * big and n * float(per_u.max()) < big * big
+                )
             centre = f._emb.mean(dim=0)
             self._limits = dict(
                 params_ok=params_ok,
@@ -72,6 +89,17 @@ class KernelPath:
             return max(lim["raw_max"], float(e.abs().max())) <= KERNEL_RANGE
         states = float((e - lim["centre"].to(e.device)).abs().max())
         return max(lim["centred_max"], states) <= KERNEL_RANGE
+
+    @staticmethod
+    def unsound(sums: tuple) -> torch.Tensor:
+        """(B,) bool: the rows of the kernel's sums ``(potential, force, nearest, clearance,
+        active)`` with a NaN anywhere or an infinite potential or force (the field recomputes
+        them with the reference)."""
+        pot, force, near, clear, _ = sums
+        bad = ~torch.isfinite(pot) | torch.isnan(near) | torch.isnan(clear)
+        if force is not None:
+            bad |= ~torch.isfinite(force).all(dim=1)
+        return bad
 
     def usable(self, e: torch.Tensor, x_dtype: torch.dtype = torch.float32) -> bool:
         """Whether this evaluation runs the kernel: ``backend="triton"`` always (in range);
