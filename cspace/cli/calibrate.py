@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cspace.cli.args import nonneg_float, positive_float, positive_int
+from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
 
 __all__ = ["register"]
 
@@ -94,7 +94,7 @@ def register(subparsers) -> None:
     p.add_argument("--budget", type=positive_int, default=None, help="total NFE of all trials")
     p.add_argument("--n", type=positive_int, default=None, help="samples per trial")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--q-star-range", type=positive_float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--eta-range", type=positive_float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--avoid-class", type=int, choices=range(10), default=None, metavar="C",

@@ -22,6 +22,8 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from cspace.cli.args import positive_int, seed
+
 __all__ = ["register"]
 
 
@@ -68,6 +70,9 @@ def _size(text) -> tuple[int, int]:
 def _check_out(out: Path, marker, kind: str) -> bool:
     """Whether ``out`` already holds a ``kind``; refuses anything that would be clobbered."""
     if not out.exists():
+        from cspace.io.checks import check_output_folder
+
+        check_output_folder(out, "--out")  # a folder under a file, no permission: now
         return False
     if not out.is_dir():
         raise ObstaclesCommandError(f"--out {out} exists and is not a folder; choose another --out")
@@ -312,7 +317,7 @@ def _encoder_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size", default="8", help="image size N or HxW (default 8)")
     p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per encoder batch")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -384,7 +389,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     clf.add_argument(
         "--holdout", default="0.25", help="held-out fraction for the accuracy (default 0.25)"
     )
-    clf.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    clf.add_argument("--seed", type=seed, default=0, help="split seed (default 0)")
     clf.add_argument("--overwrite", action="store_true", help="replace an existing classifier")
     _encoder_args(clf)
     clf.set_defaults(func=_command(_cmd_classifier))

@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cspace.io.checks import check_memory, check_output_folder
+
 __all__ = [
     "avoid_class_of",
     "calibrate_set",
     "digits_evaluator",
     "toy_evaluator",
     "toy_set",
+    "trial_nfe",
 ]
 
 
@@ -57,8 +60,11 @@ def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
     from cspace.models.metrics import energy_distance
     from cspace.models.toy import BallObstacles, default_toy
     from guidance import Guided, RepulsiveField, sample
+    from guidance.sampling import time_grid
 
     mix, _ = default_toy()
+    check_memory(8 * int(n) * mix.dim * 8, f"{int(n):,} toy samples per trial", "lower --n")
+    time_grid(steps)  # a grid too large for memory is refused now, not in the first trial
     noise = torch.randn(
         (n, mix.dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
     )
@@ -85,6 +91,7 @@ def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
             "nfe": int(out.nfe),
         }
 
+    evaluate.trial_nfe = trial_nfe("toy", n, steps)
     return evaluate
 
 
@@ -107,6 +114,9 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
         default_judge(),
     )
     shape = encoder.latent_shape((8, 8))
+    check_memory(
+        8 * int(n) * int(np.prod(shape)) * 4, f"{int(n):,} digit samples per trial", "lower --n"
+    )
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
     arm = DemoSettings(steps=steps, seed=seed)  # the demo's sampler: SDE + backtracking
@@ -139,7 +149,19 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
         }
 
     evaluate.unguided_rate = float(base[avoid_class])
+    evaluate.trial_nfe = trial_nfe("digits", n, steps)
     return evaluate
+
+
+#: samples per trial of each model when ``n`` is not given
+DEFAULT_N = {"toy": 512, "digits": 1000}
+
+
+def trial_nfe(model: str, n: int | None, steps: int) -> int:
+    """The NFE one trial of ``model`` costs at least: ``n x steps`` (the toy's Euler sampler
+    costs exactly that, the field none; the digits' SDE sampler with backtracking at least that,
+    plus the retries)."""
+    return int(n or DEFAULT_N[model]) * int(steps)
 
 
 def _check_writable(path: Path) -> None:
@@ -199,17 +221,28 @@ def calibrate_set(
     Returns the report: ``feasible``, ``message``, ``chosen``, ``front``, ``trials``, ``nfe``,
     ``written``, ``files``, ``settings``.
     """
-    from guidance.calibrate import CalibrationSettings, calibrate
+    from guidance.calibrate import CalibrationSettings, calibrate, check_budget
     from obstacles import ObstacleSet, is_obstacle_set
 
     if model not in ("toy", "digits"):
         raise ValueError(f"unknown model {model!r}; choose 'toy' or 'digits'")
+    # before anything is written or sampled: the budget pays a trial, the study folder can be made
+    n_trial = int(n or DEFAULT_N[model])
+    check_budget(
+        budget,
+        trial_nfe(model, n_trial, steps),
+        f"{n_trial:,} samples x {int(steps):,} steps"
+        + (", plus the retries of backtracking" if model == "digits" else ""),
+    )
     path = Path(path)
+    out = Path(out) if out else path.with_name(path.name + "-calibration")
+    check_output_folder(out, "the study folder (--out)")
     if init:
         if model != "toy":
             raise ValueError("init writes the toy's obstacle set; it needs the toy model")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path} exists; --init only writes a new set")
+        check_output_folder(path, "the obstacle set")
         toy_set().save(path)
     if not is_obstacle_set(path):
         hint = (
@@ -221,7 +254,6 @@ def calibrate_set(
     oset = ObstacleSet.load(path)
     if write:
         _check_writable(path)
-    out = Path(out) if out else path.with_name(path.name + "-calibration")
     # default ranges from the set's values; when resuming after a write-back, those of the study
     prev = out / "calibration.json"
     stored = json.loads(prev.read_text()).get("settings", {}) if prev.is_file() else {}

@@ -5,7 +5,10 @@
 * :mod:`cspace.io.files`: SHA-256 digests, atomic writes of a file or a folder;
 * :mod:`cspace.io.folder`: the one safe-folder format (manifest, checksums, atomic swap) of
   everything cspace writes; :mod:`cspace.io.legacy`: the readers of the layouts before it;
-* :mod:`cspace.io.images`: image files and folders to tensors in [-1, 1] and back.
+* :mod:`cspace.io.images`: image files and folders to tensors in [-1, 1] and back (untrusted
+  files: the pixel count is checked from the header before decoding);
+* :mod:`cspace.io.checks`: sizes against this machine's memory and output paths, checked
+  before work starts.
 
 Nothing here imports another part of cspace, ``obstacles`` or ``guidance``.
 """

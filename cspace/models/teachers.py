@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cspace.io.checks import check_output_folder
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.folder import FolderKind, check_target, is_folder_of, read_folder, write_folder
 from cspace.io.legacy import TEACHER_V1
@@ -421,6 +422,7 @@ def train_teacher(
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
     check_target(out_dir, TEACHER_KIND)  # before training, not after
+    check_output_folder(out_dir, "the output folder (--out)")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = DigitsTeacher()

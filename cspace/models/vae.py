@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cspace.io.checks import check_output_folder
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.files import save_safetensors_atomic, write_json_atomic
 from cspace.io.folder import FolderKind, check_target, read_folder, write_folder
@@ -578,6 +579,7 @@ def train_vae(
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
     check_target(out, VAE_KIND, allow=(CHECKPOINT_DIR,))  # before training, not after
+    check_output_folder(out, "the output folder (--out)")
 
     # ---- teacher: frozen; without augmentation its tokens for the training set are precomputed
     x_train, _ = digits("train")

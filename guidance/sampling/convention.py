@@ -73,9 +73,11 @@ def check_velocity(v: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(v).all()):
         bad = ~torch.isfinite(v).reshape(v.shape[0], -1).all(dim=1)
         tb = torch.as_tensor(t).reshape(-1).expand(v.shape[0])
+        big = float(x.detach().reshape(x.shape[0], -1)[bad].abs().max())
         raise ValueError(
             f"velocity returned NaN or Inf for {int(bad.sum())} of {v.shape[0]} states at "
-            f"t={float(tb[bad][0]):.4g}; check the model and its inputs"
+            f"t={float(tb[bad][0]):.4g} (largest |x| among them {big:.3g}); check the model and "
+            "its inputs"
         )
     return v.to(x.dtype)
 

@@ -117,9 +117,47 @@ class Guided:
             raise ValueError(
                 f"weight(t) must return a tensor of the times' shape {tuple(t.shape)}; got {got}"
             )
+        self._check_finite(lam, inwin, ev.force, t)
         scale = torch.where(inwin, self.strength * lam, torch.zeros_like(t))
         delta = scale.reshape((-1,) + (1,) * (x.ndim - 1)) * ev.force
-        return p.displaced(delta, field=ev, field_mode=self.mode, field_source=self.field)
+        out = p.displaced(delta, field=ev, field_mode=self.mode, field_source=self.field)
+        if not bool(torch.isfinite(out.v).all()):
+            self._overflow(out.v, delta, lam, ev.force, t)
+        return out
+
+    def _check_finite(self, lam, inwin, force, t) -> None:
+        """Name the culprit of a non-finite displacement before it is applied: the weight
+        (inside the window) or the field's force."""
+        bad = inwin & ~torch.isfinite(lam)
+        if bool(bad.any()):
+            raise ValueError(
+                f"the weight function returned NaN or Inf for {int(bad.sum())} of {t.numel()} "
+                f"times (first at t={float(t[bad][0]):.4g}, value {float(lam[bad][0])}); "
+                "weight(t) must return finite numbers"
+            )
+        rows = ~torch.isfinite(force).reshape(force.shape[0], -1).all(dim=1)
+        if bool(rows.any()):
+            raise ValueError(
+                f"the field ({type(self.field).__name__}) returned a NaN or Inf force for "
+                f"{int(rows.sum())} of {force.shape[0]} states at t={float(t[rows][0]):.4g}; "
+                "check the field's parameters (Q*, eta, max_force)"
+            )
+
+    def _overflow(self, v, delta, lam, force, t) -> None:
+        """The guided velocity is not finite although the weight and the force are: the
+        displacement ``strength * weight(t) * F`` (or ``v - delta``) overflowed."""
+        rows = ~torch.isfinite(v).reshape(v.shape[0], -1).all(dim=1)
+        what = (
+            "the displacement strength x weight(t) x force"
+            if not bool(torch.isfinite(delta).all())
+            else "the guided velocity v - strength x weight(t) x force"
+        )
+        raise ValueError(
+            f"{what} overflowed to NaN or Inf for {int(rows.sum())} of {v.shape[0]} states at "
+            f"t={float(t[rows][0]):.4g} (strength={self.strength:g}, largest |weight| "
+            f"{float(lam.abs().max()):.4g}, largest |force| {float(force.abs().max()):.4g}); "
+            "lower the strength"
+        )
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """The guided velocity ``v'(x, t)``; (B, ...)."""
