@@ -30,10 +30,19 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 @pytest.fixture
 def paths(tmp_path):
-    """``FILE`` (a file), ``DIR`` (an empty folder), ``SET`` (a path that does not exist yet)."""
+    """``FILE`` (a file), ``DIR`` (an empty folder), ``NEW`` (a path that does not exist yet),
+    ``SET5`` (an obstacle set of dimension 5)."""
     (tmp_path / "afile").write_text("x")
     (tmp_path / "dir").mkdir()
-    return {"FILE": tmp_path / "afile", "DIR": tmp_path / "dir", "NEW": tmp_path / "new"}
+    from obstacles import ObstacleSet
+
+    ObstacleSet.from_embeddings(np.zeros((2, 5)), q_star=1.0).save(tmp_path / "set5")
+    return {
+        "FILE": tmp_path / "afile",
+        "DIR": tmp_path / "dir",
+        "NEW": tmp_path / "new",
+        "SET5": tmp_path / "set5",
+    }
 
 
 def _fill(argv, paths):
@@ -82,6 +91,8 @@ CASES = [
     (["calibrate", "FILE/x", "--model", "toy", "--init"], "which is a file, not a folder"),
     (["calibrate", "NEW", "--model", "toy", "--seed", "-1"], "argument --seed"),
     (["calibrate", "FILE", "--model", "toy"], "is not an obstacle set"),
+    (["calibrate", "SET5", "--model", "toy", "--no-write"], "needs a set of dimension 2; got 5"),
+    (["calibrate", "SET5", "--model", "toy", "--max-hit", "2"], "--max-hit is a share"),
     # bench
     (["bench", "field", "--n", "1e12"], "more than this machine's memory"),
     (["bench", "field", "--d", "1e12"], "more than this machine's memory"),

@@ -122,6 +122,16 @@ def test_an_overflowing_strength_is_named(toy):
         _run(Guided(huge, _Field(-1e308), strength=1.0))
 
 
+def test_a_model_failing_where_guidance_pushed_it_names_the_displacement(toy):
+    """eta = 1e300 gives a finite force that throws the states to 1e299, where the exact
+    mixture's squared distances overflow: the model's NaN is blamed on the displacement."""
+    from guidance import Guided
+
+    mix, _, _ = toy
+    with pytest.raises(ValueError, match=r"velocity returned NaN.*Guidance had displaced states"):
+        _run(Guided(mix.velocity, _Field(1e300), strength=1.0))
+
+
 def test_a_nan_model_is_still_the_velocity(toy):
     from guidance import Guided
 
@@ -233,6 +243,23 @@ def test_train_flow_refuses_before_training(kw, err, match):
 
     with pytest.raises(err, match=match):
         train_flow(torch.zeros(4, 2, 4, 4), steps=1, **kw)
+
+
+def test_train_flow_steps_and_divergence():
+    from cspace.models.flow import train_flow
+
+    with pytest.raises(SizeLimitError, match="the loss record of 1,000,000,000,000 steps"):
+        train_flow(torch.zeros(4, 2, 4, 4), steps=10**12)
+    with pytest.raises(ValueError, match=r"diverged at step 1: the loss is nan.*Before any upd"):
+        train_flow(torch.full((4, 2, 4, 4), 1e30), steps=3, progress=False)
+
+
+def test_train_vae_divergence_is_named_and_nothing_is_saved(tmp_path):
+    from cspace.models.vae import train_vae
+
+    with pytest.raises(ValueError, match=r"VAE training diverged at step 1.*--vf-weight"):
+        train_vae(tmp_path / "vae", vf_weight=1e308, steps=2, progress=False)
+    assert not (tmp_path / "vae" / "manifest.json").exists()
 
 
 def test_demo_refuses_an_overflowing_q_star_scale():

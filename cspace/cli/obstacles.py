@@ -96,16 +96,19 @@ def _range(values) -> str:
 
 
 def _encoder_on(spec: str, device: str):
-    import torch
-
+    from cspace.models.devices import resolve_device
     from cspace.models.encoders import load_encoder
 
+    try:
+        dev = resolve_device(device)
+    except ValueError as err:
+        raise ObstaclesCommandError(str(err)) from err
     try:
         enc = load_encoder(spec)
     except ValueError as err:
         raise ObstaclesCommandError(str(err)) from err
     try:
-        enc.vae.to(torch.device(device))
+        enc.vae.to(dev)
     except (RuntimeError, AssertionError) as err:
         raise ObstaclesCommandError(f"--device {device!r} cannot be used: {err}") from err
     return enc

@@ -30,6 +30,7 @@ from cspace.io.checks import check_memory, check_output_folder
 __all__ = [
     "avoid_class_of",
     "calibrate_set",
+    "check_toy_set",
     "digits_evaluator",
     "toy_evaluator",
     "toy_set",
@@ -55,6 +56,22 @@ def toy_set():
     )
 
 
+def check_toy_set(oset) -> None:
+    """Raise ValueError unless ``oset`` can stand for balls of the 2-D toy (d = 2, radii > 0)."""
+    if oset.dim != 2:
+        raise ValueError(f"--model toy needs a set of dimension 2; got {oset.dim}")
+    if not np.all(oset.radius > 0):
+        raise ValueError("--model toy needs hard radii > 0 (the balls); rebuild with --init")
+
+
+def _check_digits_set(oset, shape) -> None:
+    if oset.dim != int(np.prod(shape)):
+        raise ValueError(
+            f"--model digits needs a set built with the digits encoder (d={np.prod(shape)}); "
+            f"got d={oset.dim}"
+        )
+
+
 def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
     """``evaluate(set) -> {"hit", "loss", "nfe"}`` on the exact 2-D toy (module docstring)."""
     from cspace.models.metrics import energy_distance
@@ -71,10 +88,7 @@ def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
     targets: dict[bytes, torch.Tensor] = {}
 
     def evaluate(oset) -> dict:
-        if oset.dim != mix.dim:
-            raise ValueError(f"--model toy needs a set of dimension {mix.dim}; got {oset.dim}")
-        if not np.all(oset.radius > 0):
-            raise ValueError("--model toy needs hard radii > 0 (the balls); rebuild with --init")
+        check_toy_set(oset)
         balls = BallObstacles(
             torch.as_tensor(oset.embeddings, dtype=torch.float64),
             torch.as_tensor(oset.radius, dtype=torch.float64),
@@ -95,10 +109,11 @@ def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
     return evaluate
 
 
-def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int = 0):
+def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int = 0, oset=None):
     """``evaluate(set) -> {"hit", "loss", "nfe", ...}`` on the digits latent flow (module
     docstring); extras: ``avoided_ratio`` (to unguided), ``class_shift`` and ``confidence_drop``
-    (points)."""
+    (points). ``oset``: a set to check against the digits' C-space before the unguided
+    baseline is sampled."""
     from cspace.experiments.demo import DemoSettings, sample_arm
     from cspace.models.encoders import Encoder
     from cspace.models.flow import load_flow
@@ -114,6 +129,8 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
         default_judge(),
     )
     shape = encoder.latent_shape((8, 8))
+    if oset is not None:
+        _check_digits_set(oset, shape)
     check_memory(
         8 * int(n) * int(np.prod(shape)) * 4, f"{int(n):,} digit samples per trial", "lower --n"
     )
@@ -129,11 +146,7 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
     base, base_conf, _ = run()
 
     def evaluate(oset) -> dict:
-        if oset.dim != int(np.prod(shape)):
-            raise ValueError(
-                f"--model digits needs a set built with the digits encoder (d={np.prod(shape)}); "
-                f"got d={oset.dim}"
-            )
+        _check_digits_set(oset, shape)
         shares, conf, nfe = run(RepulsiveField(oset))
         shift = np.abs(shares - base) * 100
         shift[avoid_class] = 0.0
@@ -262,13 +275,16 @@ def calibrate_set(
     e_default = stored.get("eta_range") or (eta_lo, 100 * max(oset.eta.max(), eta_lo))
     q_range = tuple(float(v) for v in (q_star_range or q_default))
     e_range = tuple(float(v) for v in (eta_range or e_default))
+    if max_hit is not None and not 0 <= max_hit <= 1:
+        raise ValueError(f"--max-hit is a share of samples in [0, 1]; got {max_hit}")
     if model == "toy":
+        check_toy_set(oset)
         evaluate = toy_evaluator(n=n or 512, steps=steps, seed=seed)
         max_hit = 0.01 if max_hit is None else max_hit
         tag = "toy"
     else:
         c = avoid_class_of(oset) if avoid_class is None else int(avoid_class)
-        evaluate = digits_evaluator(c, n=n or 1000, steps=steps, seed=seed)
+        evaluate = digits_evaluator(c, n=n or 1000, steps=steps, seed=seed, oset=oset)
         # default: the demo's target, <= 10% of the unguided rate of the avoided class
         max_hit = 0.1 * evaluate.unguided_rate if max_hit is None else max_hit
         tag = f"digits, avoid {c}"

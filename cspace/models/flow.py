@@ -452,6 +452,7 @@ def train_flow(
             f"threads must be in 1..{max_threads()} (4 x the {os.cpu_count() or 1} CPU cores); "
             f"got {threads}"
         )
+    check_memory(8 * steps, f"the loss record of {steps:,} steps", "use fewer steps (--steps)")
     # a batch's activations: about 4 x depth float32 copies of the residual stream, at least
     check_memory(
         4 * (cfg.depth + 1) * batch_size * max(math.prod(cfg.latent_shape), cfg.width) * 4,
@@ -577,6 +578,17 @@ def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, res
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - decay)
             losses[step] = float(loss.detach())
+            if not math.isfinite(float(losses[step])):
+                why = (
+                    f"before any update: the latents (largest |value| "
+                    f"{float(data.abs().max()):.3g}) are too large for the network; normalise them"
+                    if step == start
+                    else f"lower the learning rate (--lr; got {lr:g}, default 1e-3)"
+                )
+                raise ValueError(
+                    f"flow training diverged at step {step + 1}: the loss is "
+                    f"{float(losses[step])}; nothing was saved. {why[0].upper()}{why[1:]}"
+                )
             if progress and (step + 1) % 100 == 0:
                 bar.set_postfix(loss=f"{float(losses[max(0, step - 99) : step + 1].mean()):.4f}")
             if checkpoint is not None and (

@@ -516,6 +516,13 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tenso
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
+def _diverged(step: int, what: str, vf_weight: float) -> str:
+    return (
+        f"VAE training diverged at step {step}: {what}; nothing was saved. Lower --vf-weight "
+        f"(got {vf_weight:g}; the shipped VAE uses 0.1) or the learning rate"
+    )
+
+
 def train_vae(
     out_dir: str | os.PathLike,
     vf_weight: float = 0.1,
@@ -697,6 +704,10 @@ def train_vae(
             loss = loss + w * vf
             logs.update(vf=vf.item(), mcos=terms["mcos"].item(), mdms=terms["mdms"].item())
             logs["vf_w"] = float(w)
+        if not math.isfinite(float(loss.detach())):
+            raise ValueError(
+                _diverged(step + 1, f"the loss is {float(loss.detach())} ({logs})", vf_weight)
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -709,6 +720,8 @@ def train_vae(
         if callback is not None:
             callback(done, logs)
     bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in vae.parameters()):
+        raise ValueError(_diverged(steps, "the weights hold NaN or Inf", vf_weight))
 
     # ---- normalisation, metrics, final files
     vae.eval()

@@ -23,13 +23,20 @@ the field is not evaluated and ``v'`` is the model's ``v`` bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from cspace.models.space import check_same_space, space_of
 from guidance.checks import check_number, check_window
-from guidance.sampling.convention import Prediction, Velocity, batch_times, predict
+from guidance.sampling.convention import (
+    NonFiniteVelocityError,
+    Prediction,
+    Velocity,
+    batch_times,
+    predict,
+)
 
 __all__ = ["MODES", "Guided"]
 
@@ -91,6 +98,8 @@ class Guided:
         self.window, self.mode, self.weight = (lo, hi), mode, weight
         #: the C-space of the model and the field (None: neither records one)
         self.space = space_of(velocity) or space_of(field)
+        #: the largest |delta| this wrapper has applied (to name it when the model then fails)
+        self.largest_displacement = 0.0
 
     def in_window(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) bool: which of the times ``t`` (B,) lie inside the window."""
@@ -101,7 +110,11 @@ class Guided:
         """The guided prediction at states ``x`` (B, ...) and times ``t`` (B,) (or a number):
         ``v' = v - strength * weight(t) * F`` inside the window (module docstring)."""
         t = batch_times(t, x)
-        p = predict(self.velocity, x, t)
+        try:
+            p = predict(self.velocity, x, t)
+        except NonFiniteVelocityError as err:
+            self._blame_displacement(err)
+            raise
         if self.strength == 0:
             return p
         inwin = self.in_window(t)
@@ -123,7 +136,20 @@ class Guided:
         out = p.displaced(delta, field=ev, field_mode=self.mode, field_source=self.field)
         if not bool(torch.isfinite(out.v).all()):
             self._overflow(out.v, delta, lam, ev.force, t)
+        self.largest_displacement = max(self.largest_displacement, float(delta.abs().max()))
         return out
+
+    def _blame_displacement(self, err: NonFiniteVelocityError) -> None:
+        """The model failed at states beyond ``sqrt(float max)`` (where squared distances
+        overflow) after this wrapper displaced states by as much: name the displacement."""
+        limit = math.sqrt(torch.finfo(torch.float32).max)  # 1.8e19: float32 models overflow
+        if err.largest_state > limit and self.largest_displacement > limit:
+            raise ValueError(
+                f"{err}. Guidance had displaced states by up to {self.largest_displacement:.3g} "
+                f"(strength {self.strength:g} x weight(t) x the field's force), beyond what the "
+                "model can take: lower the strength or the field's eta (or cap its force with "
+                "max_force)"
+            ) from err
 
     def _check_finite(self, lam, inwin, force, t) -> None:
         """Name the culprit of a non-finite displacement before it is applied: the weight
