@@ -105,6 +105,19 @@ CASES = [
     (["train", "flow", "--out", "FILE/x", "--no-eval"], "which is a file, not a folder"),
     (["train", "flow", "--out", "NEW", "--checkpoint", "DIR"], "is a folder, not a file"),
     (["train", "flow", "--seed", "4294967296"], "argument --seed"),
+    (
+        [
+            "train",
+            "vae",
+            "--out",
+            "NEW",
+            "--teacher",
+            "vit_large_patch14_dinov2.lvd142m",
+            "--teacher-weights",
+            "FILE",
+        ],
+        "expected a .safetensors file",
+    ),
     # demo: checked before any model is loaded
     (["demo", "--out", "FILE/x"], "which is a file, not a folder"),
     (["demo", "--device", "foo", "--out", "NEW"], "--device 'foo' is not a torch device"),
@@ -222,7 +235,10 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
 
 def test_interrupt_is_one_line(monkeypatch, capsys):
     _raising(monkeypatch, KeyboardInterrupt())
-    rc, _, err = run(["toy"], capsys)
+    try:
+        rc, _, err = run(["toy"], capsys)
+    except KeyboardInterrupt:  # must not stop the test session when it fails
+        pytest.fail("the interrupt escaped main()")
     assert rc == 130 and err == "cspace toy: interrupted\n"
 
 

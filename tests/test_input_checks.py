@@ -262,6 +262,27 @@ def test_train_vae_divergence_is_named_and_nothing_is_saved(tmp_path):
     assert not (tmp_path / "vae" / "manifest.json").exists()
 
 
+def test_teacher_weights_are_never_unpickled(tmp_path, monkeypatch):
+    """A DINOv2 weights file that is not safetensors used to reach timm, which reads it with
+    torch.load (an unpickler); it is refused before timm sees it."""
+    import torch.serialization
+
+    from cspace.models.teachers import DinoV2Teacher
+
+    def no_unpickling(*a, **k):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr(torch.serialization, "load", no_unpickling)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.bin")
+    (tmp_path / "fake.safetensors").write_bytes(b"\x00" * 4)
+    name = "vit_large_patch14_dinov2.lvd142m"
+    with pytest.raises(ValueError, match=r"expected a \.safetensors file.*never loads"):
+        DinoV2Teacher(name, weights=tmp_path / "model.bin", img_size=28)
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        DinoV2Teacher(name, weights=tmp_path / "fake.safetensors", img_size=28)
+
+
 def test_demo_refuses_an_overflowing_q_star_scale():
     from cspace.experiments.demo import DemoSettings, demo_obstacles
     from cspace.models.encoders import Encoder

@@ -29,6 +29,7 @@ import sys
 import warnings
 
 from cspace.cli import bench, calibrate, demo, obstacles, sample, search, toy, train
+from cspace.io.checks import format_bytes
 
 __all__ = ["build_parser", "main"]
 
@@ -57,14 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"  # pragma: no cover
-
-
 def _out_of_memory(err: BaseException) -> str | None:
     """A message for an allocation that failed, or None when ``err`` is not one."""
     text = str(err)
@@ -75,7 +68,7 @@ def _out_of_memory(err: BaseException) -> str | None:
         and ("can't allocate memory" in text or "not enough memory" in text)
     ):
         m = re.search(r"allocate (\d+) bytes", text)
-        detail = f"tried to allocate {_format_bytes(int(m.group(1)))}" if m else text
+        detail = f"tried to allocate {format_bytes(int(m.group(1)))}" if m else text
     else:
         return None
     return (

@@ -9,8 +9,8 @@ Subcommands::
     cspace obstacles classifier --good DIR... --bad DIR... --out DIR [--encoder ...]
                            [--threshold 0.5] [--q-star auto|FLOAT] [--eta F] [--C 1] [--holdout 0.25]
 
-Every failure raises a ``ValueError`` subclass, which ``cspace.cli.main`` prints as
-``cspace obstacles: error: <message>`` with exit code 2. Image input is all-or-nothing: every file
+Every failure raises a ``ValueError`` subclass or an ``OSError``, which ``cspace.cli.main``
+prints as ``cspace obstacles: error: <message>`` with exit code 2. Image input is all-or-nothing: every file
 is checked before anything is encoded, and nothing is written unless everything succeeded.
 """
 
@@ -293,22 +293,6 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command(func):
-    """Run a command; an OSError (permissions, a full disk) becomes an ObstaclesCommandError."""
-
-    def run(args: argparse.Namespace) -> int:
-        if getattr(args, "batch_size", 1) < 1:
-            raise ObstaclesCommandError(f"--batch-size must be >= 1; got {args.batch_size}")
-        try:
-            return func(args)
-        except OSError as err:
-            raise ObstaclesCommandError(f"{type(err).__name__}: {err}") from err
-
-    run.__name__ = func.__name__
-    run.__doc__ = func.__doc__
-    return run
-
-
 # ---------------------------------------------------------------------- parser
 def _encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -357,7 +341,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     mode.add_argument("--append", action="store_true", help="add the images to an existing set")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing set")
     _encoder_args(build)
-    build.set_defaults(func=_command(_cmd_build))
+    build.set_defaults(func=_cmd_build)
 
     info = sub.add_parser(
         "info",
@@ -366,7 +350,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     info.add_argument("path", metavar="SET", help="obstacle set or classifier folder")
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.set_defaults(func=_command(_cmd_info))
+    info.set_defaults(func=_cmd_info)
 
     clf = sub.add_parser(
         "classifier",
@@ -395,5 +379,5 @@ def register(subparsers) -> argparse.ArgumentParser:
     clf.add_argument("--seed", type=seed, default=0, help="split seed (default 0)")
     clf.add_argument("--overwrite", action="store_true", help="replace an existing classifier")
     _encoder_args(clf)
-    clf.set_defaults(func=_command(_cmd_classifier))
+    clf.set_defaults(func=_cmd_classifier)
     return obs

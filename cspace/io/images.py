@@ -30,6 +30,7 @@ Reading is safe for files a user hands over:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import warnings
@@ -152,7 +153,7 @@ def _classify(p: Path) -> tuple[str, str]:
         st = os.stat(p)
     except OSError as err:
         if os.path.islink(p):
-            if err.errno == 40:  # ELOOP
+            if err.errno == errno.ELOOP:
                 return "skip", "a symlink loop"
             return "skip", "a broken symlink"
         return "missing", str(err.strerror or err)
