@@ -23,6 +23,8 @@ The chosen point is the feasible trial (``hit <= max_hit``) with the least ``los
 trial is feasible the result says so and names the closest (least ``hit``). Every trial is kept
 in an Optuna journal file (``study.log``: an interrupted run resumes without repeating finished
 trials) and in ``trials.csv``; the budget counts NFE (denoiser evaluations) over all trials.
+A budget below the cost of one trial (``evaluate.trial_nfe``, e.g. samples x steps) is refused
+before anything runs, and no trial is started that the budget left cannot pay.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
     "CalibrationSettings",
     "apply_parameters",
     "calibrate",
+    "check_budget",
     "group_index",
     "pareto_front",
     "plot_front",
@@ -247,6 +250,25 @@ def _fingerprint(oset: ObstacleSet, settings: CalibrationSettings, tag: str) -> 
     return sha256_hex(emb.tobytes() + json.dumps([s, tag], sort_keys=True).encode())
 
 
+def check_budget(budget: int | None, trial_nfe: int | None, what: str = "") -> None:
+    """Refuse an NFE ``budget`` smaller than one trial's cost ``trial_nfe`` (None: unknown or
+    no limit): such a budget would either run a trial it cannot pay or run nothing.
+
+    Raises:
+        CalibrationError: naming the budget, the cost of a trial (``what`` says how it is made
+            up, e.g. ``"512 samples x 50 steps"``) and the budget that pays one.
+    """
+    if budget is None or trial_nfe is None:
+        return
+    if int(budget) < int(trial_nfe):
+        how = f" ({what})" if what else ""
+        raise CalibrationError(
+            f"a budget of {int(budget):,} NFE is less than one trial costs: {int(trial_nfe):,} "
+            f"NFE{how}; raise the budget to at least {int(trial_nfe):,} per trial, or lower the "
+            "samples or steps per trial"
+        )
+
+
 def calibrate(
     oset: ObstacleSet,
     evaluate: Evaluator,
@@ -255,6 +277,7 @@ def calibrate(
     *,
     tag: str = "",
     progress: bool = True,
+    trial_nfe: int | None = None,
 ) -> CalibrationResult:
     """Search Q* and eta for ``oset`` (see the module docstring).
 
@@ -266,6 +289,9 @@ def calibrate(
             and ``front.png``; None keeps the study in memory.
         tag: a string naming the evaluator's problem, part of the resume check.
         progress: a tqdm bar over trials.
+        trial_nfe: the NFE one trial costs at least (default: ``evaluate.trial_nfe`` when the
+            evaluator has it); a budget below it is refused (:func:`check_budget`), and no
+            trial is started that the budget left cannot pay.
 
     Raises:
         CalibrationError: bad settings, an empty set, or ``out_dir`` holding a study of another
@@ -276,6 +302,9 @@ def calibrate(
 
     s = settings or CalibrationSettings()
     s.check()
+    if trial_nfe is None:
+        trial_nfe = getattr(evaluate, "trial_nfe", None)
+    check_budget(s.budget, trial_nfe)
     if len(oset) == 0:
         raise CalibrationError("the obstacle set is empty: nothing to calibrate")
     groups, names = group_index(oset, s.per)
@@ -336,7 +365,7 @@ def calibrate(
 
     done = finished()
     spent = sum(int(t.user_attrs["nfe"]) for t in done)
-    largest = max((int(t.user_attrs["nfe"]) for t in done), default=0)
+    largest = max((int(t.user_attrs["nfe"]) for t in done), default=int(trial_nfe or 0))
     stopped = ""
     bar = tqdm(total=s.trials, initial=min(len(done), s.trials), desc="calibrate",
                disable=not progress, unit="trial")  # fmt: skip

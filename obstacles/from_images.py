@@ -216,7 +216,8 @@ def build_from_images(
     """A new :class:`ObstacleSet` from image files and folders of them.
 
     Args:
-        inputs: image files and/or folders (a folder contributes its non-hidden files, sorted).
+        inputs: image files and/or folders (a folder contributes its regular files, sorted; the
+            entries it skips are reported as a :class:`cspace.io.images.SkippedFilesWarning`).
         encoder: a :class:`cspace.models.encoders.Encoder` (``channels``, ``encode``, ``embed``).
         q_star: Q* (> 0) for every obstacle, or ``"auto"`` (see the module docstring).
         eta: strength (>= 0).

@@ -75,9 +75,14 @@ def test_toy_bad_arguments(argv, capsys):
     assert "expected" in capsys.readouterr().err
 
 
-def test_toy_dim_one_refused():
-    with pytest.raises(SystemExit, match="--dim must be >= 2"):
+def test_toy_dim_one_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
         main(["toy", "--dim", "1"])
+    assert exc.value.code == 2
+    assert (
+        "cspace toy: error: argument --dim: the toy needs --dim >= 2, got 1"
+        in capsys.readouterr().err
+    )
 
 
 def test_console_script_help():

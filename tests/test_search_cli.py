@@ -15,6 +15,7 @@ import torch
 
 from cspace.cli import search as cli_search
 from cspace.experiments import search as search_problems
+from cspace.io.errors import MissingWeightsError
 
 torch.set_num_threads(1)
 
@@ -91,7 +92,7 @@ def test_digits_errors(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="does not apply to --problem toy"):
         run(["search", "--verifier", "judge", "--algo", "best-of-n", "--budget", "100"])
     monkeypatch.setattr(search_problems, "shipped", lambda name: tmp_path / name)
-    with pytest.raises(RuntimeError, match="needs the digits models"):
+    with pytest.raises(MissingWeightsError, match="needs the digits models"):
         run(["search", "--problem", "digits", "--algo", "best-of-n", "--budget", "100"])
 
 

@@ -1,18 +1,47 @@
 """Argument types shared by the ``cspace`` subcommands: each turns a bad value into an argparse
-error that names it and what is expected."""
+error that names it and what is expected. Integers may be written in scientific notation when
+the value is exact (``--budget 1e6``)."""
 
 from __future__ import annotations
 
 import argparse
+import decimal
 
-__all__ = ["fraction", "nonneg_float", "positive_float", "positive_int", "toy_dim"]
+__all__ = [
+    "MAX_SEED",
+    "fraction",
+    "nonneg_float",
+    "positive_float",
+    "positive_int",
+    "seed",
+    "toy_dim",
+]
+
+#: the largest seed: every random generator a command seeds (torch, NumPy, scikit-learn,
+#: Optuna) takes the seeds 0 .. 2**32 - 1
+MAX_SEED = 2**32 - 1
+
+
+def _integer(text: str) -> int | None:
+    """``text`` as an exact integer: ``12``, or in scientific notation ``1e6``, ``2.5e3``; None
+    when it is not one (``2.5``, ``nan``, ``inf``, a word)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        d = decimal.Decimal(text.strip())
+    except (decimal.InvalidOperation, ValueError):
+        return None
+    if not d.is_finite() or d != d.to_integral_value() or abs(d.adjusted()) > 4300:
+        return None
+    return int(d)
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    value = _integer(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
@@ -52,4 +81,14 @@ def toy_dim(text: str) -> int:
     value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"the toy needs --dim >= 2, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in 0 .. 2**32 - 1 (what every generator a command seeds takes)."""
+    value = _integer(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {value}")
     return value

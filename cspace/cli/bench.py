@@ -31,8 +31,11 @@ _DESCRIPTION = (
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from cspace.experiments.bench import bench_field, format_report
+    from cspace.io.checks import check_output_file
     from cspace.io.files import write_file_atomic
 
+    if args.out:
+        check_output_file(args.out, "--out")  # before the benchmark, not after
     backends = None if args.backends is None else [s for s in args.backends.split(",") if s]
     rep = bench_field(args.n, args.d, args.b, args.q_star_quantile, args.repeats, args.device,
                       dtype=args.dtype, backends=backends)  # fmt: skip

@@ -21,7 +21,8 @@ Models and their objectives (both minimised; see :mod:`guidance.calibrate` and
   confidence) against unguided samples from the same noises, in points. Build SET with
   ``cspace obstacles build examples/digits/0 --out SET``.
 
-Every evaluation uses the same noises (common random numbers). Default ranges: Q* in
+A ``--budget`` below one trial's cost (``n x steps`` NFE) is refused before anything is written
+or sampled. Every evaluation uses the same noises (common random numbers). Default ranges: Q* in
 [0.5 x min Q*, 3 x max Q*] and eta in [0.01 x min eta, 100 x max eta] of the set's current values.
 The chosen values are written into SET (``ObstacleSet.set_parameters`` + atomic ``save``: a new
 revision, the old values kept in the manifest's history) unless ``--no-write`` or no trial met
@@ -34,7 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cspace.cli.args import nonneg_float, positive_float, positive_int
+from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
 
 __all__ = ["register"]
 
@@ -91,10 +92,12 @@ def register(subparsers) -> None:
     p.add_argument("--max-hit", type=nonneg_float, default=None,
                    help="constraint on hit (toy default 0.01; digits default 0.1 x unguided)")  # fmt: skip
     p.add_argument("--trials", type=positive_int, default=24, help="trials (default 24)")
-    p.add_argument("--budget", type=positive_int, default=None, help="total NFE of all trials")
+    p.add_argument("--budget", type=positive_int, default=None,
+                   help="total NFE of all trials; at least one trial's cost, n x steps (the toy's "
+                   "default: 512 x 50 = 25,600)")  # fmt: skip
     p.add_argument("--n", type=positive_int, default=None, help="samples per trial")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--q-star-range", type=positive_float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--eta-range", type=positive_float, nargs=2, metavar=("LO", "HI"))
     p.add_argument("--avoid-class", type=int, choices=range(10), default=None, metavar="C",

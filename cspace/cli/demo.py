@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cspace.cli.args import nonneg_float, positive_float, positive_int
+from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
 
 __all__ = ["register"]
 
@@ -54,7 +54,7 @@ def register(subparsers) -> None:
         help="digit class to avoid, 0..9 (default 0)",
     )
     demo.add_argument("--n", type=positive_int, default=1000, help="samples per arm (default 1000)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     demo.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
     demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
     demo.add_argument(

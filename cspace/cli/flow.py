@@ -30,7 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cspace.cli.args import positive_float, positive_int
+from cspace.cli.args import positive_float, positive_int, seed
 
 __all__ = ["DEFAULT_SEED", "DEFAULT_STEPS", "add_flow_parser"]
 
@@ -118,7 +118,7 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
         default=DEFAULT_STEPS,
         help=f"training steps (default {DEFAULT_STEPS})",
     )
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=DEFAULT_SEED, help="random seed (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="batch (default 256)")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW rate (1e-3)")
     p.add_argument(

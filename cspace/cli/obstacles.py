@@ -9,8 +9,8 @@ Subcommands::
     cspace obstacles classifier --good DIR... --bad DIR... --out DIR [--encoder ...]
                            [--threshold 0.5] [--q-star auto|FLOAT] [--eta F] [--C 1] [--holdout 0.25]
 
-Every failure raises a ``ValueError`` subclass, which ``cspace.cli.main`` prints as
-``cspace obstacles: error: <message>`` with exit code 2. Image input is all-or-nothing: every file
+Every failure raises a ``ValueError`` subclass or an ``OSError``, which ``cspace.cli.main``
+prints as ``cspace obstacles: error: <message>`` with exit code 2. Image input is all-or-nothing: every file
 is checked before anything is encoded, and nothing is written unless everything succeeded.
 """
 
@@ -21,6 +21,8 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+
+from cspace.cli.args import positive_int, seed
 
 __all__ = ["register"]
 
@@ -68,6 +70,9 @@ def _size(text) -> tuple[int, int]:
 def _check_out(out: Path, marker, kind: str) -> bool:
     """Whether ``out`` already holds a ``kind``; refuses anything that would be clobbered."""
     if not out.exists():
+        from cspace.io.checks import check_output_folder
+
+        check_output_folder(out, "--out")  # a folder under a file, no permission: now
         return False
     if not out.is_dir():
         raise ObstaclesCommandError(f"--out {out} exists and is not a folder; choose another --out")
@@ -91,16 +96,19 @@ def _range(values) -> str:
 
 
 def _encoder_on(spec: str, device: str):
-    import torch
-
+    from cspace.models.devices import resolve_device
     from cspace.models.encoders import load_encoder
 
+    try:
+        dev = resolve_device(device)
+    except ValueError as err:
+        raise ObstaclesCommandError(str(err)) from err
     try:
         enc = load_encoder(spec)
     except ValueError as err:
         raise ObstaclesCommandError(str(err)) from err
     try:
-        enc.vae.to(torch.device(device))
+        enc.vae.to(dev)
     except (RuntimeError, AssertionError) as err:
         raise ObstaclesCommandError(f"--device {device!r} cannot be used: {err}") from err
     return enc
@@ -285,22 +293,6 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command(func):
-    """Run a command; an OSError (permissions, a full disk) becomes an ObstaclesCommandError."""
-
-    def run(args: argparse.Namespace) -> int:
-        if getattr(args, "batch_size", 1) < 1:
-            raise ObstaclesCommandError(f"--batch-size must be >= 1; got {args.batch_size}")
-        try:
-            return func(args)
-        except OSError as err:
-            raise ObstaclesCommandError(f"{type(err).__name__}: {err}") from err
-
-    run.__name__ = func.__name__
-    run.__doc__ = func.__doc__
-    return run
-
-
 # ---------------------------------------------------------------------- parser
 def _encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -312,7 +304,7 @@ def _encoder_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--size", default="8", help="image size N or HxW (default 8)")
     p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per encoder batch")
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -349,7 +341,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     mode.add_argument("--append", action="store_true", help="add the images to an existing set")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing set")
     _encoder_args(build)
-    build.set_defaults(func=_command(_cmd_build))
+    build.set_defaults(func=_cmd_build)
 
     info = sub.add_parser(
         "info",
@@ -358,7 +350,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     info.add_argument("path", metavar="SET", help="obstacle set or classifier folder")
     info.add_argument("--json", action="store_true", help="print JSON")
-    info.set_defaults(func=_command(_cmd_info))
+    info.set_defaults(func=_cmd_info)
 
     clf = sub.add_parser(
         "classifier",
@@ -384,8 +376,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     clf.add_argument(
         "--holdout", default="0.25", help="held-out fraction for the accuracy (default 0.25)"
     )
-    clf.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    clf.add_argument("--seed", type=seed, default=0, help="split seed (default 0)")
     clf.add_argument("--overwrite", action="store_true", help="replace an existing classifier")
     _encoder_args(clf)
-    clf.set_defaults(func=_command(_cmd_classifier))
+    clf.set_defaults(func=_cmd_classifier)
     return obs

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cspace.cli.args import nonneg_float, positive_float, positive_int
+from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
 from cspace.cli.search import ALGOS as SEARCHES
 
 __all__ = ["register"]
@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--strength", type=nonneg_float, default=1.0, help="field strength (default 1)")
     p.add_argument("--search", choices=SEARCHES, default=None)
     p.add_argument("--budget", type=positive_int, default=None, help="total NFE of the search")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="cspace-samples")
     p.set_defaults(func=_cmd_sample)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cspace.cli.args import fraction, positive_int, toy_dim
+from cspace.cli.args import fraction, positive_int, seed, toy_dim
 
 __all__ = ["register"]
 
@@ -113,7 +113,7 @@ def register(subparsers) -> None:
     p.add_argument("--budget", type=positive_int, required=True, help="total NFE of the call")
     p.add_argument("--n", type=positive_int, default=256, help="samples returned (default 256)")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_search)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cspace.cli.args import nonneg_float, positive_int
+from cspace.cli.args import nonneg_float, positive_int, seed, toy_dim
 
 __all__ = ["register"]
 
@@ -14,8 +14,6 @@ __all__ = ["register"]
 def _cmd_toy(args: argparse.Namespace) -> int:
     from cspace.experiments.toy import ToySettings, format_table, run_toy
 
-    if args.dim < 2:
-        raise SystemExit(f"cspace toy: --dim must be >= 2 (got {args.dim})")
     settings = ToySettings(
         dim=args.dim, seed=args.seed, steps=args.steps, n=args.n, strength=args.strength
     )
@@ -36,8 +34,8 @@ def register(subparsers) -> None:
         description="Unguided vs guided vs backtracking sampling on an exact Gaussian mixture with "
         "ball obstacles; prints hit rate, energy distance to the exact obstacle-free target and NFE.",
     )
-    toy.add_argument("--dim", type=positive_int, default=2, help="dimension (>= 2; default 2)")
-    toy.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    toy.add_argument("--dim", type=toy_dim, default=2, help="dimension (>= 2; default 2)")
+    toy.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     toy.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
     toy.add_argument(
         "--n", type=positive_int, default=2000, help="samples per method (default 2000)"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from cspace.cli.args import nonneg_float, positive_int
+from cspace.cli.args import nonneg_float, positive_int, seed
 
 __all__ = ["register"]
 
@@ -103,7 +103,7 @@ def register(subparsers) -> None:
     teacher.add_argument(
         "--steps", type=positive_int, default=1500, help="training steps (default 1500)"
     )
-    teacher.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    teacher.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     teacher.add_argument("--no-progress", action="store_true", help="no progress bar")
     teacher.add_argument("--json", action="store_true", help="print the report as JSON")
     teacher.set_defaults(func=_cmd_teacher)
@@ -119,7 +119,7 @@ def register(subparsers) -> None:
     vae.add_argument(
         "--steps", type=positive_int, default=2000, help="training steps (default 2000)"
     )
-    vae.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    vae.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     vae.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
     vae.add_argument(
         "--vf-weight",

@@ -48,6 +48,9 @@ import time
 import numpy as np
 import torch
 
+from cspace.io.checks import check_memory
+from cspace.models.devices import resolve_device
+
 __all__ = [
     "BACKENDS",
     "DTYPES",
@@ -164,9 +167,15 @@ def bench_field(
     from guidance import RepulsiveField
     from obstacles import ObstacleSet
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+    dev = resolve_device(device)
+    # the obstacles (float32, a float64 copy for the reference, the backends' copies), the
+    # differences that set Q* (64 states x 20,000 obstacles x d, float64), the states
+    n, d, b = int(n), int(d), int(b)
+    check_memory(
+        4 * n * d * 4 + 8 * 64 * min(n, 20_000) * d + 8 * b * d * 4,
+        f"{n:,} obstacles of dimension {d:,} and {b:,} states",
+        "lower --n, --d or --b",
+    )
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     if backends is None:

@@ -25,12 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cspace.io.checks import check_memory, check_output_folder
+
 __all__ = [
     "avoid_class_of",
     "calibrate_set",
+    "check_toy_set",
     "digits_evaluator",
     "toy_evaluator",
     "toy_set",
+    "trial_nfe",
 ]
 
 
@@ -52,23 +56,39 @@ def toy_set():
     )
 
 
+def check_toy_set(oset) -> None:
+    """Raise ValueError unless ``oset`` can stand for balls of the 2-D toy (d = 2, radii > 0)."""
+    if oset.dim != 2:
+        raise ValueError(f"--model toy needs a set of dimension 2; got {oset.dim}")
+    if not np.all(oset.radius > 0):
+        raise ValueError("--model toy needs hard radii > 0 (the balls); rebuild with --init")
+
+
+def _check_digits_set(oset, shape) -> None:
+    if oset.dim != int(np.prod(shape)):
+        raise ValueError(
+            f"--model digits needs a set built with the digits encoder (d={np.prod(shape)}); "
+            f"got d={oset.dim}"
+        )
+
+
 def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
     """``evaluate(set) -> {"hit", "loss", "nfe"}`` on the exact 2-D toy (module docstring)."""
     from cspace.models.metrics import energy_distance
     from cspace.models.toy import BallObstacles, default_toy
     from guidance import Guided, RepulsiveField, sample
+    from guidance.sampling import time_grid
 
     mix, _ = default_toy()
+    check_memory(8 * int(n) * mix.dim * 8, f"{int(n):,} toy samples per trial", "lower --n")
+    time_grid(steps)  # a grid too large for memory is refused now, not in the first trial
     noise = torch.randn(
         (n, mix.dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
     )
     targets: dict[bytes, torch.Tensor] = {}
 
     def evaluate(oset) -> dict:
-        if oset.dim != mix.dim:
-            raise ValueError(f"--model toy needs a set of dimension {mix.dim}; got {oset.dim}")
-        if not np.all(oset.radius > 0):
-            raise ValueError("--model toy needs hard radii > 0 (the balls); rebuild with --init")
+        check_toy_set(oset)
         balls = BallObstacles(
             torch.as_tensor(oset.embeddings, dtype=torch.float64),
             torch.as_tensor(oset.radius, dtype=torch.float64),
@@ -85,13 +105,15 @@ def toy_evaluator(n: int = 512, steps: int = 50, seed: int = 0):
             "nfe": int(out.nfe),
         }
 
+    evaluate.trial_nfe = trial_nfe("toy", n, steps)
     return evaluate
 
 
-def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int = 0):
+def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int = 0, oset=None):
     """``evaluate(set) -> {"hit", "loss", "nfe", ...}`` on the digits latent flow (module
     docstring); extras: ``avoided_ratio`` (to unguided), ``class_shift`` and ``confidence_drop``
-    (points)."""
+    (points). ``oset``: a set to check against the digits' C-space before the unguided
+    baseline is sampled."""
     from cspace.experiments.demo import DemoSettings, sample_arm
     from cspace.models.encoders import Encoder
     from cspace.models.flow import load_flow
@@ -107,6 +129,11 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
         default_judge(),
     )
     shape = encoder.latent_shape((8, 8))
+    if oset is not None:
+        _check_digits_set(oset, shape)
+    check_memory(
+        8 * int(n) * int(np.prod(shape)) * 4, f"{int(n):,} digit samples per trial", "lower --n"
+    )
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
     arm = DemoSettings(steps=steps, seed=seed)  # the demo's sampler: SDE + backtracking
@@ -119,11 +146,7 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
     base, base_conf, _ = run()
 
     def evaluate(oset) -> dict:
-        if oset.dim != int(np.prod(shape)):
-            raise ValueError(
-                f"--model digits needs a set built with the digits encoder (d={np.prod(shape)}); "
-                f"got d={oset.dim}"
-            )
+        _check_digits_set(oset, shape)
         shares, conf, nfe = run(RepulsiveField(oset))
         shift = np.abs(shares - base) * 100
         shift[avoid_class] = 0.0
@@ -139,7 +162,19 @@ def digits_evaluator(avoid_class: int, n: int = 1000, steps: int = 50, seed: int
         }
 
     evaluate.unguided_rate = float(base[avoid_class])
+    evaluate.trial_nfe = trial_nfe("digits", n, steps)
     return evaluate
+
+
+#: samples per trial of each model when ``n`` is not given
+DEFAULT_N = {"toy": 512, "digits": 1000}
+
+
+def trial_nfe(model: str, n: int | None, steps: int) -> int:
+    """The NFE one trial of ``model`` costs at least: ``n x steps`` (the toy's Euler sampler
+    costs exactly that, the field none; the digits' SDE sampler with backtracking at least that,
+    plus the retries)."""
+    return int(n or DEFAULT_N[model]) * int(steps)
 
 
 def _check_writable(path: Path) -> None:
@@ -199,17 +234,28 @@ def calibrate_set(
     Returns the report: ``feasible``, ``message``, ``chosen``, ``front``, ``trials``, ``nfe``,
     ``written``, ``files``, ``settings``.
     """
-    from guidance.calibrate import CalibrationSettings, calibrate
+    from guidance.calibrate import CalibrationSettings, calibrate, check_budget
     from obstacles import ObstacleSet, is_obstacle_set
 
     if model not in ("toy", "digits"):
         raise ValueError(f"unknown model {model!r}; choose 'toy' or 'digits'")
+    # before anything is written or sampled: the budget pays a trial, the study folder can be made
+    n_trial = int(n or DEFAULT_N[model])
+    check_budget(
+        budget,
+        trial_nfe(model, n_trial, steps),
+        f"{n_trial:,} samples x {int(steps):,} steps"
+        + (", plus the retries of backtracking" if model == "digits" else ""),
+    )
     path = Path(path)
+    out = Path(out) if out else path.with_name(path.name + "-calibration")
+    check_output_folder(out, "the study folder (--out)")
     if init:
         if model != "toy":
             raise ValueError("init writes the toy's obstacle set; it needs the toy model")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path} exists; --init only writes a new set")
+        check_output_folder(path, "the obstacle set")
         toy_set().save(path)
     if not is_obstacle_set(path):
         hint = (
@@ -221,7 +267,6 @@ def calibrate_set(
     oset = ObstacleSet.load(path)
     if write:
         _check_writable(path)
-    out = Path(out) if out else path.with_name(path.name + "-calibration")
     # default ranges from the set's values; when resuming after a write-back, those of the study
     prev = out / "calibration.json"
     stored = json.loads(prev.read_text()).get("settings", {}) if prev.is_file() else {}
@@ -230,13 +275,16 @@ def calibrate_set(
     e_default = stored.get("eta_range") or (eta_lo, 100 * max(oset.eta.max(), eta_lo))
     q_range = tuple(float(v) for v in (q_star_range or q_default))
     e_range = tuple(float(v) for v in (eta_range or e_default))
+    if max_hit is not None and not 0 <= max_hit <= 1:
+        raise ValueError(f"--max-hit is a share of samples in [0, 1]; got {max_hit}")
     if model == "toy":
+        check_toy_set(oset)
         evaluate = toy_evaluator(n=n or 512, steps=steps, seed=seed)
         max_hit = 0.01 if max_hit is None else max_hit
         tag = "toy"
     else:
         c = avoid_class_of(oset) if avoid_class is None else int(avoid_class)
-        evaluate = digits_evaluator(c, n=n or 1000, steps=steps, seed=seed)
+        evaluate = digits_evaluator(c, n=n or 1000, steps=steps, seed=seed, oset=oset)
         # default: the demo's target, <= 10% of the unguided rate of the avoided class
         max_hit = 0.1 * evaluate.unguided_rate if max_hit is None else max_hit
         tag = f"digits, avoid {c}"

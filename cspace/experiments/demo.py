@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cspace.io.checks import check_memory, check_output_folder
 from cspace.io.files import write_file_atomic
+from cspace.models.devices import resolve_device
 from guidance.sampling import METHODS
 
 __all__ = [
@@ -114,6 +116,17 @@ def sample_arm(flow, noise: torch.Tensor, s: DemoSettings, field=None, strength:
     )
 
 
+def median(values) -> float:
+    """The median of ``values`` (N,) that cannot overflow: the middle pair ``a <= b`` is averaged
+    as ``a + (b - a) / 2`` (``np.median`` adds them, and two values near the float maximum give
+    inf)."""
+    v = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    if v.size == 0:
+        raise ValueError("the median of no values")
+    a, b = v[(v.size - 1) // 2], v[v.size // 2]
+    return float(a + (b - a) / 2)
+
+
 def demo_obstacles(encoder, s: DemoSettings):
     """The demo's obstacle set: the example images of ``s.avoid_class`` (at most
     ``s.max_examples``) embedded by ``encoder``, with Q* = ``q_star_scale`` x the auto rule and
@@ -123,6 +136,14 @@ def demo_obstacles(encoder, s: DemoSettings):
     files = example_files(s.avoid_class, s.max_examples)
     oset = build_from_images(files, encoder, label=f"digit-{s.avoid_class}")
     auto_q = oset.q_star.copy()
+    for name in ("q_star_scale", "radius_scale"):
+        with np.errstate(over="ignore"):
+            scaled = getattr(s, name) * auto_q
+        if not np.all(np.isfinite(scaled)):
+            raise ValueError(
+                f"{name} = {getattr(s, name):g} times the auto rule's Q* ({float(auto_q.max()):.4g})"
+                f" overflows; lower it{' (--q-star-scale)' if name == 'q_star_scale' else ''}"
+            )
     oset.set_parameters(
         q_star=s.q_star_scale * auto_q,
         radius=s.radius_scale * auto_q,
@@ -168,9 +189,14 @@ def run_demo(
         val = getattr(s, name)
         if not (np.isfinite(val) and val >= 0) or (name == "q_star_scale" and val == 0):
             raise ValueError(f"{name} must be a finite number >= 0 (q_star_scale > 0); got {val}")
-    device = torch.device(s.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    device = resolve_device(s.device)
+    if out_dir is not None:
+        check_output_folder(out_dir, "the output folder (--out)")
+    check_memory(
+        16 * int(s.n) * 32 * 4 + 8 * int(s.n) * 64 * 4,
+        f"{int(s.n):,} samples per arm (latents and 8x8 images, x3 arms)",
+        "lower --n",
+    )
     t_start = time.perf_counter()
     torch.manual_seed(s.seed)
 
@@ -201,10 +227,10 @@ def run_demo(
         "space": {"encoder": encoder.name, "dim": int(np.prod(shape))},
         "obstacles": {
             "count": len(oset),
-            "q_star": float(np.median(oset.q_star)),
-            "radius": float(np.median(oset.radius)),
-            "auto_q_star": float(np.median(auto_q)),
-            "eta": float(np.median(oset.eta)),
+            "q_star": median(oset.q_star),
+            "radius": median(oset.radius),
+            "auto_q_star": median(auto_q),
+            "eta": median(oset.eta),
             "examples": str(EXAMPLES / str(s.avoid_class)),
         },
         "classifier": {"heldout_accuracy": float(clf.accuracy), "q_star": float(clf.q_star)},

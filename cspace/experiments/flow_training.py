@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from cspace.io.checks import check_output_file, check_output_folder
 from cspace.models.encoders import Encoder
 from cspace.models.flow import FlowConfig, FlowModel, flow_matching_loss, save_flow, train_flow
 from cspace.models.shipped import SPACES, WEIGHTS_DIR, shipped
@@ -111,6 +112,9 @@ def train_flow_for_encoder(
     """
     from cspace.models.data import digits
 
+    check_output_folder(out_dir, "the output folder (--out)")
+    if checkpoint is not None:
+        check_output_file(checkpoint, "the checkpoint (--checkpoint)")
     images, _ = digits("train")
     latents = encoder.encode(images).float().cpu()
     shape = tuple(latents.shape[1:])

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from cspace.io.checks import check_output_folder
 from cspace.io.files import write_file_atomic
+from cspace.models.devices import resolve_device
 from guidance import RepulsiveField
 from guidance.integrations.diffusers import check_pipeline_space, guide
 from guidance.integrations.pipelines import decode, load_pipeline, pipeline_denoiser, to_pil
@@ -78,6 +80,8 @@ def sample_pipeline(
                 "a search scores candidates by the obstacle set's clearance: pass the obstacle "
                 "set (--obstacles SET)"
             )
+    device = str(resolve_device(device))
+    check_output_folder(out_dir, "the output folder (--out)")
     pipe = load_pipeline(pipeline, device)
     field = RepulsiveField(ObstacleSet.load(obstacles)) if obstacles is not None else None
     check_pipeline_space(pipe, field)  # guide() checks too; a search would not

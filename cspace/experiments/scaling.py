@@ -26,6 +26,7 @@ from cspace.experiments.search import (
     exact_targets,
     run_search,
 )
+from cspace.io.checks import check_output_folder
 from cspace.models.metrics import diversity
 
 __all__ = [
@@ -76,7 +77,7 @@ def run_scaling(s: ScalingSettings, out_dir: str | Path, log=print) -> dict:
     """Run the scaling experiment; writes the CSVs and the PNG into ``out_dir``."""
     from guidance.search import BudgetExceeded
 
-    out = Path(out_dir)
+    out = check_output_folder(out_dir, "the output folder (--out)")
     out.mkdir(parents=True, exist_ok=True)
     problem = build_problem(
         s.problem, s.verifier, dim=s.dim, coverage=s.coverage, avoid_class=s.avoid_class

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cspace.io.errors import MissingWeightsError
 from cspace.models.metrics import diversity, energy_distance
 from cspace.models.shipped import shipped
 from guidance.search import ALGORITHMS
@@ -114,7 +115,7 @@ def build_digits_problem(
     of the train split's latents, per coordinate.
     """
     if not shipped("flow_aligned").is_dir():
-        raise RuntimeError(
+        raise MissingWeightsError(
             "the digits problem needs the digits models "
             f"({shipped('flow_aligned')} is missing); reinstall cspace or use the toy problem"
         )

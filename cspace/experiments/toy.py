@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from cspace.io.checks import check_output_folder
 from cspace.models.metrics import energy_distance
 from cspace.models.toy import BallObstacles, GaussianMixture, default_toy
 from guidance import Backtrack, Guided, RepulsiveField, sample
@@ -114,6 +115,8 @@ def run_toy(settings: ToySettings | None = None, out_dir: str | Path | None = No
         raise ValueError(f"unknown toy methods {unknown}; choose from {sorted(METHOD_TABLE)}")
     if s.n < 2 or s.steps < 1:
         raise ValueError(f"need n >= 2 and steps >= 1; got n={s.n}, steps={s.steps}")
+    if out_dir is not None and s.dim == 2:
+        check_output_folder(out_dir, "the folder of the figure (--out)")
     mix, balls = default_toy(s.dim)
     oset = toy_obstacle_set(balls, s.q_star_factor)
     fld = RepulsiveField(oset)

@@ -8,7 +8,10 @@
   :mod:`cspace.io.legacy`: the readers of the layouts before it;
 * :mod:`cspace.io.untrusted`: bounded parsers of untrusted bytes (JSON, safetensors headers,
   FAISS flat indexes); :mod:`cspace.io.weights`: checks of weights files against modules;
-* :mod:`cspace.io.images`: image files and folders to tensors in [-1, 1] and back.
+* :mod:`cspace.io.images`: image files and folders to tensors in [-1, 1] and back (untrusted
+  files: the pixel count is checked from the header before decoding);
+* :mod:`cspace.io.checks`: sizes against this machine's memory and output paths, checked
+  before work starts.
 
 Nothing here imports another part of cspace, ``obstacles`` or ``guidance``.
 """

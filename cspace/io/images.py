@@ -2,24 +2,100 @@
 [-1, 1], and back.
 
 Image tensors throughout cspace are float32 ``(B, C, H, W)`` with values in [-1, 1].
+
+Reading is safe for files a user hands over:
+
+* **Size before decoding.** Each file's header is read first and its pixel count ``W x H`` is
+  checked against a limit (:data:`MAX_IMAGE_PIXELS` = 4096 x 4096 by default; the ``max_pixels``
+  argument or the environment variable ``CSPACE_MAX_IMAGE_PIXELS`` raises it), then against the
+  size the caller wants; only then is the image decoded. A file whose header claims 20000 x 20000
+  pixels is refused after reading a few hundred bytes. Only PNG and JPEG content is opened
+  (whatever the suffix says), and only regular files: a FIFO, a socket or a device is never
+  opened (so it cannot hang a read).
+* **Modes converted exactly, or refused.** 8-bit grey (``L``, ``1``) and colour (``RGB``, and
+  ``P`` through its palette) map ``v`` to ``v / 127.5 - 1``; 16-bit grey (``I;16``; also ``I``
+  with values in 0..65535) maps ``v`` to ``v / 32767.5 - 1``, so that 65535 is white and no value
+  is clipped. An alpha channel (``LA``, ``RGBA``, ``P`` or ``L``/``RGB`` with a transparent
+  colour) is dropped when every pixel is opaque and refused otherwise (the colour under a
+  transparent pixel is undefined). ``CMYK`` (needs colour management), floating-point ``F`` and
+  other modes are refused with a message saying what to convert them to. A colour image whose
+  three channels are equal everywhere is grey (a greyscale image saved as RGB) and is accepted
+  for a 1-channel encoder; a grey image is repeated into three channels for a 3-channel encoder.
+* **Folders say what they skip.** A folder contributes its regular image files, sorted; its
+  subfolders, hidden files, symlink loops and broken links, FIFOs and other non-regular entries
+  are skipped, and each skip is reported: in the ``skipped`` field of the result and as a
+  :class:`SkippedFilesWarning` (one line per folder, which the ``cspace`` command prints as
+  ``cspace COMMAND: warning: ...``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolderError", "load_images", "save_png", "to_uint8"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_PIXELS_ENV",
+    "ImageFolderError",
+    "LoadedImages",
+    "SkippedFilesWarning",
+    "load_images",
+    "max_image_pixels",
+    "save_png",
+    "to_uint8",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+#: the default largest pixel count (W x H) of an image file read by :func:`load_images`
+MAX_IMAGE_PIXELS = 4096 * 4096
+#: the environment variable that overrides :data:`MAX_IMAGE_PIXELS` (a positive integer)
+MAX_IMAGE_PIXELS_ENV = "CSPACE_MAX_IMAGE_PIXELS"
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_SKIPPED_SHOWN = 8  # skipped entries named in one warning line
 
 
 class ImageFolderError(ValueError):
     """Bad image input: unreadable, wrong size or channel count, or nothing to read."""
+
+
+class SkippedFilesWarning(UserWarning):
+    """A folder of images held entries that were not read (subfolders, hidden files, links that
+    lead nowhere, FIFOs and other non-regular files)."""
+
+
+class LoadedImages(tuple):
+    """What :func:`load_images` returns: the pair ``(images, files)`` (it unpacks as one), plus
+    ``skipped``.
+
+    Attributes:
+        images: (N, C, H, W) float32 in [-1, 1].
+        files: the N files read, in order.
+        skipped: ``(path, reason)`` for every folder entry that was not read.
+    """
+
+    def __new__(cls, images: torch.Tensor, files: list[Path], skipped: list[tuple[Path, str]]):
+        obj = super().__new__(cls, (images, files))
+        obj.skipped = skipped
+        return obj
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def files(self) -> list[Path]:
+        return self[1]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -41,80 +117,263 @@ def save_png(images: torch.Tensor, paths: Sequence[str | os.PathLike]) -> None:
         Image.fromarray(arr).save(p)
 
 
-def _expand(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def max_image_pixels(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: ``max_pixels`` if given, else ``$CSPACE_MAX_IMAGE_PIXELS`` if
+    set, else :data:`MAX_IMAGE_PIXELS`. Raises ``ValueError`` for a limit that is not a positive
+    integer (naming where it came from)."""
+    if max_pixels is not None:
+        source, value = "max_pixels", max_pixels
+    elif os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip():
+        source, value = MAX_IMAGE_PIXELS_ENV, os.environ[MAX_IMAGE_PIXELS_ENV].strip()
+    else:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(value) if not isinstance(value, bool) else 0
+    except (TypeError, ValueError):
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{source} must be a positive integer (a pixel count); got {value!r}")
+    return limit
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _classify(p: Path) -> tuple[str, str]:
+    """``("file", "")``, ``("dir", "")`` or ``("skip", reason)`` for a path, following links
+    without opening anything."""
+    try:
+        st = os.stat(p)
+    except OSError as err:
+        if os.path.islink(p):
+            if err.errno == errno.ELOOP:
+                return "skip", "a symlink loop"
+            return "skip", "a broken symlink"
+        return "missing", str(err.strerror or err)
+    if stat.S_ISDIR(st.st_mode):
+        return "dir", ""
+    if stat.S_ISREG(st.st_mode):
+        return "file", ""
+    return "skip", _kind(st.st_mode)
+
+
+def _expand(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files to read and the folder entries skipped (path, reason)."""
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
     files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        what, reason = _classify(p)
+        if what == "dir":
+            found, skipped_here = [], []
+            try:
+                entries = sorted(p.iterdir())
+            except OSError as err:
+                raise ImageFolderError(
+                    f"{p}: cannot list the folder ({err.strerror or err})"
+                ) from err
+            for f in entries:
+                if f.name.startswith("."):
+                    skipped_here.append((f, "a hidden file"))
+                    continue
+                w, why = _classify(f)
+                if w == "file":
+                    found.append(f)
+                elif w == "dir":
+                    skipped_here.append((f, "a subfolder (folders are not read recursively)"))
+                else:
+                    skipped_here.append((f, why))
+            if skipped_here:
+                names = ", ".join(f"{f.name} ({why})" for f, why in skipped_here[:_SKIPPED_SHOWN])
+                more = len(skipped_here) - _SKIPPED_SHOWN
+                warnings.warn(
+                    f"{p}: skipped {len(skipped_here)} entries that are not image files: {names}"
+                    + (f", and {more} more" if more > 0 else ""),
+                    SkippedFilesWarning,
+                    stacklevel=3,
+                )
             if not found:
-                raise ImageFolderError(f"{p} is an empty folder: no images to read")
+                if not skipped_here:
+                    raise ImageFolderError(f"{p} is an empty folder: no images to read")
+                raise ImageFolderError(
+                    f"{p} has no image files to read ({len(skipped_here)} entries skipped: "
+                    + ", ".join(f"{f.name} ({why})" for f, why in skipped_here[:_SKIPPED_SHOWN])
+                    + ")"
+                )
             files += found
-        elif p.is_file():
+            skipped += skipped_here
+        elif what == "file":
             files.append(p)
+        elif what == "skip":
+            raise ImageFolderError(f"{p} is {reason}, not an image file or a folder")
         else:
             raise ImageFolderError(f"{p} does not exist")
     if not files:
         raise ImageFolderError("no images given")
-    return files
+    return files, skipped
+
+
+def _open_header(f: Path):
+    """The image of file ``f`` with only its header read (PNG or JPEG content only).
+
+    Pillow's plugin classes are used directly so that no pixel count is checked before ours
+    (``PIL.Image.open`` applies Pillow's own decompression-bomb limit, which would refuse a large
+    image whatever ``max_pixels`` says).
+    """
+    from PIL import JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
+
+    with open(f, "rb") as fh:
+        magic = fh.read(8)
+    if magic.startswith(_PNG_MAGIC):
+        return PngImagePlugin.PngImageFile(f)
+    if magic.startswith(_JPEG_MAGIC):
+        return JpegImagePlugin.JpegImageFile(f)
+    raise UnidentifiedImageError("neither PNG nor JPEG content")
+
+
+class _Refused(Exception):
+    """A file's image mode cannot be read correctly; the message says what to convert it to."""
+
+
+def _drop_opaque_alpha(arr: np.ndarray, maximum: int) -> np.ndarray:
+    """(H, W, C+1) with the alpha last -> (H, W, C), if every pixel is opaque."""
+    alpha = arr[..., -1]
+    if not np.all(alpha == maximum):
+        n = int(np.count_nonzero(alpha != maximum))
+        raise _Refused(
+            f"has {n} transparent or translucent pixels (alpha < {maximum}); the colour under "
+            "them is undefined: flatten the image onto a background first"
+        )
+    return arr[..., :-1]
+
+
+def _pixels(im) -> tuple[np.ndarray, float]:
+    """The decoded pixels of ``im`` as (H, W) grey or (H, W, 3) colour numbers, and the value of
+    white (255 or 65535)."""
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(im).astype(np.float32), 65535.0
+    if mode == "I":
+        arr = np.asarray(im)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535):
+            raise _Refused(
+                "is a 32-bit integer image with values outside 0..65535; save it as an 8- or "
+                "16-bit PNG"
+            )
+        return arr.astype(np.float32), 65535.0
+    if mode == "F":
+        raise _Refused("is a floating-point image (mode F); save it as an 8- or 16-bit PNG")
+    if mode == "CMYK":
+        raise _Refused(
+            "is a CMYK image; converting it needs its colour profile: save it as RGB first"
+        )
+    if mode in ("1", "L") and "transparency" not in im.info:
+        return np.asarray(im.convert("L")).astype(np.float32), 255.0
+    if mode == "RGB" and "transparency" not in im.info:
+        return np.asarray(im).astype(np.float32), 255.0
+    if mode == "YCbCr":
+        return np.asarray(im.convert("RGB")).astype(np.float32), 255.0
+    if mode in ("LA", "La"):
+        grey = _drop_opaque_alpha(np.asarray(im.convert("LA")), 255)[..., 0]
+        return grey.astype(np.float32), 255.0
+    if mode in ("RGBA", "RGBa", "P", "PA", "1", "L", "RGB"):
+        # RGBA, a palette (with or without transparency), or a transparent colour key
+        if mode == "P" and "transparency" not in im.info:
+            return np.asarray(im.convert("RGB")).astype(np.float32), 255.0
+        rgba = np.asarray(im.convert("RGBA"))
+        return _drop_opaque_alpha(rgba, 255).astype(np.float32), 255.0
+    raise _Refused(f"has the unsupported mode {mode}; save it as an 8-bit grey or RGB PNG")
+
+
+def _to_channels(arr: np.ndarray, channels: int, mode: str) -> np.ndarray:
+    """(H, W) grey or (H, W, 3) colour -> (H, W) for ``channels`` 1, (H, W, 3) for 3."""
+    if channels == 1:
+        if arr.ndim == 2:
+            return arr
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2]):
+            return arr[..., 0]  # a grey image saved in colour
+        raise _Refused(f"is a {mode} image with colour; expected 1 channel (grey)")
+    return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
 
 
 def load_images(
     inputs: Iterable[str | os.PathLike],
     size: tuple[int, int] = (8, 8),
     channels: int = 1,
-) -> tuple[torch.Tensor, list[Path]]:
+    *,
+    max_pixels: int | None = None,
+) -> LoadedImages:
     """Read PNG/JPEG files and folders of them into (N, C, H, W) float32 in [-1, 1].
 
-    All-or-nothing: every file is checked first (readable image, ``size`` = (H, W), ``channels``
-    = 1 for grey or 3 for RGB), and one :class:`ImageFolderError` lists every bad file, so a
-    caller never ends up with part of a folder.
+    All-or-nothing: every file is checked first (a regular file with PNG or JPEG content, at
+    most ``max_pixels`` pixels by its header, ``size`` = (H, W), a mode that converts to
+    ``channels`` = 1 for grey or 3 for RGB; see the module docstring), and one
+    :class:`ImageFolderError` lists every bad file, so a caller never ends up with part of a
+    folder. A file is decoded only after its header passed the checks.
+
+    Args:
+        inputs: image files and folders (a folder contributes its regular files, sorted; what it
+            skips is reported).
+        size: the (H, W) every image must have.
+        channels: 1 (grey) or 3 (RGB).
+        max_pixels: the largest W x H accepted (default: ``$CSPACE_MAX_IMAGE_PIXELS``, else
+            :data:`MAX_IMAGE_PIXELS` = 16,777,216).
+
+    Returns:
+        :class:`LoadedImages`: unpacks as ``(images, files)``; ``.skipped`` lists the folder
+        entries that were not read.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3; got {channels}")
-    files = _expand(inputs)
-    want_mode = "L" if channels == 1 else "RGB"
+    limit = max_image_pixels(max_pixels)
+    files, skipped = _expand(inputs)
     problems, arrays = [], []
     for f in files:
         if f.suffix.lower() not in IMAGE_SUFFIXES:
             problems.append(f"{f}: not a PNG or JPEG file (suffix {f.suffix or 'none'})")
             continue
         try:
-            with Image.open(f) as im:
-                im.load()
+            with _open_header(f) as im:
                 mode, (w, h) = im.mode, im.size
+                if w * h > limit:
+                    problems.append(
+                        f"{f}: {w}x{h} = {w * h:,} pixels, more than the limit of {limit:,} "
+                        f"(not decoded); raise it with {MAX_IMAGE_PIXELS_ENV}=N or max_pixels=N "
+                        "if the file is trusted"
+                    )
+                    continue
                 if (h, w) != tuple(size):
                     problems.append(
                         f"{f}: {w}x{h} pixels, expected {size[1]}x{size[0]} (resize it first)"
                     )
                     continue
-                grey = mode in ("L", "I", "I;16", "1", "P") and (
-                    mode != "P" or _palette_is_grey(im)
-                )
-                if channels == 1 and not grey:
-                    problems.append(f"{f}: {mode} image with colour, expected 1 channel (grey)")
-                    continue
-                if channels == 3 and mode not in ("RGB", "RGBA", "P", "L"):
-                    problems.append(f"{f}: {mode} image, expected RGB")
-                    continue
-                arr = np.asarray(im.convert(want_mode), dtype=np.float32)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+                im.load()
+                arr, white = _pixels(im)
+                arr = _to_channels(arr, channels, mode)
+        except _Refused as err:
+            problems.append(f"{f}: {err}")
+            continue
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
             problems.append(f"{f}: unreadable or not an image ({type(err).__name__}: {err})")
             continue
-        arrays.append(arr / 127.5 - 1.0)
+        arrays.append(arr / 127.5 - 1.0 if white == 255.0 else arr / 32767.5 - 1.0)
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ImageFolderError(
             f"{len(problems)} of {len(files)} files cannot be used; nothing was read:\n  {shown}{more}"
         )
-    stack = np.stack(arrays)
+    stack = np.stack(arrays).astype(np.float32, copy=False)
     stack = stack[:, None] if channels == 1 else stack.transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(stack)), files
-
-
-def _palette_is_grey(im) -> bool:
-    rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
-    return bool(np.all(rgb[..., 0] == rgb[..., 1]) and np.all(rgb[..., 1] == rgb[..., 2]))
+    return LoadedImages(torch.from_numpy(np.ascontiguousarray(stack)), files, skipped)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cspace.io.checks import check_memory
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.files import write_file_atomic
 from cspace.io.folder import FolderKind, read_folder, write_folder
@@ -419,6 +420,11 @@ def train_flow(
     intra-op threads while training (restored afterwards; None keeps the current setting); one
     thread is the fastest for these small models on a shared 2-core machine.
 
+    Refused before training (``ValueError`` naming the value): ``lr`` outside (0, 1]
+    (:data:`MAX_LR`), ``threads`` outside 1 .. 4 x the CPU cores (:func:`max_threads`), and a
+    ``batch_size`` whose activations do not fit in this machine's memory
+    (:class:`~cspace.io.checks.SizeLimitError`).
+
     Returns:
         ``(net, metrics)``: the EMA network in eval mode and a dict with ``steps``,
         ``batch_size``, ``lr``, ``seed``, ``ema``, ``time_dist``, ``parameters``, ``n_train``,
@@ -441,6 +447,20 @@ def train_flow(
         raise ValueError("steps, batch_size and warmup must be >= 1")
     if not (lr > 0 and 0 <= ema < 1 and grad_clip > 0):
         raise ValueError("need lr > 0, 0 <= ema < 1 and grad_clip > 0")
+    if not lr <= MAX_LR:
+        raise ValueError(f"lr must be in (0, {MAX_LR:g}]; got {lr} (AdamW diverges far below it)")
+    if threads is not None and not 1 <= int(threads) <= max_threads():
+        raise ValueError(
+            f"threads must be in 1..{max_threads()} (4 x the {os.cpu_count() or 1} CPU cores); "
+            f"got {threads}"
+        )
+    check_memory(8 * steps, f"the loss record of {steps:,} steps", "use fewer steps (--steps)")
+    # a batch's activations: about 4 x depth float32 copies of the residual stream, at least
+    check_memory(
+        4 * (cfg.depth + 1) * batch_size * max(math.prod(cfg.latent_shape), cfg.width) * 4,
+        f"a training batch of {batch_size:,} (width {cfg.width}, depth {cfg.depth})",
+        "lower the batch size (--batch-size)",
+    )
     settings = {
         "config": cfg.to_dict(),
         "steps": steps,
@@ -467,6 +487,15 @@ def train_flow(
     finally:
         torch.set_num_threads(threads_before)
     return net, metrics
+
+
+#: the largest learning rate train_flow accepts
+MAX_LR = 1.0
+
+
+def max_threads() -> int:
+    """The most torch threads train_flow accepts: 4 x the CPU cores (more only slow it down)."""
+    return 4 * (os.cpu_count() or 1)
 
 
 def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, resume):
@@ -551,6 +580,17 @@ def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, res
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - decay)
             losses[step] = float(loss.detach())
+            if not math.isfinite(float(losses[step])):
+                why = (
+                    f"before any update: the latents (largest |value| "
+                    f"{float(data.abs().max()):.3g}) are too large for the network; normalise them"
+                    if step == start
+                    else f"lower the learning rate (--lr; got {lr:g}, default 1e-3)"
+                )
+                raise ValueError(
+                    f"flow training diverged at step {step + 1}: the loss is "
+                    f"{float(losses[step])}; nothing was saved. {why[0].upper()}{why[1:]}"
+                )
             if progress and (step + 1) % 100 == 0:
                 bar.set_postfix(loss=f"{float(losses[max(0, step - 99) : step + 1].mean()):.4f}")
             if checkpoint is not None and (

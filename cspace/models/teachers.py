@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cspace.io.checks import check_output_folder
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.folder import FolderKind, check_target, is_folder_of, read_folder, write_folder
 from cspace.io.legacy import TEACHER_V1, manifest_v2
@@ -336,6 +337,7 @@ class DinoV2Teacher(Teacher):
                 p = p / "model.safetensors"
             if not p.is_file():
                 raise _missing_dinov2(name, hub_id, f"{p} does not exist")
+            _check_safetensors(p)
             return p
         # local Hugging Face cache only (HF_HUB_OFFLINE semantics: no network request)
         try:
@@ -368,6 +370,25 @@ class DinoV2Teacher(Teacher):
         return self.model.forward_features(x)[:, self.num_prefix_tokens :]
 
     forward = tokens
+
+
+def _check_safetensors(path: Path) -> None:
+    """Raise ValueError unless ``path`` is a readable ``.safetensors`` file: timm reads any other
+    file with ``torch.load`` (unpickling), which a file handed over by a user must never reach."""
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"--teacher-weights {path}: expected a .safetensors file (other formats are pickles, "
+            "which cspace never loads); convert it with safetensors.torch.save_file"
+        )
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(
+            f"--teacher-weights {path} is not a readable safetensors file: {err}"
+        ) from err
 
 
 def load_teacher(
@@ -426,6 +447,7 @@ def train_teacher(
     if steps < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
     check_target(out_dir, TEACHER_KIND)  # before training, not after
+    check_output_folder(out_dir, "the output folder (--out)")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = DigitsTeacher()

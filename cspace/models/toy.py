@@ -29,7 +29,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BallObstacles", "GaussianMixture", "default_toy", "toy_with_coverage"]
+from cspace.io.checks import check_memory
+
+__all__ = [
+    "BallObstacles",
+    "GaussianMixture",
+    "RejectionSamplingError",
+    "default_toy",
+    "toy_with_coverage",
+]
+
+
+class RejectionSamplingError(RuntimeError):
+    """Rejection sampling outside the obstacles would need more proposals than allowed: the
+    obstacles cover almost all of the mixture's mass."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +163,15 @@ class GaussianMixture:
 
     # ------------------------------------------------------------------ sampling
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` exact samples of the data distribution p0; (n, d)."""
+        """``n`` exact samples of the data distribution p0; (n, d).
+
+        Raises :class:`~cspace.io.checks.SizeLimitError` (nothing allocated) when ``n x d``
+        numbers do not fit in this machine's memory."""
+        check_memory(
+            3 * int(n) * self.dim * self.means.dtype.itemsize,
+            f"{int(n):,} samples of the {self.dim}-dimensional mixture",
+            "ask for fewer samples or a lower dimension",
+        )
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(
             n, self.dim, generator=generator, dtype=self.means.dtype, device=self.means.device
@@ -166,14 +187,21 @@ class GaussianMixture:
     ) -> torch.Tensor:
         """``n`` exact samples of p0 restricted to the outside of ``obstacles`` (rejection).
 
-        Raises RuntimeError when more than ``max_draws`` proposals would be needed (the obstacles
-        cover almost all of the mass).
+        Raises ValueError when ``n`` alone needs more than ``max_draws`` proposals (2 per
+        sample in the first round), and :class:`RejectionSamplingError` (a RuntimeError) when
+        more than ``max_draws`` proposals would be needed (the obstacles cover almost all of the
+        mass).
         """
+        if 2 * int(n) > max_draws:
+            raise ValueError(
+                f"{int(n):,} exact samples need at least {2 * int(n):,} proposals, more than "
+                f"max_draws={max_draws:,}; ask for at most {max_draws // 2:,} samples"
+            )
         out, have, drawn = [], 0, 0
         while have < n:
             m = max(1024, 2 * (n - have))
             if drawn + m > max_draws:
-                raise RuntimeError(
+                raise RejectionSamplingError(
                     f"rejection sampling accepted {have} of {drawn} draws; the obstacles cover "
                     f"almost all of the mixture's mass (raise max_draws={max_draws} or shrink them)"
                 )
@@ -203,6 +231,11 @@ def default_toy(
     """
     if dim < 2:
         raise ValueError(f"the toy needs dim >= 2; got dim={dim}")
+    check_memory(
+        64 * int(dim) * torch.finfo(dtype).bits // 8,
+        f"the {dim}-dimensional toy (8 modes, 3 obstacles)",
+        "lower the dimension (--dim)",
+    )
     k = 8
     ang = torch.arange(k, dtype=dtype) * (2 * math.pi / k)
     means = torch.zeros(k, dim, dtype=dtype)
@@ -279,6 +312,11 @@ def toy_with_coverage(
         frac = min(remainder / share, full_mass)
         centers.append(mix.means[modes[n_full]])
         radii.append(_ball_radius_for_mass(std, dim, frac))
+    if not centers:
+        raise ValueError(
+            f"coverage {coverage:g} is below the smallest ball the toy places (1% of one mode's "
+            f"share: {0.01 * share * full_mass:g}); raise the coverage (--coverage)"
+        )
     balls = BallObstacles(torch.stack(centers), torch.tensor(radii, dtype=dtype))
     measured = mix.mass_inside(balls, n=n_measure, seed=seed)
     return mix, balls, measured

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cspace.io.checks import check_output_folder
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.files import save_safetensors_atomic, write_json_atomic
 from cspace.io.folder import (
@@ -541,6 +542,13 @@ def _batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tenso
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
+def _diverged(step: int, what: str, vf_weight: float) -> str:
+    return (
+        f"VAE training diverged at step {step}: {what}; nothing was saved. Lower --vf-weight "
+        f"(got {vf_weight:g}; the shipped VAE uses 0.1) or the learning rate"
+    )
+
+
 def train_vae(
     out_dir: str | os.PathLike,
     vf_weight: float = 0.1,
@@ -604,6 +612,7 @@ def train_vae(
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
     check_target(out, VAE_KIND, allow=(CHECKPOINT_DIR,))  # before training, not after
+    check_output_folder(out, "the output folder (--out)")
 
     # ---- teacher: frozen; without augmentation its tokens for the training set are precomputed
     x_train, _ = digits("train")
@@ -721,6 +730,10 @@ def train_vae(
             loss = loss + w * vf
             logs.update(vf=vf.item(), mcos=terms["mcos"].item(), mdms=terms["mdms"].item())
             logs["vf_w"] = float(w)
+        if not math.isfinite(float(loss.detach())):
+            raise ValueError(
+                _diverged(step + 1, f"the loss is {float(loss.detach())} ({logs})", vf_weight)
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -733,6 +746,8 @@ def train_vae(
         if callback is not None:
             callback(done, logs)
     bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in vae.parameters()):
+        raise ValueError(_diverged(steps, "the weights hold NaN or Inf", vf_weight))
 
     # ---- normalisation, metrics, final files
     vae.eval()

@@ -9,6 +9,7 @@ velocity wrapper, and the sampler with collision backtracking.
 """
 
 from guidance.sampling.convention import (
+    NonFiniteVelocityError,
     Prediction,
     Predictor,
     Velocity,
@@ -26,6 +27,7 @@ __all__ = [
     "STEPS",
     "Backtrack",
     "Guided",
+    "NonFiniteVelocityError",
     "Prediction",
     "Predictor",
     "SampleOutput",

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 __all__ = [
+    "NonFiniteVelocityError",
     "Prediction",
     "Predictor",
     "Velocity",
@@ -58,11 +59,21 @@ def batch_times(t: Time, x: torch.Tensor) -> torch.Tensor:
     return tt.reshape(b)
 
 
+class NonFiniteVelocityError(ValueError):
+    """A velocity returned NaN or Inf for finite states; :attr:`largest_state` is the largest
+    ``|x|`` among the states concerned."""
+
+    def __init__(self, message: str, largest_state: float) -> None:
+        super().__init__(message)
+        self.largest_state = largest_state
+
+
 def check_velocity(v: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``v`` checked as a velocity for states ``x`` (same shape, finite), cast to ``x``'s dtype.
 
     Raises:
-        ValueError: naming the returned shape, or how many states got NaN/Inf and at which t.
+        ValueError: naming the returned shape; :class:`NonFiniteVelocityError` (a ValueError)
+            naming how many states got NaN/Inf, at which t, and their largest ``|x|``.
     """
     if not isinstance(v, torch.Tensor) or v.shape != x.shape:
         shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
@@ -73,9 +84,12 @@ def check_velocity(v: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(v).all()):
         bad = ~torch.isfinite(v).reshape(v.shape[0], -1).all(dim=1)
         tb = torch.as_tensor(t).reshape(-1).expand(v.shape[0])
-        raise ValueError(
+        big = float(x.detach().reshape(x.shape[0], -1)[bad].abs().max())
+        raise NonFiniteVelocityError(
             f"velocity returned NaN or Inf for {int(bad.sum())} of {v.shape[0]} states at "
-            f"t={float(tb[bad][0]):.4g}; check the model and its inputs"
+            f"t={float(tb[bad][0]):.4g} (largest |x| among them {big:.3g}); check the model and "
+            "its inputs",
+            big,
         )
     return v.to(x.dtype)
 

@@ -23,13 +23,20 @@ the field is not evaluated and ``v'`` is the model's ``v`` bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from cspace.models.space import check_same_space, space_of
 from guidance.checks import check_number, check_window
-from guidance.sampling.convention import Prediction, Velocity, batch_times, predict
+from guidance.sampling.convention import (
+    NonFiniteVelocityError,
+    Prediction,
+    Velocity,
+    batch_times,
+    predict,
+)
 
 __all__ = ["MODES", "Guided"]
 
@@ -91,6 +98,8 @@ class Guided:
         self.window, self.mode, self.weight = (lo, hi), mode, weight
         #: the C-space of the model and the field (None: neither records one)
         self.space = space_of(velocity) or space_of(field)
+        #: the largest |delta| this wrapper has applied (to name it when the model then fails)
+        self.largest_displacement = 0.0
 
     def in_window(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) bool: which of the times ``t`` (B,) lie inside the window."""
@@ -101,7 +110,11 @@ class Guided:
         """The guided prediction at states ``x`` (B, ...) and times ``t`` (B,) (or a number):
         ``v' = v - strength * weight(t) * F`` inside the window (module docstring)."""
         t = batch_times(t, x)
-        p = predict(self.velocity, x, t)
+        try:
+            p = predict(self.velocity, x, t)
+        except NonFiniteVelocityError as err:
+            self._blame_displacement(err)
+            raise
         if self.strength == 0:
             return p
         inwin = self.in_window(t)
@@ -117,9 +130,60 @@ class Guided:
             raise ValueError(
                 f"weight(t) must return a tensor of the times' shape {tuple(t.shape)}; got {got}"
             )
+        self._check_finite(lam, inwin, ev.force, t)
         scale = torch.where(inwin, self.strength * lam, torch.zeros_like(t))
         delta = scale.reshape((-1,) + (1,) * (x.ndim - 1)) * ev.force
-        return p.displaced(delta, field=ev, field_mode=self.mode, field_source=self.field)
+        out = p.displaced(delta, field=ev, field_mode=self.mode, field_source=self.field)
+        if not bool(torch.isfinite(out.v).all()):
+            self._overflow(out.v, delta, lam, ev.force, t)
+        self.largest_displacement = max(self.largest_displacement, float(delta.abs().max()))
+        return out
+
+    def _blame_displacement(self, err: NonFiniteVelocityError) -> None:
+        """The model failed at states beyond ``sqrt(float max)`` (where squared distances
+        overflow) after this wrapper displaced states by as much: name the displacement."""
+        limit = math.sqrt(torch.finfo(torch.float32).max)  # 1.8e19: float32 models overflow
+        if err.largest_state > limit and self.largest_displacement > limit:
+            raise ValueError(
+                f"{err}. Guidance had displaced states by up to {self.largest_displacement:.3g} "
+                f"(strength {self.strength:g} x weight(t) x the field's force), beyond what the "
+                "model can take: lower the strength or the field's eta (or cap its force with "
+                "max_force)"
+            ) from err
+
+    def _check_finite(self, lam, inwin, force, t) -> None:
+        """Name the culprit of a non-finite displacement before it is applied: the weight
+        (inside the window) or the field's force."""
+        bad = inwin & ~torch.isfinite(lam)
+        if bool(bad.any()):
+            raise ValueError(
+                f"the weight function returned NaN or Inf for {int(bad.sum())} of {t.numel()} "
+                f"times (first at t={float(t[bad][0]):.4g}, value {float(lam[bad][0])}); "
+                "weight(t) must return finite numbers"
+            )
+        rows = ~torch.isfinite(force).reshape(force.shape[0], -1).all(dim=1)
+        if bool(rows.any()):
+            raise ValueError(
+                f"the field ({type(self.field).__name__}) returned a NaN or Inf force for "
+                f"{int(rows.sum())} of {force.shape[0]} states at t={float(t[rows][0]):.4g}; "
+                "check the field's parameters (Q*, eta, max_force)"
+            )
+
+    def _overflow(self, v, delta, lam, force, t) -> None:
+        """The guided velocity is not finite although the weight and the force are: the
+        displacement ``strength * weight(t) * F`` (or ``v - delta``) overflowed."""
+        rows = ~torch.isfinite(v).reshape(v.shape[0], -1).all(dim=1)
+        what = (
+            "the displacement strength x weight(t) x force"
+            if not bool(torch.isfinite(delta).all())
+            else "the guided velocity v - strength x weight(t) x force"
+        )
+        raise ValueError(
+            f"{what} overflowed to NaN or Inf for {int(rows.sum())} of {v.shape[0]} states at "
+            f"t={float(t[rows][0]):.4g} (strength={self.strength:g}, largest |weight| "
+            f"{float(lam.abs().max()):.4g}, largest |force| {float(force.abs().max()):.4g}); "
+            "lower the strength"
+        )
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """The guided velocity ``v'(x, t)``; (B, ...)."""

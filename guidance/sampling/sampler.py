@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cspace.io.checks import check_memory
 from cspace.models.space import check_same_space, space_of
 from guidance.checks import check_count, check_number, check_window
 from guidance.sampling.convention import Velocity
@@ -102,9 +103,17 @@ class SampleOutput:
 def time_grid(
     steps: int, t_start: float = 1.0, t_end: float = 0.0, dtype=torch.float64
 ) -> torch.Tensor:
-    """Uniform grid of ``steps + 1`` times from ``t_start`` down to ``t_end``."""
+    """Uniform grid of ``steps + 1`` times from ``t_start`` down to ``t_end``.
+
+    A grid larger than this machine's memory is refused before it is allocated
+    (:class:`~cspace.io.checks.SizeLimitError`)."""
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
+    check_memory(
+        (int(steps) + 1) * torch.finfo(dtype).bits // 8,
+        f"a time grid of {int(steps):,} steps",
+        "use fewer steps (--steps)",
+    )
     if not 0 <= t_end < t_start <= 1:
         raise ValueError(f"need 0 <= t_end < t_start <= 1; got t_start={t_start}, t_end={t_end}")
     return torch.linspace(t_start, t_end, int(steps) + 1, dtype=dtype)

@@ -21,23 +21,33 @@ import torch
 from cspace.models.space import space_of
 from guidance.sampling import Prediction, predict
 
-__all__ = ["Budget", "BudgetExceeded", "as_budget"]
+__all__ = ["MAX_NFE", "Budget", "BudgetExceeded", "as_budget"]
 
 
 class BudgetExceeded(RuntimeError):
     """A search asked for more NFE than its budget holds (nothing was computed for that request)."""
 
 
+#: the largest budget: NFE are counted in 64-bit integers
+MAX_NFE = 2**63 - 1
+
+
 class Budget:
     """A pool of ``nfe`` velocity evaluations, spent by :meth:`charge`.
 
     Args:
-        nfe: total NFE allowed (an integer >= 0).
+        nfe: total NFE allowed (an integer, 0 <= nfe <= :data:`MAX_NFE` = 2**63 - 1).
     """
 
     def __init__(self, nfe: int) -> None:
-        if isinstance(nfe, bool) or int(nfe) != nfe or int(nfe) < 0:
-            raise ValueError(f"a budget is a whole number of NFE >= 0; got {nfe!r}")
+        try:
+            whole = not isinstance(nfe, bool) and int(nfe) == nfe
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole or not 0 <= int(nfe) <= MAX_NFE:
+            raise ValueError(
+                f"a budget is a whole number of NFE in 0..{MAX_NFE} (2**63 - 1); got {nfe!r}"
+            )
         self.total = int(nfe)
         self.spent = 0
         self.calls = 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cspace.io.checks import check_memory
 from guidance.sampling import Prediction, Velocity, sample
 from guidance.search.budget import Budget, BudgetExceeded, as_budget
 from guidance.search.verifiers import Verifier, VerifierError
@@ -27,6 +28,7 @@ __all__ = [
     "SearchResult",
     "Velocity",
     "begin",
+    "check_states",
     "draw_noise",
     "grid",
     "group_argmax",
@@ -117,6 +119,7 @@ def begin(
         raise SearchError(f"n_return must be >= 1; got {n_return}")
     if int(steps) < 1:
         raise SearchError(f"steps must be >= 1; got {steps}")
+    check_states(algo, int(n_return), shape, torch.float64, f"{int(n_return):,} returned samples")
     b = as_budget(budget)
     run = Run(algo, b, verifier, b.spent, verifier.calls, verifier.samples, b.wrap(velocity))
     return run, shape
@@ -132,6 +135,23 @@ def per_sample_budget(budget: Budget, n_return: int, one_sample: int, algo: str)
             f"to at least {one_sample * int(n_return)}"
         )
     return each
+
+
+#: how many copies of its states a search holds at once, at most (noises, clean samples,
+#: candidates kept for the records): the factor of :func:`check_states`
+STATE_COPIES = 4
+
+
+def check_states(algo: str, n_states: int, shape, dtype: torch.dtype, what: str) -> None:
+    """Refuse a plan of ``n_states`` states of ``shape`` that this machine's memory cannot hold
+    (:data:`STATE_COPIES` copies of ``n_states x prod(shape)`` numbers of ``dtype``), before
+    anything is allocated; the :class:`~cspace.io.checks.SizeLimitError` names the plan."""
+    nbytes = STATE_COPIES * int(n_states) * math.prod(int(s) for s in shape) * dtype.itemsize
+    check_memory(
+        nbytes,
+        f"{algo}: {what} ({int(n_states):,} states of shape {tuple(shape)})",
+        "lower the budget or the number of returned samples",
+    )
 
 
 def draw_noise(n: int, shape, generator, dtype=torch.float64, device=None) -> torch.Tensor:

@@ -46,6 +46,7 @@ from guidance.search.common import (
     SearchError,
     SearchResult,
     begin,
+    check_states,
     draw_noise,
     grid,
     ode,
@@ -130,6 +131,8 @@ def search(
         )
     if n < 1:
         raise SearchError(f"paths: empty candidate set (n_starts={n})")
+    check_states("paths", n_return * n * int(n_copies), shape, dtype,
+                 f"{n:,} starts x {n_copies} copies per returned sample")  # fmt: skip
     run.budget.require(n * per_start * n_return, f"paths with {n} starts per sample")
     g_n, m = int(n_return), int(n_copies)
     flat = torch.Size(shape)

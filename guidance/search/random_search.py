@@ -15,6 +15,7 @@ from guidance.search.common import (
     SearchError,
     SearchResult,
     begin,
+    check_states,
     draw_noise,
     group_argmax,
     ode,
@@ -60,6 +61,7 @@ def search(
     n = each // cost if n_candidates is None else int(n_candidates)
     if n < 1:
         raise SearchError(f"best-of-n: empty candidate set (n_candidates={n})")
+    check_states("best-of-n", n_return * n, shape, dtype, f"{n:,} candidates per returned sample")
     run.budget.require(n * cost * n_return, f"best-of-n with {n} candidates per sample")
     noise = draw_noise(n_return * n, shape, generator, dtype, device)
     x0 = ode(run.velocity, noise, time_grid(steps), method)

@@ -44,7 +44,14 @@ import torch
 
 from guidance.sampling import Prediction, Step, sde_step, time_grid
 from guidance.search.budget import BudgetExceeded
-from guidance.search.common import Run, SearchError, SearchResult, begin, draw_noise
+from guidance.search.common import (
+    Run,
+    SearchError,
+    SearchResult,
+    begin,
+    check_states,
+    draw_noise,
+)
 from guidance.search.protocol import Algorithm
 
 __all__ = [
@@ -396,6 +403,7 @@ def particle_run(
     ``velocity`` is the metered model (``run.velocity``) or a guidance wrapper around it.
     """
     g, n = _layout(run.budget.remaining, n_return, steps, groups, n_particles, run.algo)
+    check_states(run.algo, g * n, shape, dtype, f"{g} x {n:,} particles")
     run.budget.require(g * n * int(steps), f"{run.algo} with {g} x {n} particles")
     pot = make_potential(g * n)
     w = ParticleWeights(g, n)
