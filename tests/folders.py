@@ -50,3 +50,20 @@ def version_files(path: Path) -> set[str]:
     """What a folder holds right after a save: the current version's files, the lock file and
     the files of the version it replaced (``superseded``, kept for readers of that version)."""
     return live_files(path) | set(manifest(path).get("superseded", []))
+
+
+def load_kind(kind: str, path: Path):
+    """Load the folder ``path`` of ``kind`` (obstacles, classifier, flow, vae, teacher) with the
+    kind's own public loader."""
+    from cspace.models.flow import load_flow
+    from cspace.models.teachers import DigitsTeacher
+    from cspace.models.vae import load_aligned_vae
+    from obstacles import ObstacleSet, PreferenceClassifier
+
+    return {
+        "obstacles": ObstacleSet.load,
+        "classifier": PreferenceClassifier.load,
+        "flow": load_flow,
+        "vae": load_aligned_vae,
+        "teacher": DigitsTeacher.load,
+    }[kind](path)

@@ -46,7 +46,7 @@ from cspace.models.vae import (
 from obstacles import ObstacleSet, ObstacleSetError, PreferenceClassifier, is_obstacle_set
 from obstacles.classifier import CLASSIFIER_KIND, ClassifierError
 from obstacles.obstacle_set import KIND as OBSTACLES_KIND
-from tests.folders import stored, version_files
+from tests.folders import load_kind, stored, version_files
 from tests.legacy_writers import (
     save_classifier_v1,
     save_flow_v1,
@@ -127,16 +127,6 @@ def _make(kind: str, path: Path) -> None:
         DigitsTeacher().save(path, extra={"steps": 0})
 
 
-def _load(kind: str, path: Path):
-    return {
-        "obstacles": ObstacleSet.load,
-        "classifier": PreferenceClassifier.load,
-        "flow": load_flow,
-        "vae": load_aligned_vae,
-        "teacher": DigitsTeacher.load,
-    }[kind](path)
-
-
 def _manifest(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 
@@ -171,7 +161,7 @@ def test_every_kind_writes_the_same_format(made):
         assert entry == {"file": f"{stem}-{sha[:12]}.{ext}", "bytes": len(data), "sha256": sha}
     assert is_folder_of(path, fk)
     assert not any(is_folder_of(path, other) for k, other in FOLDER_KINDS.items() if k != kind)
-    _load(kind, path)  # and it loads
+    load_kind(kind, path)  # and it loads
 
 
 def test_one_reader_for_every_kind(made, monkeypatch):
@@ -182,7 +172,7 @@ def test_one_reader_for_every_kind(made, monkeypatch):
     monkeypatch.setattr(
         folder_mod, "verify_files", lambda *a, **k: calls.append(a[0]) or real(*a, **k)
     )
-    _load(kind, path)
+    load_kind(kind, path)
     assert calls == [path]
 
 
@@ -193,7 +183,7 @@ def test_flipped_byte_gives_the_shared_error_with_the_kinds_class(made):
     data[len(data) // 2] ^= 0xFF
     target.write_bytes(bytes(data))
     with pytest.raises(ERRORS[kind], match=f"checksum mismatch for .*{target.name}") as err:
-        _load(kind, path)
+        load_kind(kind, path)
     assert isinstance(err.value, FolderError) and isinstance(err.value, ValueError)
     assert err.value.path == target
     assert "restore the folder from a copy" in str(err.value)  # what to do
@@ -206,7 +196,7 @@ def test_truncated_file(made):
     target.write_bytes(data[:-7])
     msg = f"has {len(data) - 7} bytes but the manifest says {len(data)}: truncated or replaced"
     with pytest.raises(ERRORS[kind], match=msg):
-        _load(kind, path)
+        load_kind(kind, path)
 
 
 def test_symlinked_payload_is_refused(made, tmp_path):
@@ -218,7 +208,7 @@ def test_symlinked_payload_is_refused(made, tmp_path):
     target.unlink()
     target.symlink_to(elsewhere)
     with pytest.raises(ERRORS[kind], match="is a symbolic link, not a regular file"):
-        _load(kind, path)
+        load_kind(kind, path)
 
 
 def test_symlinked_manifest_is_refused(made, tmp_path):
@@ -227,7 +217,7 @@ def test_symlinked_manifest_is_refused(made, tmp_path):
     (path / "manifest.json").unlink()
     (path / "manifest.json").symlink_to(tmp_path / "m.json")
     with pytest.raises(ERRORS[kind], match="symbolic link"):
-        _load(kind, path)
+        load_kind(kind, path)
 
 
 def test_size_is_checked_before_reading(made):
@@ -242,7 +232,7 @@ def test_size_is_checked_before_reading(made):
     except OSError as err:  # pragma: no cover - a file system without sparse files
         pytest.skip(f"no sparse files here: {err}")
     with pytest.raises(ERRORS[kind], match=f"has {1 << 40} bytes but the manifest says"):
-        _load(kind, path)
+        load_kind(kind, path)
 
 
 def test_oversized_manifest_is_refused(made):
@@ -250,7 +240,7 @@ def test_oversized_manifest_is_refused(made):
     text = (path / "manifest.json").read_text()
     (path / "manifest.json").write_text(text + " " * MAX_MANIFEST_BYTES)  # still valid JSON
     with pytest.raises(ERRORS[kind], match=f"more than the {MAX_MANIFEST_BYTES}"):
-        _load(kind, path)
+        load_kind(kind, path)
 
 
 @pytest.mark.parametrize("change", ["newer", "foreign", "bad-name", "not-json"])
@@ -272,7 +262,7 @@ def test_manifest_problems(made, change):
     text = "{not json" if manifest is None else json.dumps(manifest)
     (path / "manifest.json").write_text(text)
     with pytest.raises(ERRORS[kind], match=msg):
-        _load(kind, path)
+        load_kind(kind, path)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -282,10 +272,10 @@ def test_absent_folder(kind, tmp_path):
     for where in (tmp_path / "nowhere", tmp_path):  # absent; a folder without a manifest
         if kind in ("flow", "vae", "teacher"):
             with pytest.raises(MissingWeightsError, match="cspace train"):
-                _load(kind, where)
+                load_kind(kind, where)
         else:
             with pytest.raises(ERRORS[kind], match="is missing"):
-                _load(kind, where)
+                load_kind(kind, where)
 
 
 def test_save_replaces_only_its_own_kind_and_keeps_other_files(made, tmp_path):
@@ -296,7 +286,7 @@ def test_save_replaces_only_its_own_kind_and_keeps_other_files(made, tmp_path):
     _make(kind, path)  # saving again over the same kind keeps the user's files
     assert (path / "notes.txt").read_text() == "mine"
     assert (path / "images" / "a.png").read_bytes() == b"\x89PNG"
-    _load(kind, path)
+    load_kind(kind, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [kind]  # no temporary folders left
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -519,7 +509,7 @@ def test_shipped_weights_are_in_the_new_format(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_shipped_weights_in_the_old_layout_still_load(name, tmp_path):
+def test_shipped_weights_in_the_old_layout_stillload_kind(name, tmp_path):
     """The config.json each shipped folder had before (tests/data/legacy_shipped) beside the
     same weights file: the old folder, read by the legacy reader, gives what the new one does."""
     old = tmp_path / name

@@ -20,6 +20,16 @@ PAYLOAD = ("embeddings.safetensors", "metadata.safetensors", "records.json")
 
 
 # ----------------------------------------------------------------------------- helpers
+#: every payload file of a current (``saved``) and a version-2 (``saved_v2``) set
+DATA_FILES = [
+    ("saved", "embeddings.safetensors"),
+    ("saved", "metadata.safetensors"),
+    ("saved", "records.json"),
+    ("saved_v2", "index.faiss"),
+    ("saved_v2", "metadata.safetensors"),
+]
+
+
 def _rand(n: int, d: int, seed: int, scale: float = 1.0) -> np.ndarray:
     return scale * np.random.default_rng(seed).standard_normal((n, d))
 
@@ -584,16 +594,7 @@ def test_load_truncated_index(saved_v2):
         ObstacleSet.load(path)
 
 
-@pytest.mark.parametrize(
-    ("layout", "name"),
-    [
-        ("saved", "embeddings.safetensors"),
-        ("saved", "metadata.safetensors"),
-        ("saved", "records.json"),
-        ("saved_v2", "index.faiss"),
-        ("saved_v2", "metadata.safetensors"),
-    ],
-)
+@pytest.mark.parametrize(("layout", "name"), DATA_FILES)
 def test_load_flipped_byte(request, layout, name):
     _, path = request.getfixturevalue(layout)
     target = stored(path, name)
@@ -644,16 +645,7 @@ def test_load_index_shape_disagrees_with_manifest(saved_v2, d, n):
         ObstacleSet.load(path)
 
 
-@pytest.mark.parametrize(
-    ("layout", "name"),
-    [
-        ("saved", "embeddings.safetensors"),
-        ("saved", "metadata.safetensors"),
-        ("saved", "records.json"),
-        ("saved_v2", "index.faiss"),
-        ("saved_v2", "metadata.safetensors"),
-    ],
-)
+@pytest.mark.parametrize(("layout", "name"), DATA_FILES)
 def test_load_missing_data_file(request, layout, name):
     _, path = request.getfixturevalue(layout)
     target = stored(path, name)

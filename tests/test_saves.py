@@ -21,19 +21,18 @@ import torch
 import cspace.io.folder as folder_mod
 from cspace.io.errors import FolderError
 from cspace.io.folder import LOCK_FILE, MANIFEST, TMP_PREFIX, folder_lock, read_folder
-from cspace.models.flow import FLOW_KIND, FlowConfig, VelocityNet, load_flow, save_flow
+from cspace.models.flow import FLOW_KIND, FlowConfig, VelocityNet, save_flow
 from cspace.models.teachers import TEACHER_KIND, DigitsTeacher
 from cspace.models.vae import (
     VAE_KIND,
     AlignedVAEConfig,
     build_autoencoder,
-    load_aligned_vae,
     save_aligned_vae,
 )
 from obstacles import ObstacleSet, ObstacleSetError, PreferenceClassifier
 from obstacles.classifier import CLASSIFIER_KIND
 from obstacles.obstacle_set import KIND as OBSTACLES_KIND
-from tests.folders import live_files, manifest, version_files
+from tests.folders import live_files, load_kind, manifest, version_files
 from tests.legacy_writers import save_obstacle_set_v2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,19 +77,9 @@ def _save(kind: str, path: Path, seed: int) -> None:
         DigitsTeacher().save(path, extra={"seed": seed})
 
 
-def _load(kind: str, path: Path):
-    return {
-        "obstacles": ObstacleSet.load,
-        "classifier": PreferenceClassifier.load,
-        "flow": load_flow,
-        "vae": load_aligned_vae,
-        "teacher": DigitsTeacher.load,
-    }[kind](path)
-
-
 def _content(kind: str, path: Path) -> dict[str, bytes]:
     """The payload a reader gets (verified), after the kind's own loader accepted the folder."""
-    _load(kind, path)
+    load_kind(kind, path)
     return read_folder(path, KINDS[kind]).files
 
 
@@ -168,7 +157,7 @@ def test_a_kill_at_every_step_leaves_the_old_or_the_new_folder(kind, fresh, tmp_
         if k <= commit:
             if fresh:
                 with pytest.raises((ValueError, FileNotFoundError), match=r"missing|no folder"):
-                    _load(kind, path)
+                    load_kind(kind, path)
             else:
                 assert _content(kind, path) == old, (k, steps[k])
         else:
