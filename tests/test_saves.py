@@ -410,3 +410,22 @@ def test_a_lock_file_that_is_a_symbolic_link_is_refused(tmp_path):
         _obstacles(2).save(path)
     assert (tmp_path / "target").read_text() == "keep"
     assert ObstacleSet.load(path).labels[0] == "seed1"
+
+
+def test_a_folder_created_while_the_reader_looks_is_not_taken_for_a_file(tmp_path, monkeypatch):
+    """A first save creates the folder between the reader's checks: the reader reports a set
+    not there yet (what it was when it looked), never "a file"."""
+    path = tmp_path / "set"
+    real_is_dir = Path.is_dir
+
+    def racing_is_dir(self):
+        found = real_is_dir(self)
+        if self == path and not found:
+            path.mkdir()  # the writer's folder lock lands now
+        return found
+
+    monkeypatch.setattr(Path, "is_dir", racing_is_dir)
+    with pytest.raises(ObstacleSetError) as err:
+        ObstacleSet.load(path)
+    assert "is not an obstacle set: " in str(err.value), err.value
+    assert "is a file" not in str(err.value)

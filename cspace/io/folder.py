@@ -508,10 +508,12 @@ def _stored_map(table: dict, stored: bool) -> dict[str, str]:
 
 
 def _read_once(path: Path, kind: FolderKind, seen: list) -> Folder:
-    if not path.is_dir():
-        if path.exists():
-            raise kind.error(f"{path} is a file, not {kind.a_what} folder", path)
-        raise kind.absent(path, "the folder is missing" + _old_copies(path))
+    try:  # one stat: a folder created between two checks is not taken for a file
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise kind.absent(path, "the folder is missing" + _old_copies(path)) from None
+    if not stat.S_ISDIR(mode):
+        raise kind.error(f"{path} is a file, not {kind.a_what} folder", path)
     mpath = path / MANIFEST
     if not os.path.lexists(mpath):
         seen.append(None)
