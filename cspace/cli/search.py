@@ -76,7 +76,13 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--problem", choices=("toy", "digits"), default="toy", help="default toy")
+    p.add_argument(
+        "--problem",
+        choices=("toy", "digits"),
+        default="toy",
+        help="toy: the exact Gaussian mixture with ball obstacles; digits: the shipped digits flow "
+        "avoiding one class (default toy)",
+    )
     p.add_argument("--dim", type=toy_dim, default=2, help="toy dimension (default 2)")
     p.add_argument(
         "--coverage",
@@ -97,7 +103,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=range(10),
         default=0,
         metavar="C",
-        help="digits: the class kept out by the obstacle set (default 0)",
+        help="digits: the class kept out by the obstacle set, 0..9 (default 0)",
     )
 
 
@@ -132,7 +138,12 @@ def register(subparsers) -> None:
         "--out", default="cspace-scaling", help="output folder (default cspace-scaling)"
     )
     sc.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
-    sc.add_argument("--n", type=positive_int, default=None, help="samples returned per run")
-    sc.add_argument("--steps", type=positive_int, default=None, help="sampler steps")
+    sc.add_argument(
+        "--n", type=positive_int, default=None,
+        help="samples returned per run: 256, or 32 with --quick",
+    )  # fmt: skip
+    sc.add_argument(
+        "--steps", type=positive_int, default=None, help="sampler steps: 50, or 10 with --quick"
+    )
     _common(sc)
     sc.set_defaults(func=_cmd_scaling)
