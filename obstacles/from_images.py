@@ -135,12 +135,14 @@ def encode_images(
     size: tuple[int, int] = (8, 8),
     batch_size: int = 256,
     resize: bool = False,
+    progress: bool = False,
 ) -> tuple[np.ndarray, list[Path]]:
     """Read images (files and folders), encode and embed them: ((N, d) float32, files).
 
     Every file is checked before anything is encoded (:func:`cspace.io.images.load_images`); the
     channel count comes from the encoder, the size (H, W) from the caller. ``resize``: images of
     another size are resized to ``size`` (said in an ``ImagesResizedNote``) instead of refused.
+    ``progress``: a tqdm bar (stderr) over the images when they take more than one batch.
     """
     from cspace.io.images import load_images
 
@@ -153,7 +155,7 @@ def encode_images(
         resize=resize,
         size_source=f"the size the set is built at with the encoder {name!r}",
     )
-    latents = encoder.encode(images, batch_size=int(batch_size))
+    latents = _encode(encoder, images, int(batch_size), progress)
     emb = encoder.embed(latents).detach().to("cpu").float().numpy()
     if not np.all(np.isfinite(emb)):
         bad = [str(f) for f, ok in zip(files, np.isfinite(emb).all(1), strict=True) if not ok]
@@ -162,6 +164,22 @@ def encode_images(
             "check the encoder weights"
         )
     return np.ascontiguousarray(emb, dtype=np.float32), files
+
+
+def _encode(encoder, images: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
+    """``encoder.encode`` batch by batch, with a tqdm bar over the images (stderr) when
+    ``progress`` and there is more than one batch."""
+    from tqdm.auto import tqdm
+
+    n = images.shape[0]
+    if not progress or n <= batch_size:
+        return encoder.encode(images, batch_size=batch_size)
+    out = []
+    with tqdm(total=n, desc="encoding", unit="image", dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            out.append(encoder.encode(images[start : start + batch_size], batch_size=batch_size))
+            bar.update(min(batch_size, n - start))
+    return torch.cat(out)
 
 
 def image_size_for(encoder, size=None) -> tuple[tuple[int, int], str | None]:
@@ -265,6 +283,7 @@ def build_from_images(
     size: tuple[int, int] | int = (8, 8),
     batch_size: int = 256,
     resize: bool = False,
+    progress: bool = False,
 ) -> ObstacleSet:
     """A new :class:`ObstacleSet` from image files and folders of them.
 
@@ -280,6 +299,7 @@ def build_from_images(
             :func:`image_size_for` for the encoder's own.
         batch_size: images encoded per batch.
         resize: resize images of another size to ``size`` instead of refusing them.
+        progress: a bar over the images while they are encoded (more than one batch).
 
     Raises:
         cspace.io.images.ImageFolderError: a missing path, an empty folder, an unreadable or
@@ -288,7 +308,8 @@ def build_from_images(
     """
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
-    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size, resize=resize)
+    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size, resize=resize,
+                               progress=progress)  # fmt: skip
     q, r = _parameters(q_star, radius, emb, None)
     return ObstacleSet.from_embeddings(
         emb,
@@ -313,6 +334,7 @@ def add_images(
     size: tuple[int, int] | int = (8, 8),
     batch_size: int = 256,
     resize: bool = False,
+    progress: bool = False,
 ) -> np.ndarray:
     """Add images to an existing set (in memory; save it yourself); returns the new ids.
 
@@ -342,7 +364,8 @@ def add_images(
             f"to d={want} but the obstacle set has d={obstacles.dim}; use the encoder (and --size) "
             "the set was built with"
         )
-    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size, resize=resize)
+    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size, resize=resize,
+                               progress=progress)  # fmt: skip
     ref = obstacles.embeddings if len(obstacles) else None
     q, r = _parameters(q_star, radius, emb, ref)
     ids = obstacles.add(
@@ -366,6 +389,7 @@ def classifier_from_images(
     size: tuple[int, int] | int = (8, 8),
     batch_size: int = 256,
     resize: bool = False,
+    progress: bool = False,
     **fit,
 ) -> PreferenceClassifier:
     """A :class:`~obstacles.classifier.PreferenceClassifier` trained on the C-space embeddings of
@@ -376,7 +400,8 @@ def classifier_from_images(
     :class:`~obstacles.classifier.ClassifierError`. ``fit`` takes the keywords of
     :meth:`PreferenceClassifier.fit` (``C``, ``seed``, ``holdout``, ``threshold``, ``q_star``,
     ``eta``). The classifier records the encoder's C-space at ``size`` and, in ``info``, the
-    image size. ``resize``: images of another size are resized to ``size`` instead of refused.
+    image size. ``resize``: images of another size are resized to ``size`` instead of refused;
+    ``progress``: a bar over the images while they are encoded (more than one batch).
     """
     from cspace.io.images import load_images
 
@@ -401,7 +426,7 @@ def classifier_from_images(
 
     def embed(images):
         with torch.no_grad():
-            latents = encoder.encode(images, batch_size=int(batch_size))
+            latents = _encode(encoder, images, int(batch_size), progress)
         return encoder.embed(latents).cpu().double().numpy()
 
     clf = PreferenceClassifier.fit(

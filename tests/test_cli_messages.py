@@ -184,3 +184,21 @@ def test_the_command_names_the_clash_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith("cspace toy: error: the import name 'guidance' is claimed")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_progress_on_stderr(tmp_path, run_cli):
+    """Commands that can take more than a few seconds show progress on stderr (stdout stays
+    the report), and --no-progress turns it off."""
+    argv = ["obstacles", "build", DIGITS / "3", "--batch-size", "8", "--out", tmp_path / "s"]
+    rc, out, err = run_cli(argv)
+    assert rc == 0 and "encoding" in err and "40/40" in err and "encoding" not in out
+    rc, _, err = run_cli([*argv[:-1], tmp_path / "s2", "--no-progress"])
+    assert rc == 0 and err == ""
+    rc, out, err = run_cli(["toy", "--n", "50", "--steps", "3", "--no-plot"])
+    assert rc == 0 and "toy" in err and "7/7" in err
+    rc, _, err = run_cli(["toy", "--n", "50", "--steps", "3", "--no-plot", "--no-progress"])
+    assert rc == 0 and err == ""
+    argv = ["search", "--algo", "best-of-n", "--budget", "400", "--n", "4", "--steps", "5"]
+    rc, out, err = run_cli(argv)
+    assert rc == 0 and "cspace search: searching: best-of-n, 400 NFE for 4 samples" in err
+    assert run_cli([*argv, "--no-progress"])[2] == ""

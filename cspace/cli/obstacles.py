@@ -151,7 +151,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     encoder = _encoder_on(args.encoder, args.device)
     size, size_note = image_size_for(encoder, size)
     kw = dict(q_star=q_star, eta=eta, radius=radius, label=args.label, size=size)
-    kw["resize"] = args.resize
+    kw.update(resize=args.resize, progress=not args.no_progress)
     adopted = False
     if args.append:
         oset = ObstacleSet.load(out)
@@ -314,7 +314,7 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
     clf = classifier_from_images(
         args.good, args.bad, encoder, size=size, batch_size=args.batch_size, C=c,
         seed=args.seed, holdout=holdout, threshold=threshold, q_star=q_star, eta=eta,
-        resize=args.resize,
+        resize=args.resize, progress=not args.no_progress,
     )  # fmt: skip
     clf.info["encoder"] = f"{args.encoder} ({encoder.name})"
     clf.save(out)
@@ -355,6 +355,11 @@ def _encoder_args(p: argparse.ArgumentParser) -> None:
         "output says how many) instead of refusing them",
     )
     p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar while encoding (shown when the images take more than one batch)",
+    )
     p.add_argument(
         "--batch-size",
         type=positive_int,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
 from cspace.cli.search import ALGOS as SEARCHES
@@ -28,11 +29,15 @@ __all__ = ["register"]
 def _cmd_sample(args: argparse.Namespace) -> int:
     from cspace.experiments.pipeline_sampling import sample_pipeline
 
+    if not args.no_progress:
+        what = f"searching with {args.search} on {args.budget} NFE" if args.search else "sampling"
+        print(f"cspace sample: {what}: {args.n} images from {args.pipeline}", file=sys.stderr,
+              flush=True)  # fmt: skip
     record = sample_pipeline(
         args.pipeline, obstacles=args.obstacles, n=args.n, steps=args.steps, prompt=args.prompt,
         negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
         strength=args.strength, search=args.search, budget=args.budget, seed=args.seed,
-        device=args.device, out_dir=args.out,
+        device=args.device, out_dir=args.out, progress=not args.no_progress,
     )  # fmt: skip
     print(json.dumps({k: record[k] for k in ("pipeline_class", "nfe")}))
     print(f"{args.n} images and record.json in {args.out}")
@@ -96,4 +101,5 @@ def register(subparsers) -> None:
         help="output folder for the images, latents.safetensors and record.json "
         "(default cspace-samples)",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_cmd_sample)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cspace.cli.args import fraction, positive_int, seed, toy_dim
 
@@ -32,9 +33,15 @@ def _verifier(args: argparse.Namespace) -> str:
     return verifier
 
 
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.no_progress:
+        print(f"cspace search: {message}", file=sys.stderr, flush=True)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from cspace.experiments.search import build_problem, exact_targets, run_search
 
+    _say(args, f"building the {args.problem} problem (models, obstacles, verifier)")
     problem = build_problem(
         args.problem,
         _verifier(args),
@@ -42,7 +49,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         coverage=args.coverage,
         avoid_class=args.avoid_class,
     )
+    if args.problem == "toy":
+        _say(args, f"drawing 2 x {args.n} exact samples of the target (rejection sampling)")
     target, target2 = exact_targets(problem, args.n, args.seed)
+    _say(args, f"searching: {args.algo}, {args.budget:,} NFE for {args.n} samples")
     rep = run_search(
         problem, args.algo, args.budget, args.n, args.steps, args.seed, target, target2
     )
@@ -122,6 +132,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not say on stderr what it is doing"
+    )
     p.set_defaults(func=_cmd_search)
 
     e = subparsers.add_parser("experiment", help="experiments (scaling)")

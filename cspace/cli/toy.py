@@ -20,7 +20,7 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     out = args.out
     if out is None and not args.json:
         out = "cspace-toy"  # with --json nothing is written unless --out is given
-    report = run_toy(settings, out_dir=None if args.no_plot else out)
+    report = run_toy(settings, out_dir=None if args.no_plot else out, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -54,5 +54,6 @@ def register(subparsers) -> None:
         "written unless --out is given)",
     )
     toy.add_argument("--no-plot", action="store_true", help="do not draw the figure")
+    toy.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     toy.add_argument("--json", action="store_true", help="print the report as JSON")
     toy.set_defaults(func=_cmd_toy)
