@@ -116,3 +116,16 @@ def test_the_check_catches_a_wrong_default():
     b = p.add_argument("--out", default="cspace-demo", help="folder (default cspace-demo)")
     assert not _same_value(_STATED.findall(_help(p, a))[0], a)
     assert _same_value(_STATED.findall(_help(p, b))[0], b)
+
+
+def test_default_outputs_land_in_the_working_folder():
+    """Every output option defaults to nothing (write nothing, or next to the input) or to one
+    relative folder name: a command run without ``--out`` writes into the working folder, never
+    inside the installed package (``cspace train flow`` once defaulted to the shipped weights)."""
+    outs = [(c, a) for c, _, a in OPTIONS if a.dest in ("out", "out_dir", "output")]
+    assert len(outs) >= 10
+    for command, action in outs:
+        d = action.default
+        assert d is None or (isinstance(d, str) and d and "/" not in d and not d.startswith(".")), (
+            f"{command} {_name(action)}: default {d!r} is not a plain folder name"
+        )
