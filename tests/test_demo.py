@@ -67,7 +67,7 @@ def test_figures_written(report):
     assert not np.array_equal(grids["unguided"], grids["guided"])
     assert not np.array_equal(grids["unguided"], grids["classifier"])
     umap_png = mpimg.imread(report["files"]["umap"])
-    assert umap_png.shape[:2] == (round(7.0 * 110), round(8.2 * 110))
+    assert umap_png.shape[:2] == (round(8.6 * 110), round(8.2 * 110))  # legend below the map
     assert umap_png[..., :3].std() > 0.05  # points and paths drawn, not an empty canvas
 
 

@@ -461,7 +461,7 @@ def _umap_figure(
     # confuse at small marker sizes: these are Paul Tol's "muted" and two of "bright")
     tol = "#332288 #88CCEE #44AA99 #117733 #999933 #DDCC77 #CC6677 #882255 #AA4499 #EE7733"
     classes = ListedColormap(tol.split())
-    fig = Figure(figsize=(8.2, 7.0))
+    fig = Figure(figsize=(8.2, 8.6), layout="constrained")
     ax = fig.subplots()
     sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap=classes, vmin=-0.5, vmax=9.5,
                     s=8, alpha=0.8, linewidths=0)  # fmt: skip
@@ -485,8 +485,11 @@ def _umap_figure(
             ax.plot(*pts[0], "o", ms=7, mfc="white", mec="black", mew=1.0, zorder=4)
             ax.plot(*pts[-1], "*", ms=14, color=colour, mec="black", mew=0.6, zorder=5)
             if arm == next(iter(paths)):  # one label per noise, at its start
-                ax.annotate(f"noise #{chosen[j]}", pts[0], xytext=(7, -3),
-                            textcoords="offset points", fontsize=8, weight="bold")  # fmt: skip
+                # the noises' starts can lie together: one label above, the next below, ...
+                ax.annotate(f"noise #{chosen[j]}", pts[0], xytext=(8, 5 - 14 * (j % 2)),
+                            textcoords="offset points", fontsize=8, weight="bold",
+                            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none",
+                                  "alpha": 0.7})  # fmt: skip
         handles.append(Line2D([], [], color=colour, lw=1.6, label=f"arm: {arm}"))
     for j, i in enumerate(chosen):
         said = ", ".join(f"{a} {judged[a][i]}" for a in paths)
@@ -497,16 +500,17 @@ def _umap_figure(
         Line2D([], [], ls="", marker="o", mfc="white", mec="black", label="start (t = 1)"),
         Line2D([], [], ls="", marker="*", ms=10, color="grey", mec="black", label="sample (t = 0)"),
     ]
-    ax.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.9)
+    # below the map, where it hides no class
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2,
+              fontsize=8, frameon=False)  # fmt: skip
     ax.set_xticks([])
     ax.set_yticks([])
     fig.suptitle(
-        f"The C-space of --encoder {s.encoder} (d = {oset.dim}) in 2-D: UMAP of {len(labels)} "
+        f"The digits C-space (--encoder {s.encoder}, d = {oset.dim}) in 2-D: UMAP of {len(labels)} "
         f"held-out digits\nclass {s.avoid_class} avoided; the clean estimate's path in each arm "
         f"from the same {len(chosen)} noises",
         fontsize=10,
     )
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     write_file_atomic(path, buf.getvalue())
@@ -529,7 +533,7 @@ def format_report(report: dict) -> str:
     the unguided arm) and class histogram."""
     c = report["settings"]["avoid_class"]
     head = (
-        f"{'arm':<12}{'avoided':>9}{'largest shift':>17}{'judge conf':>12}{'diversity':>11}"
+        f"{'arm':<12}{'avoided':>9}{'largest shift':>21}{'judge conf':>12}{'diversity':>11}"
         f"{'NN-train':>10}{'copies':>8}{'NFE':>6}{'seconds':>9}"
     )
     rows = [head]
@@ -537,7 +541,7 @@ def format_report(report: dict) -> str:
         shift = largest_shift(report, arm)
         shown = "" if shift is None else f"{shift[0]:+.1f} pts (class {shift[1]})"
         rows.append(
-            f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{shown:>17}{100 * m['judge_confidence']:>11.1f}%"
+            f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{shown:>21}{100 * m['judge_confidence']:>11.1f}%"
             f"{m['diversity']:>11.3f}{m['nearest_train_distance']:>10.3f}{100 * m['copy_rate']:>7.1f}%"
             f"{m['nfe']:>6.1f}{m['seconds']:>9.1f}"
         )
