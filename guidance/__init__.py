@@ -1,5 +1,9 @@
 """Guidance: the repulsive potential field, samplers with guidance and backtracking."""
 
+from cspace.io.names import check_import_name
+
+check_import_name("guidance", __file__)  # another distribution of that name: stop here
+
 from guidance.fields import (
     ClassifierField,
     CombinedField,

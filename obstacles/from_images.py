@@ -47,6 +47,7 @@ __all__ = [
     "build_from_images",
     "classifier_from_images",
     "encode_images",
+    "image_size_for",
     "kth_neighbour_distance",
 ]
 
@@ -133,17 +134,28 @@ def encode_images(
     *,
     size: tuple[int, int] = (8, 8),
     batch_size: int = 256,
+    resize: bool = False,
+    progress: bool = False,
 ) -> tuple[np.ndarray, list[Path]]:
     """Read images (files and folders), encode and embed them: ((N, d) float32, files).
 
     Every file is checked before anything is encoded (:func:`cspace.io.images.load_images`); the
-    channel count comes from the encoder, the size (H, W) from the caller.
+    channel count comes from the encoder, the size (H, W) from the caller. ``resize``: images of
+    another size are resized to ``size`` (said in an ``ImagesResizedNote``) instead of refused.
+    ``progress``: a tqdm bar (stderr) over the images when they take more than one batch.
     """
     from cspace.io.images import load_images
 
     size = _size(size)
-    images, files = load_images(inputs, size=size, channels=int(encoder.channels))
-    latents = encoder.encode(images, batch_size=int(batch_size))
+    name = getattr(encoder, "name", "")
+    images, files = load_images(
+        inputs,
+        size=size,
+        channels=int(encoder.channels),
+        resize=resize,
+        size_source=f"the size the set is built at with the encoder {name!r}",
+    )
+    latents = _encode(encoder, images, int(batch_size), progress)
     emb = encoder.embed(latents).detach().to("cpu").float().numpy()
     if not np.all(np.isfinite(emb)):
         bad = [str(f) for f, ok in zip(files, np.isfinite(emb).all(1), strict=True) if not ok]
@@ -152,6 +164,64 @@ def encode_images(
             "check the encoder weights"
         )
     return np.ascontiguousarray(emb, dtype=np.float32), files
+
+
+def _encode(encoder, images: torch.Tensor, batch_size: int, progress: bool) -> torch.Tensor:
+    """``encoder.encode`` batch by batch, with a tqdm bar over the images (stderr) when
+    ``progress`` and there is more than one batch."""
+    from tqdm.auto import tqdm
+
+    n = images.shape[0]
+    if not progress or n <= batch_size:
+        return encoder.encode(images, batch_size=batch_size)
+    out = []
+    with tqdm(total=n, desc="encoding", unit="image", dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            out.append(encoder.encode(images[start : start + batch_size], batch_size=batch_size))
+            bar.update(min(batch_size, n - start))
+    return torch.cat(out)
+
+
+def image_size_for(encoder, size=None) -> tuple[tuple[int, int], str | None]:
+    """The image size (H, W) to build at with ``encoder``, and a note to show the user (or None).
+
+    ``size`` None: the encoder's own size (``encoder.image_size``, its config's ``sample_size``).
+    A ``size`` that differs from it is refused for an encoder that works at its size only (a
+    cspace VAE, ``encoder.size_fixed``: the digits VAEs take 8 x 8 images; at 64 x 64 they
+    would embed into a C-space, d = 2048, that no model samples), with both sizes named; for a
+    diffusers VAE, whose convolutions take any multiple of its downsampling, it is used, and the
+    note says that the set then belongs to images of that size.
+
+    Raises:
+        ObstacleSetError: no size given and the encoder declares none; or a size the encoder
+            does not take.
+    """
+    name = getattr(encoder, "name", "the encoder")
+    own = getattr(encoder, "image_size", None)
+    if size is None:
+        if own is None:
+            raise ObstacleSetError(
+                f"the encoder {name!r} declares no image size (no sample_size in its config); "
+                "pass the size of your images (--size N or HxW)"
+            )
+        return own, None
+    size = _size(size)
+    if own is None or size == tuple(own):
+        return size, None
+    want = f"{size[0]}x{size[1]}" if size[0] != size[1] else f"{size[0]}"
+    sizes = f"--size {want} ({size[1]}x{size[0]}) differs from the encoder {name!r}'s image size, {own[1]}x{own[0]}"
+    if getattr(encoder, "size_fixed", False):
+        dim = _expected_dim(encoder, size)
+        raise ObstacleSetError(
+            f"{sizes}: it was trained at that size only, and {want} images would embed into a "
+            f"C-space (d = {dim}) that no model samples. Drop --size (the images are then read at "
+            f"{own[1]}x{own[0]}; --resize resizes images of another size), or use an encoder "
+            f"made for {size[1]}x{size[0]} images"
+        )
+    return size, (
+        f"{sizes} (its config's sample_size); the set belongs to {size[1]}x{size[0]} images: "
+        "sample the pipeline at that size"
+    )
 
 
 def _size(size) -> tuple[int, int]:
@@ -212,6 +282,8 @@ def build_from_images(
     label: str | Sequence[str] | None = None,
     size: tuple[int, int] | int = (8, 8),
     batch_size: int = 256,
+    resize: bool = False,
+    progress: bool = False,
 ) -> ObstacleSet:
     """A new :class:`ObstacleSet` from image files and folders of them.
 
@@ -223,8 +295,11 @@ def build_from_images(
         eta: strength (>= 0).
         radius: hard collision radius (>= 0); default ``RADIUS_FRACTION * q_star``.
         label: one label for all, one per image, or None (the name of each image's folder).
-        size: (H, W) the images must have (an int for square images).
+        size: (H, W) the images must have (an int for square images); see
+            :func:`image_size_for` for the encoder's own.
         batch_size: images encoded per batch.
+        resize: resize images of another size to ``size`` instead of refusing them.
+        progress: a bar over the images while they are encoded (more than one batch).
 
     Raises:
         cspace.io.images.ImageFolderError: a missing path, an empty folder, an unreadable or
@@ -233,7 +308,8 @@ def build_from_images(
     """
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
-    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size)
+    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size, resize=resize,
+                               progress=progress)  # fmt: skip
     q, r = _parameters(q_star, radius, emb, None)
     return ObstacleSet.from_embeddings(
         emb,
@@ -257,6 +333,8 @@ def add_images(
     label: str | Sequence[str] | None = None,
     size: tuple[int, int] | int = (8, 8),
     batch_size: int = 256,
+    resize: bool = False,
+    progress: bool = False,
 ) -> np.ndarray:
     """Add images to an existing set (in memory; save it yourself); returns the new ids.
 
@@ -286,7 +364,8 @@ def add_images(
             f"to d={want} but the obstacle set has d={obstacles.dim}; use the encoder (and --size) "
             "the set was built with"
         )
-    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size)
+    emb, files = encode_images(inputs, encoder, size=size, batch_size=batch_size, resize=resize,
+                               progress=progress)  # fmt: skip
     ref = obstacles.embeddings if len(obstacles) else None
     q, r = _parameters(q_star, radius, emb, ref)
     ids = obstacles.add(
@@ -309,6 +388,8 @@ def classifier_from_images(
     *,
     size: tuple[int, int] | int = (8, 8),
     batch_size: int = 256,
+    resize: bool = False,
+    progress: bool = False,
     **fit,
 ) -> PreferenceClassifier:
     """A :class:`~obstacles.classifier.PreferenceClassifier` trained on the C-space embeddings of
@@ -319,16 +400,23 @@ def classifier_from_images(
     :class:`~obstacles.classifier.ClassifierError`. ``fit`` takes the keywords of
     :meth:`PreferenceClassifier.fit` (``C``, ``seed``, ``holdout``, ``threshold``, ``q_star``,
     ``eta``). The classifier records the encoder's C-space at ``size`` and, in ``info``, the
-    image size.
+    image size. ``resize``: images of another size are resized to ``size`` instead of refused;
+    ``progress``: a bar over the images while they are encoded (more than one batch).
     """
     from cspace.io.images import load_images
 
     size = _size(size)
     good = [good] if isinstance(good, str | os.PathLike) else list(good)
     bad = [bad] if isinstance(bad, str | os.PathLike) else list(bad)
-    channels = int(encoder.channels)
-    good_images, good_files = load_images(good, size=size, channels=channels)
-    bad_images, bad_files = load_images(bad, size=size, channels=channels)
+    kw = dict(
+        size=size,
+        channels=int(encoder.channels),
+        resize=resize,
+        size_source=f"the size the classifier is built at with the encoder "
+        f"{getattr(encoder, 'name', '')!r}",
+    )
+    good_images, good_files = load_images(good, **kw)
+    bad_images, bad_files = load_images(bad, **kw)
     overlap = {f.resolve() for f in good_files} & {f.resolve() for f in bad_files}
     if overlap:
         raise ClassifierError(
@@ -338,7 +426,7 @@ def classifier_from_images(
 
     def embed(images):
         with torch.no_grad():
-            latents = encoder.encode(images, batch_size=int(batch_size))
+            latents = _encode(encoder, images, int(batch_size), progress)
         return encoder.embed(latents).cpu().double().numpy()
 
     clf = PreferenceClassifier.fit(

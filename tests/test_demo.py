@@ -15,7 +15,7 @@ from cspace.experiments.demo import ARMS, DemoSettings, run_demo
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(DemoSettings(n=120, steps=20, paths=2), out_dir=out)
+    return run_demo(DemoSettings(n=120, steps=20, paths=2, umap=True), out_dir=out)
 
 
 @pytest.mark.slow  # the module's demo run: about 25 s
@@ -52,7 +52,7 @@ def test_guidance_lowers_the_avoided_rate(report):
 def test_figures_written(report):
     """The grids: 10 x 10 digits of 8 x 8 pixels with 1-pixel white borders, upscaled 4 x by
     nearest neighbour (364 x 364), with digits in the cells and different samples per arm; the
-    UMAP figure: the figure's size at 110 dpi, not blank."""
+    UMAP figure (asked for): the figure's size at 110 dpi, not blank."""
     grids = {}
     for arm in ARMS:
         img = mpimg.imread(report["files"][f"grid_{arm}"])
@@ -67,8 +67,113 @@ def test_figures_written(report):
     assert not np.array_equal(grids["unguided"], grids["guided"])
     assert not np.array_equal(grids["unguided"], grids["classifier"])
     umap_png = mpimg.imread(report["files"]["umap"])
-    assert umap_png.shape[:2] == (round(6.5 * 110), round(7.5 * 110))
+    assert umap_png.shape[:2] == (round(8.6 * 110), round(8.2 * 110))  # legend below the map
     assert umap_png[..., :3].std() > 0.05  # points and paths drawn, not an empty canvas
+
+
+def test_paths_follow_each_sample():
+    """The UMAP figure's paths: sample j's clean estimates at every step, from the records of
+    a sampler whose active rows change (a finished sample leaves the batch)."""
+    import torch
+
+    from cspace.experiments.demo import _paths_of
+
+    records = [
+        (torch.tensor([0, 1, 2]), torch.tensor([[0.0], [10.0], [20.0]])),
+        (torch.tensor([1, 2]), torch.tensor([[11.0], [21.0]])),  # sample 0 finished
+        (torch.tensor([2]), torch.tensor([[22.0]])),
+    ]
+    paths = _paths_of(records, 3)
+    assert [p.ravel().tolist() for p in paths] == [[0.0], [10.0, 11.0], [20.0, 21.0, 22.0]]
+
+
+@pytest.mark.slow  # two small demo runs: about 20 s
+def test_progress_the_largest_shift_and_umap_only_when_asked(tmp_path, run_cli):
+    """The demo says what it is doing and shows a bar per arm on stderr (none with
+    --no-progress); its table gives each guided arm's largest shift of another class; without
+    --umap it draws no UMAP figure."""
+    argv = ["demo", "--n", "30", "--steps", "4", "--out", tmp_path / "d"]
+    rc, out, err = run_cli(argv)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "report.json", "samples_classifier.png", "samples_guided.png", "samples_unguided.png",
+    ]  # fmt: skip
+    assert "umap:" not in out
+    for arm in ARMS:
+        assert f"sampling 30 digits, arm {arm}" in err
+        assert f"{arm:<12}" in err and "4/4" in err  # the arm's bar, finished
+    assert "building the obstacle set" in err and "fitting the judge" in err
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    from cspace.experiments.demo import largest_shift
+
+    for arm in ("guided", "classifier"):
+        shift, cls = largest_shift(report, arm)
+        assert f"{shift:+.1f} pts (class {cls})" in out
+        assert cls != report["settings"]["avoid_class"]
+    rc, out, err = run_cli([*argv, "--no-progress"])
+    assert rc == 0 and err == ""
+    rc, _, err = run_cli(["demo", "--umap", "--no-umap"])
+    assert rc == 2 and "contradict" in err
+
+
+@pytest.mark.slow  # a small demo run: about 10 s
+def test_json_writes_nothing_without_out(tmp_path, run_cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = run_cli(["demo", "--n", "20", "--steps", "3", "--json", "--no-progress"])
+    assert rc == 0 and "files" not in json.loads(out)
+    rc, out, _ = run_cli(["toy", "--n", "50", "--steps", "3", "--json"])
+    assert rc == 0 and "png" not in json.loads(out)
+    assert list(tmp_path.iterdir()) == []  # nothing written to the working folder
+    rc, _, err = run_cli(["demo", "--json", "--umap"])
+    assert rc == 2 and "--out" in err
+    rc, out, _ = run_cli(["toy", "--n", "50", "--steps", "3"])  # without --json: the figure
+    assert rc == 0 and (tmp_path / "cspace-toy" / "toy.png").is_file()
+
+
+@pytest.mark.slow  # two small demo runs: about 30 s
+def test_your_own_set_and_classifier(tmp_path, run_cli):
+    """--obstacles and --classifier take your own set and classifier, with the demo's sampler and
+    judge: a set built with the parameters `cspace obstacles build` prints as the demo's gives
+    the demo's own guided arm. A set or classifier of another C-space is refused with both
+    spaces named."""
+    import re
+
+    from cspace.experiments.demo import EXAMPLES
+
+    rc, out, err = run_cli(["obstacles", "build", EXAMPLES / "3", "--out", tmp_path / "auto"])
+    assert rc == 0, err
+    printed = re.search(r"to build the same: (--q-star \S+ --radius \S+)\)", out)
+    assert "the demo's parameters for these images: Q* = 1.5 x auto" in out and printed
+    own = tmp_path / "threes"
+    rc, out, err = run_cli(["obstacles", "build", EXAMPLES / "3", "--out", own,
+                            *printed.group(1).split()])  # fmt: skip
+    assert rc == 0, err
+    clf = tmp_path / "clf"
+    rc, _, err = run_cli(["obstacles", "classifier", "--good", EXAMPLES / "1", EXAMPLES / "7",
+                          "--bad", EXAMPLES / "3", "--out", clf])  # fmt: skip
+    assert rc == 0, err
+    argv = ["demo", "--class", "3", "--n", "60", "--steps", "5", "--no-progress"]
+    rc, out, err = run_cli(
+        [*argv, "--obstacles", own, "--classifier", clf, "--out", tmp_path / "d"]
+    )
+    assert rc == 0, err
+    report = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert report["obstacles"]["set"] == str(own) and "examples" not in report["obstacles"]
+    assert report["obstacles"]["count"] == 40 and report["classifier"]["folder"] == str(clf)
+    assert f"the obstacle set {own} (40 obstacles)" in out
+    rc, _, err = run_cli([*argv, "--out", tmp_path / "demo"])  # the demo's own set
+    assert rc == 0, err
+    demo = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["arms"]["guided"]["class_shares"] == demo["arms"]["guided"]["class_shares"]
+    assert report["obstacles"]["q_star"] == pytest.approx(demo["obstacles"]["q_star"], rel=1e-5)
+    plain = tmp_path / "plain"
+    rc, _, err = run_cli(["obstacles", "build", EXAMPLES / "3", "--out", plain,
+                          "--encoder", "digits-plain"])  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = run_cli([*argv, "--obstacles", plain])
+    assert rc == 2 and "different C-spaces" in err and "vf=0," in err and "vf=0.1" in err
+    rc, _, err = run_cli([*argv, "--encoder", "digits-plain", "--classifier", clf])
+    assert rc == 2 and "different C-spaces" in err and "the classifier" in err
 
 
 def test_cli_json_and_bad_class(tmp_path, capsys):

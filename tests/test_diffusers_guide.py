@@ -208,3 +208,29 @@ def test_obstacles_from_images_through_the_pipelines_vae(tmp_path):
                strength=10.0)  # fmt: skip
     new = call(g2).reshape(1, -1).double().numpy()
     assert g2.stats.guided_steps >= 1 and float(np.linalg.norm(new - emb)) > d0
+
+
+def test_tiny_text_to_image_round_trips_and_takes_any_prompt(tmp_path):
+    """The whole pipeline, tokenizer included, saves and loads back as a folder; any text
+    tokenizes (one token per character, cut at 16); images are RGB at ``image_size``; the
+    caller's random state is untouched."""
+    from diffusers import StableDiffusionPipeline
+
+    from cspace.models.tiny_pipelines import tiny_text_to_image
+
+    with pytest.raises(ValueError, match="even number"):
+        tiny_text_to_image(63)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    tiny_text_to_image(16).save_pretrained(tmp_path / "pipe")
+    assert torch.equal(torch.rand(1), before)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.vae.config.sample_size == 16
+    ids = pipe.tokenizer(["a red car", "Zürich ✓ " * 9], padding="max_length", truncation=True)
+    assert [len(i) for i in ids["input_ids"]] == [16, 16]
+    assert ids["input_ids"][0][0] == pipe.tokenizer.bos_token_id != ids["input_ids"][0][1]
+    assert len(set(ids["input_ids"][0][1:9])) > 3  # characters map to different tokens
+    out = pipe(["a red car", "Zürich ✓"], num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    assert out.shape == (2, 16, 16, 3) and np.isfinite(out).all()

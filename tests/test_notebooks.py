@@ -40,6 +40,14 @@ def test_notebook_stored_without_outputs(path: Path) -> None:
     assert not any(cell.get("attachments") for cell in nb.cells), f"{path.name}: cell attachments"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_ends_with_its_takeaway(path: Path) -> None:
+    last = _read(path).cells[-1]
+    assert last.cell_type == "markdown" and last.source.startswith(
+        "## What to take from this notebook"
+    ), f"{path.name}: the last cell must say what the reader should take from the notebook"
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,3 +63,12 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     client.execute()  # raises CellExecutionError (with the traceback) if any cell raises
     errors = [o for cell in nb.cells for o in cell.get("outputs", []) if o.output_type == "error"]
     assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
+    # no warnings in what a reader sees (tqdm's "IProgress not found", deprecations, ...)
+    stderr = [
+        o.text
+        for cell in nb.cells
+        for o in cell.get("outputs", [])
+        if o.output_type == "stream" and o.name == "stderr"
+    ]
+    warned = [t for t in stderr if "warn" in t.lower() or "IProgress" in t]
+    assert not warned, f"{path.name}: warnings in the output: {warned[0][:300]}"

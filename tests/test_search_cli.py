@@ -137,3 +137,22 @@ def test_experiment_scaling_quick(tmp_path):
     img = mpimg.imread(tmp_path / "scaling.png")
     assert img.ndim == 3 and img.shape[0] > 300
     assert secs < 120  # < 60 s on an idle 2-core machine
+
+
+def test_summarise_groups_the_exact_rows_of_every_seed_read_back_from_csv():
+    """Read back from a CSV, each exact row's ``multiple`` is its own NaN; NaN != NaN used to put
+    every seed's exact row in a group of its own (three "exact" rows with std 0)."""
+    from cspace.experiments.scaling import summarise
+
+    rows = [
+        {"algo": "exact", "seed": float(s), "multiple": float("nan"), "score": v, "status": "rejection sampling (exact)"}
+        for s, v in enumerate((1.0, 2.0, 4.0))
+    ] + [
+        {"algo": "smc", "seed": float(s), "multiple": 2.0, "score": v, "status": "ok"}
+        for s, v in enumerate((0.0, 1.0))
+    ]  # fmt: skip
+    summary = summarise(rows)
+    exact = [r for r in summary if r["algo"] == "exact"]
+    assert len(summary) == 2 and len(exact) == 1
+    assert exact[0]["seeds"] == 3 and exact[0]["score_mean"] == pytest.approx(7 / 3)
+    assert exact[0]["score_std"] == pytest.approx(1.5275252, rel=1e-6)

@@ -18,7 +18,8 @@ No input ends in a traceback. :func:`main` prints every error as one line,
 
 ``--debug`` (anywhere on the command line) shows the full traceback instead. Warnings of the
 library (e.g. the entries a folder of images skipped) are printed as
-``cspace COMMAND: warning: MESSAGE``.
+``cspace COMMAND: warning: MESSAGE``, notes (images resized as ``--resize`` asked) as
+``cspace COMMAND: note: MESSAGE``.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if category.__module__.startswith(_LIBRARIES):
-            print(f"{name}: warning: {message}", file=sys.stderr)
+            label = getattr(category, "cli_label", "warning")
+            print(f"{name}: {label}: {message}", file=sys.stderr)
         else:
             sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 

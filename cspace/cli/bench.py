@@ -51,14 +51,17 @@ def register(subparsers) -> None:
     sub.required = True
     f = sub.add_parser("field", help="the field's backends on one synthetic obstacle set",
                        description=_DESCRIPTION)  # fmt: skip
-    f.add_argument("--n", type=positive_int, default=100_000, help="obstacles")
-    f.add_argument("--d", type=positive_int, default=64, help="dimension")
-    f.add_argument("--b", type=positive_int, default=64, help="states")
+    f.add_argument("--n", type=positive_int, default=100_000, help="obstacles (default 100000)")
+    f.add_argument("--d", type=positive_int, default=64, help="dimension (default 64)")
+    f.add_argument("--b", type=positive_int, default=64, help="states (default 64)")
     f.add_argument("--q-star-quantile", type=positive_float, default=0.5,
-                   help="Q* as a quantile of state-obstacle distances (0.5 dense, 0.0005 sparse)")  # fmt: skip
-    f.add_argument("--repeats", type=positive_int, default=5)
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--dtype", default="float32", choices=DTYPES)
+                   help="Q* as a quantile of state-obstacle distances: 0.5 dense, 0.0005 sparse "
+                   "(default 0.5)")  # fmt: skip
+    f.add_argument("--repeats", type=positive_int, default=5,
+                   help="timed runs per backend; the median is reported (default 5)")  # fmt: skip
+    f.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    f.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="dtype of the states the low-precision backends get (default float32)")  # fmt: skip
     f.add_argument("--backends", default=None,
                    help=f"comma-separated, from {', '.join(BACKENDS)} (default: by device)")  # fmt: skip
     f.add_argument("--json", action="store_true", help="print the JSON report")

@@ -86,24 +86,56 @@ def register(subparsers) -> None:
         choices=("auto", "collisions", "judge"),
         default="auto",
         help="avoidance measure: collisions with the balls (toy) or the judge's share of the "
-        "avoided class (digits); auto picks the model's",
+        "avoided class (digits); auto picks the model's (default auto)",
     )
-    p.add_argument("--per", choices=("global", "label", "obstacle"), default="global")
+    p.add_argument(
+        "--per",
+        choices=("global", "label", "obstacle"),
+        default="global",
+        help="one (Q*, eta) pair for the whole set, one per label, or one per obstacle "
+        "(default global)",
+    )
     p.add_argument("--max-hit", type=nonneg_float, default=None,
-                   help="constraint on hit (toy default 0.01; digits default 0.1 x unguided)")  # fmt: skip
+                   help="constraint on hit: 0.01 on the toy, 0.1 x the unguided rate on digits, unless "
+                   "given")  # fmt: skip
     p.add_argument("--trials", type=positive_int, default=24, help="trials (default 24)")
     p.add_argument("--budget", type=positive_int, default=None,
                    help="total NFE of all trials; at least one trial's cost, n x steps (the toy's "
                    "default: 512 x 50 = 25,600)")  # fmt: skip
-    p.add_argument("--n", type=positive_int, default=None, help="samples per trial")
+    p.add_argument(
+        "--n",
+        type=positive_int,
+        default=None,
+        help="samples per trial: 512 for toy, 1000 for digits",
+    )
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--q-star-range", type=positive_float, nargs=2, metavar=("LO", "HI"))
-    p.add_argument("--eta-range", type=positive_float, nargs=2, metavar=("LO", "HI"))
+    p.add_argument(
+        "--seed", type=seed, default=0, help="seed of the noises and of the sampler (default 0)"
+    )
+    p.add_argument(
+        "--q-star-range",
+        type=positive_float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="range searched for Q* (default: 0.5 x the set's smallest Q* to 3 x its largest; "
+        "a resumed study keeps its own)",
+    )
+    p.add_argument(
+        "--eta-range",
+        type=positive_float,
+        nargs=2,
+        metavar=("LO", "HI"),
+        help="range searched for eta (default: 0.01 x the set's smallest eta to 100 x its largest; "
+        "a resumed study keeps its own)",
+    )
     p.add_argument("--avoid-class", type=int, choices=range(10), default=None, metavar="C",
-                   help="digits: the class the set stands for (default: from its labels)")  # fmt: skip
+                   help="digits: the class the set stands for, 0..9 (default: from its labels)")  # fmt: skip
     p.add_argument("--out", default=None, help="study folder (default SET-calibration)")
     p.add_argument("--no-write", action="store_true", help="report only; leave SET unchanged")
     p.add_argument("--init", action="store_true", help="toy: write the toy's set to SET first")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report as JSON (the study folder and the set are written as without it)",
+    )
     p.set_defaults(func=_cmd_calibrate)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
 
@@ -13,6 +14,14 @@ __all__ = ["register"]
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cspace.experiments.demo import DemoSettings, format_report, run_demo
 
+    if args.umap and args.no_umap:
+        raise ValueError("--umap and --no-umap contradict each other; pass one")
+    out = args.out
+    if out is None and not args.json:
+        out = "cspace-demo"  # with --json nothing is written unless --out is given
+    if args.umap and out is None:
+        raise ValueError("--umap draws a figure: pass --out DIR (with --json nothing is written "
+                         "without it)")  # fmt: skip
     settings = DemoSettings(
         avoid_class=args.avoid_class,
         n=args.n,
@@ -24,9 +33,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         classifier_strength=args.classifier_strength,
         q_star_scale=args.q_star_scale,
         backtrack=not args.no_backtrack,
-        umap=not args.no_umap,
+        umap=args.umap,
     )
-    report = run_demo(settings, out_dir=args.out)
+    quiet = args.no_progress
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(f"cspace demo: {message}", file=sys.stderr, flush=True)
+
+    report = run_demo(settings, out_dir=out, obstacles=args.obstacles,
+                      classifier=args.classifier, progress=not quiet, log=log)  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -41,8 +57,9 @@ def register(subparsers) -> None:
         "demo",
         help="keep a digit class out of generated digits, from a few example images",
         description="On the embedded digits: build obstacles from the shipped example images of one "
-        "class, sample unguided, guided by the obstacle set and guided by a classifier obstacle, and "
-        "judge the samples with an independent classifier.",
+        "class (or take your own set, --obstacles), sample unguided, guided by the obstacle set "
+        "and guided by a classifier obstacle (or yours, --classifier), and judge the samples with "
+        "an independent classifier. Writes sample grids and report.json to --out.",
     )
     demo.add_argument(
         "--class",
@@ -61,7 +78,23 @@ def register(subparsers) -> None:
         "--encoder",
         default="digits",
         choices=("digits", "digits-plain"),
-        help="C-space: the aligned VAE (digits) or the same VAE without VF loss (digits-plain)",
+        help="C-space: the aligned VAE (digits) or the same VAE without VF loss (digits-plain) "
+        "(default digits)",
+    )
+    demo.add_argument(
+        "--obstacles",
+        default=None,
+        metavar="SET",
+        help="your obstacle set (built with `cspace obstacles build IMAGES --out SET`, in the "
+        "--encoder's C-space; its Q*, eta and radius as stored) instead of the one built from "
+        "the examples of --class",
+    )
+    demo.add_argument(
+        "--classifier",
+        default=None,
+        metavar="DIR",
+        help="your preference classifier (`cspace obstacles classifier`, in the --encoder's "
+        "C-space) instead of the one trained on the examples",
     )
     demo.add_argument(
         "--strength",
@@ -79,14 +112,31 @@ def register(subparsers) -> None:
         "--q-star-scale",
         type=positive_float,
         default=1.5,
-        help="Q* as a multiple of the auto rule, the median k-th-NN distance (default 1.5)",
+        help="Q* as a multiple of the auto rule, the median 5th-nearest-example distance "
+        "(default 1.5; not used with --obstacles)",
     )
     demo.add_argument(
         "--no-backtrack",
         action="store_true",
         help="no collision backtracking in the guided arms (the field alone)",
     )
-    demo.add_argument("--out", default="cspace-demo", help="output folder (default cspace-demo)")
-    demo.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
+    demo.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output folder (default: cspace-demo; with --json nothing is written unless --out "
+        "is given)",
+    )
+    demo.add_argument(
+        "--umap",
+        action="store_true",
+        help="also draw the UMAP figure of the C-space with paths (about 15 s more)",
+    )
+    demo.add_argument(
+        "--no-umap",
+        action="store_true",
+        help="no UMAP figure: the default now (accepted for older scripts)",
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.set_defaults(func=_cmd_demo)

@@ -18,8 +18,9 @@ both C-spaces; the VAEs ``cspace/weights/vae_aligned`` and ``vae_plain`` must ex
     cspace train flow --encoder digits --out cspace/weights/flow_aligned --steps 6000 --seed 0
     cspace train flow --encoder digits-plain --out cspace/weights/flow_plain --steps 6000 --seed 0
 
-(the defaults of ``--out`` for ``digits`` and ``digits-plain`` are exactly those folders, and
-6000 steps and seed 0 are the defaults.) Without the ``cspace`` entry point wired, the same from
+(6000 steps and seed 0 are the defaults; without ``--out`` the flow goes to
+``cspace-flow-digits`` or ``cspace-flow-digits-plain`` in the working folder, never into the
+installed package.) Without the ``cspace`` entry point wired, the same from
 Python: ``cspace.experiments.flow_training.train_flow_for_encoder(Encoder.from_aligned(), "cspace/weights/
 flow_aligned", steps=6000, seed=0, encoder_name="vae_aligned")``.
 """
@@ -86,7 +87,15 @@ def _cmd_train_flow(args: argparse.Namespace) -> int:
         resume=ckpt if ckpt is not None and ckpt.is_file() else None,
         threads=args.threads,
     )
-    print(json.dumps(meta, indent=1) if args.json else _format(meta, out))
+    if args.json:
+        print(json.dumps(meta, indent=1))
+    else:
+        print(_format(meta, out))
+        print(
+            f"use it from Python: cspace.models.flow.load_flow({str(out)!r}) is a velocity for "
+            "guidance.sample (the commands use the shipped flows in cspace/weights/; pass "
+            "--out cspace/weights/flow_aligned to replace the aligned one)"
+        )
     return 0
 
 
@@ -103,14 +112,15 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
         "--encoder",
         default="digits",
         metavar="digits|digits-plain|PATH",
-        help="the C-space: the aligned digits VAE (digits, default), the same VAE without the "
-        "alignment loss (digits-plain), or a cspace aligned VAE folder",
+        help="the C-space: the aligned digits VAE (digits), the same VAE without the "
+        "alignment loss (digits-plain), or a cspace aligned VAE folder (default digits)",
     )
     p.add_argument(
         "--out",
         default=None,
-        help="output folder (default: cspace/weights/flow_aligned for digits, "
-        "cspace/weights/flow_plain for digits-plain; required for a PATH)",
+        help="output folder (default: cspace-flow-digits or cspace-flow-digits-plain in the working "
+        "folder; required for a PATH); the shipped flows in cspace/weights/ change only when "
+        "--out names them",
     )
     p.add_argument(
         "--steps",
@@ -120,7 +130,9 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=seed, default=DEFAULT_SEED, help="random seed (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="batch (default 256)")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW rate (1e-3)")
+    p.add_argument(
+        "--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (default 1e-3)"
+    )
     p.add_argument(
         "--checkpoint",
         default=None,
@@ -131,8 +143,8 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
         "--threads",
         type=positive_int,
         default=1,
-        help="torch threads while training (default 1: fastest for this small model, and the "
-        "setting the shipped weights were trained with)",
+        help="torch threads while training (default 1); one thread is the fastest for this small "
+        "model, and the setting the shipped weights were trained with",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the sample evaluation")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")

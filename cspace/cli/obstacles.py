@@ -3,11 +3,17 @@
 Subcommands::
 
     cspace obstacles build IMAGES_OR_DIRS... --out SET [--label L] [--q-star auto|FLOAT]
-                           [--eta F] [--radius F] [--encoder digits|digits-plain|PATH] [--size 8]
-                           [--append | --overwrite]
+                           [--eta F] [--radius F] [--encoder digits|digits-plain|PATH]
+                           [--size N|HxW] [--resize] [--append | --overwrite]
     cspace obstacles info PATH [--json]            (an obstacle set or a classifier folder)
     cspace obstacles classifier --good DIR... --bad DIR... --out DIR [--encoder ...]
                            [--threshold 0.5] [--q-star auto|FLOAT] [--eta F] [--C 1] [--holdout 0.25]
+
+The image size is the encoder's own (its config's ``sample_size``: 8 x 8 for the digits VAEs)
+unless ``--size`` says otherwise (refused for the digits VAEs, which take 8 x 8 only); images of
+another size are refused with both sizes named, or resized with ``--resize`` (said in a note).
+``build`` prints the demo's parameters for the same images beside its own defaults (the demo
+uses Q* = 1.5 x auto and radius = auto; the command's defaults are Q* = auto, radius = 0.5 x Q*).
 
 Every failure raises a ``ValueError`` subclass or an ``OSError``, which ``cspace.cli.main``
 prints as ``cspace obstacles: error: <message>`` with exit code 2. Image input is all-or-nothing: every file
@@ -85,13 +91,22 @@ def _check_out(out: Path, marker, kind: str) -> bool:
     return False
 
 
-def _range(values) -> str:
+def _stats(values) -> dict | None:
+    """``{"min", "median", "max"}`` of ``values`` as numbers (None when there are none)."""
     import numpy as np
 
     v = np.asarray(values, dtype=float)
     if v.size == 0:
+        return None
+    return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def _range(values) -> str:
+    """``values`` (or their :func:`_stats`) as ``lo .. hi``, one number when they are equal."""
+    st = values if isinstance(values, dict) or values is None else _stats(values)
+    if st is None:
         return "-"
-    lo, hi = float(v.min()), float(v.max())
+    lo, hi = st["min"], st["max"]
     return f"{lo:.4g}" if lo == hi else f"{lo:.4g} .. {hi:.4g}"
 
 
@@ -117,13 +132,13 @@ def _encoder_on(spec: str, device: str):
 # ---------------------------------------------------------------------- commands
 def _cmd_build(args: argparse.Namespace) -> int:
     from obstacles import ObstacleSet
-    from obstacles.from_images import add_images, build_from_images
+    from obstacles.from_images import add_images, build_from_images, image_size_for
     from obstacles.obstacle_set import is_obstacle_set
 
     q_star = _q_star(args.q_star)
     eta = _number(args.eta, "--eta", strict=False)
     radius = None if args.radius is None else _number(args.radius, "--radius", strict=False)
-    size = _size(args.size)
+    size = None if args.size is None else _size(args.size)
     out = Path(args.out)
     exists = _check_out(out, is_obstacle_set, "an obstacle set")
     if exists and not (args.append or args.overwrite):
@@ -134,7 +149,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.append and not exists:
         raise ObstaclesCommandError(f"--append: {out} is not an obstacle set yet; drop --append")
     encoder = _encoder_on(args.encoder, args.device)
+    size, size_note = image_size_for(encoder, size)
     kw = dict(q_star=q_star, eta=eta, radius=radius, label=args.label, size=size)
+    kw.update(resize=args.resize, progress=not args.no_progress)
     adopted = False
     if args.append:
         oset = ObstacleSet.load(out)
@@ -146,14 +163,29 @@ def _cmd_build(args: argparse.Namespace) -> int:
     oset.save(out)
     new = slice(len(oset) - added, len(oset))  # added obstacles come last
     print(f"added {added} obstacles ({len(oset)} in the set), d={oset.dim}")
-    print(f"encoder: {args.encoder} ({encoder.name})")
+    print(f"encoder: {args.encoder} ({encoder.name}), images {size[1]}x{size[0]}")
+    if size_note:
+        print(f"note: {size_note}")
     if adopted and oset.space is not None:
         print(
             f"note: {out} recorded no C-space (saved before spaces were recorded); it now "
             f"records this encoder's: {oset.space.describe()}"
         )
     print(f"q_star: {_range(oset.q_star[new])}{' (auto)' if q_star == 'auto' else ''}")
-    print(f"eta: {_range(oset.eta[new])}, radius: {_range(oset.radius[new])}")
+    half = " (0.5 x Q*)" if radius is None else ""
+    print(f"eta: {_range(oset.eta[new])}, radius: {_range(oset.radius[new])}{half}")
+    if q_star == "auto" and added:
+        from cspace.experiments.demo import DemoSettings
+
+        d = DemoSettings()
+        auto = float(oset.q_star[new][0])
+        q_demo, r_demo = d.q_star_scale * auto, d.radius_scale * auto
+        print(
+            f"the demo's parameters for these images: Q* = {d.q_star_scale:g} x auto = "
+            f"{q_demo:.4g}, radius = {'' if d.radius_scale == 1 else f'{d.radius_scale:g} x '}"
+            f"auto = {r_demo:.4g}, strength {d.strength:g} (to build the same: --q-star "
+            f"{q_demo:.6g} --radius {r_demo:.6g})"
+        )
     print(f"saved: {out}")
     return 0
 
@@ -180,9 +212,9 @@ def _set_summary(path: Path) -> dict:
         "dim": oset.dim,
         "count": len(oset),
         "labels": dict(sorted(Counter(oset.labels).items())),
-        "q_star": _range(oset.q_star),
-        "eta": _range(oset.eta),
-        "radius": _range(oset.radius),
+        "q_star": _stats(oset.q_star),
+        "eta": _stats(oset.eta),
+        "radius": _stats(oset.radius),
         "history": len(oset.history),
         "space": None if oset.space is None else oset.space.to_json(),
         "space_description": _describe_space(oset.space),
@@ -239,9 +271,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"count: {info['count']}")
         labels = ", ".join(f"{k or '(none)'}: {v}" for k, v in info["labels"].items())
         print(f"labels: {labels or '-'}")
-        print(f"q_star: {info['q_star']}")
-        print(f"eta: {info['eta']}")
-        print(f"radius: {info['radius']}")
+        print(f"q_star: {_range(info['q_star'])}")
+        print(f"eta: {_range(info['eta'])}")
+        print(f"radius: {_range(info['radius'])}")
         print(f"history: {info['history']} entries")
     else:
         acc = info["heldout_accuracy"]
@@ -266,26 +298,32 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
     threshold = _number(args.threshold, "--threshold", strict=True)
     if not threshold < 1:
         raise ObstaclesCommandError(f"--threshold must be a probability in (0, 1); got {threshold}")
+    from obstacles.from_images import image_size_for
+
     holdout = _number(args.holdout, "--holdout", strict=False)
     if not holdout < 1:
         raise ObstaclesCommandError(f"--holdout must be in [0, 1); got {holdout}")
-    size = _size(args.size)
+    size = None if args.size is None else _size(args.size)
     out = Path(args.out)
     if _check_out(out, is_classifier_folder, "a cspace classifier") and not args.overwrite:
         raise ObstaclesCommandError(
             f"{out} already holds a classifier; pass --overwrite to replace it"
         )
     encoder = _encoder_on(args.encoder, args.device)
+    size, size_note = image_size_for(encoder, size)
     clf = classifier_from_images(
         args.good, args.bad, encoder, size=size, batch_size=args.batch_size, C=c,
         seed=args.seed, holdout=holdout, threshold=threshold, q_star=q_star, eta=eta,
+        resize=args.resize, progress=not args.no_progress,
     )  # fmt: skip
     clf.info["encoder"] = f"{args.encoder} ({encoder.name})"
     clf.save(out)
     acc = "n/a (--holdout 0)" if clf.accuracy is None else f"{clf.accuracy:.3f}"
     counts = clf.info["counts"]
     print(f"trained on {counts['good']} good and {counts['bad']} bad images, d={clf.dim}")
-    print(f"encoder: {args.encoder} ({encoder.name})")
+    print(f"encoder: {args.encoder} ({encoder.name}), images {size[1]}x{size[0]}")
+    if size_note:
+        print(f"note: {size_note}")
     print(f"held-out accuracy: {acc} (training accuracy {clf.train_accuracy:.3f})")
     auto = " (auto)" if q_star == "auto" else ""
     print(f"threshold: {clf.threshold}, q_star: {clf.q_star:.4g}{auto}, eta: {clf.eta:.4g}")
@@ -299,12 +337,35 @@ def _encoder_args(p: argparse.ArgumentParser) -> None:
         "--encoder",
         default="digits",
         metavar="digits|digits-plain|PATH",
-        help="the C-space: the shipped aligned digits VAE (default), the plain one, or a folder "
-        "with a cspace aligned VAE or a diffusers AutoencoderKL",
+        help="the C-space: the shipped aligned digits VAE (digits), the plain one (digits-plain), "
+        "or a folder with a cspace aligned VAE, a diffusers AutoencoderKL or a diffusers pipeline "
+        "(its vae/) (default digits)",
     )
-    p.add_argument("--size", default="8", help="image size N or HxW (default 8)")
+    p.add_argument(
+        "--size",
+        default=None,
+        metavar="N|HxW",
+        help="image size (default: the encoder's, its config's sample_size: 8 for the digits "
+        "VAEs); another size is refused for the digits VAEs",
+    )
+    p.add_argument(
+        "--resize",
+        action="store_true",
+        help="resize images of another size to the image size (bilinear, antialiased; the "
+        "output says how many) instead of refusing them",
+    )
     p.add_argument("--device", default="cpu", help="torch device for encoding (default cpu)")
-    p.add_argument("--batch-size", type=positive_int, default=256, help="images per encoder batch")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar while encoding (shown when the images take more than one batch)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        help="images per encoder batch (default 256)",
+    )
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -332,11 +393,15 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--q-star",
         default="auto",
         metavar="auto|FLOAT",
-        help="influence range Q*; auto (default): median distance of each example to its 5th "
-        "nearest other example",
+        help="influence range Q*; auto: the median distance of each example to its 5th nearest "
+        "other example (default auto; the demo uses 1.5 x auto, printed beside it)",
     )
     build.add_argument("--eta", default="1.0", help="strength eta (default 1)")
-    build.add_argument("--radius", default=None, help="hard collision radius (default: 0.5 x Q*)")
+    build.add_argument(
+        "--radius",
+        default=None,
+        help="hard collision radius (default: 0.5 x Q*; the demo uses auto, printed beside it)",
+    )
     mode = build.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="add the images to an existing set")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing set")
@@ -368,8 +433,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--q-star",
         default="auto",
         metavar="auto|FLOAT",
-        help="influence range; auto (default): median distance of the good examples to the "
-        "boundary",
+        help="influence range; auto: the median distance of the good examples to the boundary "
+        "(default auto)",
     )
     clf.add_argument("--eta", default="1.0", help="strength eta (default 1)")
     clf.add_argument("--C", default="1.0", help="inverse L2 regularisation (default 1)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
 from cspace.cli.search import ALGOS as SEARCHES
@@ -28,11 +29,15 @@ __all__ = ["register"]
 def _cmd_sample(args: argparse.Namespace) -> int:
     from cspace.experiments.pipeline_sampling import sample_pipeline
 
+    if not args.no_progress:
+        what = f"searching with {args.search} on {args.budget} NFE" if args.search else "sampling"
+        print(f"cspace sample: {what}: {args.n} images from {args.pipeline}", file=sys.stderr,
+              flush=True)  # fmt: skip
     record = sample_pipeline(
         args.pipeline, obstacles=args.obstacles, n=args.n, steps=args.steps, prompt=args.prompt,
         negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
         strength=args.strength, search=args.search, budget=args.budget, seed=args.seed,
-        device=args.device, out_dir=args.out,
+        device=args.device, out_dir=args.out, progress=not args.no_progress,
     )  # fmt: skip
     print(json.dumps({k: record[k] for k in ("pipeline_class", "nfe")}))
     print(f"{args.n} images and record.json in {args.out}")
@@ -47,17 +52,54 @@ def register(subparsers) -> None:
         "step), or search its denoiser on an NFE budget with the set's clearance as the verifier; "
         "writes the images, the final latents and record.json. Nothing is downloaded.",
     )
-    p.add_argument("--pipeline", required=True, help="local pipeline folder (model_index.json)")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument(
+        "--pipeline",
+        required=True,
+        metavar="DIR",
+        help="local pipeline folder (with model_index.json; nothing is downloaded)",
+    )
+    p.add_argument(
+        "--prompt", default=None, help="text prompt, for pipelines that take one (SD, SD3)"
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="negative prompt for classifier-free guidance (default: none)",
+    )
     p.add_argument("--n", type=positive_int, default=4, help="images (default 4)")
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps (default 28)")
-    p.add_argument("--guidance-scale", type=positive_float, default=7.0)
-    p.add_argument("--obstacles", default=None, help="obstacle set in the pipeline's latent space")
+    p.add_argument(
+        "--guidance-scale",
+        type=positive_float,
+        default=7.0,
+        help="classifier-free guidance scale of prompt pipelines; 1 turns it off (default 7)",
+    )
+    p.add_argument(
+        "--obstacles",
+        default=None,
+        metavar="SET",
+        help="obstacle set in the pipeline's latent space (build it with `cspace obstacles build "
+        "IMAGES --encoder DIR`, DIR the pipeline folder)",
+    )
     p.add_argument("--strength", type=nonneg_float, default=1.0, help="field strength (default 1)")
-    p.add_argument("--search", choices=SEARCHES, default=None)
-    p.add_argument("--budget", type=positive_int, default=None, help="total NFE of the search")
-    p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="cspace-samples")
+    p.add_argument(
+        "--search",
+        choices=SEARCHES,
+        default=None,
+        help="search the denoiser with this algorithm on --budget NFE, the set's clearance as the "
+        "verifier (default: no search, the guided pipeline)",
+    )
+    p.add_argument(
+        "--budget", type=positive_int, default=None, help="total NFE of the search (all images)"
+    )
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument(
+        "--out",
+        default="cspace-samples",
+        metavar="DIR",
+        help="output folder for the images, latents.safetensors and record.json "
+        "(default cspace-samples)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(func=_cmd_sample)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cspace.cli.args import fraction, positive_int, seed, toy_dim
 
@@ -32,9 +33,15 @@ def _verifier(args: argparse.Namespace) -> str:
     return verifier
 
 
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.no_progress:
+        print(f"cspace search: {message}", file=sys.stderr, flush=True)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from cspace.experiments.search import build_problem, exact_targets, run_search
 
+    _say(args, f"building the {args.problem} problem (models, obstacles, verifier)")
     problem = build_problem(
         args.problem,
         _verifier(args),
@@ -42,7 +49,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         coverage=args.coverage,
         avoid_class=args.avoid_class,
     )
+    if args.problem == "toy":
+        _say(args, f"drawing 2 x {args.n} exact samples of the target (rejection sampling)")
     target, target2 = exact_targets(problem, args.n, args.seed)
+    _say(args, f"searching: {args.algo}, {args.budget:,} NFE for {args.n} samples")
     rep = run_search(
         problem, args.algo, args.budget, args.n, args.steps, args.seed, target, target2
     )
@@ -76,7 +86,13 @@ def _cmd_scaling(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--problem", choices=("toy", "digits"), default="toy", help="default toy")
+    p.add_argument(
+        "--problem",
+        choices=("toy", "digits"),
+        default="toy",
+        help="toy: the exact Gaussian mixture with ball obstacles; digits: the shipped digits flow "
+        "avoiding one class (default toy)",
+    )
     p.add_argument("--dim", type=toy_dim, default=2, help="toy dimension (default 2)")
     p.add_argument(
         "--coverage",
@@ -97,7 +113,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=range(10),
         default=0,
         metavar="C",
-        help="digits: the class kept out by the obstacle set (default 0)",
+        help="digits: the class kept out by the obstacle set, 0..9 (default 0)",
     )
 
 
@@ -116,6 +132,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--no-progress", action="store_true", help="do not say on stderr what it is doing"
+    )
     p.set_defaults(func=_cmd_search)
 
     e = subparsers.add_parser("experiment", help="experiments (scaling)")
@@ -132,7 +151,12 @@ def register(subparsers) -> None:
         "--out", default="cspace-scaling", help="output folder (default cspace-scaling)"
     )
     sc.add_argument("--seeds", type=positive_int, default=3, help="seeds (default 3)")
-    sc.add_argument("--n", type=positive_int, default=None, help="samples returned per run")
-    sc.add_argument("--steps", type=positive_int, default=None, help="sampler steps")
+    sc.add_argument(
+        "--n", type=positive_int, default=None,
+        help="samples returned per run: 256, or 32 with --quick",
+    )  # fmt: skip
+    sc.add_argument(
+        "--steps", type=positive_int, default=None, help="sampler steps: 50, or 10 with --quick"
+    )
     _common(sc)
     sc.set_defaults(func=_cmd_scaling)

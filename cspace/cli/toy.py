@@ -17,7 +17,10 @@ def _cmd_toy(args: argparse.Namespace) -> int:
     settings = ToySettings(
         dim=args.dim, seed=args.seed, steps=args.steps, n=args.n, strength=args.strength
     )
-    report = run_toy(settings, out_dir=None if args.no_plot else args.out)
+    out = args.out
+    if out is None and not args.json:
+        out = "cspace-toy"  # with --json nothing is written unless --out is given
+    report = run_toy(settings, out_dir=None if args.no_plot else out, progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -34,7 +37,7 @@ def register(subparsers) -> None:
         description="Unguided vs guided vs backtracking sampling on an exact Gaussian mixture with "
         "ball obstacles; prints hit rate, energy distance to the exact obstacle-free target and NFE.",
     )
-    toy.add_argument("--dim", type=toy_dim, default=2, help="dimension (>= 2; default 2)")
+    toy.add_argument("--dim", type=toy_dim, default=2, help="dimension, at least 2 (default 2)")
     toy.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     toy.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
     toy.add_argument(
@@ -44,8 +47,13 @@ def register(subparsers) -> None:
         "--strength", type=nonneg_float, default=3.0, help="guidance strength (default 3)"
     )
     toy.add_argument(
-        "--out", default="cspace-toy", help="folder for the 2-D figure (default cspace-toy)"
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder for the 2-D figure, toy.png (default: cspace-toy; with --json nothing is "
+        "written unless --out is given)",
     )
     toy.add_argument("--no-plot", action="store_true", help="do not draw the figure")
+    toy.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     toy.add_argument("--json", action="store_true", help="print the report as JSON")
     toy.set_defaults(func=_cmd_toy)

@@ -12,8 +12,13 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
 4. judge every sample with an independent classifier trained on pixels of a split that neither
    the teacher, the VAEs nor the flow model saw.
 
-It writes ``report.json``, PNG grids of each arm and a UMAP figure of the C-space with the
-obstacles and a few guided and unguided trajectories of the clean estimate.
+It writes ``report.json``, PNG grids of each arm and, when asked (``umap=True``, ``--umap``), a
+UMAP figure of the C-space with the obstacles and a few paths of the clean estimate, one per arm.
+
+Your own obstacle set (``obstacles=SET``, ``--obstacles``) or classifier (``classifier=DIR``,
+``--classifier``) replaces the one built from the examples, with the same sampler and judge; it
+must be in the demo's C-space (``--encoder``, 8 x 8 images): one of another space is refused with
+both spaces named.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "demo_obstacles",
     "example_files",
     "format_report",
+    "largest_shift",
     "run_demo",
     "sample_arm",
 ]
@@ -70,8 +76,8 @@ class DemoSettings:
     radius_scale: float = 1.0  # hard radius = radius_scale x the auto rule's distance
     backtrack: bool = True  # collision backtracking in the guided arms (method "sde" only)
     max_examples: int = 50
-    umap: bool = True
-    paths: int = 6  # trajectories drawn in the UMAP figure per arm
+    umap: bool = False  # the UMAP figure (about 15 s more on 2 cores): --umap
+    paths: int = 2  # paths of the clean estimate drawn in the UMAP figure per arm
 
 
 def _space(encoder: str):
@@ -164,15 +170,107 @@ def _grid_png(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4) 
     write_file_atomic(path, buf.getvalue())
 
 
+def _user_obstacles(path, encoder, s: DemoSettings):
+    """An obstacle set of the user's, checked against the demo's C-space (8 x 8 images through
+    ``encoder``): another space is refused naming both, a set of unknown space must at least
+    have the space's dimension."""
+    from obstacles import ObstacleSet
+
+    oset = ObstacleSet.load(path)
+    space = encoder.space((8, 8))
+    oset.check_space(
+        space,
+        f"the demo's encoder {s.encoder!r}",
+        fix=f"build the set with the demo's encoder (cspace obstacles build IMAGES --encoder "
+        f"{s.encoder} --out SET), or pass the --encoder it was built with",
+    )
+    if oset.dim != space.dim:
+        raise ValueError(
+            f"the obstacle set {path} has d={oset.dim}; the demo's C-space ({s.encoder}, 8x8 "
+            f"images) has d={space.dim}: build it with --encoder {s.encoder}"
+        )
+    if len(oset) == 0:
+        raise ValueError(f"the obstacle set {path} is empty")
+    return oset
+
+
+def _user_classifier(path, encoder, s: DemoSettings):
+    """A preference classifier of the user's, checked against the demo's C-space."""
+    from cspace.models.space import check_same_space
+    from obstacles.classifier import PreferenceClassifier
+
+    clf = PreferenceClassifier.load(path)
+    space = encoder.space((8, 8))
+    check_same_space(
+        clf.space,
+        space,
+        f"the classifier {path}",
+        f"the demo's encoder {s.encoder!r}",
+        fix=f"train it with the demo's encoder (cspace obstacles classifier ... --encoder "
+        f"{s.encoder}), or pass the --encoder it was trained with",
+    )
+    if clf.dim != space.dim:
+        raise ValueError(
+            f"the classifier {path} has d={clf.dim}; the demo's C-space ({s.encoder}, 8x8 "
+            f"images) has d={space.dim}: train it with --encoder {s.encoder}"
+        )
+    return clf
+
+
+class _ArmProgress:
+    """A tqdm bar (stderr) over one arm's sampler steps; a callback for :func:`sample_arm`.
+
+    The bar shows how far the slowest sample has come (backtracking sends samples back, so
+    the count of sampler iterations can exceed the steps)."""
+
+    def __init__(self, arm: str, steps: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.steps = steps
+        self.bar = tqdm(total=steps, desc=f"{arm:<12}", unit="step", disable=not enabled,
+                        leave=True, dynamic_ncols=True)  # fmt: skip
+
+    def __call__(self, info) -> None:
+        t_next = float(info["t"].max()) if info["t"].numel() else 0.0
+        done = max(self.bar.n, min(self.steps, round((1.0 - t_next) * self.steps)))
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar.n < self.steps:
+            self.bar.update(self.steps - self.bar.n)
+        self.bar.close()
+
+
 def run_demo(
-    settings: DemoSettings | None = None, out_dir: str | Path | None = "cspace-demo"
+    settings: DemoSettings | None = None,
+    out_dir: str | Path | None = "cspace-demo",
+    *,
+    obstacles: str | Path | None = None,
+    classifier: str | Path | None = None,
+    progress: bool = False,
+    log=None,
 ) -> dict:
-    """Run the demo; returns the report (also written to ``out_dir/report.json``)."""
+    """Run the demo; returns the report (also written to ``out_dir/report.json``; nothing is
+    written when ``out_dir`` is None).
+
+    Args:
+        settings: the demo's settings (default :class:`DemoSettings`).
+        out_dir: folder of the grids, the report and the UMAP figure, or None.
+        obstacles: an obstacle set folder to use instead of the one built from the examples of
+            ``settings.avoid_class`` (in the demo's C-space; its Q*, eta and radius are used as
+            stored, at ``settings.strength``).
+        classifier: a preference classifier folder to use instead of the one trained on the
+            examples (in the demo's C-space; at ``settings.classifier_strength``).
+        progress: tqdm bars on stderr, one per arm.
+        log: called with a line for each stage (loading, building, each arm, judging, files).
+    """
     from cspace.models.judge import Judge, copy_rate, nearest_train_distance
     from cspace.models.metrics import diversity
     from guidance import ClassifierField, RepulsiveField
     from obstacles.classifier import PreferenceClassifier
 
+    say = log or (lambda message: None)
     s = settings or DemoSettings()
     if not 0 <= s.avoid_class <= 9:
         raise ValueError(f"--class must be a digit 0..9; got {s.avoid_class}")
@@ -200,20 +298,33 @@ def run_demo(
     t_start = time.perf_counter()
     torch.manual_seed(s.seed)
 
+    say(f"loading the {s.encoder} C-space (VAE and latent flow) and fitting the judge")
     encoder, flow = _space(s.encoder)
     encoder.vae.to(device)
     flow.to(device)
     judge = Judge.fit(seed=s.seed)
 
     # obstacles from the example images of the avoided class; the classifier also sees the others
-    oset, auto_q = demo_obstacles(encoder, s)
-    good_files = [
-        f for c in range(10) if c != s.avoid_class for f in example_files(c, s.max_examples)
-    ]
-    from cspace.io.images import load_images
+    if obstacles is None:
+        say(f"building the obstacle set from the example images of class {s.avoid_class}")
+        oset, auto_q = demo_obstacles(encoder, s)
+    else:
+        say(f"loading the obstacle set {obstacles}")
+        oset = _user_obstacles(obstacles, encoder, s)
+        auto_q = None
+    if classifier is None:
+        say("training the preference classifier (the other classes' examples are good)")
+        good_files = [
+            f for c in range(10) if c != s.avoid_class for f in example_files(c, s.max_examples)
+        ]
+        from cspace.io.images import load_images
 
-    good_emb = encoder.embed(encoder.encode(load_images(good_files)[0].to(device))).cpu().numpy()
-    clf = PreferenceClassifier.fit(good_emb, oset.embeddings, seed=s.seed, space=oset.space)
+        good = load_images(good_files)[0].to(device)
+        good_emb = encoder.embed(encoder.encode(good)).cpu().numpy()
+        clf = PreferenceClassifier.fit(good_emb, oset.embeddings, seed=s.seed, space=oset.space)
+    else:
+        say(f"loading the classifier {classifier}")
+        clf = _user_classifier(classifier, encoder, s)
     fields = {
         "guided": (RepulsiveField(oset), s.strength),
         "classifier": (ClassifierField(clf), s.classifier_strength),
@@ -222,32 +333,44 @@ def run_demo(
     shape = encoder.latent_shape((8, 8))
     gen = torch.Generator().manual_seed(s.seed)
     noise = torch.randn((s.n, *shape), generator=gen).to(device)
+    about = {
+        "count": len(oset),
+        "q_star": median(oset.q_star),
+        "radius": median(oset.radius),
+        "auto_q_star": None if auto_q is None else median(auto_q),
+        "eta": median(oset.eta),
+    }
+    if obstacles is None:
+        about["examples"] = str(EXAMPLES / str(s.avoid_class))
+    else:
+        about["set"] = str(obstacles)
+    accuracy = None if clf.accuracy is None else float(clf.accuracy)
     report: dict = {
         "settings": asdict(s),
         "space": {"encoder": encoder.name, "dim": int(np.prod(shape))},
-        "obstacles": {
-            "count": len(oset),
-            "q_star": median(oset.q_star),
-            "radius": median(oset.radius),
-            "auto_q_star": median(auto_q),
-            "eta": median(oset.eta),
-            "examples": str(EXAMPLES / str(s.avoid_class)),
-        },
-        "classifier": {"heldout_accuracy": float(clf.accuracy), "q_star": float(clf.q_star)},
+        "obstacles": about,
+        "classifier": {"heldout_accuracy": accuracy, "q_star": float(clf.q_star)},
         "judge": {"heldout_accuracy": float(judge.accuracy)},
         "arms": {},
     }
+    if classifier is not None:
+        report["classifier"]["folder"] = str(classifier)
     samples, paths = {}, {}
     for arm in ARMS:
         fld, strength = fields.get(arm, (None, 0.0))
-        x0_path: list[torch.Tensor] = []
+        x0_path: list[tuple[torch.Tensor, torch.Tensor]] = []
+        bar = _ArmProgress(arm, s.steps, progress)
+        what = "unguided" if fld is None else f"{type(fld).__name__}, strength {strength:g}"
+        say(f"sampling {s.n} digits, arm {arm} ({what})")
 
-        def keep(info, store=x0_path):
-            if info["index"].numel() and int(info["index"][0]) == 0:
-                store.append(info["x0_hat"][: s.paths].detach().cpu())
+        def keep(info, store=x0_path, bar=bar):
+            if s.umap:  # every sample's clean estimates: the figure picks which to draw
+                store.append((info["index"].cpu(), info["x0_hat"].detach().cpu()))
+            bar(info)
 
         t0 = time.perf_counter()
         out = sample_arm(flow, noise, s, fld, strength, callback=keep)
+        bar.close()
         images = encoder.decode(out.samples).cpu()
         secs = time.perf_counter() - t0
         rep = judge.report(images)
@@ -264,7 +387,7 @@ def run_demo(
             "seconds": secs,
         }
         samples[arm] = images
-        paths[arm] = torch.stack(x0_path, 1) if x0_path else None  # (paths, steps, ...)
+        paths[arm] = x0_path
     report["seconds"] = time.perf_counter() - t_start
 
     if out_dir is not None:
@@ -275,8 +398,12 @@ def run_demo(
             files[f"grid_{arm}"] = str(out / f"samples_{arm}.png")
             _grid_png(images, Path(files[f"grid_{arm}"]))
         if s.umap:
+            say("drawing the UMAP figure (fitting UMAP on the held-out digits)")
             files["umap"] = str(out / "cspace_umap.png")
-            _umap_figure(encoder, oset, paths, s, Path(files["umap"]))
+            judged = {arm: judge.predict(images).tolist() for arm, images in samples.items()}
+            chosen = _noises_to_draw(torch.tensor(judged["unguided"]), s)
+            drawn = {arm: _paths_of(rec, chosen) for arm, rec in paths.items()}
+            _umap_figure(encoder, oset, drawn, chosen, judged, s, Path(files["umap"]))
         report["files"] = files
         report["seconds"] = time.perf_counter() - t_start
         write_file_atomic(out / "report.json", json.dumps(report, indent=1))
@@ -284,10 +411,43 @@ def run_demo(
     return report
 
 
-def _umap_figure(encoder, oset, paths: dict, s: DemoSettings, path: Path) -> None:
-    """UMAP of held-out C-space embeddings by class, the obstacles, and clean-estimate paths."""
+def _noises_to_draw(unguided_labels: torch.Tensor, s: DemoSettings) -> list[int]:
+    """The ``s.paths`` noises whose paths the UMAP figure draws: the first ones whose unguided
+    sample the judge calls the avoided class (where the arms part), then the first others."""
+    labels = unguided_labels.tolist()
+    hit = [i for i, c in enumerate(labels) if c == s.avoid_class]
+    rest = [i for i in range(len(labels)) if i not in set(hit[: s.paths])]
+    return (hit[: s.paths] + rest)[: min(s.paths, len(labels))]
+
+
+def _paths_of(records: list, which) -> list[torch.Tensor]:
+    """The clean-estimate path of each sample in ``which`` (indices, or a count: the first
+    ones), (steps_j, ...) each, from the ``(indices, x0_hat)`` pairs the sampler's callback kept
+    (a sample sent back by backtracking keeps its steps in order: its path goes back and
+    forth)."""
+    out = []
+    for j in range(which) if isinstance(which, int) else which:
+        pts = [x[i == j] for i, x in records if bool((i == j).any())]
+        out.append(torch.cat(pts) if pts else torch.zeros(0))
+    return out
+
+
+#: one colour per arm in the UMAP figure (arms beyond these get the next colours of "Dark2")
+ARM_COLOURS = {"unguided": "#444444", "guided": "#d62728", "classifier": "#1f77b4"}
+
+
+def _umap_figure(
+    encoder, oset, paths: dict, chosen: list, judged: dict, s: DemoSettings, path: Path
+) -> None:
+    """UMAP of held-out C-space embeddings by class, the obstacles, and for the noises
+    ``chosen`` one polyline per arm: the clean estimate ``x0_hat`` from the first step (t = 1,
+    the noise) to the sample (t = 0). The arms start from the same noises, so the lines of one
+    noise show where each arm takes it; ``judged[arm][i]`` is the judge's class of sample i."""
     import umap
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     from cspace.models.data import digits
 
@@ -297,61 +457,108 @@ def _umap_figure(encoder, oset, paths: dict, s: DemoSettings, path: Path) -> Non
     reducer = umap.UMAP(n_neighbors=15, min_dist=0.2, random_state=s.seed, n_jobs=1)
     xy = reducer.fit_transform(emb)
     obs_xy = reducer.transform(oset.embeddings)
-    fig = Figure(figsize=(7.5, 6.5))
+    # ten classes in ten distinguishable colours (tab10 and its neighbours in hue are easy to
+    # confuse at small marker sizes: these are Paul Tol's "muted" and two of "bright")
+    tol = "#332288 #88CCEE #44AA99 #117733 #999933 #DDCC77 #CC6677 #882255 #AA4499 #EE7733"
+    classes = ListedColormap(tol.split())
+    fig = Figure(figsize=(8.2, 8.6), layout="constrained")
     ax = fig.subplots()
-    sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap="tab10", s=6, alpha=0.6)
-    fig.colorbar(sc, ax=ax, ticks=range(10), label="held-out digit class")
-    ax.scatter(
-        obs_xy[:, 0],
-        obs_xy[:, 1],
-        marker="x",
-        color="black",
-        s=30,
-        label=f"obstacles (digit {s.avoid_class})",
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap=classes, vmin=-0.5, vmax=9.5,
+                    s=8, alpha=0.8, linewidths=0)  # fmt: skip
+    for c in range(10):  # the class number at the middle of its points
+        mid = np.median(xy[labels.numpy() == c], axis=0)
+        ax.text(mid[0], mid[1], str(c), fontsize=12, weight="bold", ha="center", va="center",
+                color=classes(c), bbox={"boxstyle": "circle,pad=0.15", "fc": "white",
+                                        "ec": classes(c), "alpha": 0.8})  # fmt: skip
+    fig.colorbar(sc, ax=ax, ticks=range(10), label="held-out digit class", shrink=0.8)
+    ax.scatter(obs_xy[:, 0], obs_xy[:, 1], marker="x", color="black", s=28, lw=1.2)
+    extra = iter(colormaps["Dark2"].colors)
+    styles = ("-", "--", ":", "-.")
+    handles = []
+    for arm, arm_paths in paths.items():
+        colour = ARM_COLOURS.get(arm) or next(extra)
+        for j, p in enumerate(arm_paths):
+            if p.numel() == 0:
+                continue
+            pts = reducer.transform(p.reshape(p.shape[0], -1).numpy())
+            ax.plot(pts[:, 0], pts[:, 1], color=colour, lw=1.5, alpha=0.85, ls=styles[j % 4])
+            ax.plot(*pts[0], "o", ms=7, mfc="white", mec="black", mew=1.0, zorder=4)
+            ax.plot(*pts[-1], "*", ms=14, color=colour, mec="black", mew=0.6, zorder=5)
+            if arm == next(iter(paths)):  # one label per noise, at its start
+                # the noises' starts can lie together: one label above, the next below, ...
+                ax.annotate(f"noise #{chosen[j]}", pts[0], xytext=(8, 5 - 14 * (j % 2)),
+                            textcoords="offset points", fontsize=8, weight="bold",
+                            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none",
+                                  "alpha": 0.7})  # fmt: skip
+        handles.append(Line2D([], [], color=colour, lw=1.6, label=f"arm: {arm}"))
+    for j, i in enumerate(chosen):
+        said = ", ".join(f"{a} {judged[a][i]}" for a in paths)
+        handles.append(Line2D([], [], color="black", lw=1.0, ls=styles[j % 4],
+                              label=f"noise #{i}, judged: {said}"))  # fmt: skip
+    handles += [
+        Line2D([], [], ls="", marker="x", color="black", label=f"obstacles ({len(oset)})"),
+        Line2D([], [], ls="", marker="o", mfc="white", mec="black", label="start (t = 1)"),
+        Line2D([], [], ls="", marker="*", ms=10, color="grey", mec="black", label="sample (t = 0)"),
+    ]
+    # below the map, where it hides no class
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2,
+              fontsize=8, frameon=False)  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.suptitle(
+        f"The digits C-space (--encoder {s.encoder}, d = {oset.dim}) in 2-D: UMAP of {len(labels)} "
+        f"held-out digits\nclass {s.avoid_class} avoided; the clean estimate's path in each arm "
+        f"from the same {len(chosen)} noises",
+        fontsize=10,
     )
-    colours = {"unguided": "tab:gray", "guided": "tab:red", "classifier": "tab:purple"}
-    for arm, p in paths.items():
-        if p is None:
-            continue
-        k, steps = p.shape[:2]
-        pts = reducer.transform(p.reshape(k * steps, -1).numpy()).reshape(k, steps, 2)
-        for j in range(k):
-            ax.plot(
-                pts[j, :, 0],
-                pts[j, :, 1],
-                color=colours[arm],
-                lw=1.0,
-                alpha=0.8,
-                label=arm if j == 0 else None,
-            )
-            ax.scatter(
-                pts[j, -1, 0], pts[j, -1, 1], color=colours[arm], s=18, edgecolor="black", zorder=3
-            )
-    ax.set_title(f"C-space ({encoder.name}): UMAP of held-out digits; paths of x0_hat", fontsize=10)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     write_file_atomic(path, buf.getvalue())
 
 
-def format_report(report: dict) -> str:
-    """The report as a plain-text table and class histogram."""
+def largest_shift(report: dict, arm: str) -> tuple[float, int] | None:
+    """The largest change of another class's share in ``arm`` against the unguided arm, in
+    points (signed, largest in absolute value), and that class; None for the unguided arm."""
+    if arm == "unguided" or "unguided" not in report["arms"]:
+        return None
     c = report["settings"]["avoid_class"]
-    head = f"{'arm':<12}{'avoided':>9}{'judge conf':>12}{'diversity':>11}{'NN-train':>10}{'copies':>8}{'NFE':>6}{'seconds':>9}"
+    base = report["arms"]["unguided"]["class_shares"]
+    shares = report["arms"][arm]["class_shares"]
+    diff = [(100 * (a - b), k) for k, (a, b) in enumerate(zip(shares, base, strict=True)) if k != c]
+    return max(diff, key=lambda d: abs(d[0]))
+
+
+def format_report(report: dict) -> str:
+    """The report as a plain-text table (with each arm's largest shift of another class against
+    the unguided arm) and class histogram."""
+    c = report["settings"]["avoid_class"]
+    head = (
+        f"{'arm':<12}{'avoided':>9}{'largest shift':>21}{'judge conf':>12}{'diversity':>11}"
+        f"{'NN-train':>10}{'copies':>8}{'NFE':>6}{'seconds':>9}"
+    )
     rows = [head]
     for arm, m in report["arms"].items():
+        shift = largest_shift(report, arm)
+        shown = "" if shift is None else f"{shift[0]:+.1f} pts (class {shift[1]})"
         rows.append(
-            f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{100 * m['judge_confidence']:>11.1f}%{m['diversity']:>11.3f}"
-            f"{m['nearest_train_distance']:>10.3f}{100 * m['copy_rate']:>7.1f}%{m['nfe']:>6.0f}{m['seconds']:>9.1f}"
+            f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{shown:>21}{100 * m['judge_confidence']:>11.1f}%"
+            f"{m['diversity']:>11.3f}{m['nearest_train_distance']:>10.3f}{100 * m['copy_rate']:>7.1f}%"
+            f"{m['nfe']:>6.1f}{m['seconds']:>9.1f}"
         )
     rows.append("")
     rows.append("class shares (%)  " + "".join(f"{k:>6d}" for k in range(10)))
     for arm, m in report["arms"].items():
         rows.append(f"{arm:<18}" + "".join(f"{100 * v:>6.1f}" for v in m["class_shares"]))
+    obs = report["obstacles"]
+    source = (
+        f"{obs['count']} example images as obstacles"
+        if "examples" in obs
+        else f"the obstacle set {obs.get('set')} ({obs['count']} obstacles)"
+    )
+    acc = report["classifier"]["heldout_accuracy"]
     rows.append(
-        f"avoided class {c}; {report['obstacles']['count']} example images as obstacles in {report['space']['encoder']} "
+        f"avoided class {c}; {source} in {report['space']['encoder']} "
         f"(d={report['space']['dim']}); judge held-out accuracy {100 * report['judge']['heldout_accuracy']:.1f}%; "
-        f"classifier held-out accuracy {100 * report['classifier']['heldout_accuracy']:.1f}%; total {report['seconds']:.0f} s"
+        f"classifier held-out accuracy {'n/a' if acc is None else f'{100 * acc:.1f}%'}; total {report['seconds']:.0f} s"
     )
     return "\n".join(rows)

@@ -159,14 +159,16 @@ def resolve_flow_encoder(spec: str, out: str | None):
     """``(encoder, encoder_name, out_dir)`` for an ``--encoder`` spec.
 
     ``digits`` / ``digits-plain``: the shipped VAE folders ``weights/vae_aligned`` /
-    ``weights/vae_plain`` (recorded by folder name), default output ``weights/flow_aligned`` /
-    ``weights/flow_plain``; a PATH: a cspace aligned VAE folder (recorded by its absolute path,
-    or its folder name when it lies under ``cspace/weights``); then ``--out`` is required.
+    ``weights/vae_plain`` (recorded by folder name), default output ``cspace-flow-digits`` /
+    ``cspace-flow-digits-plain`` in the working folder (never inside the installed package: the
+    shipped flows are replaced only when ``out`` names them); a PATH: a cspace aligned VAE
+    folder (recorded by its absolute path, or its folder name when it lies under
+    ``cspace/weights``); then ``--out`` is required.
     """
     if spec in SPACES:
-        vae_name, flow_name = SPACES[spec]
+        vae_name = SPACES[spec][0]
         encoder = Encoder.from_aligned(shipped(vae_name))
-        return encoder, vae_name, Path(out) if out else shipped(flow_name)
+        return encoder, vae_name, Path(out) if out else Path(f"cspace-flow-{spec}")
     path = Path(spec).expanduser().resolve()
     if not path.is_dir():
         raise ValueError(f"--encoder {spec!r} is neither 'digits', 'digits-plain' nor a VAE folder")

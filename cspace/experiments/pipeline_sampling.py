@@ -55,9 +55,11 @@ def sample_pipeline(
     seed: int = 0,
     device: str = "cpu",
     out_dir: str | os.PathLike = "cspace-samples",
+    progress: bool = False,
 ) -> dict:
     """Sample ``n`` images of the local pipeline folder ``pipeline`` (module docstring) into
-    ``out_dir``; returns the record (also written to ``out_dir/record.json``).
+    ``out_dir``; returns the record (also written to ``out_dir/record.json``). ``progress``:
+    the pipeline's own progress bar (diffusers', on stderr) while it samples.
 
     Raises:
         ValueError: ``search`` without ``budget`` or without ``obstacles``, an unknown
@@ -83,6 +85,7 @@ def sample_pipeline(
     device = str(resolve_device(device))
     check_output_folder(out_dir, "the output folder (--out)")
     pipe = load_pipeline(pipeline, device)
+    pipe.set_progress_bar_config(disable=not progress)
     field = RepulsiveField(ObstacleSet.load(obstacles)) if obstacles is not None else None
     check_pipeline_space(pipe, field)  # guide() checks too; a search would not
     record = {"pipeline": str(pipeline), "pipeline_class": type(pipe).__name__}

@@ -236,7 +236,11 @@ def summarise(rows: list[dict]) -> list[dict]:
     for r in rows:
         if not str(r.get("status", "ok")).startswith(("ok", "rejection", "reference")):
             continue
-        groups.setdefault((r["algo"], r["multiple"]), []).append(r)
+        mult = _number(r["multiple"])
+        # one key for every "no budget" row: each NaN read back from a CSV is its own object,
+        # and NaN != NaN would put every seed's exact row in a group of its own
+        key = math.nan if math.isnan(mult) else r["multiple"]
+        groups.setdefault((r["algo"], key), []).append(r)
     out = []
     for (algo, mult), rs in groups.items():
         rec = {"algo": algo, "multiple": mult, "seeds": len(rs)}

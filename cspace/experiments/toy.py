@@ -107,8 +107,16 @@ def _run_method(name, mix, fld, noise, settings, seed, return_trajectory=False):
     return out, time.perf_counter() - t0
 
 
-def run_toy(settings: ToySettings | None = None, out_dir: str | Path | None = None) -> dict:
-    """Run every method of ``settings.methods``; returns the report (and writes a PNG for 2-D)."""
+def run_toy(
+    settings: ToySettings | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
+) -> dict:
+    """Run every method of ``settings.methods``; returns the report (and writes a PNG for 2-D).
+    ``progress``: a tqdm bar over the methods on stderr."""
+    from tqdm.auto import tqdm
+
     s = settings or ToySettings()
     unknown = [m for m in s.methods if m not in METHOD_TABLE]
     if unknown:
@@ -141,7 +149,9 @@ def run_toy(settings: ToySettings | None = None, out_dir: str | Path | None = No
         "methods": {},
     }
     outputs = {}
-    for name in s.methods:
+    bar = tqdm(s.methods, desc="toy", unit="method", disable=not progress, dynamic_ncols=True)
+    for name in bar:
+        bar.set_postfix_str(name)
         out, secs = _run_method(name, mix, fld, noise, s, s.seed + 1)
         outputs[name] = out
         report["methods"][name] = {

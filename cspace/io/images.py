@@ -26,6 +26,9 @@ Reading is safe for files a user hands over:
   are skipped, and each skip is reported: in the ``skipped`` field of the result and as a
   :class:`SkippedFilesWarning` (one line per folder, which the ``cspace`` command prints as
   ``cspace COMMAND: warning: ...``).
+* **Sizes.** Every image must have the size asked for; a file of another size is refused with
+  both sizes named, unless ``resize=True`` (``--resize``), which resizes it (bilinear,
+  antialiased) after the pixel-count check and says so in an :class:`ImagesResizedNote`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import errno
 import os
 import stat
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -45,6 +49,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MAX_IMAGE_PIXELS_ENV",
     "ImageFolderError",
+    "ImagesResizedNote",
     "LoadedImages",
     "SkippedFilesWarning",
     "load_images",
@@ -74,19 +79,35 @@ class SkippedFilesWarning(UserWarning):
     lead nowhere, FIFOs and other non-regular files)."""
 
 
+class ImagesResizedNote(UserWarning):
+    """Images were resized to the size asked for (``load_images(..., resize=True)``, ``--resize``);
+    the ``cspace`` command prints it as ``cspace COMMAND: note: ...``."""
+
+    cli_label = "note"
+
+
 class LoadedImages(tuple):
     """What :func:`load_images` returns: the pair ``(images, files)`` (it unpacks as one), plus
-    ``skipped``.
+    ``skipped`` and ``resized``.
 
     Attributes:
         images: (N, C, H, W) float32 in [-1, 1].
         files: the N files read, in order.
         skipped: ``(path, reason)`` for every folder entry that was not read.
+        resized: ``(path, (W, H))`` for every file resized from its own size ``W x H``
+            (``resize=True`` only).
     """
 
-    def __new__(cls, images: torch.Tensor, files: list[Path], skipped: list[tuple[Path, str]]):
+    def __new__(
+        cls,
+        images: torch.Tensor,
+        files: list[Path],
+        skipped: list[tuple[Path, str]],
+        resized: list[tuple[Path, tuple[int, int]]] | None = None,
+    ):
         obj = super().__new__(cls, (images, files))
         obj.skipped = skipped
+        obj.resized = list(resized or [])
         return obj
 
     @property
@@ -305,12 +326,26 @@ def _to_channels(arr: np.ndarray, channels: int, mode: str) -> np.ndarray:
     return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
 
 
+def _resize(arr: np.ndarray, size: tuple[int, int], white: float) -> np.ndarray:
+    """(H, W) or (H, W, 3) pixel values in [0, white] resized to ``size`` = (H', W'): bilinear
+    with antialiasing (an area average when shrinking), clipped back to [0, white]."""
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    out = torch.nn.functional.interpolate(
+        t.double(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False
+    )
+    out = out.clamp(0, white).float()[0]
+    return (out[0] if arr.ndim == 2 else out.permute(1, 2, 0)).numpy()
+
+
 def load_images(
     inputs: Iterable[str | os.PathLike],
     size: tuple[int, int] = (8, 8),
     channels: int = 1,
     *,
     max_pixels: int | None = None,
+    resize: bool = False,
+    size_source: str | None = None,
 ) -> LoadedImages:
     """Read PNG/JPEG files and folders of them into (N, C, H, W) float32 in [-1, 1].
 
@@ -338,7 +373,7 @@ def load_images(
         raise ValueError(f"channels must be 1 or 3; got {channels}")
     limit = max_image_pixels(max_pixels)
     files, skipped = _expand(inputs)
-    problems, arrays = [], []
+    problems, arrays, resized = [], [], []
     for f in files:
         if f.suffix.lower() not in IMAGE_SUFFIXES:
             problems.append(f"{f}: not a PNG or JPEG file (suffix {f.suffix or 'none'})")
@@ -353,14 +388,20 @@ def load_images(
                         "if the file is trusted"
                     )
                     continue
-                if (h, w) != tuple(size):
+                other_size = (h, w) != tuple(size)
+                if other_size and not resize:
+                    source = f", {size_source}" if size_source else ""
                     problems.append(
-                        f"{f}: {w}x{h} pixels, expected {size[1]}x{size[0]} (resize it first)"
+                        f"{f}: {w}x{h} pixels, expected {size[1]}x{size[0]}{source} (resize the "
+                        "images, or pass --resize / resize=True to resize them on reading)"
                     )
                     continue
                 im.load()
                 arr, white = _pixels(im)
                 arr = _to_channels(arr, channels, mode)
+                if other_size:
+                    arr = _resize(arr, size, white)
+                    resized.append((f, (w, h)))
         except _Refused as err:
             problems.append(f"{f}: {err}")
             continue
@@ -376,4 +417,13 @@ def load_images(
         )
     stack = np.stack(arrays).astype(np.float32, copy=False)
     stack = stack[:, None] if channels == 1 else stack.transpose(0, 3, 1, 2)
-    return LoadedImages(torch.from_numpy(np.ascontiguousarray(stack)), files, skipped)
+    if resized:
+        sizes = Counter(f"{w}x{h}" for _, (w, h) in resized)
+        warnings.warn(
+            f"resized {len(resized)} of {len(files)} images to {size[1]}x{size[0]} (from "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(sizes.items()))
+            + ")",
+            ImagesResizedNote,
+            stacklevel=2,
+        )
+    return LoadedImages(torch.from_numpy(np.ascontiguousarray(stack)), files, skipped, resized)

@@ -64,11 +64,24 @@ class Encoder:
         self.channels = int(cfg.in_channels)
         self.latent_channels = int(cfg.latent_channels)
         self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        #: whether the VAE works only at :attr:`image_size` (a cspace VAE, trained at one size)
+        self.size_fixed = False
         self.name = name
         self.config_hash = config_hash(dict(cfg), self.scaling_factor, self.shift_factor)
         state = vae.state_dict()
         encoding = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))}
         self.weights_fingerprint = weights_fingerprint(encoding or state)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """The (H, W) of the images this VAE is made for: its config's ``sample_size`` (the
+        digits VAEs: 8 x 8; SD 1.5's VAE: 512 x 512), or None when the config has none."""
+        size = getattr(self.vae.config, "sample_size", None)
+        if isinstance(size, int) and size > 0:
+            return (size, size)
+        if isinstance(size, list | tuple) and len(size) == 2 and all(int(v) > 0 for v in size):
+            return (int(size[0]), int(size[1]))
+        return None
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -87,7 +100,7 @@ class Encoder:
         if not (where / "config.json").is_file():
             raise MissingWeightsError(
                 f"no diffusers VAE at {where} (config.json missing). Download it on a machine with "
-                "network access, e.g. `huggingface-cli download stabilityai/sd-vae-ft-mse --local-dir DIR`, "
+                "network access, e.g. `hf download stabilityai/sd-vae-ft-mse --local-dir DIR`, "
                 "and pass that DIR"
             )
         vae = AutoencoderKL.from_pretrained(str(p), subfolder=subfolder, local_files_only=True)
@@ -100,12 +113,14 @@ class Encoder:
         from cspace.models.vae import load_aligned_vae
 
         vae, meta = load_aligned_vae(path)
-        return cls(
+        enc = cls(
             vae,
             scaling_factor=meta["scaling_factor"],
             shift_factor=meta["shift_factor"],
             name=meta.get("name", "aligned-vae"),
         )
+        enc.size_fixed = enc.image_size is not None  # trained at that size only
+        return enc
 
     # ------------------------------------------------------------------ the map
     def _check(self, images: torch.Tensor) -> None:

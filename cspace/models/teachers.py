@@ -248,7 +248,7 @@ def _missing_dinov2(name: str, hub_id: str | None, detail: str) -> MissingWeight
     return MissingWeightsError(
         f"no weights for DINOv2 teacher {name}: {detail}. Nothing is downloaded. On a machine "
         f"with network access download model.safetensors from the Hugging Face repo {hub} "
-        f"(e.g. `huggingface-cli download {hub} model.safetensors --local-dir DIR`), copy it here "
+        f"(e.g. `hf download {hub} model.safetensors --local-dir DIR`), copy it here "
         "and pass weights=PATH (command line: --teacher-weights PATH), or put it in the local "
         "Hugging Face cache"
     )

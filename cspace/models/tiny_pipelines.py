@@ -13,7 +13,11 @@ test dependency) for its CLIP text encoder.
 * :func:`tiny_conditional_unet`, :func:`tiny_sd`: Stable Diffusion (epsilon, DDIM) with a tiny
   CLIP text encoder and no tokenizer (call it with ``prompt_embeds`` (B, L, 8));
 * :func:`tiny_sd3`: Stable Diffusion 3 (flow matching) without text encoders;
-* :func:`tiny_dit`: DiT (class-conditional, DDIM).
+* :func:`tiny_dit`: DiT (class-conditional, DDIM);
+* :func:`tiny_text_to_image`: a whole Stable Diffusion pipeline, tokenizer included (a
+  character-level CLIP tokenizer), for RGB images of a given size (default 64 x 64): save it with
+  ``save_pretrained(DIR)`` and every ``cspace`` command that takes a pipeline folder runs on it
+  (the README's pipeline recipe, offline).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ __all__ = [
     "tiny_dit",
     "tiny_sd",
     "tiny_sd3",
+    "tiny_text_to_image",
     "tiny_unet",
     "tiny_vae",
 ]
@@ -192,3 +197,86 @@ def tiny_dit() -> DiTPipeline:
     ).eval()
     return DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler(),
                        id2label={0: "zero", 1: "one"})  # fmt: skip
+
+
+def _character_tokenizer(max_length: int = 16):
+    """A CLIP tokenizer whose vocabulary is the byte-level alphabet, each character alone and at
+    the end of a word (514 tokens, no merges): any text tokenizes, one token per character."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({c: 2 + i for i, c in enumerate(alphabet)})
+    vocab.update({c + "</w>": 2 + len(alphabet) + i for i, c in enumerate(alphabet)})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+
+
+@_seeded
+def tiny_text_to_image(image_size: int = 64) -> StableDiffusionPipeline:
+    """A complete Stable Diffusion pipeline (DDIM, epsilon) for RGB images of ``image_size`` x
+    ``image_size`` (even): a character-level tokenizer and a tiny CLIP text encoder (any
+    ``prompt`` works), a UNet on latents 4 x ``image_size/2`` x ``image_size/2`` and a VAE whose
+    config's ``sample_size`` is ``image_size``. Random weights: it makes noise, through the real
+    classes and calls. Needs ``transformers``.
+
+    ``tiny_text_to_image().save_pretrained("tiny-pipe")`` gives a folder that ``cspace obstacles
+    build --encoder tiny-pipe`` and ``cspace sample --pipeline tiny-pipe`` take."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if image_size < 2 or image_size % 2:
+        raise ValueError(f"image_size must be an even number >= 2; got {image_size}")
+    tokenizer = _character_tokenizer()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=2,
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=image_size,
+    ).eval()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

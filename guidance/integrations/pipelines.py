@@ -31,7 +31,7 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
         raise MissingWeightsError(
             f"no diffusers pipeline at {folder} (model_index.json missing). cspace does not "
             "download weights: save one with pipe.save_pretrained(DIR), or on a machine with "
-            "network run `huggingface-cli download REPO --local-dir DIR`, and pass DIR"
+            "network run `hf download REPO --local-dir DIR`, and pass DIR"
         )
     try:
         pipe = DiffusionPipeline.from_pretrained(
