@@ -303,12 +303,14 @@ def train_fashion_judge(
     batch_size: int = 128,
     lr: float = 3e-3,
     progress: bool = True,
+    config: FashionJudgeConfig | None = None,
 ) -> dict[str, Any]:
     """Train the judge on the Fashion-MNIST *train* split and save it to ``out_dir``.
 
     ``data``: where the IDX files are (:func:`cspace.models.data.find_fashion_mnist`).
     AdamW (weight decay 1e-4), cross-entropy, cosine learning rate after a 2% warm-up, random
-    flips and shifts; deterministic for a seed on one device and thread count. Measures the full *test* split and the
+    flips and shifts; deterministic for a seed on one device and thread count. ``config``: the
+    architecture (default :class:`FashionJudgeConfig`). Measures the full *test* split and the
     shipped held-out slice; writes the folder (``manifest.json`` with the metrics) and returns
     the metrics with ``wall_s`` and ``out_dir``.
     """
@@ -326,7 +328,7 @@ def train_fashion_judge(
     x_test, y_test = fashion_mnist("test", data)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model = FashionJudge()
+    model = FashionJudge(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n = x.shape[0]
     per_epoch = max(1, math.ceil(n / batch_size))
