@@ -81,7 +81,7 @@ def test_a_cycle_breaks_the_contract(tmp_path):
 
 def test_the_command_line_holds_no_library_code():
     """Nothing imports cspace.cli but its own modules; its modules export only ``register``
-    (the package: ``main``, ``build_parser``); benchmarks and notebooks use the library."""
+    (the package: ``main``, ``build_parser``); benchmarks, scripts and notebooks use the library."""
     import cspace.cli as cli
 
     assert set(cli.__all__) == {"build_parser", "main"}
@@ -90,7 +90,8 @@ def test_the_command_line_holds_no_library_code():
     pattern = re.compile(
         r"^\s*(from cspace\.cli\b|import cspace\.cli\b|from cspace import cli)", re.M
     )
-    for path in [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("notebooks/*.ipynb")]:
+    scripts = [*ROOT.glob("benchmarks/*.py"), *ROOT.glob("scripts/*.py")]
+    for path in [*scripts, *ROOT.glob("notebooks/*.ipynb")]:
         text = path.read_text()
         if path.suffix == ".ipynb":
             cells = json.loads(text)["cells"]

@@ -105,6 +105,9 @@ CASES = [
     (["train", "flow", "--out", "FILE/x", "--no-eval"], "which is a file, not a folder"),
     (["train", "flow", "--out", "NEW", "--checkpoint", "DIR"], "is a folder, not a file"),
     (["train", "flow", "--seed", "4294967296"], "argument --seed"),
+    (["train", "judge", "--out", "FILE/x"], "which is a file, not a folder"),
+    (["train", "judge", "--epochs", "0"], "argument --epochs"),
+    (["train", "judge", "--data", "DIR", "--out", "NEW"], "dir/FashionMNIST/raw does not exist"),
     (
         [
             "train",

@@ -1,4 +1,5 @@
-"""``cspace train teacher`` and ``cspace train vae``: train the digits teacher and the C-space VAEs.
+"""``cspace train teacher``, ``cspace train vae`` and ``cspace train judge``: train the digits
+teacher, the C-space VAEs and the Fashion-MNIST judge.
 
 The shipped weights were made with exactly these commands (from the repository root; each is
 deterministic for its seed, and budgeted in steps, not seconds):
@@ -14,6 +15,13 @@ checkpoint every 250 steps under ``OUT/checkpoint/``; run the same command again
 interrupted run (``--no-resume`` starts over). With a DINOv2 teacher
 (``--teacher vit_large_patch14_dinov2.lvd142m --teacher-weights model.safetensors``) the teacher's
 16x16 token grid (224 px input) is resampled to the VAE's 4x4 latent grid.
+
+The shipped Fashion-MNIST judge (``cspace/weights/fashion_judge``; its time and figures are in
+``docs/fashion.md``) was made on one thread with
+
+    OMP_NUM_THREADS=1 cspace train judge --out cspace/weights/fashion_judge --epochs 8 --seed 0
+
+(``--data DIR`` when the IDX files are not in Debian's ``/usr/share/datasets/fashion-mnist``).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from cspace.cli.args import nonneg_float, positive_int, seed
 __all__ = ["register"]
 
 _METRIC_ORDER = (
+    "test_accuracy",
+    "test_confidence",
     "heldout_accuracy",
     "train_accuracy",
     "heldout_mse",
@@ -59,6 +69,21 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_judge(args: argparse.Namespace) -> int:
+    from cspace.models.fashion_judge import train_fashion_judge
+
+    report = train_fashion_judge(
+        args.out,
+        data=args.data,
+        epochs=args.epochs,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    _print_report(report, args.json)
+    return 0
+
+
 def _cmd_vae(args: argparse.Namespace) -> int:
     from cspace.models.vae import train_vae
 
@@ -81,9 +106,11 @@ def register(subparsers) -> None:
     """Add ``train`` (with ``teacher`` and ``vae``) to an argparse subparsers object."""
     train = subparsers.add_parser(
         "train",
-        help="train the digits teacher or a C-space VAE (the shipped weights)",
-        description="Train the digits teacher (the stand-in for DINOv2 at 8x8) or the C-space VAE "
-        "with or without VA-VAE's VF alignment loss, on the digits train split.",
+        help="train the digits teacher, a C-space VAE or the Fashion-MNIST judge (the shipped "
+        "weights)",
+        description="Train the digits teacher (the stand-in for DINOv2 at 8x8), the C-space VAE "
+        "with or without VA-VAE's VF alignment loss (on the digits train split), or the "
+        "Fashion-MNIST judge.",
     )
     what = train.add_subparsers(dest="train_command", metavar="WHAT")
     what.required = True
@@ -145,3 +172,28 @@ def register(subparsers) -> None:
     vae.add_argument("--no-progress", action="store_true", help="no progress bar")
     vae.add_argument("--json", action="store_true", help="print the report as JSON")
     vae.set_defaults(func=_cmd_vae)
+
+    judge = what.add_parser(
+        "judge",
+        help="train the Fashion-MNIST judge CNN",
+        description="Train the independent Fashion-MNIST judge (a small CNN, never used for "
+        "guidance) on the full train split; prints its accuracy on the full test split and on "
+        "the shipped held-out slice. Needs the IDX files: Debian's dataset-fashion-mnist, "
+        "--data DIR, or --data ROOT of a torchvision download.",
+    )
+    judge.add_argument("--out", default="cspace-judge", help="output folder (default cspace-judge)")
+    judge.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="folder of the Fashion-MNIST IDX files, or a torchvision root (default: Debian's "
+        "/usr/share/datasets/fashion-mnist)",
+    )
+    judge.add_argument("--epochs", type=positive_int, default=8, help="epochs (default 8)")
+    judge.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    judge.add_argument(
+        "--batch-size", type=positive_int, default=128, help="batch size (default 128)"
+    )
+    judge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    judge.add_argument("--json", action="store_true", help="print the report as JSON")
+    judge.set_defaults(func=_cmd_judge)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["FolderError", "MissingWeightsError"]
+__all__ = ["DataFileError", "FolderError", "MissingDataError", "MissingWeightsError"]
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -20,6 +20,21 @@ class FolderError(ValueError):
     the kind's error or this base class. The message names the file and what to do;
     :attr:`path` is the file or folder concerned (None for errors about values, not files).
     """
+
+    def __init__(self, message: str = "", path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+
+class MissingDataError(FileNotFoundError):
+    """A data set's files are not on disk (nothing is ever downloaded); the message names every
+    place looked in and how to supply them."""
+
+
+class DataFileError(ValueError):
+    """A data-set file that cannot be used: truncated, of the wrong magic number or size, or
+    not matching its companion (labels that do not fit the images). The message names the file
+    and what is wrong; :attr:`path` is the file."""
 
     def __init__(self, message: str = "", path: str | Path | None = None) -> None:
         super().__init__(message)

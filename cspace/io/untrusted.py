@@ -1,4 +1,5 @@
-"""Bounded parsers of untrusted bytes: JSON documents, safetensors headers, FAISS flat indexes.
+"""Bounded parsers of untrusted bytes: JSON documents, safetensors headers, FAISS flat indexes,
+IDX headers.
 
 A file cspace loads may have been crafted: its checksums (written by whoever wrote the file)
 protect against accidents, not against an adversary. Every parser here checks each length the
@@ -16,7 +17,10 @@ kind's error class.
   the file size and optionally against the exact tensors expected;
 * :func:`read_faiss_flat_l2`: the float32 vectors of a serialised ``faiss.IndexFlatL2`` (the
   ``index.faiss`` of obstacle sets before format version 3), parsed here so that FAISS' own
-  deserialiser never sees an untrusted file.
+  deserialiser never sees an untrusted file;
+* :func:`idx_header`: the header of an IDX file (the format of MNIST and Fashion-MNIST): magic
+  number, element type, dimensions, and the number of data bytes they declare
+  (:mod:`cspace.io.idx` reads the files, gzip-compressed or not).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 __all__ = [
     "FAISS_FLAT_HEADER_BYTES",
     "FAISS_FLAT_L2_FOURCC",
+    "IDX_DTYPES",
     "MAX_COUNT",
     "MAX_DIM",
     "MAX_JSON_DEPTH",
@@ -40,6 +45,7 @@ __all__ = [
     "SAFETENSORS_DTYPES",
     "FormatError",
     "check_safetensors",
+    "idx_header",
     "json_depth",
     "parse_json",
     "read_faiss_flat_l2",
@@ -339,3 +345,51 @@ def read_faiss_flat_l2(data: bytes | memoryview, dim: int, count: int) -> np.nda
         )
     codes = np.frombuffer(data, dtype="<f4", count=n_codes, offset=FAISS_FLAT_HEADER_BYTES)
     return codes.reshape(count, dim)
+
+
+# ---------------------------------------------------------------------- IDX (MNIST) headers
+#: IDX element type code -> numpy dtype (big-endian, as the format stores them)
+IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def idx_header(head: bytes, magic: int | None = None) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Parse an IDX header: ``(dtype, shape, data_bytes)``.
+
+    The layout (Y. LeCun's MNIST page): a 4-byte magic number ``0x00 0x00 T N`` (``T`` the
+    element type, :data:`IDX_DTYPES`; ``N`` the number of dimensions), then ``N`` big-endian
+    uint32 sizes, then ``prod(sizes)`` elements in row-major order. ``head`` is the file's first
+    bytes: the magic number is checked first, then that the ``4 + 4 N`` header bytes are there
+    (bytes after them are ignored). With ``magic`` (e.g. ``0x00000803``:
+    unsigned bytes in 3 dimensions, MNIST's images) the magic number must be exactly that.
+
+    ``data_bytes = prod(sizes) * itemsize`` is what the header declares; the caller checks it
+    against the bytes really there before allocating anything.
+    """
+    if len(head) < 4:
+        raise FormatError(f"{len(head)} bytes: too short for an IDX file (no magic number)")
+    got = int.from_bytes(head[:4], "big")
+    if head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES or head[3] == 0:
+        want = f" (expected 0x{magic:08x})" if magic is not None else ""
+        raise FormatError(f"magic number 0x{got:08x} is not that of an IDX file{want}")
+    if magic is not None and got != magic:
+        raise FormatError(
+            f"magic number 0x{got:08x} ({IDX_DTYPES[head[2]].name}, {head[3]} dimensions), "
+            f"expected 0x{magic:08x} ({IDX_DTYPES[(magic >> 8) & 0xFF].name}, "
+            f"{magic & 0xFF} dimensions): a different IDX file (images and labels swapped?)"
+        )
+    dtype, ndim = IDX_DTYPES[head[2]], head[3]
+    need = 4 + 4 * ndim
+    if len(head) < need:
+        raise FormatError(
+            f"{len(head)} bytes, shorter than the {need}-byte header of {ndim} dimensions "
+            "(truncated)"
+        )
+    shape = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return dtype, shape, math.prod(shape) * dtype.itemsize
