@@ -208,6 +208,16 @@ def test_twisted_never_returns_a_sample_inside(toy80, proposal):
     assert abs(res.records["mass_inside"] - measured) < 0.1
 
 
+def test_twisted_without_a_twist_above_twist_from_is_still_exact(toy80):
+    """twist_from = 0: phi = 1 until the final indicator (importance sampling of the SDE with
+    resampling only at the end): nothing inside, and log Z still estimates the mass outside."""
+    mix, balls, fld, ver, measured = toy80
+    res = twisted.search(mix.velocity, (2,), ver, 4 * 400 * 50, field=fld, n_return=400, steps=50,
+                         generator=gen(22), data_scale=0.35, twist_from=0.0)  # fmt: skip
+    assert not bool(balls.inside(res.samples).any()) and res.records["resamplings"] == 0
+    assert abs(res.records["mass_inside"] - measured) < 0.05
+
+
 def test_twisted_raises_when_no_particle_ends_outside():
     mix, _, _ = toy_with_coverage(2, 0.5)
     everything = BallObstacles(torch.zeros(1, 2, dtype=torch.float64),

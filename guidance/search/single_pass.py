@@ -8,7 +8,7 @@ the same tables as the searches (:data:`guidance.search.ALGORITHMS`).
   Euler by default (its guarantee holds for Euler steps of size <= 1/alpha).
 
 Neither is exact: they change the law of what they return (measured in
-``docs/beating-rejection.md``). Records: ``inside`` (share of returned samples inside a hard
+``docs/noise-vs-trajectory.md``). Records: ``inside`` (share of returned samples inside a hard
 region, by the field's membership).
 """
 

@@ -150,6 +150,7 @@ def search(
     strength: float = 1.0,
     max_force: float | None = 1.0,
     beta_max: float = 0.9,
+    twist_from: float = 1.0,
     n_particles: int | None = None,
     groups: int | None = 1,
     threshold: float = 0.5,
@@ -167,6 +168,11 @@ def search(
         strength: the proposal's guidance strength (``"field"``: ``strength x sqrt(t)`` times the
             force capped at ``max_force``; ``"negation"``: the negation denoiser's strength).
         beta_max: the negation denoiser's cap on the unsafe probability.
+        twist_from: the twist acts at ``t <= twist_from`` only (``phi = 1`` above: the model's own
+            law, weights exact either way). Where the posterior of x0 spans several modes (high
+            t) the one-Gaussian twist is wrong; measured on the 2-D toy at coverage 0.99 (n =
+            1000, 441 NFE per sample, 5 seeds): ED 0.0165 +- 0.0114 with 1.0 (default), 0.0111 +-
+            0.0025 with 0.5, 0.0153 +- 0.0071 with 0.3.
         n_particles: particles per group (default: as many as the budget pays).
         groups: independent particle systems (default 1); each returns ``n_return / groups``.
         threshold, scheme, noise_scale: as :func:`guidance.search.smc.search`.
@@ -201,7 +207,13 @@ def search(
     if device is not None:
         grid = grid.to(device)
     pred = predict(prop, x, grid[0].repeat(m))
-    log_phi = twist_log_probability(regions, pred.x0_hat, float(times[0]), data_scale, temper)
+
+    def twist(x0: torch.Tensor, t: float) -> torch.Tensor:
+        if t > twist_from:  # phi = 1 above twist_from: the model's own law
+            return torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+        return twist_log_probability(regions, x0, t, data_scale, temper)
+
+    log_phi = twist(pred.x0_hat, float(times[0]))
     ess_hist = []
     for k in range(int(steps)):
         step = sde_step(_Cached(pred), x, grid[k].repeat(m), grid[k + 1].repeat(m),
@@ -213,8 +225,7 @@ def search(
             new_phi = regions.log_outside_probability(x, 0.0)  # the exact indicator
         else:
             pred = predict(prop, x, grid[k + 1].repeat(m))
-            new_phi = twist_log_probability(regions, pred.x0_hat, float(times[k + 1]),
-                                            data_scale, temper)  # fmt: skip
+            new_phi = twist(pred.x0_hat, float(times[k + 1]))
         inc = new_phi - log_phi + log_ratio
         inc = torch.where(torch.isinf(new_phi) & (new_phi < 0), new_phi, inc)  # -inf - -inf
         w.add(inc)
