@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cspace.cli import main
-from cspace.experiments.demo import ARMS, DemoSettings, run_demo
+from cspace.experiments.demo import ALL_ARMS, ARMS, DemoSettings, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def report(tmp_path_factory):
 
 @pytest.mark.slow  # the module's demo run: about 25 s
 def test_report_schema(report):
-    assert set(report["arms"]) == set(ARMS)
+    assert set(report["arms"]) == set(ALL_ARMS)
     for m in report["arms"].values():
         assert len(m["class_shares"]) == 10
         assert abs(sum(m["class_shares"]) - 1) < 1e-6
@@ -30,6 +30,15 @@ def test_report_schema(report):
     for arm in ("guided", "classifier"):  # backtracking re-runs steps: NFE grow with retries
         m = report["arms"][arm]
         assert (m["nfe"] > 20) == (m["backtrack_retries"] > 0) and m["nfe"] >= 20
+    rej = report["arms"]["rejection"]  # every discarded draw is paid for
+    assert rej["draws"] >= 120 and rej["nfe"] == pytest.approx(rej["draws"] * 20 / 120)
+    assert rej["shortfall"] == 0 and 0 < rej["rejected_share"] < 0.5
+    mem = report["membership"]
+    assert len(mem["inside_radius_by_class"]) == len(mem["inside_q_star_by_class"]) == 10
+    assert mem["recall_radius"] == mem["inside_radius_by_class"][0]
+    assert mem["recall_radius"] <= mem["recall_q_star"] <= 1  # Q* > radius: a larger ball
+    assert mem["false_positive_radius"] <= mem["false_positive_q_star"] < mem["recall_q_star"]
+    assert mem["heldout_class"] > 0 and mem["heldout_other"] > 0
     assert report["obstacles"]["count"] == 40
     s = DemoSettings()
     auto = report["obstacles"]["auto_q_star"]
@@ -45,6 +54,8 @@ def test_guidance_lowers_the_avoided_rate(report):
     assert base > 0.04
     for arm in ("guided", "classifier"):
         assert report["arms"][arm]["avoided_rate"] < base / 2, arm
+    # rejection removes only what its membership test catches (recall < 1 on the judge's class)
+    assert report["arms"]["rejection"]["avoided_rate"] < base
     assert json.load(open(report["files"]["report"]))["arms"].keys() == report["arms"].keys()
 
 
@@ -54,7 +65,7 @@ def test_figures_written(report):
     nearest neighbour (364 x 364), with digits in the cells and different samples per arm; the
     UMAP figure (asked for): the figure's size at 110 dpi, not blank."""
     grids = {}
-    for arm in ARMS:
+    for arm in ALL_ARMS:
         img = mpimg.imread(report["files"][f"grid_{arm}"])
         assert img.shape[:2] == (364, 364), (arm, img.shape)
         grey = img if img.ndim == 2 else img[..., 0]
@@ -96,9 +107,11 @@ def test_progress_the_largest_shift_and_umap_only_when_asked(tmp_path, run_cli):
     rc, out, err = run_cli(argv)
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
-        "report.json", "samples_classifier.png", "samples_guided.png", "samples_unguided.png",
+        "report.json", "samples_classifier.png", "samples_guided.png", "samples_rejection.png",
+        "samples_unguided.png",
     ]  # fmt: skip
     assert "umap:" not in out
+    assert "sampling 30 digits, arm rejection" in err
     for arm in ARMS:
         assert f"sampling 30 digits, arm {arm}" in err
         assert f"{arm:<12}" in err and "4/4" in err  # the arm's bar, finished
@@ -180,7 +193,7 @@ def test_cli_json_and_bad_class(tmp_path, capsys):
     rc = main(["demo", "--n", "40", "--steps", "5", "--no-umap", "--json", "--out", str(tmp_path)])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
-    assert set(rep["arms"]) == set(ARMS)
+    assert set(rep["arms"]) == set(ALL_ARMS)
     with pytest.raises(SystemExit):
         main(["demo", "--class", "11"])
     with pytest.raises(SystemExit):

@@ -387,16 +387,33 @@ def test_shared_particle_checks():
 # ------------------------------------------------------------------ the search registry
 def test_search_registry_lists_every_algorithm_once():
     from cspace.cli.search import ALGOS
-    from guidance.search import backtrack, paths, random_search, zero_order
+    from guidance.search import (
+        auto,
+        backtrack,
+        paths,
+        random_search,
+        rejection,
+        single_pass,
+        twisted,
+        zero_order,
+    )
 
-    modules = (random_search, zero_order, paths, smc, smc_guided, backtrack)
+    modules = (random_search, zero_order, paths, smc, smc_guided, backtrack, rejection, twisted)
     entries = [m.ALGORITHM for m in modules]
+    entries += [single_pass.NEGATION, single_pass.SAFETY_FILTER, auto.ALGORITHM]
+    runs = [m.search for m in modules] + [single_pass.negation, single_pass.safety_filter]
+    runs.append(auto.search)
     assert [a.name for a in entries] == list(ALGORITHMS) == list(ALGOS)
-    assert len({a.name for a in entries}) == len(entries) == 6
+    assert len({a.name for a in entries}) == len(entries) == 11
     assert all(ALGORITHMS[a.name] is a and isinstance(a, Algorithm) for a in entries)
-    assert {a.name for a in entries if a.needs_field} == {"smc-guided", "backtrack"}
-    for a, m in zip(entries, modules, strict=True):
-        assert a.run is m.search and a.searches_over
+    assert {a.name for a in entries if not a.needs_field} == {
+        "best-of-n",
+        "zero-order",
+        "paths",
+        "smc",
+    }
+    for a, run in zip(entries, runs, strict=True):
+        assert a.run is run and a.searches_over
         params = inspect.signature(a.run).parameters
         assert list(params)[:4] == ["velocity", "shape", "verifier", "budget"]
         assert {"n_return", "steps", "generator"} <= set(params)

@@ -156,3 +156,43 @@ def test_summarise_groups_the_exact_rows_of_every_seed_read_back_from_csv():
     assert len(summary) == 2 and len(exact) == 1
     assert exact[0]["seeds"] == 3 and exact[0]["score_mean"] == pytest.approx(7 / 3)
     assert exact[0]["score_std"] == pytest.approx(1.5275252, rel=1e-6)
+
+
+def test_search_reference_out_and_problem_seed(tmp_path):
+    """--reference adds the distance to a large exact reference and the floor's mean and sd;
+    --out writes the samples (safetensors) and the report, which name each other; --problem-seed
+    changes the geometry, --seed only the random streams."""
+    from safetensors.torch import load_file
+
+    out_dir = tmp_path / "run"
+    argv = ["search", "--algo", "rejection", "--budget", "20000", "--n", "32", "--steps", "10",
+            "--coverage", "0.5", "--reference", "2000", "--floor-draws", "5", "--json"]  # fmt: skip
+    rep = json.loads(run([*argv, "--out", str(out_dir)]))
+    for key in ("energy_distance_ref", "mode_tv", "floor_energy_distance_mean",
+                "floor_energy_distance_sd", "floor_mode_tv_mean", "floor_mode_tv_sd"):  # fmt: skip
+        assert rep[key] >= 0, key
+    assert rep["reference_size"] == 2000 and rep["floor_draws"] == 5
+    assert rep["records"]["draws"] * 10 == rep["nfe"] and rep["hit_rate"] == 0
+    saved = json.loads((out_dir / "report.json").read_text())
+    samples = load_file(str(out_dir / "samples.safetensors"))["samples"]
+    assert samples.shape == (32, 2) and samples.dtype == torch.float64
+    assert saved["energy_distance_ref"] == rep["energy_distance_ref"]
+    assert len(saved["samples_sha256"]) == 64
+    # the same seeds again: the same samples; another problem seed: another geometry
+    again = json.loads(run(argv))
+    assert again["energy_distance_ref"] == rep["energy_distance_ref"]
+    other = json.loads(run([*argv, "--problem-seed", "3"]))
+    assert other["problem_seed"] == 3 and other["energy_distance_ref"] != rep["energy_distance_ref"]
+    with pytest.raises(ValueError, match="--reference needs exact truth"):
+        run(["search", "--problem", "digits", "--algo", "rejection", "--budget", "100",
+             "--reference", "100"])  # fmt: skip
+    with pytest.raises(NotADirectoryError, match="--out"):
+        (tmp_path / "file").write_text("x")
+        run([*argv, "--out", str(tmp_path / "file")])
+
+
+def test_rejection_budget_below_one_draw_from_the_cli():
+    from guidance.search import BudgetExceeded
+
+    with pytest.raises(BudgetExceeded, match="less than one draw per returned sample"):
+        run(["search", "--algo", "rejection", "--budget", "99", "--n", "10", "--steps", "10"])

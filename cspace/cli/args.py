@@ -11,6 +11,7 @@ __all__ = [
     "MAX_SEED",
     "fraction",
     "nonneg_float",
+    "nonnegative_int",
     "positive_float",
     "positive_int",
     "seed",
@@ -91,4 +92,14 @@ def seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}")
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _integer(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value

@@ -11,12 +11,24 @@ import argparse
 import json
 import sys
 
-from cspace.cli.args import fraction, positive_int, seed, toy_dim
+from cspace.cli.args import fraction, nonnegative_int, positive_int, seed, toy_dim
 
 __all__ = ["register"]
 
 # the library's names, kept here so that parsing needs no torch (tests/test_cli.py checks them)
-ALGOS = ("best-of-n", "zero-order", "paths", "smc", "smc-guided", "backtrack")
+ALGOS = (
+    "best-of-n",
+    "zero-order",
+    "paths",
+    "smc",
+    "smc-guided",
+    "backtrack",
+    "rejection",
+    "twisted-smc",
+    "negation",
+    "safety-filter",
+    "auto",
+)
 TOY_VERIFIERS = ("oracle", "clearance")
 DIGITS_VERIFIERS = ("clearance", "judge")
 
@@ -39,7 +51,14 @@ def _say(args: argparse.Namespace, message: str) -> None:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from cspace.experiments.search import build_problem, exact_targets, run_search
+    from cspace.io.checks import check_output_folder
+
+    if args.out is not None:
+        check_output_folder(args.out, "--out")
+    if args.reference and args.problem != "toy":
+        raise ValueError("--reference needs exact truth: use it with --problem toy")
+    from cspace.experiments.measure import ExactReference
+    from cspace.experiments.search import build_problem, exact_targets, run_search, save_run
 
     _say(args, f"building the {args.problem} problem (models, obstacles, verifier)")
     problem = build_problem(
@@ -48,15 +67,26 @@ def _cmd_search(args: argparse.Namespace) -> int:
         dim=args.dim,
         coverage=args.coverage,
         avoid_class=args.avoid_class,
+        problem_seed=args.problem_seed,
     )
     if args.problem == "toy":
         _say(args, f"drawing 2 x {args.n} exact samples of the target (rejection sampling)")
     target, target2 = exact_targets(problem, args.n, args.seed)
     _say(args, f"searching: {args.algo}, {args.budget:,} NFE for {args.n} samples")
+    reference = floor = None
+    if args.reference:
+        reference = ExactReference.build(problem, args.reference, seed=args.problem_seed)
+        floor = reference.floor(args.n, args.floor_draws, seed=args.problem_seed)
+    keep: dict = {}
     rep = run_search(
-        problem, args.algo, args.budget, args.n, args.steps, args.seed, target, target2
-    )
+        problem, args.algo, args.budget, args.n, args.steps, args.seed, target, target2,
+        reference=reference, floor=floor, keep=keep,
+    )  # fmt: skip
     rep.update({"problem": problem.name, **problem.info})
+    if args.problem_seed:
+        rep["problem_seed"] = args.problem_seed
+    if args.out is not None:
+        rep["files"] = save_run(args.out, rep, keep["samples"])
     if args.json:
         print(json.dumps(rep))
         return 0
@@ -129,7 +159,36 @@ def register(subparsers) -> None:
     p.add_argument("--budget", type=positive_int, required=True, help="total NFE of the call")
     p.add_argument("--n", type=positive_int, default=256, help="samples returned (default 256)")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
-    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--seed", type=seed, default=0, help="seed of the search's random streams (default 0)"
+    )
+    p.add_argument(
+        "--problem-seed",
+        type=seed,
+        default=0,
+        help="toy: seed of the geometry (which modes the obstacles cover) and of the exact "
+        "reference (default 0)",
+    )
+    p.add_argument(
+        "--reference",
+        type=nonnegative_int,
+        default=0,
+        metavar="SIZE",
+        help="toy: also score against SIZE exact samples (10000 or more separates methods) and "
+        "print the floor as mean and sd of --floor-draws exact n-sets (default 0: off)",
+    )
+    p.add_argument(
+        "--floor-draws",
+        type=positive_int,
+        default=20,
+        help="exact n-sets behind the floor with --reference (default 20)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="write the returned samples (samples.safetensors) and the report (report.json)",
+    )
     _common(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(

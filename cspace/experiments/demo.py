@@ -10,7 +10,15 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
    repulsive field and collision backtracking (a sample whose clean estimate enters an
    obstacle's hard radius goes back ``revert`` steps and draws that segment's noise again);
 4. judge every sample with an independent classifier trained on pixels of a split that neither
-   the teacher, the VAEs nor the flow model saw.
+   the teacher, the VAEs nor the flow model saw;
+5. a ``rejection`` arm, the baseline every avoidance method is measured against: the unguided
+   sampler's draws (noise from seed ``seed + 2``, so the other arms are unchanged) tested with
+   the obstacle set's hard radius, redrawn until ``n`` pass (at most :data:`REJECTION_DRAWS`
+   draws per sample); its NFE per sample counts every discarded draw;
+6. the **membership quality** of the obstacle set (:func:`membership_quality`): the share of the
+   held-out images of the avoided class inside its hard radius and inside Q* (recall), and of
+   the other classes (false positives). The judge sees pixels, the field sees the C-space: the
+   recall bounds what any arm that uses only the examples can avoid.
 
 It writes ``report.json``, PNG grids of each arm and, when asked (``umap=True``, ``--umap``), a
 UMAP figure of the C-space with the obstacles and a few paths of the clean estimate, one per arm.
@@ -38,17 +46,23 @@ from cspace.models.devices import resolve_device
 from guidance.sampling import METHODS
 
 __all__ = [
+    "ALL_ARMS",
     "ARMS",
     "DemoSettings",
     "demo_obstacles",
     "example_files",
     "format_report",
     "largest_shift",
+    "membership_quality",
     "run_demo",
     "sample_arm",
 ]
 
 ARMS = ("unguided", "guided", "classifier")
+#: every arm of the report: the sampled arms, then the rejection baseline
+ALL_ARMS = (*ARMS, "rejection")
+#: the most draws per returned sample the demo's rejection arm may spend
+REJECTION_DRAWS = 20
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "digits"
 
 
@@ -158,6 +172,72 @@ def demo_obstacles(encoder, s: DemoSettings):
     return oset, auto_q
 
 
+def membership_quality(encoder, oset, avoid_class: int, examples=None) -> dict:
+    """How well the obstacle set's membership matches the class it stands for, on the images
+    that neither the VAE, the flow nor the set saw (the judge's and the held-out splits, without
+    the set's own examples): the share of those images of ``avoid_class`` whose embedding
+    lies inside some obstacle's hard radius (``recall_radius``) or within its Q*
+    (``recall_q_star``), and the same shares of the other classes' images
+    (``false_positive_radius``, ``false_positive_q_star``), with the per-class shares
+    (``inside_radius_by_class``, ``inside_q_star_by_class``, 10 each) and the counts.
+
+    The shipped example images are held-out digits: ``examples`` (M, 1, 8, 8), the set's own
+    images, are left out of the count (a held-out image within 0.05 of one in pixel space, the
+    PNG rounding), since an obstacle always contains its own example (``excluded``)."""
+    from cspace.models.data import digits
+
+    parts = [digits("judge"), digits("heldout")]
+    images = torch.cat([p[0] for p in parts])
+    labels = torch.cat([p[1] for p in parts])
+    excluded = 0
+    if examples is not None and len(examples):
+        flat = images.reshape(images.shape[0], -1).double()
+        ex = torch.as_tensor(examples).reshape(len(examples), -1).double()
+        own_image = torch.cdist(flat, ex).min(1).values < 0.05
+        excluded = int(own_image.sum())
+        images, labels = images[~own_image], labels[~own_image]
+    dev = next(encoder.vae.parameters()).device
+    emb = encoder.embed(encoder.encode(images.to(dev))).cpu().double()
+    obs = torch.from_numpy(oset.embeddings.astype(np.float64))
+    dist = torch.cdist(emb, obs, compute_mode="donot_use_mm_for_euclid_dist")  # (M, N)
+    radius = torch.from_numpy(oset.radius.astype(np.float64))
+    q = torch.from_numpy(oset.q_star.astype(np.float64))
+    in_r = (dist < radius[None]).any(1)
+    in_q = (dist < q[None]).any(1)
+    own = labels == int(avoid_class)
+
+    def share(mask, rows) -> float:
+        return float(mask[rows].double().mean()) if bool(rows.any()) else 0.0
+
+    return {
+        "recall_radius": share(in_r, own),
+        "recall_q_star": share(in_q, own),
+        "false_positive_radius": share(in_r, ~own),
+        "false_positive_q_star": share(in_q, ~own),
+        "inside_radius_by_class": [share(in_r, labels == c) for c in range(10)],
+        "inside_q_star_by_class": [share(in_q, labels == c) for c in range(10)],
+        "heldout_class": int(own.sum()),
+        "heldout_other": int((~own).sum()),
+        "excluded": excluded,
+    }
+
+
+def rejection_arm(flow, shape, s: DemoSettings, field, device):
+    """The rejection arm: :func:`guidance.search.rejection.search` with the unguided sampler
+    (``s.method``, ``s.steps``) and the field's hard radius as the membership test, noise from
+    seed ``s.seed + 2``, at most :data:`REJECTION_DRAWS` draws per sample. Returns the search
+    result (fewer than ``s.n`` samples when the budget ran out: ``records["shortfall"]``)."""
+    from guidance.search import CallableVerifier, rejection
+
+    cost = rejection.draw_cost(s.steps, s.method)
+    return rejection.search(
+        flow, shape, CallableVerifier(lambda x: torch.zeros(x.shape[0]), name="none"),
+        REJECTION_DRAWS * int(s.n) * cost, field=field, n_return=int(s.n), steps=s.steps,
+        generator=torch.Generator(device).manual_seed(s.seed + 2), method=s.method,
+        dtype=torch.float32, device=device,
+    )  # fmt: skip
+
+
 def _grid_png(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4) -> None:
     from PIL import Image
     from torchvision.utils import make_grid
@@ -265,6 +345,7 @@ def run_demo(
         progress: tqdm bars on stderr, one per arm.
         log: called with a line for each stage (loading, building, each arm, judging, files).
     """
+    from cspace.io.images import load_images
     from cspace.models.judge import Judge, copy_rate, nearest_train_distance
     from cspace.models.metrics import diversity
     from guidance import ClassifierField, RepulsiveField
@@ -292,7 +373,7 @@ def run_demo(
         check_output_folder(out_dir, "the output folder (--out)")
     check_memory(
         16 * int(s.n) * 32 * 4 + 8 * int(s.n) * 64 * 4,
-        f"{int(s.n):,} samples per arm (latents and 8x8 images, x3 arms)",
+        f"{int(s.n):,} samples per arm (latents and 8x8 images, x4 arms)",
         "lower --n",
     )
     t_start = time.perf_counter()
@@ -317,8 +398,6 @@ def run_demo(
         good_files = [
             f for c in range(10) if c != s.avoid_class for f in example_files(c, s.max_examples)
         ]
-        from cspace.io.images import load_images
-
         good = load_images(good_files)[0].to(device)
         good_emb = encoder.embed(encoder.encode(good)).cpu().numpy()
         clf = PreferenceClassifier.fit(good_emb, oset.embeddings, seed=s.seed, space=oset.space)
@@ -388,6 +467,32 @@ def run_demo(
         }
         samples[arm] = images
         paths[arm] = x0_path
+
+    # the baseline: unguided draws tested with the obstacle set's hard radius (its own noise)
+    t0 = time.perf_counter()
+    say(
+        f"sampling {s.n} digits, arm rejection (unguided draws tested with the hard radius, "
+        f"at most {REJECTION_DRAWS} draws per sample)"
+    )
+    rej = rejection_arm(flow, shape, s, fields["guided"][0], device)
+    images = encoder.decode(rej.samples).cpu()
+    rep = judge.report(images)
+    report["arms"]["rejection"] = {
+        "avoided_rate": float(rep["class_shares"][s.avoid_class]),
+        "class_shares": [float(v) for v in rep["class_shares"]],
+        "judge_confidence": float(rep["confidence"]),
+        "diversity": float(diversity(images)),
+        "nearest_train_distance": float(nearest_train_distance(images).mean()),
+        "copy_rate": float(copy_rate(images)),
+        "nfe": rej.nfe_per_sample,
+        "draws": int(rej.records["draws"]),
+        "rejected_share": float(rej.records["inside_estimate"]),
+        "shortfall": int(rej.records["shortfall"]),
+        "seconds": time.perf_counter() - t0,
+    }
+    samples["rejection"] = images
+    own_examples = load_images(example_files(s.avoid_class, s.max_examples))[0]
+    report["membership"] = membership_quality(encoder, oset, s.avoid_class, own_examples)
     report["seconds"] = time.perf_counter() - t_start
 
     if out_dir is not None:
@@ -544,6 +649,21 @@ def format_report(report: dict) -> str:
             f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{shown:>21}{100 * m['judge_confidence']:>11.1f}%"
             f"{m['diversity']:>11.3f}{m['nearest_train_distance']:>10.3f}{100 * m['copy_rate']:>7.1f}%"
             f"{m['nfe']:>6.1f}{m['seconds']:>9.1f}"
+        )
+    rej = report["arms"].get("rejection")
+    if rej is not None:
+        rows.append(
+            f"rejection: {rej['draws']} draws, {100 * rej['rejected_share']:.1f}% inside a hard "
+            f"radius and discarded"
+            + (f"; {rej['shortfall']} samples short" if rej["shortfall"] else "")
+        )
+    mem = report.get("membership")
+    if mem is not None:
+        rows.append(
+            f"membership (unseen digits): class {c} inside a hard radius "
+            f"{100 * mem['recall_radius']:.1f}%, within Q* {100 * mem['recall_q_star']:.1f}% "
+            f"(recall); other classes {100 * mem['false_positive_radius']:.1f}% / "
+            f"{100 * mem['false_positive_q_star']:.1f}% (false positives)"
         )
     rows.append("")
     rows.append("class shares (%)  " + "".join(f"{k:>6d}" for k in range(10)))

@@ -33,6 +33,7 @@ from guidance.search import ALGORITHMS
 __all__ = [
     "ALGOS",
     "DIGITS_VERIFIERS",
+    "REPORTED_RECORDS",
     "TOY_VERIFIERS",
     "SearchProblem",
     "build_digits_problem",
@@ -40,6 +41,7 @@ __all__ = [
     "build_toy_problem",
     "exact_targets",
     "run_search",
+    "save_run",
 ]
 
 ALGOS = tuple(ALGORITHMS)
@@ -72,13 +74,17 @@ def build_toy_problem(
     dim: int = 2, coverage: float = 0.75, seed: int = 0, verifier: str = "oracle"
 ) -> SearchProblem:
     """The exact toy with obstacles covering ``coverage`` of the mass, its field and a verifier
-    (``"oracle"``: log p0 outside the obstacles; ``"clearance"``: feasibility, cap 0)."""
+    (``"oracle"``: log p0 outside the obstacles; ``"clearance"``: feasibility, cap 0).
+
+    ``seed`` is the problem's seed (``cspace search --problem-seed``): it picks which modes the
+    obstacles cover (:func:`cspace.models.toy.toy_with_coverage`) and seeds the measurement of
+    the coverage; the random streams of a search are its own seed's."""
     from cspace.experiments.toy import toy_obstacle_set
     from cspace.models.toy import toy_with_coverage
     from guidance import RepulsiveField
     from guidance.search import ClearanceVerifier, OracleVerifier
 
-    mix, balls, measured = toy_with_coverage(dim, coverage, seed=0)
+    mix, balls, measured = toy_with_coverage(dim, coverage, seed=int(seed))
     fld = RepulsiveField(toy_obstacle_set(balls))
     if verifier == "oracle":
         ver = OracleVerifier(mix, balls)
@@ -178,9 +184,11 @@ def build_problem(
     dim: int = 2,
     coverage: float = 0.75,
     avoid_class: int = 0,
+    problem_seed: int = 0,
 ) -> SearchProblem:
     """The ``"toy"`` or ``"digits"`` problem with ``verifier`` (None: the problem's first, the
-    oracle on the toy and the clearance on digits)."""
+    oracle on the toy and the clearance on digits); ``problem_seed`` sets the toy's geometry
+    (:func:`build_toy_problem`; the digits problem has none to change)."""
     allowed = {"toy": TOY_VERIFIERS, "digits": DIGITS_VERIFIERS}.get(problem)
     if allowed is None:
         raise ValueError(f"unknown problem {problem!r}; choose 'toy' or 'digits'")
@@ -191,7 +199,7 @@ def build_problem(
             f"{allowed}"
         )
     if problem == "toy":
-        return build_toy_problem(dim, coverage, verifier=verifier)
+        return build_toy_problem(dim, coverage, int(problem_seed), verifier=verifier)
     return build_digits_problem(verifier, avoid_class)
 
 
@@ -231,8 +239,19 @@ def run_search(
     seed: int,
     target: torch.Tensor | None = None,
     target2: torch.Tensor | None = None,
+    reference=None,
+    floor: dict | None = None,
+    keep: dict | None = None,
 ) -> dict:
-    """One search and its report (truth metrics when ``target`` samples are given)."""
+    """One search and its report (truth metrics when ``target`` samples are given).
+
+    ``reference`` (a :class:`cspace.experiments.measure.ExactReference` of the toy) adds
+    ``energy_distance_ref`` and ``mode_tv`` against it, and ``floor`` (its
+    :meth:`~cspace.experiments.measure.ExactReference.floor` at the same n) the floor's mean and
+    sd (``floor_energy_distance_mean``/``_sd``, ``floor_mode_tv_mean``/``_sd``). The algorithms'
+    own figures listed in :data:`REPORTED_RECORDS` are added under ``records``. When ``keep`` is
+    a dict, the returned samples are stored in it under ``"samples"`` (for ``--out``).
+    """
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
     gen = torch.Generator().manual_seed(int(seed) + 1)
@@ -269,4 +288,58 @@ def run_search(
             out["energy_distance"] = energy_distance(x, target)
         if target is not None and target2 is not None:
             out["energy_distance_floor"] = energy_distance(target2, target)
+        if reference is not None:
+            sc = reference.score(x)
+            out["energy_distance_ref"] = sc["energy_distance_ref"]
+            out["mode_tv"] = sc["mode_tv"]
+            out["reference_size"] = reference.size
+        if floor is not None:
+            for key in ("energy_distance", "mode_tv"):
+                out[f"floor_{key}_mean"] = floor[key]["mean"]
+                out[f"floor_{key}_sd"] = floor[key]["sd"]
+            out["floor_draws"] = floor["energy_distance"]["n"]
+    names = REPORTED_RECORDS.get(algo, ())
+    if names:
+        out["records"] = {k: _plain(res.records[k]) for k in names if k in res.records}
+    if keep is not None:
+        keep["samples"] = res.samples
     return out
+
+
+#: the records of each algorithm that ``run_search`` reports (numbers and names only)
+REPORTED_RECORDS = {
+    "rejection": ("draws", "accepted", "acceptance", "inside_estimate", "nfe_needed",
+                  "shortfall", "rounds"),
+    "twisted-smc": ("n_particles", "groups", "resamplings", "mass_inside", "free_fraction",
+                    "unique", "proposal"),
+    "auto": ("choice", "inside_estimate", "inside_interval", "pilot", "pilot_nfe"),
+    "negation": ("inside",),
+    "safety-filter": ("inside",),
+}  # fmt: skip
+
+
+def _plain(value):
+    """A record as JSON: numbers, strings and tuples of numbers."""
+    if isinstance(value, tuple | list):
+        return [float(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return value
+
+
+def save_run(out_dir, report: dict, samples: torch.Tensor) -> dict:
+    """Write ``samples.safetensors`` (key ``samples``, float64, (n, ...)) and ``report.json`` into
+    ``out_dir``, each through a temporary file and ``os.replace``; the report is written last
+    and names the samples' SHA-256, so a folder with a report holds the samples it describes.
+    Returns the paths."""
+    from pathlib import Path
+
+    from cspace.io.files import save_safetensors_atomic, write_json_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sha = save_safetensors_atomic(
+        out / "samples.safetensors", {"samples": samples.detach().double().contiguous()}
+    )
+    write_json_atomic(out / "report.json", {**report, "samples_sha256": sha})
+    return {"samples": str(out / "samples.safetensors"), "report": str(out / "report.json")}

@@ -61,6 +61,7 @@ __all__ = [
 
 SUPPORTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DDPMScheduler", "DDIMScheduler")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+MODES = ("clean", "noisy", "negation")
 
 
 class GuidanceError(ValueError):
@@ -150,7 +151,7 @@ class GuidedPipeline:
     ``stats`` are the pipeline's own.
     """
 
-    def __init__(self, pipe, field, strength, window, mode, weight) -> None:
+    def __init__(self, pipe, field, strength, window, mode, weight, negation=None) -> None:
         if not callable(pipe) or not hasattr(pipe, "scheduler"):
             raise GuidanceError(
                 f"guide needs a diffusers pipeline with a scheduler; got {type(pipe).__name__}"
@@ -163,14 +164,26 @@ class GuidedPipeline:
             )
         strength = check_number(strength, "strength", error=GuidanceError)
         lo, hi = check_window(window, error=GuidanceError)
-        if mode not in ("clean", "noisy"):
-            raise GuidanceError(f"mode must be 'clean' or 'noisy'; got {mode!r}")
+        if mode not in MODES:
+            raise GuidanceError(f"mode must be one of {MODES}; got {mode!r}")
         if mode == "noisy" and prediction_kind(pipe.scheduler) != "flow":
             raise GuidanceError(
                 "mode='noisy' noises the obstacles as (1 - t) o, the flow-matching path; use "
                 "mode='clean' with DDPM/DDIM schedulers"
             )
         check_pipeline_space(pipe, field)
+        self.negation = None
+        if mode == "negation":
+            from guidance.sampling.negation import SafeDisplacement
+
+            if field is None:
+                raise GuidanceError("mode='negation' needs obstacles (their examples to negate)")
+            try:
+                self.negation = SafeDisplacement(field, **(negation or {}))
+            except (TypeError, ValueError) as e:
+                raise GuidanceError(f"mode='negation': {e}") from None
+        elif negation:
+            raise GuidanceError("negation settings apply to mode='negation' only")
         self.pipe, self.field, self.strength = pipe, field, float(strength)
         self.window, self.mode, self.weight = (lo, hi), mode, weight
         self.stats = GuideStats()
@@ -234,8 +247,17 @@ class GuidedPipeline:
             x0 = alpha * xf - sigma * mf
         else:
             x0 = mf
-        ev = self.field.evaluate(x0) if self.mode == "clean" else self.field.evaluate(xf, t)
-        delta = (self.strength * lam) * ev.force.float()
+        if self.negation is not None:  # the safe denoiser: x0_hat + delta_x0 = sigma delta
+            if not sigma > 0:
+                return m
+            b = xf.shape[0]
+            dx0 = self.negation.clean_displacement(
+                xf.reshape(b, -1), x0.reshape(b, -1), alpha, sigma, t
+            )
+            delta = (self.strength * lam / sigma) * dx0.reshape(x0.shape).float()
+        else:
+            ev = self.field.evaluate(x0) if self.mode == "clean" else self.field.evaluate(xf, t)
+            delta = (self.strength * lam) * ev.force.float()
         if flow is not None:
             guided = flow.displaced(delta).v  # v - delta
         elif kind == "v_prediction":
@@ -262,6 +284,7 @@ def guide(
     window: tuple[float, float] = (0.0, 1.0),
     mode: str = "clean",
     weight: Callable[[float], float] | None = None,
+    negation: dict | None = None,
 ) -> GuidedPipeline:
     """Wrap ``pipe`` so that ``field`` displaces the clean estimate at every step (module
     docstring); call the result exactly like ``pipe``.
@@ -273,11 +296,16 @@ def guide(
             (``stats``: steps and the final latents) and leaves the output unchanged.
         strength: >= 0; 0 gives the plain pipeline's output bit for bit.
         window: (t_lo, t_hi) in [0, 1] (1 = noise) where the field acts.
-        mode: ``"clean"`` (field on x0_hat) or ``"noisy"`` (flow matching: field on x_t).
+        mode: ``"clean"`` (field on x0_hat), ``"noisy"`` (flow matching: field on x_t) or
+            ``"negation"`` (the safe denoiser of :mod:`guidance.sampling.negation` with the
+            obstacles' examples as the negation set: the clean estimate moves by
+            ``strength x weight(t) x delta_x0``).
         weight: ``lambda(t)`` scaling the displacement, default 1.
+        negation: ``mode="negation"``'s settings (``data_scale``, ``temper``, ``beta_max``) of
+            :class:`~guidance.sampling.negation.SafeDisplacement`.
 
     Raises:
         GuidanceError: an unsupported pipeline, scheduler or prediction type, bad settings;
             at call time, obstacles whose dimension does not match the latents.
     """
-    return GuidedPipeline(pipe, field, strength, window, mode, weight)
+    return GuidedPipeline(pipe, field, strength, window, mode, weight, negation)

@@ -15,10 +15,26 @@ paths          :mod:`guidance.search.paths`                     re-noised partia
 smc            :mod:`guidance.search.smc`                       SDE trajectories (FK SMC)
 smc-guided     :mod:`guidance.search.smc_guided`                SDE trajectories, guided
 backtrack      :mod:`guidance.search.backtrack`                 SDE segments (retries)
+rejection      :mod:`guidance.search.rejection`                 independent draws (test)
+twisted-smc    :mod:`guidance.search.twisted`                   SDE trajectories, twisted
+negation       :mod:`guidance.search.single_pass`               nothing (one pass)
+safety-filter  :mod:`guidance.search.single_pass`               nothing (one pass)
+auto           :mod:`guidance.search.auto`                      rejection or twisted-smc
 =============  ==============================================  ==========================
 """
 
-from guidance.search import backtrack, paths, random_search, smc, smc_guided, zero_order
+from guidance.search import (
+    auto,
+    backtrack,
+    paths,
+    random_search,
+    rejection,
+    single_pass,
+    smc,
+    smc_guided,
+    twisted,
+    zero_order,
+)
 from guidance.search.budget import Budget, BudgetExceeded, as_budget
 from guidance.search.common import SearchError, SearchResult
 from guidance.search.protocol import Algorithm, SearchAlgorithm
@@ -42,6 +58,11 @@ ALGORITHMS: dict[str, Algorithm] = {
         smc.ALGORITHM,
         smc_guided.ALGORITHM,
         backtrack.ALGORITHM,
+        rejection.ALGORITHM,
+        twisted.ALGORITHM,
+        single_pass.NEGATION,
+        single_pass.SAFETY_FILTER,
+        auto.ALGORITHM,
     )
 }
 

@@ -1,0 +1,143 @@
+r"""Rejection sampling: the baseline every avoidance method is measured against.
+
+Draw samples with the plain sampler (no guidance), test each final sample with the field's own
+membership (``clearance < 0``: inside a hard radius of an obstacle set, on the bad side of a
+classifier's boundary, inside a toy ball; :func:`guidance.fields.regions.hard_regions`), keep
+those outside, and draw again until ``n_return`` have passed or the budget cannot pay another
+draw. Every draw costs its full solve (``steps`` NFE for Euler and the SDE, ``2 steps`` for
+Heun), discarded or not, so the reported NFE include every rejected draw.
+
+What it returns is exact in the limit that matters: a sample of the *sampler's* law restricted to
+the outside of the obstacles, ``p_model(x) 1[x free] / Z``, with no approximation beyond the
+sampler's own discretisation. Its cost is ``steps / (1 - coverage)`` NFE per returned sample,
+``coverage`` the model's mass inside the obstacles.
+
+**Rounds.** The draws are made in batches: the first of ``n_return`` draws (or what the budget
+pays), then, with ``a`` the acceptance measured so far (at least one success counted), ``ceil(
+1.1 x missing / a) + 8`` draws, capped by the budget and by ``max_batch``. The NFE a one-at-a-time
+sampler would have spent to reach the ``n_return``-th success in the same draw order is reported
+as ``nfe_needed`` beside the NFE actually spent (the last batch may overshoot).
+
+**Budget.** A budget below one draw per returned sample (what ``n_return`` samples cost with no
+obstacle at all) raises :class:`~guidance.search.BudgetExceeded` before
+anything is computed. When the budget ends with fewer than ``n_return`` successes, the ones found
+are returned (``records["shortfall"]`` says how many are missing); when it ends with none, a
+:class:`SearchError` names the acceptance estimate (at most ``1 / draws``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from guidance.fields.regions import hard_regions
+from guidance.sampling import sample, time_grid
+from guidance.search.budget import BudgetExceeded
+from guidance.search.common import SearchError, SearchResult, begin, check_states, draw_noise
+from guidance.search.protocol import Algorithm
+
+__all__ = ["draw_cost", "search"]
+
+
+def draw_cost(steps: int, method: str) -> int:
+    """NFE of one draw: ``steps`` (Euler, SDE) or ``2 steps`` (Heun)."""
+    if method not in ("euler", "heun", "sde"):
+        raise SearchError(f"rejection: method must be 'euler', 'heun' or 'sde'; got {method!r}")
+    return int(steps) * (2 if method == "heun" else 1)
+
+
+def search(
+    velocity,
+    shape,
+    verifier,
+    budget,
+    *,
+    field,
+    n_return: int = 1,
+    steps: int = 50,
+    generator: torch.Generator | None = None,
+    method: str = "euler",
+    noise_scale: float = 1.0,
+    max_batch: int = 1 << 16,
+    dtype: torch.dtype = torch.float64,
+    device=None,
+) -> SearchResult:
+    """Rejection sampling; see the module docstring.
+
+    Args:
+        field: the obstacles' field; its hard regions are the membership test.
+        method: the plain sampler, ``"euler"`` (the ODE, default), ``"heun"`` or ``"sde"``.
+        max_batch: the largest number of draws solved at once.
+
+    Records: ``draws``, ``accepted`` (outside, including any beyond ``n_return``),
+    ``acceptance`` (accepted / draws), ``inside_estimate`` (1 - acceptance), ``nfe_needed``,
+    ``shortfall`` (n_return minus what is returned), ``rounds``.
+    """
+    run, shape = begin("rejection", velocity, shape, verifier, budget, n_return, steps)
+    if field is None:
+        raise SearchError("rejection needs the obstacles' field (its membership test)")
+    regions = hard_regions(field)
+    cost = draw_cost(steps, method)
+    if run.budget.remaining < int(n_return) * cost:
+        raise BudgetExceeded(
+            f"rejection: a budget of {run.budget.remaining} NFE is less than one draw per "
+            f"returned sample ({n_return} x {steps} steps x {cost // int(steps)} NFE = "
+            f"{int(n_return) * cost} NFE, the cost with no obstacle at all); raise the budget to "
+            f"at least {int(n_return) * cost}, about {int(n_return) * cost} / (1 - coverage)"
+        )
+    n_return = int(n_return)
+    times = time_grid(steps)
+    kept: list[torch.Tensor] = []
+    have = draws = rounds = 0
+    nfe_needed = None
+    while have < n_return:
+        affordable = run.budget.remaining // cost
+        if affordable < 1:
+            break
+        missing = n_return - have
+        if draws == 0:
+            m = missing
+        else:
+            acc = max(have, 1) / draws
+            m = math.ceil(1.1 * missing / acc) + 8
+        m = max(1, min(m, affordable, int(max_batch)))
+        check_states("rejection", m, shape, dtype, f"a batch of {m:,} draws")
+        noise = draw_noise(m, shape, generator, dtype, device)
+        x = sample(run.velocity, noise, times=times, method=method, noise_scale=noise_scale,
+                   generator=generator, progress=False).samples  # fmt: skip
+        free = ~regions.inside(x.reshape(m, -1)).to(x.device)
+        idx = torch.nonzero(free).flatten()
+        if nfe_needed is None and have + idx.numel() >= n_return:
+            nth = int(idx[missing - 1])  # draw order within this batch
+            nfe_needed = (draws + nth + 1) * cost
+        kept.append(x[idx])
+        have += int(idx.numel())
+        draws += m
+        rounds += 1
+    if have == 0:
+        raise SearchError(
+            f"rejection: none of {draws:,} draws fell outside the obstacles (estimated mass "
+            f"outside below {1 / draws:.3g}); the budget of {run.budget.total:,} NFE cannot find "
+            "one: raise it, or use twisted SMC (--algo twisted-smc)"
+        )
+    samples = torch.cat(kept)[:n_return]
+    scores = verifier.score(samples)
+    records = {
+        "draws": draws,
+        "accepted": have,
+        "acceptance": have / draws,
+        "inside_estimate": 1 - have / draws,
+        "nfe_needed": nfe_needed if nfe_needed is not None else draws * cost,
+        "shortfall": n_return - int(samples.shape[0]),
+        "rounds": rounds,
+    }
+    return run.result(samples, scores, records)
+
+
+ALGORITHM = Algorithm(
+    name="rejection",
+    run=search,
+    searches_over="independent draws of the plain sampler (membership test)",
+    needs_field=True,
+)
