@@ -88,7 +88,8 @@ class KernelPath:
         if x_dtype == torch.bfloat16:  # used as given, not centred
             return max(lim["raw_max"], float(e.abs().max())) <= KERNEL_RANGE
         states = float((e - lim["centre"].to(e.device)).abs().max())
-        return max(lim["centred_max"], states) <= KERNEL_RANGE
+        raw = max(lim["raw_max"], float(e.abs().max()))  # the differences path takes raw values
+        return max(lim["centred_max"], states) <= KERNEL_RANGE and raw <= KERNEL_RANGE**2
 
     @staticmethod
     def unsound(sums: tuple) -> torch.Tensor:
@@ -122,7 +123,7 @@ class KernelPath:
         """Obstacles for the kernel on ``dev`` in ``dtype``, cached: centred on their float64
         mean for float32 (a common offset would make every pair 'near'), sorted by cluster
         when pruning, with their squared norms and per-obstacle parameters in the same order."""
-        from guidance.kernels.repulsive import sq_norms
+        from guidance.kernels.repulsive import centred, sq_norms
 
         key = (str(dev), dtype)
         if key not in self._cache:
@@ -140,11 +141,12 @@ class KernelPath:
                 order, sizes = f.clusters.order, f.clusters.sizes
                 hi = sizes.cumsum(0)
                 bounds = torch.stack([hi - sizes, hi], dim=1)  # cluster k's range in `order`
-            oc = (f._emb[order] - centre).to(dtype)
+            o = f._emb[order].to(dtype)  # the stored float32 values (or bf16 roundings), exact
+            c32 = centre.to(torch.float32)
             self._cache[key] = dict(
-                centre=centre.to(dev),
-                o=oc.to(dev),
-                o_sqnorm=sq_norms(oc, f.precision).to(dev),
+                centre=c32.to(dev),
+                o=o.to(dev),
+                o_sqnorm=sq_norms(centred(o, c32), f.precision).to(dev),
                 q=f._q[order].float().to(dev),
                 eta=f._eta[order].float().to(dev),
                 radius=f._radius[order].float().to(dev),
@@ -164,7 +166,7 @@ class KernelPath:
         n = len(f.obstacles)
         dtype = e.dtype if e.dtype in (torch.float32, torch.bfloat16) else torch.float32
         kin = self.inputs(dev, dtype)
-        x = (e.double() - kin["centre"]).to(dtype)
+        x = e.to(dtype).contiguous()
         blocks = default_blocks(e.shape[0], e.shape[1], dtype, dev)
         extra: dict = {}
         if f.clusters is not None:
@@ -188,7 +190,7 @@ class KernelPath:
         pot, force, near, clear, active = pair_sums(
             x, kin["o"], kin["q"], kin["eta"], kin["radius"],
             f.rho_min, min(f.max_force, 1e300 / n), min(f.max_potential, 1e300 / n),
-            o_sqnorm=kin["o_sqnorm"], precision=f.precision, blocks=blocks,
+            centre=kin["centre"], o_sqnorm=kin["o_sqnorm"], precision=f.precision, blocks=blocks,
             poison=self.poison, **extra,
         )  # fmt: skip
         if f.clusters is not None:
