@@ -22,9 +22,14 @@ import torch
 
 from guidance.numerics import over_power
 
-__all__ = ["BACKENDS", "KERNEL_RANGE", "PRECISIONS", "KernelPath"]
+__all__ = ["AUTO_CPU_MIN", "BACKENDS", "KERNEL_RANGE", "PRECISIONS", "KernelPath"]
 
-BACKENDS = ("auto", "torch", "triton")
+AUTO_CPU_MIN = 1024
+"""``backend="auto"`` takes the fast CPU path for sets of at least this many obstacles; smaller
+sets keep the float64 reference (a few milliseconds at most, bit for bit the results of earlier
+versions)."""
+
+BACKENDS = ("auto", "torch", "triton", "cpu")
 PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 KERNEL_RANGE = 1e15
@@ -106,7 +111,7 @@ class KernelPath:
         """Whether this evaluation runs the kernel: ``backend="triton"`` always (in range);
         ``"auto"`` for float32/bfloat16 CUDA states when Triton is installed (in range)."""
         backend = self.field.backend
-        if backend == "torch":
+        if backend in ("torch", "cpu"):
             return False
         if backend == "triton":
             return self.in_range(e, x_dtype)
@@ -117,6 +122,72 @@ class KernelPath:
         except ImportError:
             return False
         return self.in_range(e, x_dtype)
+
+    def cpu_usable(self, e: torch.Tensor, x_dtype: torch.dtype) -> bool:
+        """Whether this evaluation runs the fast CPU path (:mod:`guidance.kernels.cpu`):
+        ``backend="cpu"`` always (in range; a ``ValueError`` for states on another device);
+        ``"auto"`` for CPU states of sets of at least :data:`AUTO_CPU_MIN` obstacles (in
+        range). Any floating dtype: float64 states are summed in float64, the others in float32
+        (bfloat16 and float16 convert exactly)."""
+        backend = self.field.backend
+        if backend == "cpu":
+            if e.device.type != "cpu":
+                raise ValueError(
+                    f"backend='cpu' needs CPU states; got {e.device.type} tensors (move them with "
+                    ".cpu(), or use backend='auto', which picks the kernel on CUDA)"
+                )
+            return self.in_range(e, torch.float32)
+        if backend != "auto" or e.device.type != "cpu":
+            return False
+        if len(self.field.obstacles) < AUTO_CPU_MIN:
+            return False
+        return self.in_range(e, torch.float32)
+
+    def cpu(self, e: torch.Tensor, x_dtype: torch.dtype):
+        """The fast CPU path's pair sums for embeddings ``e`` (B, d) float64 (the states' exact
+        values), as float64; over the clusters alive for each group of states when pruning.
+        Sets the field's ``last_evaluated``."""
+        from guidance.kernels.cpu import _GROUP, cpu_pair_sums, prepare, threads_of
+
+        f = self.field
+        n = len(f.obstacles)
+        work = torch.float64 if x_dtype == torch.float64 else torch.float32
+        key = ("cpu", work)
+        if key not in self._cache:
+            self._cache[key] = prepare(
+                f._emb, f._q, over_power(f._eta, f._q, 2), over_power(f._eta, f._q, 3),
+                f._radius, work,
+            )  # fmt: skip
+        cache = self._cache[key]
+        e = e.to(torch.float64)
+        groups, near_lb, clear_lb = None, None, None
+        f.last_evaluated = float(n)
+        if f.clusters is not None:
+            alive, near_lb, clear_lb = f.clusters.bounds(e)
+            groups, work_pairs = [], 0
+            everything = torch.arange(n)
+            for r0 in range(0, e.shape[0], _GROUP):
+                rows = torch.arange(r0, min(e.shape[0], r0 + _GROUP))
+                ks = alive[rows].any(dim=0).nonzero().flatten().tolist()
+                members = (
+                    torch.cat([f.clusters.members(k) for k in ks])
+                    if ks
+                    else torch.zeros(0, dtype=torch.long)
+                )
+                if members.numel() > n // 2:
+                    members = everything
+                groups.append((rows, members))
+                work_pairs += rows.numel() * members.numel()
+            f.last_evaluated = work_pairs / e.shape[0]
+        with threads_of(f.threads):
+            pot, force, near, clear, active = cpu_pair_sums(
+                e, cache, f.rho_min, min(f.max_force, 1e300 / n),
+                min(f.max_potential, 1e300 / n), block=f.block, groups=groups,
+            )  # fmt: skip
+        if near_lb is not None:
+            near = torch.minimum(near, near_lb)
+            clear = torch.minimum(clear, clear_lb)
+        return pot, force, near, clear, active
 
     # ------------------------------------------------------------------ the run
     def inputs(self, dev: torch.device, dtype: torch.dtype) -> dict:

@@ -1,0 +1,316 @@
+r"""The repulsive field's pair sums on the CPU: matrix products for far pairs, exact differences
+for near ones, blocked over the obstacles (:class:`guidance.RepulsiveField` with
+``backend="cpu"``, and ``backend="auto"`` for CPU states).
+
+For states ``x`` (B, d) and obstacles ``o`` (N, d), both centred on the obstacles' float64 mean
+``c``, each block of ``nb`` obstacles costs:
+
+1. **distances**: one float64 product, ``s^ = |x'|^2 + |o'|^2 - 2 x'.o'`` (``x' = x - c``, float64
+   centring per block, norms of the obstacles cached);
+2. **the rule** (:func:`guidance.kernels.bounds.cpu_rule`, the same derivation as the kernel's):
+   a pair with ``s^ <= tau S`` (``S = |x'|^2 + |o'|^2``) that may be within its Q* is *near*: its
+   distance and force come from the differences ``x - o`` of the inputs, in float64, exactly as
+   the reference computes them. ``tau`` is about 4.7e-4 for float32 work (rho_max = 46) and
+   2.5e-4 (d = 64) to 0.015 (d = 4096) for float64;
+3. **far pairs**: the thresholds, weights and potential elementwise, in float32 for float32 (and
+   bfloat16, float16) states or float64 for float64 states, and the force as one more product,
+   ``F += (sum_j c_j) x' - c @ o'`` (the centred obstacles cached in that dtype). A block with no
+   pair in range skips step 3 (the distances still give ``nearest`` and ``clearance``).
+
+Each block's sums are added in float64. With ``float32`` work, the per-pair error is within the
+rule's ``eps = 1e-5`` of the pair's scale (:mod:`guidance.kernels.bounds`); the float32 sums
+within a block add at most ``nb`` roundings of the sum of the terms (``sqrt(nb)`` typically), the
+float64 sums between blocks nothing measurable. Float64 work keeps ``eps = 1e-10``.
+
+**Memory.** Beyond the field's own copy of the obstacles, the path caches the centred obstacles
+in the work dtype (``4 N d`` bytes for float32, ``8 N d`` for float64) and their squared norms
+(``8 N``). Its working memory does not grow with N: states are taken ``rows`` at a time
+(at most 4,096) and obstacles ``nb`` at a time, with ``rows * nb <= 2^20`` by default, so the
+temporaries of a block are about ``40 rows nb`` bytes (40 MiB) plus one float64 block of
+obstacles (``8 nb d``), and near pairs are taken ``2^20 / d`` at a time (8 MiB); the outputs are
+``(B, d)`` float64.
+
+**Threads.** Products and elementwise work run on torch's intra-op threads
+(``torch.get_num_threads()``, or ``threads`` for the call).
+
+**Pruning.** With clusters (``prune=True``), states are taken 32 at a time; each group evaluates
+the members of the clusters alive for any of its states (the exact bound of
+:mod:`obstacles.clusters`), or every obstacle when those cover more than half of the set.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from guidance.kernels.bounds import cpu_rule
+
+__all__ = ["MAX_BLOCK", "check_block", "check_threads", "cpu_pair_sums", "threads_of"]
+
+MAX_BLOCK = 1 << 24
+"""The largest block (obstacles at a time) the CPU path accepts."""
+_ROWS = 4096
+_GROUP = 32  # states per group when pruning
+
+
+def check_block(block) -> int | None:
+    """``block`` (obstacles per block) as an int, or None for the default; ``ValueError`` for
+    anything that cannot work (not an integer, below 1, above :data:`MAX_BLOCK`)."""
+    if block is None:
+        return None
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise ValueError(
+            f"block must be a whole number of obstacles per block (or None for the default); "
+            f"got {block!r}"
+        )
+    if not 1 <= block <= MAX_BLOCK:
+        raise ValueError(
+            f"block must be in [1, {MAX_BLOCK}] obstacles; got {block} (None picks one that keeps "
+            "the temporaries near 40 MiB)"
+        )
+    return block
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads) -> int | None:
+    """``threads`` as an int, or None (torch's current setting); ``ValueError`` unless it is an
+    integer from 1 to the CPUs this process may use."""
+    if threads is None:
+        return None
+    cpus = _available_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise ValueError(
+            f"threads must be an integer from 1 to {cpus} (the CPUs this process may use), or "
+            f"None for torch's setting ({torch.get_num_threads()}); got {threads!r}"
+        )
+    return threads
+
+
+@contextmanager
+def threads_of(threads: int | None):
+    """Run the block with ``threads`` torch threads (None: unchanged), restoring the setting."""
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class _Out:
+    """Float64 accumulators of one evaluation."""
+
+    def __init__(self, b: int, d: int):
+        f64 = torch.float64
+        self.pot = torch.zeros(b, dtype=f64)
+        self.force = torch.zeros(b, d, dtype=f64)
+        self.near = torch.full((b,), torch.inf, dtype=f64)
+        self.clear = torch.full((b,), torch.inf, dtype=f64)
+        self.active = torch.zeros(b, dtype=torch.long)
+
+
+def cpu_pair_sums(
+    e: torch.Tensor,
+    cache: dict,
+    rho: float,
+    pair_cap: float,
+    pot_cap: float,
+    *,
+    block: int | None = None,
+    groups: list | None = None,
+):
+    """Pair sums of the field for states ``e`` (B, d) float64 (the inputs' exact values).
+
+    Args:
+        cache: from :func:`prepare` (obstacles, centred copy, parameters, the rule).
+        rho, pair_cap, pot_cap: the reference's clamp ratio and per-pair caps.
+        block: obstacles per block (default: ``2^20 / rows``, from 256 to 8,192).
+        groups: for pruning, ``[(rows (b,), obstacle positions (n,)), ...]``; default: every
+            state against every obstacle.
+
+    Returns:
+        (potential (B,), force (B, d), nearest (B,), clearance (B,), active (B,)), float64 sums
+        (active int64); the caller applies the total caps.
+    """
+    b, d = e.shape
+    out = _Out(b, d)
+    n = cache["o64"].shape[0]
+    if groups is None:
+        for r0 in range(0, b, _ROWS):
+            rows = torch.arange(r0, min(b, r0 + _ROWS))
+            _sums(e, rows, None, cache, rho, pair_cap, pot_cap, block, out)
+    else:
+        for rows, members in groups:
+            _sums(e, rows, None if members.numel() == n else members, cache, rho, pair_cap,
+                  pot_cap, block, out)  # fmt: skip
+    return out.pot, out.force, out.near, out.clear, out.active
+
+
+def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> dict:
+    """The state-independent inputs of :func:`cpu_pair_sums` for obstacles ``emb`` (N, d)
+    float64 with per-obstacle ``q``, ``eta/Q^2``, ``eta/Q^3`` and ``radius`` (float64), for work
+    in ``work`` (float32 or float64).
+
+    The distance product is one float64 product of augmented rows,
+    ``[x', |x'|^2, 1] . [-2 o', 1, |o'|^2] = s^``, so the obstacles are cached as
+    ``[-2 o', 1, |o'|^2]`` (N, d + 2) float64, and centred in ``work`` for the force product."""
+    centre = emb.mean(dim=0)
+    oc = emb - centre
+    on = oc.pow(2).sum(dim=1)
+    aug = torch.cat([-2 * oc, torch.ones_like(on)[:, None], on[:, None]], dim=1)
+
+    def one(v):  # a scalar when every obstacle has the same value (a cheaper broadcast)
+        return float(v[0]) if bool((v == v[0]).all()) else None
+
+    return dict(
+        work=work,
+        centre=centre,
+        o64=emb,
+        aug=aug,
+        oc=oc.to(work),  # the force product's operand
+        on=on,  # float64 squared norms of the centred obstacles
+        q=q.to(work),
+        q64=q,
+        qq=(q * (1 + 1e-6)).square(),
+        qmax=float(q.max()),
+        uh=(0.5 * eta_q2).to(work),
+        fp=eta_q3.to(work),
+        uh0=one(0.5 * eta_q2),
+        fp0=one(eta_q3),
+        rad0=one(radius),
+        rad64=radius,
+        uh_max=float(0.5 * eta_q2.max()),
+        fp_max=float(eta_q3.max()),
+        eta_q2=eta_q2,
+        eta_q3=eta_q3,
+        rule=cpu_rule(emb.shape[1], work == torch.float64),
+    )
+
+
+def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
+    """One group: states ``e[rows]`` against the obstacles at ``members`` (None: all)."""
+    work = cache["work"]
+    d = e.shape[1]
+    xc = e[rows] - cache["centre"]
+    xn = xc.pow(2).sum(dim=1)
+    x_aug = torch.cat([xc, xn[:, None], torch.ones_like(xn)[:, None]], dim=1)
+    xw = xc.to(work)
+    xn_max = float(xn.max())
+    n = cache["o64"].shape[0] if members is None else members.numel()
+    nb = block or max(256, min(8192, (1 << 20) // max(1, rows.numel())))
+    rule = cache["rule"]
+    # per-pair caps bind only when a pair's largest value (at the clamp distance) exceeds them
+    cap_f = pair_cap < cache["fp_max"] * (1 / rho - 1) / rho**2
+    cap_u = pot_cap < cache["uh_max"] * (1 / rho - 1) ** 2
+    for s in range(0, n, nb):
+        sl = slice(s, min(n, s + nb))
+        idx = None if members is None else members[sl]
+        at = sl if idx is None else idx
+        on = cache["on"][at]
+        sq = (x_aug @ cache["aug"][at].T).clamp_(min=0)  # s^, float64
+        # the rounding of s^ (gamma S) and of float32 thresholds, allowed in "maybe in range"
+        slack = rule.gamma * (xn_max + float(on.max()))
+        dmin2 = sq.amin(dim=1)
+        near_ij = None
+        on_max = float(on.max())
+        # only rows with a pair below tau (|x'|^2 + max |o'|^2) can hold a near pair
+        cand = (dmin2 <= rule.tau * (xn + on_max)).nonzero().flatten()
+        if cand.numel():
+            sub = sq[cand]
+            near = (sub <= rule.tau * (xn[cand, None] + on[None, :])) & (
+                sub <= cache["qq"][at][None, :] + slack
+            )
+            if bool(near.any()):
+                i, j = near.nonzero(as_tuple=True)
+                near_ij = (cand[i], j)
+                sq[near_ij] = torch.inf
+                dmin2 = sq.amin(dim=1)
+        # nearest and clearance of the far pairs (from the float64 distances)
+        dmin = dmin2.sqrt()
+        _min_into(out.near, rows, dmin)
+        if cache["rad0"] is not None:
+            _min_into(out.clear, rows, dmin - cache["rad0"])
+        else:
+            _min_into(out.clear, rows, (sq.sqrt() - cache["rad64"][at][None, :]).amin(dim=1))
+        if float(dmin2.min()) <= cache["qmax"] ** 2 * (1 + 4e-6) + slack:  # a pair in range
+            _far(sq, xw, cache["oc"][at], cache["q"][at], at, cache, rows, rho,
+                 pair_cap, pot_cap, cap_f, cap_u, work, out)  # fmt: skip
+        if near_ij is not None:
+            i, j = near_ij
+            jj = j + s if idx is None else idx[j]
+            _near(e, rows[i], jj, cache, rho, pair_cap, pot_cap, out, d)
+
+
+def _min_into(dst: torch.Tensor, rows: torch.Tensor, v: torch.Tensor) -> None:
+    dst[rows] = torch.minimum(dst[rows], v)
+
+
+def _far(sq, xw, oc, q, at, cache, rows, rho, pair_cap, pot_cap, cap_f, cap_u, work, out):
+    """The far pairs of one block (near pairs already set to +inf): elementwise in ``work``."""
+    inv = sq.to(work).rsqrt_()  # 1/D (0 for the masked pairs)
+    g = inv * q[None, :]  # Q/D = 1/ratio
+    out.active.index_add_(0, rows, (g >= 1).sum(dim=1))
+    g.clamp_(max=1 / rho)  # the distance clamp D_eff = max(D, rho Q)
+    gap = (g - 1).clamp_(min=0)  # Q (1/D_eff - 1/Q) inside, 0 outside
+    if cache["uh0"] is not None and not cap_u:
+        pot = gap.square().sum(dim=1).double() * cache["uh0"]
+    else:
+        pp = gap.square().mul_(cache["uh"][at][None, :])
+        if cap_u:
+            pp.clamp_(max=pot_cap)
+        pot = pp.sum(dim=1).double()
+    out.pot.index_add_(0, rows, pot)
+    coef = gap.mul_(g).mul_(g)  # gap / ratio^2
+    scale = 1.0
+    if cache["fp0"] is not None and not cap_f:
+        scale = cache["fp0"]
+    else:
+        coef.mul_(cache["fp"][at][None, :])  # |F| = eta/Q^3 gap / ratio^2
+        if cap_f:
+            coef.clamp_(max=pair_cap)
+    coef.mul_(inv)  # |F| / D
+    f = xw * coef.sum(dim=1, keepdim=True) - coef @ oc
+    out.force.index_add_(0, rows, f.double() * scale)
+
+
+def _near(e, rows, cols, cache, rho, pair_cap, pot_cap, out, d):
+    """Near pairs ``(rows[k], cols[k])`` from the differences of the inputs, in float64, as the
+    reference computes them (chunks of ``2^20 / d`` pairs)."""
+    step = max(1, (1 << 20) // max(1, d))
+    default_dir = torch.full((d,), d**-0.5, dtype=torch.float64)
+    for s in range(0, rows.numel(), step):
+        r, c = rows[s : s + step], cols[s : s + step]
+        diff = e[r] - cache["o64"][c]
+        dist = torch.linalg.vector_norm(diff, dim=1)
+        q = cache["q64"][c]
+        _scatter_min(out.near, r, dist)
+        _scatter_min(out.clear, r, dist - cache["rad64"][c])
+        inside = dist <= q
+        out.active.index_add_(0, r, inside.long())
+        ratio = torch.clamp(dist / q, min=rho)
+        gap = torch.where(inside, 1 / ratio - 1, torch.zeros_like(ratio))
+        u_half = 0.5 * cache["eta_q2"][c]
+        pot = torch.clamp(u_half * gap**2, max=pot_cap)
+        pot = torch.where((u_half == 0) | ~inside, 0.0, pot)
+        out.pot.index_add_(0, r, pot)
+        f_pref = cache["eta_q3"][c]
+        mag = torch.clamp(f_pref * gap / ratio**2, max=pair_cap)
+        mag = torch.where((f_pref == 0) | ~inside, 0.0, mag)
+        safe = torch.where(dist > 0, dist, torch.ones_like(dist))
+        unit = torch.where((dist > 0)[:, None], diff / safe[:, None], default_dir)
+        out.force.index_add_(0, r, mag[:, None] * unit)
+
+
+def _scatter_min(dst: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> None:
+    dst.scatter_reduce_(0, idx, v, reduce="amin", include_self=True)
