@@ -180,6 +180,7 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
         aug=aug,
         oc=oc.to(work),  # the force product's operand
         on=on,  # float64 squared norms of the centred obstacles
+        on_max=float(on.max()),
         q=q.to(work),
         q64=q,
         qq=(q * (1 + 1e-6)).square(),
@@ -202,75 +203,81 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     """One group: states ``e[rows]`` against the obstacles at ``members`` (None: all)."""
     work = cache["work"]
     d = e.shape[1]
+    m = rows.numel()
     xc = e[rows] - cache["centre"]
     xn = xc.pow(2).sum(dim=1)
     x_aug = torch.cat([xc, xn[:, None], torch.ones_like(xn)[:, None]], dim=1)
     xw = xc.to(work)
-    xn_max = float(xn.max())
     n = cache["o64"].shape[0] if members is None else members.numel()
-    nb = block or max(256, min(8192, (1 << 20) // max(1, rows.numel())))
+    nb = block or max(256, min(8192, (1 << 20) // max(1, m)))
     rule = cache["rule"]
+    # the rounding of s^ (gamma S) and of float32 thresholds, allowed in "maybe in range"
+    slack = rule.gamma * (float(xn.max()) + cache["on_max"])
+    in_reach = cache["qmax"] ** 2 * (1 + 4e-6) + slack
+    # near pairs have s^ <= tau (|x'_i|^2 + |o'_j|^2) <= tau (|x'_i|^2 + max |o'|^2)
+    thr = rule.tau * (xn + cache["on_max"])
     # per-pair caps bind only when a pair's largest value (at the clamp distance) exceeds them
     cap_f = pair_cap < cache["fp_max"] * (1 / rho - 1) / rho**2
     cap_u = pot_cap < cache["uh_max"] * (1 / rho - 1) ** 2
+    acc = dict(
+        pot=torch.zeros(m, dtype=torch.float64),
+        force=torch.zeros(m, d, dtype=torch.float64),
+        active=torch.zeros(m, dtype=torch.long),
+    )
+    near_g = torch.full((m,), torch.inf, dtype=torch.float64)
+    clear_g = torch.full((m,), torch.inf, dtype=torch.float64)
+    near_pairs = []
     for s in range(0, n, nb):
         sl = slice(s, min(n, s + nb))
-        idx = None if members is None else members[sl]
-        at = sl if idx is None else idx
-        on = cache["on"][at]
+        at = sl if members is None else members[sl]
         sq = (x_aug @ cache["aug"][at].T).clamp_(min=0)  # s^, float64
-        # the rounding of s^ (gamma S) and of float32 thresholds, allowed in "maybe in range"
-        slack = rule.gamma * (xn_max + float(on.max()))
         dmin2 = sq.amin(dim=1)
-        near_ij = None
-        on_max = float(on.max())
-        # only rows with a pair below tau (|x'|^2 + max |o'|^2) can hold a near pair
-        cand = (dmin2 <= rule.tau * (xn + on_max)).nonzero().flatten()
-        if cand.numel():
-            sub = sq[cand]
-            near = (sub <= rule.tau * (xn[cand, None] + on[None, :])) & (
-                sub <= cache["qq"][at][None, :] + slack
+        if bool((dmin2 <= thr).any()):
+            # those below the row's bound, then tested exactly
+            i, j = (sq <= thr[:, None]).nonzero(as_tuple=True)
+            s_ij = sq[i, j]
+            keep = (s_ij <= rule.tau * (xn[i] + cache["on"][at][j])) & (
+                s_ij <= cache["qq"][at][j] + slack
             )
-            if bool(near.any()):
-                i, j = near.nonzero(as_tuple=True)
-                near_ij = (cand[i], j)
-                sq[near_ij] = torch.inf
+            if bool(keep.any()):
+                i, j = i[keep], j[keep]
+                sq[i, j] = torch.inf
                 dmin2 = sq.amin(dim=1)
+                near_pairs.append((i, j + s if members is None else at[j]))
         # nearest and clearance of the far pairs (from the float64 distances)
         dmin = dmin2.sqrt()
-        _min_into(out.near, rows, dmin)
+        torch.minimum(near_g, dmin, out=near_g)
         if cache["rad0"] is not None:
-            _min_into(out.clear, rows, dmin - cache["rad0"])
+            torch.minimum(clear_g, dmin - cache["rad0"], out=clear_g)
         else:
-            _min_into(out.clear, rows, (sq.sqrt() - cache["rad64"][at][None, :]).amin(dim=1))
-        if float(dmin2.min()) <= cache["qmax"] ** 2 * (1 + 4e-6) + slack:  # a pair in range
-            _far(sq, xw, cache["oc"][at], cache["q"][at], at, cache, rows, rho,
-                 pair_cap, pot_cap, cap_f, cap_u, work, out)  # fmt: skip
-        if near_ij is not None:
-            i, j = near_ij
-            jj = j + s if idx is None else idx[j]
-            _near(e, rows[i], jj, cache, rho, pair_cap, pot_cap, out, d)
+            c = (sq.sqrt() - cache["rad64"][at][None, :]).amin(dim=1)
+            torch.minimum(clear_g, c, out=clear_g)
+        if float(dmin2.min()) <= in_reach:  # a pair may be in range
+            _far(sq, xw, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc)
+    out.pot.index_add_(0, rows, acc["pot"])
+    out.force.index_add_(0, rows, acc["force"])
+    out.active.index_add_(0, rows, acc["active"])
+    out.near[rows] = torch.minimum(out.near[rows], near_g)
+    out.clear[rows] = torch.minimum(out.clear[rows], clear_g)
+    for i, j in near_pairs:
+        _near(e, rows[i], j, cache, rho, pair_cap, pot_cap, out, d)
 
 
-def _min_into(dst: torch.Tensor, rows: torch.Tensor, v: torch.Tensor) -> None:
-    dst[rows] = torch.minimum(dst[rows], v)
-
-
-def _far(sq, xw, oc, q, at, cache, rows, rho, pair_cap, pot_cap, cap_f, cap_u, work, out):
-    """The far pairs of one block (near pairs already set to +inf): elementwise in ``work``."""
+def _far(sq, xw, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc):
+    """The far pairs of one block (near pairs already set to +inf): elementwise in ``work``,
+    added to the group's float64 sums ``acc``."""
     inv = sq.to(work).rsqrt_()  # 1/D (0 for the masked pairs)
-    g = inv * q[None, :]  # Q/D = 1/ratio
-    out.active.index_add_(0, rows, (g >= 1).sum(dim=1))
+    g = inv * cache["q"][at][None, :]  # Q/D = 1/ratio
+    acc["active"] += (g >= 1).sum(dim=1)
     g.clamp_(max=1 / rho)  # the distance clamp D_eff = max(D, rho Q)
     gap = (g - 1).clamp_(min=0)  # Q (1/D_eff - 1/Q) inside, 0 outside
     if cache["uh0"] is not None and not cap_u:
-        pot = gap.square().sum(dim=1).double() * cache["uh0"]
+        acc["pot"] += torch.linalg.vecdot(gap, gap) * cache["uh0"]
     else:
         pp = gap.square().mul_(cache["uh"][at][None, :])
         if cap_u:
             pp.clamp_(max=pot_cap)
-        pot = pp.sum(dim=1).double()
-    out.pot.index_add_(0, rows, pot)
+        acc["pot"] += pp.sum(dim=1)
     coef = gap.mul_(g).mul_(g)  # gap / ratio^2
     scale = 1.0
     if cache["fp0"] is not None and not cap_f:
@@ -280,8 +287,10 @@ def _far(sq, xw, oc, q, at, cache, rows, rho, pair_cap, pot_cap, cap_f, cap_u, w
         if cap_f:
             coef.clamp_(max=pair_cap)
     coef.mul_(inv)  # |F| / D
-    f = xw * coef.sum(dim=1, keepdim=True) - coef @ oc
-    out.force.index_add_(0, rows, f.double() * scale)
+    f = torch.addmm(xw * coef.sum(dim=1, keepdim=True), coef, cache["oc"][at], alpha=-1)
+    if scale != 1.0:
+        f *= scale
+    acc["force"] += f
 
 
 def _near(e, rows, cols, cache, rho, pair_cap, pot_cap, out, d):
