@@ -102,6 +102,8 @@ def test_auto_picks_the_cpu_path_for_large_sets_only():
     assert RepulsiveField(big).kernel.cpu_usable(x, torch.float32)
     assert RepulsiveField(big).kernel.cpu_usable(x, torch.float64)
     assert not RepulsiveField(small).kernel.cpu_usable(x, torch.float32)  # the reference
+    fewer = ObstacleSet.from_embeddings(np.zeros((AUTO_CPU_MIN // 4 - 1, 4)), q_star=1.0)
+    assert not RepulsiveField(fewer).kernel.cpu_usable(x, torch.float32)
     assert not RepulsiveField(big, backend="torch").kernel.cpu_usable(x, torch.float32)
     # auto on a large set gives the CPU path's values, within the bound of the reference
     xs = torch.randn(5, 4)

@@ -97,8 +97,8 @@ class RepulsiveField(Field):
             pairs, blocked over the obstacles; half-precision states are summed in float32) or
             ``"auto"``: the kernel for float32/bfloat16 CUDA states when Triton is installed,
             the CPU path for CPU states of sets of at least
-            :data:`~guidance.kernels.dispatch.AUTO_CPU_MIN` (1,024) obstacles, the reference
-            otherwise. Both serve the clean mode, with or without pruning (then over the
+            :data:`~guidance.kernels.dispatch.AUTO_CPU_MIN` values (N d >= 65,536), the
+            reference otherwise. Both serve the clean mode, with or without pruning (then over the
             surviving clusters); the noisy mode, and inputs outside the float32-safe range
             (:attr:`KERNEL_RANGE`), use the reference. Each keeps the bound of
             :mod:`guidance.kernels.bounds` (per state, against the pairs' scales).
@@ -167,6 +167,7 @@ class RepulsiveField(Field):
         self.threads = check_threads(threads)
         self.kernel = KernelPath(self)
         self.clusters = None
+        self._o_max = None  # the largest |coordinate| of the obstacles (the reference's scaling)
         self.last_evaluated = float(len(obstacles))  # obstacles per state in the last evaluate
         if prune:
             k = None if prune is True else int(prune)
@@ -241,7 +242,12 @@ class RepulsiveField(Field):
         pot_cap = min(self.max_potential, 1e300 / n_total)
         default_dir = torch.full((d,), d**-0.5, dtype=torch.float64, device=dev)
         rho = self.rho_min
-        o_max = float(emb_all.abs().max()) if emb_all.numel() else 0.0
+        if index is None:  # state-independent: once per field, not at every sampler step
+            if self._o_max is None:
+                self._o_max = float(emb_all.abs().max())
+            o_max = self._o_max
+        else:
+            o_max = float(emb_all.abs().max()) if emb_all.numel() else 0.0
         halve = max(float(e.abs().max()), o_max) > 1e300
         chunk = max(1, self.chunk_elements // max(1, b * d))
         for s in range(0, emb_all.shape[0], chunk):

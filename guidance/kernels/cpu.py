@@ -5,8 +5,8 @@ for near ones, blocked over the obstacles (:class:`guidance.RepulsiveField` with
 For states ``x`` (B, d) and obstacles ``o`` (N, d), both centred on the obstacles' float64 mean
 ``c``, each block of ``nb`` obstacles costs:
 
-1. **distances**: one float64 product, ``s^ = |x'|^2 + |o'|^2 - 2 x'.o'`` (``x' = x - c``, float64
-   centring per block, norms of the obstacles cached);
+1. **distances**: one float64 product, ``s^ = |x'|^2 + |o'|^2 - 2 x'.o'`` (``x' = x - c``; each
+   block of obstacles centred in float64 when it is used; their squared norms cached);
 2. **the rule** (:func:`guidance.kernels.bounds.cpu_rule`, the same derivation as the kernel's):
    a pair with ``s^ <= tau S`` (``S = |x'|^2 + |o'|^2``) that may be within its Q* is *near*: its
    distance and force come from the differences ``x - o`` of the inputs, in float64, exactly as
@@ -14,26 +14,28 @@ For states ``x`` (B, d) and obstacles ``o`` (N, d), both centred on the obstacle
    2.5e-4 (d = 64) to 0.015 (d = 4096) for float64;
 3. **far pairs**: the thresholds, weights and potential elementwise, in float32 for float32 (and
    bfloat16, float16) states or float64 for float64 states, and the force as one more product,
-   ``F += (sum_j c_j) x' - c @ o'`` (the centred obstacles cached in that dtype). A block with no
-   pair in range skips step 3 (the distances still give ``nearest`` and ``clearance``).
+   ``F += (sum_j c_j) x' - c @ o'`` (the block's centred obstacles in that dtype). A block with
+   no pair in range skips step 3 (the distances still give ``nearest`` and ``clearance``).
 
 Each block's sums are added in float64. With ``float32`` work, the per-pair error is within the
 rule's ``eps = 1e-5`` of the pair's scale (:mod:`guidance.kernels.bounds`); the float32 sums
 within a block add at most ``nb`` roundings of the sum of the terms (``sqrt(nb)`` typically), the
 float64 sums between blocks nothing measurable. Float64 work keeps ``eps = 1e-10``.
 
-**Memory.** Beyond the field's own copy of the obstacles, the path caches the centred obstacles
-in the work dtype (``4 N d`` bytes for float32, ``8 N d`` for float64) and their squared norms
-(``8 N``). Its working memory does not grow with N: states are taken ``rows`` at a time
-(at most 4,096) and obstacles ``nb`` at a time, with ``rows * nb <= 2^20`` by default, so the
-temporaries of a block are about ``40 rows nb`` bytes (40 MiB) plus one float64 block of
-obstacles (``8 nb d``), and near pairs are taken ``2^20 / d`` at a time (8 MiB); the outputs are
-``(B, d)`` float64.
+**Memory.** No copy of the obstacles is made beyond the field's own float64 copy: the path
+caches per-obstacle numbers only (the squared norms of the centred obstacles and the
+parameters, about ``64 N`` bytes). Its working memory does not grow with N: states are taken
+``rows`` at a time (at most 4,096) and obstacles ``nb`` at a time, with ``rows * nb <= 2^20`` by
+default (``nb`` from 256 to 8,192), so a block's temporaries are about ``30 rows nb`` bytes
+(30 MiB) plus the block of centred obstacles (``12 nb d`` bytes: 6 MiB at d = 64, 8,192),
+near pairs are taken ``2^20 / d`` at a time (``16 * 2^20`` bytes), and the outputs are ``(B, d)``
+float64: at most about 70 MiB at d = 256 whatever N is (measured at N = 1M:
+``benchmarks/field_memory.py``).
 
 **Threads.** Products and elementwise work run on torch's intra-op threads
 (``torch.get_num_threads()``, or ``threads`` for the call).
 
-**Pruning.** With clusters (``prune=True``), states are taken 32 at a time; each group evaluates
+**Pruning.** With clusters (``prune=True``), states are taken 16 at a time; each group evaluates
 the members of the clusters alive for any of its states (the exact bound of
 :mod:`obstacles.clusters`), or every obstacle when those cover more than half of the set.
 """
@@ -52,7 +54,7 @@ __all__ = ["MAX_BLOCK", "check_block", "check_threads", "cpu_pair_sums", "thread
 MAX_BLOCK = 1 << 24
 """The largest block (obstacles at a time) the CPU path accepts."""
 _ROWS = 4096
-_GROUP = 32  # states per group when pruning
+_GROUP = 16  # states per group when pruning
 
 
 def check_block(block) -> int | None:
@@ -162,13 +164,12 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
     float64 with per-obstacle ``q``, ``eta/Q^2``, ``eta/Q^3`` and ``radius`` (float64), for work
     in ``work`` (float32 or float64).
 
-    The distance product is one float64 product of augmented rows,
-    ``[x', |x'|^2, 1] . [-2 o', 1, |o'|^2] = s^``, so the obstacles are cached as
-    ``[-2 o', 1, |o'|^2]`` (N, d + 2) float64, and centred in ``work`` for the force product."""
+    No copy of the obstacles is made: each block is centred when it is used; only per-obstacle
+    numbers are cached (the squared norms of the centred obstacles, the parameters)."""
     centre = emb.mean(dim=0)
-    oc = emb - centre
-    on = oc.pow(2).sum(dim=1)
-    aug = torch.cat([-2 * oc, torch.ones_like(on)[:, None], on[:, None]], dim=1)
+    on = torch.zeros(emb.shape[0], dtype=torch.float64)
+    for s in range(0, emb.shape[0], 1 << 14):  # without a centred (N, d) copy
+        on[s : s + (1 << 14)] = (emb[s : s + (1 << 14)] - centre).pow(2).sum(dim=1)
 
     def one(v):  # a scalar when every obstacle has the same value (a cheaper broadcast)
         return float(v[0]) if bool((v == v[0]).all()) else None
@@ -177,8 +178,6 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
         work=work,
         centre=centre,
         o64=emb,
-        aug=aug,
-        oc=oc.to(work),  # the force product's operand
         on=on,  # float64 squared norms of the centred obstacles
         on_max=float(on.max()),
         q=q.to(work),
@@ -206,7 +205,6 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     m = rows.numel()
     xc = e[rows] - cache["centre"]
     xn = xc.pow(2).sum(dim=1)
-    x_aug = torch.cat([xc, xn[:, None], torch.ones_like(xn)[:, None]], dim=1)
     xw = xc.to(work)
     n = cache["o64"].shape[0] if members is None else members.numel()
     nb = block or max(256, min(8192, (1 << 20) // max(1, m)))
@@ -230,7 +228,9 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     for s in range(0, n, nb):
         sl = slice(s, min(n, s + nb))
         at = sl if members is None else members[sl]
-        sq = (x_aug @ cache["aug"][at].T).clamp_(min=0)  # s^, float64
+        occ = cache["o64"][at] - cache["centre"]  # this block, centred (float64)
+        sq = torch.addmm(cache["on"][at][None, :], xc, occ.T, alpha=-2)
+        sq.add_(xn[:, None]).clamp_(min=0)  # s^, float64
         dmin2 = sq.amin(dim=1)
         if bool((dmin2 <= thr).any()):
             # those below the row's bound, then tested exactly
@@ -253,7 +253,7 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
             c = (sq.sqrt() - cache["rad64"][at][None, :]).amin(dim=1)
             torch.minimum(clear_g, c, out=clear_g)
         if float(dmin2.min()) <= in_reach:  # a pair may be in range
-            _far(sq, xw, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc)
+            _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc)
     out.pot.index_add_(0, rows, acc["pot"])
     out.force.index_add_(0, rows, acc["force"])
     out.active.index_add_(0, rows, acc["active"])
@@ -263,7 +263,7 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
         _near(e, rows[i], j, cache, rho, pair_cap, pot_cap, out, d)
 
 
-def _far(sq, xw, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc):
+def _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc):
     """The far pairs of one block (near pairs already set to +inf): elementwise in ``work``,
     added to the group's float64 sums ``acc``."""
     inv = sq.to(work).rsqrt_()  # 1/D (0 for the masked pairs)
@@ -287,7 +287,7 @@ def _far(sq, xw, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc):
         if cap_f:
             coef.clamp_(max=pair_cap)
     coef.mul_(inv)  # |F| / D
-    f = torch.addmm(xw * coef.sum(dim=1, keepdim=True), coef, cache["oc"][at], alpha=-1)
+    f = torch.addmm(xw * coef.sum(dim=1, keepdim=True), coef, occ.to(work), alpha=-1)
     if scale != 1.0:
         f *= scale
     acc["force"] += f

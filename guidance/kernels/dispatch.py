@@ -24,10 +24,10 @@ from guidance.numerics import over_power
 
 __all__ = ["AUTO_CPU_MIN", "BACKENDS", "KERNEL_RANGE", "PRECISIONS", "KernelPath"]
 
-AUTO_CPU_MIN = 1024
-"""``backend="auto"`` takes the fast CPU path for sets of at least this many obstacles; smaller
-sets keep the float64 reference (a few milliseconds at most, bit for bit the results of earlier
-versions)."""
+AUTO_CPU_MIN = 1 << 16
+"""``backend="auto"`` takes the fast CPU path for sets of at least this many values (``N d``:
+1,000 obstacles at d = 3,072, or 1,024 at d = 64); smaller sets keep the float64 reference (a
+millisecond or so per state at most, bit for bit the results of earlier versions)."""
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 PRECISIONS = ("tf32", "tf32x3", "ieee")
@@ -126,7 +126,7 @@ class KernelPath:
     def cpu_usable(self, e: torch.Tensor, x_dtype: torch.dtype) -> bool:
         """Whether this evaluation runs the fast CPU path (:mod:`guidance.kernels.cpu`):
         ``backend="cpu"`` always (in range; a ``ValueError`` for states on another device);
-        ``"auto"`` for CPU states of sets of at least :data:`AUTO_CPU_MIN` obstacles (in
+        ``"auto"`` for CPU states of sets of at least :data:`AUTO_CPU_MIN` values ``N d`` (in
         range). Any floating dtype: float64 states are summed in float64, the others in float32
         (bfloat16 and float16 convert exactly)."""
         backend = self.field.backend
@@ -139,7 +139,7 @@ class KernelPath:
             return self.in_range(e, torch.float32)
         if backend != "auto" or e.device.type != "cpu":
             return False
-        if len(self.field.obstacles) < AUTO_CPU_MIN:
+        if len(self.field.obstacles) * self.field.dim < AUTO_CPU_MIN:
             return False
         return self.in_range(e, torch.float32)
 
