@@ -174,9 +174,22 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
     def one(v):  # a scalar when every obstacle has the same value (a cheaper broadcast)
         return float(v[0]) if bool((v == v[0]).all()) else None
 
+    # float32 screening for float32 work: the inputs' float32 values (exact copies of the set's)
+    o32 = on32 = reach32 = None
+    gamma32 = (emb.shape[1] + 4) * 2.0**-24
+    if work == torch.float32:
+        o32 = emb.to(torch.float32)
+        raw = emb.pow(2).sum(dim=1)
+        on32 = raw.to(torch.float32)
+        reach32 = ((q.square() * (1 + 8e-6) + gamma32 * raw) * (1 + 1e-6)).to(torch.float32)
     return dict(
         work=work,
         centre=centre,
+        o32=o32,
+        on32=on32,
+        on32_max=0.0 if on32 is None else float(on32.max()),
+        reach32=reach32,
+        gamma32=gamma32,
         o64=emb,
         on=on,  # float64 squared norms of the centred obstacles
         on_max=float(on.max()),
@@ -225,9 +238,25 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     near_g = torch.full((m,), torch.inf, dtype=torch.float64)
     clear_g = torch.full((m,), torch.inf, dtype=torch.float64)
     near_pairs = []
+    # float32 screening (float32 work, one hard radius): the inputs' own float32 values
+    screen = cache["o32"] is not None and cache["rad0"] is not None
+    if screen:
+        x32 = e[rows].to(torch.float32)  # exact: the states are float32 (or half) values
+        xn32 = e[rows].pow(2).sum(dim=1)
+        g32 = cache["gamma32"]
+        row_thr = (g32 * xn32).to(torch.float32)  # gamma |x|^2, per row
+        near_slack = (2 * g32 * (xn32 + cache["on32_max"]) * (1 + 1e-6)).to(torch.float32)
+        xn32 = xn32.to(torch.float32)
     for s in range(0, n, nb):
         sl = slice(s, min(n, s + nb))
         at = sl if members is None else members[sl]
+        if screen:
+            pairs = _screen(x32, xn32, row_thr, near_slack, at, cache, m * (sl.stop - s))
+            if pairs is not None:  # every pair that may matter, few: exact differences
+                i, j = pairs
+                if i.numel():
+                    near_pairs.append((i, j + s if members is None else at[j]))
+                continue
         occ = cache["o64"][at] - cache["centre"]  # this block, centred (float64)
         sq = torch.addmm(cache["on"][at][None, :], xc, occ.T, alpha=-2)
         sq.add_(xn[:, None]).clamp_(min=0)  # s^, float64
@@ -261,6 +290,27 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     out.clear[rows] = torch.minimum(out.clear[rows], clear_g)
     for i, j in near_pairs:
         _near(e, rows[i], j, cache, rho, pair_cap, pot_cap, out, d)
+
+
+def _screen(x32, xn32, row_thr, near_slack, at, cache, size):
+    """Float32 screening of one block: the pairs ``(i, j)`` that may be within Q* or may be
+    the nearest of their row, when they are at most 1/32 of the block (else None: the block
+    takes the float64 path).
+
+    The float32 expansion of the inputs' exact float32 values is within
+    ``gamma32 (|x|^2 + |o|^2)`` of D^2 (``gamma32 = (d + 4) 2^-24``, BLAS rounding to nearest);
+    a pair with ``s32 > Q^2 (1 + 8e-6) + gamma32 (|x|^2 + |o|^2)`` is certainly out of range, and
+    one with ``s32 > min_row(s32) + 2 gamma32 (|x|^2 + max |o|^2)`` is certainly not its row's
+    nearest."""
+    s32 = torch.addmm(cache["on32"][at][None, :], x32, cache["o32"][at].T, alpha=-2)
+    s32.add_(xn32[:, None])
+    maybe = s32 <= cache["reach32"][at][None, :] + row_thr[:, None]
+    rowmin = s32.amin(dim=1)
+    maybe |= s32 <= (rowmin + near_slack)[:, None]
+    count = int(maybe.sum())
+    if count > max(64, size // 32):
+        return None
+    return maybe.nonzero(as_tuple=True)
 
 
 def _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc):

@@ -165,7 +165,6 @@ class KernelPath:
         if f.clusters is not None:
             alive, near_lb, clear_lb = f.clusters.bounds(e)
             groups, work_pairs = [], 0
-            everything = torch.arange(n)
             for r0 in range(0, e.shape[0], _GROUP):
                 rows = torch.arange(r0, min(e.shape[0], r0 + _GROUP))
                 ks = alive[rows].any(dim=0).nonzero().flatten().tolist()
@@ -174,8 +173,8 @@ class KernelPath:
                     if ks
                     else torch.zeros(0, dtype=torch.long)
                 )
-                if members.numel() > n // 2:
-                    members = everything
+                if members.numel() > n // 2:  # cheaper as one dense pass
+                    members = torch.arange(n)
                 groups.append((rows, members))
                 work_pairs += rows.numel() * members.numel()
             f.last_evaluated = work_pairs / e.shape[0]
