@@ -163,3 +163,15 @@ def test_outside_the_range_the_reference_runs():
     assert not field.kernel.cpu_usable(x, torch.float64)
     out = field.evaluate(x)
     assert bool(torch.isfinite(out.nearest).all())
+
+
+def test_long_blocks_keep_the_bound():
+    """3,000 obstacles in one block, dense: one float32 product over the whole block summed its
+    3,000 terms in one chain (3.6e-5 of the force scale); chunks of 256 keep the bound."""
+    rng = np.random.default_rng(7)
+    o, x = _blobs(rng, 3000, 8, 5)
+    dist = np.linalg.norm(x[:, None] - o[None], axis=2)
+    q = np.median(dist) * rng.uniform(0.8, 1.2, len(o))
+    oset = ObstacleSet.from_embeddings(o, q_star=q, eta=rng.uniform(0.5, 2, len(o)), radius=0.5)
+    x64 = torch.from_numpy(x).float().double()
+    _check(oset, x64, torch.float32, 1e-5, max_force=1e30, block=4096)

@@ -2,11 +2,17 @@ r"""The repulsive field's pair sums on the CPU: matrix products for far pairs, e
 for near ones, blocked over the obstacles (:class:`guidance.RepulsiveField` with
 ``backend="cpu"``, and ``backend="auto"`` for CPU states).
 
-For states ``x`` (B, d) and obstacles ``o`` (N, d), both centred on the obstacles' float64 mean
-``c``, each block of ``nb`` obstacles costs:
+For states ``x`` (B, d) and obstacles ``o`` (N, d) (both centred on the obstacles' float64 mean
+``c`` when that mean lies farther out than they spread, a common offset; as given otherwise),
+each block of ``nb`` obstacles costs:
 
-1. **distances**: one float64 product, ``s^ = |x'|^2 + |o'|^2 - 2 x'.o'`` (``x' = x - c``; each
-   block of obstacles centred in float64 when it is used; their squared norms cached);
+0. **screening** (float32 work, one hard radius for all): one float32 product of the inputs'
+   own float32 values; when at most 1/32 of the block's pairs may be within Q* or be their
+   row's nearest (its rounding bounded by ``(d + 4) 2^-24 (|x|^2 + |o|^2)``), those pairs take
+   the differences below and the block is done (sparse sets); otherwise the block, and the
+   rest of the group, go on;
+1. **distances**: one float64 product, ``s^ = |x'|^2 + |o'|^2 - 2 x'.o'`` (``x' = x - c``; with
+   an offset each block of obstacles is centred in float64 when it is used);
 2. **the rule** (:func:`guidance.kernels.bounds.cpu_rule`, the same derivation as the kernel's):
    a pair with ``s^ <= tau S`` (``S = |x'|^2 + |o'|^2``) that may be within its Q* is *near*: its
    distance and force come from the differences ``x - o`` of the inputs, in float64, exactly as
@@ -14,23 +20,22 @@ For states ``x`` (B, d) and obstacles ``o`` (N, d), both centred on the obstacle
    2.5e-4 (d = 64) to 0.015 (d = 4096) for float64;
 3. **far pairs**: the thresholds, weights and potential elementwise, in float32 for float32 (and
    bfloat16, float16) states or float64 for float64 states, and the force as one more product,
-   ``F += (sum_j c_j) x' - c @ o'`` (the block's centred obstacles in that dtype). A block with
-   no pair in range skips step 3 (the distances still give ``nearest`` and ``clearance``).
+   ``F += (sum_j c_j) x' - c @ o'`` (the block's obstacles in that dtype). A block with no pair
+   in range skips step 3 (the distances still give ``nearest`` and ``clearance``).
 
 Each block's sums are added in float64. With ``float32`` work, the per-pair error is within the
 rule's ``eps = 1e-5`` of the pair's scale (:mod:`guidance.kernels.bounds`); the float32 sums
 within a block add at most ``nb`` roundings of the sum of the terms (``sqrt(nb)`` typically), the
 float64 sums between blocks nothing measurable. Float64 work keeps ``eps = 1e-10``.
 
-**Memory.** No copy of the obstacles is made beyond the field's own float64 copy: the path
-caches per-obstacle numbers only (the squared norms of the centred obstacles and the
-parameters, about ``64 N`` bytes). Its working memory does not grow with N: states are taken
-``rows`` at a time (at most 4,096) and obstacles ``nb`` at a time, with ``rows * nb <= 2^20`` by
-default (``nb`` from 256 to 8,192), so a block's temporaries are about ``30 rows nb`` bytes
-(30 MiB) plus the block of centred obstacles (``12 nb d`` bytes: 6 MiB at d = 64, 8,192),
-near pairs are taken ``2^20 / d`` at a time (``16 * 2^20`` bytes), and the outputs are ``(B, d)``
-float64: at most about 70 MiB at d = 256 whatever N is (measured at N = 1M:
-``benchmarks/field_memory.py``).
+**Memory.** The path caches the obstacles in float32 for float32 work (``4 N d`` bytes, the
+inputs' own values; none for float64 work) and per-obstacle numbers (squared norms and
+parameters, about ``80 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
+memory does not grow with N: states are taken ``rows`` at a time (at most 4,096) and obstacles
+``nb`` at a time, with ``rows * nb <= 2^20`` by default (``nb`` from 256 to 8,192), so a block's
+temporaries are about ``30 rows nb`` bytes (30 MiB) plus, with an offset, the block of centred
+obstacles (``12 nb d`` bytes); near pairs are taken ``2^20 / d`` at a time (``16 * 2^20``
+bytes); the outputs are ``(B, d)`` float64. Measured at N = 1M: ``benchmarks/field_memory.py``.
 
 **Threads.** Products and elementwise work run on torch's intra-op threads
 (``torch.get_num_threads()``, or ``threads`` for the call).
@@ -164,9 +169,15 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
     float64 with per-obstacle ``q``, ``eta/Q^2``, ``eta/Q^3`` and ``radius`` (float64), for work
     in ``work`` (float32 or float64).
 
-    No copy of the obstacles is made: each block is centred when it is used; only per-obstacle
-    numbers are cached (the squared norms of the centred obstacles, the parameters)."""
-    centre = emb.mean(dim=0)
+    The obstacles are centred on their mean only when that mean lies farther from the origin
+    than they spread around it (a common offset, which would inflate every pair's rho); then
+    each block is centred when it is used. Otherwise the products take the obstacles as they
+    are. Cached: the obstacles in float32 for float32 work (the inputs' own values), and
+    per-obstacle numbers (squared norms, parameters)."""
+    mean = emb.mean(dim=0)
+    spread = float((emb - mean).abs().max()) if emb.shape[0] > 1 else 0.0
+    offset = float(mean.abs().max()) > spread
+    centre = mean if offset else torch.zeros_like(mean)
     on = torch.zeros(emb.shape[0], dtype=torch.float64)
     for s in range(0, emb.shape[0], 1 << 14):  # without a centred (N, d) copy
         on[s : s + (1 << 14)] = (emb[s : s + (1 << 14)] - centre).pow(2).sum(dim=1)
@@ -185,6 +196,7 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
     return dict(
         work=work,
         centre=centre,
+        offset=offset,
         o32=o32,
         on32=on32,
         on32_max=0.0 if on32 is None else float(on32.max()),
@@ -238,7 +250,8 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     near_g = torch.full((m,), torch.inf, dtype=torch.float64)
     clear_g = torch.full((m,), torch.inf, dtype=torch.float64)
     near_pairs = []
-    # float32 screening (float32 work, one hard radius): the inputs' own float32 values
+    # float32 screening (float32 work, one hard radius): the inputs' own float32 values; a
+    # group whose first screened block is dense stops screening (it would only add work)
     screen = cache["o32"] is not None and cache["rad0"] is not None
     if screen:
         x32 = e[rows].to(torch.float32)  # exact: the states are float32 (or half) values
@@ -257,7 +270,10 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
                 if i.numel():
                     near_pairs.append((i, j + s if members is None else at[j]))
                 continue
-        occ = cache["o64"][at] - cache["centre"]  # this block, centred (float64)
+            screen = False
+        occ = cache["o64"][at]
+        if cache["offset"]:
+            occ = occ - cache["centre"]  # this block, centred (float64)
         sq = torch.addmm(cache["on"][at][None, :], xc, occ.T, alpha=-2)
         sq.add_(xn[:, None]).clamp_(min=0)  # s^, float64
         dmin2 = sq.amin(dim=1)
@@ -313,6 +329,26 @@ def _screen(x32, xn32, row_thr, near_slack, at, cache, size):
     return maybe.nonzero(as_tuple=True)
 
 
+_K = 256  # the longest float32 summation chain of the force product
+
+
+def _chunked_product(c: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``c @ o`` (B, n) x (n, d) as float64, from float32 products over chunks of at most
+    :data:`_K` obstacles summed in float64 (a BLAS product sums its whole length in one
+    float32 chain: 3,000 obstacles gave 3.6e-5 of the force scale, chunks of 256 keep it at
+    about 5e-6)."""
+    b, n = c.shape
+    full = n - n % _K
+    out = torch.zeros(b, o.shape[1], dtype=torch.float64)
+    if full:
+        k = full // _K
+        cc = c[:, :full].reshape(b, k, _K).transpose(0, 1)  # (k, B, K)
+        out += torch.bmm(cc, o[:full].reshape(k, _K, -1)).sum(dim=0, dtype=torch.float64)
+    if full < n:
+        out += (c[:, full:] @ o[full:]).double()
+    return out
+
+
 def _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc):
     """The far pairs of one block (near pairs already set to +inf): elementwise in ``work``,
     added to the group's float64 sums ``acc``."""
@@ -337,7 +373,11 @@ def _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc
         if cap_f:
             coef.clamp_(max=pair_cap)
     coef.mul_(inv)  # |F| / D
-    f = torch.addmm(xw * coef.sum(dim=1, keepdim=True), coef, occ.to(work), alpha=-1)
+    if cache["offset"] or work == torch.float64:
+        ow = occ.to(work)
+    else:  # the cached float32 values, the same numbers
+        ow = cache["o32"][at]
+    f = xw.double() * coef.sum(dim=1, keepdim=True).double() - _chunked_product(coef, ow)
     if scale != 1.0:
         f *= scale
     acc["force"] += f
