@@ -33,8 +33,8 @@ inputs' own values; none for float64 work) and per-obstacle numbers (squared nor
 parameters, about ``80 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
 memory does not grow with N: states are taken ``rows`` at a time (at most 4,096) and obstacles
 ``nb`` at a time, with ``rows * nb <= 2^20`` by default (``nb`` from 256 to 8,192), so a block's
-temporaries are about ``30 rows nb`` bytes (30 MiB) plus, with an offset, the block of centred
-obstacles (``12 nb d`` bytes); near pairs are taken ``2^20 / d`` at a time (``16 * 2^20``
+temporaries are about ``30 rows nb`` bytes (30 MiB) plus, when pruning gathers a block or an
+offset centres it, that block of obstacles (``12 nb d`` bytes); near pairs are taken ``2^20 / d`` at a time (``16 * 2^20``
 bytes); the outputs are ``(B, d)`` float64. Measured at N = 1M: ``benchmarks/field_memory.py``.
 
 **Threads.** Products and elementwise work run on torch's intra-op threads
