@@ -190,17 +190,19 @@ class KernelPath:
 
     # ------------------------------------------------------------------ the run
     def inputs(self, dev: torch.device, dtype: torch.dtype) -> dict:
-        """Obstacles for the kernel on ``dev`` in ``dtype``, cached: centred on their float64
-        mean for float32 (a common offset would make every pair 'near'), sorted by cluster
-        when pruning, with their squared norms and per-obstacle parameters in the same order."""
+        """Obstacles for the kernel on ``dev`` in ``dtype``, cached: as stored (the kernel's
+        differences path takes them as they are), with the centre the kernel subtracts before
+        its products (their mean rounded to float32, for float32; a common offset would inflate
+        every pair's rho), sorted by cluster when pruning, with the squared norms of the centred
+        values and the per-obstacle parameters in the same order."""
         from guidance.kernels.repulsive import centred, sq_norms
 
         key = (str(dev), dtype)
         if key not in self._cache:
             f = self.field
-            # float32: centred in float64 first. bfloat16: used as given (rounding a centred copy
-            # to bf16 would move the points by 2^-9 |x - c|); an offset sends pairs to the
-            # kernel's exact differences path instead
+            # float32: centred by the kernel itself, in float32. bfloat16: used as given (rounding
+            # a centred copy to bf16 would move the points by 2^-9 |x - c|); an offset sends
+            # pairs to the kernel's exact differences path instead
             centre = self.limits()["centre"]
             if dtype != torch.float32:
                 centre = torch.zeros_like(centre)
