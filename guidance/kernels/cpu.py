@@ -35,7 +35,9 @@ memory does not grow with N: states are taken ``rows`` at a time (at most 4,096)
 ``nb`` at a time, with ``rows * nb <= 2^20`` by default (``nb`` from 256 to 8,192), so a block's
 temporaries are about ``30 rows nb`` bytes (30 MiB) plus, when pruning gathers a block or an
 offset centres it, that block of obstacles (``12 nb d`` bytes); near pairs are taken ``2^20 / d`` at a time (``16 * 2^20``
-bytes); the outputs are ``(B, d)`` float64. Measured at N = 1M: ``benchmarks/field_memory.py``.
+bytes); the outputs are ``(B, d)`` float64. With pruning, a group's list of member positions
+adds at most ``8 N`` bytes (half the set, as int64, and its concatenation): the one term that
+grows with N, 8 MiB at N = 1M. Measured at N = 1M: ``benchmarks/field_memory.py``.
 
 **Threads.** Products and elementwise work run on torch's intra-op threads
 (``torch.get_num_threads()``, or ``threads`` for the call).
