@@ -16,11 +16,11 @@ import sys
 import time
 
 CHECK = """
-import sys
-from cspace.cli import main
+import runpy, sys
 for argv in (["--help"], ["demo", "--n", "x"]):
+    sys.argv = ["cspace", *argv]
     try:
-        main(argv)
+        runpy.run_module("cspace.cli", run_name="__main__")
     except SystemExit:
         pass
 print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
