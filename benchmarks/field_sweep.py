@@ -17,6 +17,9 @@ reference). Presets:
   the dense kernel against the pruned kernel; target: pruning >= 5 x faster at N = 10M. CPU:
   the exact CPU routes, pruned reference and FAISS range search.
 * ``cpu``: what runs on a CPU in minutes (reference only up to N = 20,000).
+* ``cpu-fast``: the same grid for the fast CPU path (``cpu``, ``cpu-pruned``) against
+  ``torch-compile``; target: the ``cpu`` row within 3 x the floor, faster than torch.compile,
+  force error <= 1e-5 (float32 inputs).
 
 Prints a markdown table (target and pass/fail where the case has one) and writes all reports as
 one JSON list (``--out``); ``--summarize FILE`` prints a saved sweep as one row per case.
@@ -71,7 +74,13 @@ def preset(name: str, max_n: int, device: str) -> list[dict]:
                 backends = ["reference", *backends]
             cases.append(dict(b=b, n=n, d=d, q_quantile=q, backends=backends))
         return cases
-    raise ValueError(f"unknown preset {name!r}: targets, scaling or cpu")
+    if name == "cpu-fast":  # the fast CPU path against the floor and torch.compile
+        return [
+            dict(b=b, n=n, d=d, q_quantile=q, backends=["cpu", "cpu-pruned", "torch-compile"],
+                 target=("cpu", "cpu", 3.0))
+            for b, n, d, q in product((16, 64), (20_000, 100_000), (64, 256), (0.5, 0.0005))
+        ]  # fmt: skip
+    raise ValueError(f"unknown preset {name!r}: targets, scaling, cpu or cpu-fast")
 
 
 def check(rep: dict, target) -> tuple[float, bool] | None:
@@ -80,6 +89,10 @@ def check(rep: dict, target) -> tuple[float, bool] | None:
         return None
     backend, kind, value = target
     row = next(r for r in rep["rows"] if r["backend"] == backend)
+    if kind == "cpu":  # within `value` x the floor, faster than torch.compile, error <= 1e-5
+        other = next(r for r in rep["rows"] if r["backend"] == "torch-compile")
+        ok = row["x_floor"] <= value and row["seconds"] < other["seconds"]
+        return row["x_floor"], ok and row["force_rel_error"] <= 1e-5
     bound = 1e-2 if rep["dtype"] == "bfloat16" else 1e-3
     accurate = max(row["force_rel_error"], row["potential_rel_error"]) <= bound
     if kind == "ms":
@@ -114,7 +127,7 @@ def summarize(reports: list[dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=["targets", "scaling", "cpu"], default=None)
+    p.add_argument("--preset", choices=["targets", "scaling", "cpu", "cpu-fast"], default=None)
     p.add_argument("--b", default="64")
     p.add_argument("--n", default="100000")
     p.add_argument("--d", default="64")

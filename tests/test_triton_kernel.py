@@ -34,6 +34,43 @@ def test_kernel_matches_the_reference_in_the_interpreter(seed):
     assert proc.stdout.count("\n") >= 15  # every case ran
 
 
+def _bounds(cases: int, seed: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "kernel_bounds.py"),
+            "--cases",
+            str(cases),
+            "--seed",
+            str(seed),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=HERE.parent,
+    )
+
+
+def test_kernel_keeps_its_bound_on_small_random_problems():
+    """The near-pair rule from the error bound (guidance.kernels.bounds), in the interpreter:
+    the reported case (one state, one obstacle, d = 3, Q* = sqrt(3), tf32: relative force error
+    3.9e-3 with the old rule tau = 1/4) and 90 random problems (B, N 1..8, d 1..70, Q* from the
+    smallest to the largest pair distance, common offsets; tf32, float32 products, bfloat16)."""
+    proc = _bounds(90, 0)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "bound held on every case" in proc.stdout
+    assert proc.stdout.count("cases: largest error") == 3  # every kind ran
+
+
+@pytest.mark.slow
+def test_kernel_keeps_its_bound_on_a_thousand_problems():
+    proc = _bounds(1000, 1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "bound held on every case" in proc.stdout
+
+
 def test_backend_argument():
     import numpy as np
 

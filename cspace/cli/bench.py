@@ -14,6 +14,8 @@ __all__ = ["register"]
 BACKENDS = (
     "reference",
     "pruned",
+    "cpu",
+    "cpu-pruned",
     "faiss-range",
     "torch-eager",
     "torch-compile",

@@ -15,6 +15,9 @@ potential, force and nearest distance are compared with the float64 reference:
 
 * ``reference``: the torch float64 reference (:class:`guidance.RepulsiveField`, ``backend="torch"``);
 * ``pruned``: the reference with exact cluster pruning (``prune=True``);
+* ``cpu``: the fast CPU path (:mod:`guidance.kernels.cpu`, ``backend="cpu"``: float64 product
+  distances, float32 work for float32 states, exact differences for near pairs);
+* ``cpu-pruned``: the same with exact cluster pruning;
 * ``faiss-range``: FAISS range search (CPU) for the pairs within Q* (:meth:`ObstacleSet.within`,
   exact distances recomputed), then the pair sums on those pairs only;
 * ``torch-eager``: what a user writes by hand in torch, in the input dtype: the (B, N) distance
@@ -24,7 +27,7 @@ potential, force and nearest distance are compared with the float64 reference:
 * ``triton``: the fused kernel (:mod:`guidance.kernels.repulsive`; CUDA);
 * ``triton-pruned``: the kernel over the clusters that survive the exact bound (CUDA).
 
-Default backends: reference, pruned, faiss-range, torch-eager on the CPU; torch-eager,
+Default backends: reference, cpu, cpu-pruned, pruned, faiss-range, torch-eager on the CPU; torch-eager,
 torch-compile, triton, triton-pruned on CUDA.
 
 **Floor.** What the hardware needs at least for the kernel's work, from two rates measured in the
@@ -64,6 +67,8 @@ __all__ = [
 BACKENDS = (
     "reference",
     "pruned",
+    "cpu",
+    "cpu-pruned",
     "faiss-range",
     "torch-eager",
     "torch-compile",
@@ -182,7 +187,7 @@ def bench_field(
         backends = (
             ["torch-eager", "torch-compile", "triton", "triton-pruned"]
             if dev.type == "cuda"
-            else ["reference", "pruned", "faiss-range", "torch-eager"]
+            else ["reference", "cpu", "cpu-pruned", "pruned", "faiss-range", "torch-eager"]
         )
     bad = [x for x in backends if x not in BACKENDS]
     if bad:
@@ -230,6 +235,10 @@ def bench_field(
             record(name, field_fn(ref_field, xin.double()))
         elif name == "pruned":
             record(name, field_fn(RepulsiveField(oset, prune=True, backend="torch"), xin.double()))
+        elif name in ("cpu", "cpu-pruned"):
+            fast = RepulsiveField(oset, backend="cpu", prune=name == "cpu-pruned" or None)
+            record(name, field_fn(fast, xin.cpu()))
+            rows[-1]["evaluated_per_state"] = fast.last_evaluated
         elif name == "faiss-range":
             x_cpu = xin.double().cpu()
 

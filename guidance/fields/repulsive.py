@@ -63,6 +63,7 @@ import torch
 
 from cspace.models.space import space_of
 from guidance.fields.base import Field, Projection, safe_norm
+from guidance.kernels.cpu import check_block, check_threads
 from guidance.kernels.dispatch import BACKENDS, KERNEL_RANGE, PRECISIONS, KernelPath
 from guidance.numerics import over_power, over_power_np
 from obstacles import ObstacleSet
@@ -90,15 +91,25 @@ class RepulsiveField(Field):
             cluster's Q*.
         backend: ``"torch"`` (this float64 reference), ``"triton"`` (the fused kernel of
             :mod:`guidance.kernels.repulsive`: float32 or bfloat16 inputs, matrix-product
-            distances for far pairs, differences for near ones, float32 accumulation) or
-            ``"auto"`` (the kernel for float32/bfloat16 CUDA states when Triton is installed,
-            the reference otherwise). The kernel serves the clean mode, with or without
-            pruning (then over the surviving clusters); the noisy mode, and inputs outside the
-            kernel's float32-safe range (:attr:`KERNEL_RANGE`), use the reference.
+            distances for far pairs, differences for near ones, float32 accumulation), ``"cpu"``
+            (the fast CPU path of :mod:`guidance.kernels.cpu`: float64 products for the
+            distances, float32 or float64 work for the rest, exact differences for near
+            pairs, blocked over the obstacles; half-precision states are summed in float32) or
+            ``"auto"``: the kernel for float32/bfloat16 CUDA states when Triton is installed,
+            the CPU path for CPU states of sets of at least
+            :data:`~guidance.kernels.dispatch.AUTO_CPU_MIN` values (N d >= 65,536), the
+            reference otherwise. Both serve the clean mode, with or without pruning (then over the
+            surviving clusters); the noisy mode, and inputs outside the float32-safe range
+            (:attr:`KERNEL_RANGE`), use the reference. Each keeps the bound of
+            :mod:`guidance.kernels.bounds` (per state, against the pairs' scales).
         precision: the kernel's product precision for float32 states: ``"tf32"`` (tensor
             cores; relative error <= 1e-3 against the reference, tested), ``"tf32x3"`` or
             ``"ieee"`` (float32 products; about 1e-6). With ``"tf32"`` the kernel rounds the
             operands to tf32 itself, so Triton's CPU interpreter reproduces the GPU's rounding.
+        block: the CPU path's obstacles per block (1 to 2^24; default: about 2^20 / B, from
+            256 to 8,192, which keeps its temporaries near 40 MiB whatever N is).
+        threads: torch threads for the CPU path's calls (1 to the CPUs this process may use;
+            default: torch's setting).
     """
 
     _what = "the obstacles"
@@ -117,6 +128,8 @@ class RepulsiveField(Field):
         prune: bool | int | None = None,
         backend: str = "auto",
         precision: str = "tf32",
+        block: int | None = None,
+        threads: int | None = None,
     ) -> None:
         if not isinstance(obstacles, ObstacleSet):
             raise TypeError(
@@ -150,8 +163,11 @@ class RepulsiveField(Field):
             self.max_force = float(np.max(per)) if np.all(np.isfinite(per)) else np.inf
         self.backend = backend
         self.precision = precision
+        self.block = check_block(block)
+        self.threads = check_threads(threads)
         self.kernel = KernelPath(self)
         self.clusters = None
+        self._o_max = None  # the largest |coordinate| of the obstacles (the reference's scaling)
         self.last_evaluated = float(len(obstacles))  # obstacles per state in the last evaluate
         if prune:
             k = None if prune is True else int(prune)
@@ -170,8 +186,14 @@ class RepulsiveField(Field):
         float64 reference over every obstacle or over the surviving clusters."""
         scale = self._levels(t, x.shape[0], x.device)
         e64 = emb.to(torch.float64)
-        if scale is None and self.kernel.usable(e64, emb.dtype):
-            out = self.kernel(emb)
+        fast = None
+        if scale is None:
+            if self.kernel.usable(e64, emb.dtype):
+                fast = self.kernel
+            elif self.kernel.cpu_usable(e64, emb.dtype):
+                fast = lambda v: self.kernel.cpu(v.to(torch.float64), emb.dtype)  # noqa: E731
+        if fast is not None:
+            out = fast(emb)
             bad = self.kernel.unsound(out)
             if not bool(bad.any()):
                 return out
@@ -220,7 +242,12 @@ class RepulsiveField(Field):
         pot_cap = min(self.max_potential, 1e300 / n_total)
         default_dir = torch.full((d,), d**-0.5, dtype=torch.float64, device=dev)
         rho = self.rho_min
-        o_max = float(emb_all.abs().max()) if emb_all.numel() else 0.0
+        if index is None:  # state-independent: once per field, not at every sampler step
+            if self._o_max is None:
+                self._o_max = float(emb_all.abs().max())
+            o_max = self._o_max
+        else:
+            o_max = float(emb_all.abs().max()) if emb_all.numel() else 0.0
         halve = max(float(e.abs().max()), o_max) > 1e300
         chunk = max(1, self.chunk_elements // max(1, b * d))
         for s in range(0, emb_all.shape[0], chunk):

@@ -22,9 +22,14 @@ import torch
 
 from guidance.numerics import over_power
 
-__all__ = ["BACKENDS", "KERNEL_RANGE", "PRECISIONS", "KernelPath"]
+__all__ = ["AUTO_CPU_MIN", "BACKENDS", "KERNEL_RANGE", "PRECISIONS", "KernelPath"]
 
-BACKENDS = ("auto", "torch", "triton")
+AUTO_CPU_MIN = 1 << 16
+"""``backend="auto"`` takes the fast CPU path for sets of at least this many values (``N d``:
+1,000 obstacles at d = 3,072, or 1,024 at d = 64); smaller sets keep the float64 reference (a
+millisecond or so per state at most, bit for bit the results of earlier versions)."""
+
+BACKENDS = ("auto", "torch", "triton", "cpu")
 PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 KERNEL_RANGE = 1e15
@@ -88,7 +93,8 @@ class KernelPath:
         if x_dtype == torch.bfloat16:  # used as given, not centred
             return max(lim["raw_max"], float(e.abs().max())) <= KERNEL_RANGE
         states = float((e - lim["centre"].to(e.device)).abs().max())
-        return max(lim["centred_max"], states) <= KERNEL_RANGE
+        raw = max(lim["raw_max"], float(e.abs().max()))  # the differences path takes raw values
+        return max(lim["centred_max"], states) <= KERNEL_RANGE and raw <= KERNEL_RANGE**2
 
     @staticmethod
     def unsound(sums: tuple) -> torch.Tensor:
@@ -105,7 +111,7 @@ class KernelPath:
         """Whether this evaluation runs the kernel: ``backend="triton"`` always (in range);
         ``"auto"`` for float32/bfloat16 CUDA states when Triton is installed (in range)."""
         backend = self.field.backend
-        if backend == "torch":
+        if backend in ("torch", "cpu"):
             return False
         if backend == "triton":
             return self.in_range(e, x_dtype)
@@ -117,19 +123,86 @@ class KernelPath:
             return False
         return self.in_range(e, x_dtype)
 
+    def cpu_usable(self, e: torch.Tensor, x_dtype: torch.dtype) -> bool:
+        """Whether this evaluation runs the fast CPU path (:mod:`guidance.kernels.cpu`):
+        ``backend="cpu"`` always (in range; a ``ValueError`` for states on another device);
+        ``"auto"`` for CPU states of sets of at least :data:`AUTO_CPU_MIN` values ``N d`` (in
+        range). Any floating dtype: float64 states are summed in float64, the others in float32
+        (bfloat16 and float16 convert exactly)."""
+        backend = self.field.backend
+        if backend == "cpu":
+            if e.device.type != "cpu":
+                raise ValueError(
+                    f"backend='cpu' needs CPU states; got {e.device.type} tensors (move them with "
+                    ".cpu(), or use backend='auto', which picks the kernel on CUDA)"
+                )
+            return self.in_range(e, torch.float32)
+        if backend != "auto" or e.device.type != "cpu":
+            return False
+        if len(self.field.obstacles) * self.field.dim < AUTO_CPU_MIN:
+            return False
+        return self.in_range(e, torch.float32)
+
+    def cpu(self, e: torch.Tensor, x_dtype: torch.dtype):
+        """The fast CPU path's pair sums for embeddings ``e`` (B, d) float64 (the states' exact
+        values), as float64; over the clusters alive for each group of states when pruning.
+        Sets the field's ``last_evaluated``."""
+        from guidance.kernels.cpu import _GROUP, cpu_pair_sums, prepare, threads_of
+
+        f = self.field
+        n = len(f.obstacles)
+        work = torch.float64 if x_dtype == torch.float64 else torch.float32
+        key = ("cpu", work)
+        if key not in self._cache:
+            self._cache[key] = prepare(
+                f._emb, f._q, over_power(f._eta, f._q, 2), over_power(f._eta, f._q, 3),
+                f._radius, work,
+            )  # fmt: skip
+        cache = self._cache[key]
+        e = e.to(torch.float64)
+        groups, near_lb, clear_lb = None, None, None
+        f.last_evaluated = float(n)
+        if f.clusters is not None:
+            alive, near_lb, clear_lb = f.clusters.bounds(e)
+            groups, work_pairs = [], 0
+            for r0 in range(0, e.shape[0], _GROUP):
+                rows = torch.arange(r0, min(e.shape[0], r0 + _GROUP))
+                ks = alive[rows].any(dim=0).nonzero().flatten().tolist()
+                members = (
+                    torch.cat([f.clusters.members(k) for k in ks])
+                    if ks
+                    else torch.zeros(0, dtype=torch.long)
+                )
+                if members.numel() > n // 2:  # cheaper as one dense pass
+                    members = torch.arange(n)
+                groups.append((rows, members))
+                work_pairs += rows.numel() * members.numel()
+            f.last_evaluated = work_pairs / e.shape[0]
+        with threads_of(f.threads):
+            pot, force, near, clear, active = cpu_pair_sums(
+                e, cache, f.rho_min, min(f.max_force, 1e300 / n),
+                min(f.max_potential, 1e300 / n), block=f.block, groups=groups,
+            )  # fmt: skip
+        if near_lb is not None:
+            near = torch.minimum(near, near_lb)
+            clear = torch.minimum(clear, clear_lb)
+        return pot, force, near, clear, active
+
     # ------------------------------------------------------------------ the run
     def inputs(self, dev: torch.device, dtype: torch.dtype) -> dict:
-        """Obstacles for the kernel on ``dev`` in ``dtype``, cached: centred on their float64
-        mean for float32 (a common offset would make every pair 'near'), sorted by cluster
-        when pruning, with their squared norms and per-obstacle parameters in the same order."""
-        from guidance.kernels.repulsive import sq_norms
+        """Obstacles for the kernel on ``dev`` in ``dtype``, cached: as stored (the kernel's
+        differences path takes them as they are), with the centre the kernel subtracts before
+        its products (their mean rounded to float32, for float32; a common offset would inflate
+        every pair's rho), sorted by cluster when pruning, with the squared norms of the centred
+        values and the per-obstacle parameters in the same order."""
+        from guidance.kernels.repulsive import centred, sq_norms
 
         key = (str(dev), dtype)
         if key not in self._cache:
             f = self.field
-            # float32: centred in float64 first. bfloat16: used as given (rounding a centred copy
-            # to bf16 would move the points by 2^-9 |x - c|); an offset sends pairs to the
-            # kernel's exact differences path instead
+            # float32: centred by the kernel itself, in float32. bfloat16: used as given (rounding
+            # a centred copy to bf16 would move the points by 2^-9 |x - c|); an offset sends
+            # pairs to the kernel's exact differences path instead
             centre = self.limits()["centre"]
             if dtype != torch.float32:
                 centre = torch.zeros_like(centre)
@@ -140,11 +213,12 @@ class KernelPath:
                 order, sizes = f.clusters.order, f.clusters.sizes
                 hi = sizes.cumsum(0)
                 bounds = torch.stack([hi - sizes, hi], dim=1)  # cluster k's range in `order`
-            oc = (f._emb[order] - centre).to(dtype)
+            o = f._emb[order].to(dtype)  # the stored float32 values (or bf16 roundings), exact
+            c32 = centre.to(torch.float32)
             self._cache[key] = dict(
-                centre=centre.to(dev),
-                o=oc.to(dev),
-                o_sqnorm=sq_norms(oc, f.precision).to(dev),
+                centre=c32.to(dev),
+                o=o.to(dev),
+                o_sqnorm=sq_norms(centred(o, c32), f.precision).to(dev),
                 q=f._q[order].float().to(dev),
                 eta=f._eta[order].float().to(dev),
                 radius=f._radius[order].float().to(dev),
@@ -164,7 +238,7 @@ class KernelPath:
         n = len(f.obstacles)
         dtype = e.dtype if e.dtype in (torch.float32, torch.bfloat16) else torch.float32
         kin = self.inputs(dev, dtype)
-        x = (e.double() - kin["centre"]).to(dtype)
+        x = e.to(dtype).contiguous()
         blocks = default_blocks(e.shape[0], e.shape[1], dtype, dev)
         extra: dict = {}
         if f.clusters is not None:
@@ -188,7 +262,7 @@ class KernelPath:
         pot, force, near, clear, active = pair_sums(
             x, kin["o"], kin["q"], kin["eta"], kin["radius"],
             f.rho_min, min(f.max_force, 1e300 / n), min(f.max_potential, 1e300 / n),
-            o_sqnorm=kin["o_sqnorm"], precision=f.precision, blocks=blocks,
+            centre=kin["centre"], o_sqnorm=kin["o_sqnorm"], precision=f.precision, blocks=blocks,
             poison=self.poison, **extra,
         )  # fmt: skip
         if f.clusters is not None:

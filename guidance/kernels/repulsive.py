@@ -18,19 +18,55 @@ segments it is given. Per tile, the squared distances come from matrix products
 
 and the far pairs' force from one more: ``F_i += (sum_j c_ij) x_i - sum_j c_ij o_j``.
 
-**Near pairs.** The expansion cancels catastrophically when ``D_ij`` is much smaller than
-``|x_i|`` and ``|o_j|`` (near an obstacle, or with a common offset: on near pairs with an offset of 30, 100% error
-with tf32 products, 20% with float32 products, measured on an H100). A pair is *near* when
+**Near pairs: the rule from the error bound.** The stated bound ``eps`` (tf32 1e-3, float32
+products 1e-5, bfloat16 1e-2) holds per state, for any number of pairs, one included, against
+each pair's scale (:mod:`guidance.kernels.bounds`)::
 
-    D^2_ij (expansion) <= tau (|x_i|^2 + |o_j|^2),
+    |dU_i| <= eps sum_j (U_ij + eta_j/(2 Q_j^2)),   |dF_i| <= eps sum_j (|F_ij| + eta_j/Q_j^3)
 
-``tau = 1/4`` for tf32 products and ``2^-6`` for float32/bf16 products: far pairs then have a
-relative error of D^2 of about ``eps_products / tau`` at most. For every tile with a near pair
-the kernel recomputes those pairs' distances, and their force terms, from the differences
-``x_i - o_j`` in float32 (``NEAR_D`` dimensions at a time), which is exact to float32 rounding.
-For float32 inputs the caller (:class:`guidance.RepulsiveField`) subtracts the obstacles' mean
-from states and obstacles first, in float64, so that a common offset does not make every pair
-near (bfloat16 inputs are used as given: re-rounding a centred copy would move the points).
+(the sums over the pairs within ``(1 + eps) Q_j``; for one pair deep in its range, the plain
+relative error; a bound on ``|dF_i| / |F_i|`` is impossible: forces cancel, and vanish at D = Q).
+A relative distance error ``e`` costs at most ``C_F e = 3.32 e`` of a pair's force scale and
+``2.5 e`` of its potential scale (the sensitivity ``3 + r/(1 - r)`` of the 1/D^3 law, tamed by the
+scale). The error of a distance from the expansion, per pair, with ``S = |x~|^2 + |o~|^2`` and
+``rho = sqrt(S) / D >= 1/sqrt(2)``:
+
+* *operands*: the products see the centred values rounded to their format, unit roundoff
+  ``u_op``: tf32 ``2^-11 + 2^-24`` (rounded to nearest by :func:`_tf32`, after the float32
+  centring), float32 ``2^-24`` (the centring), bfloat16 0 (used as given, exact). Each point moves
+  by at most ``u_op`` of its length: ``|D~ - D| <= u_op (|x~| + |o~|) <= sqrt(2) u_op rho D``;
+* *accumulation*: float32 sums of a length-d dot product and the rounded norms,
+  ``|s^ - D~^2| <= gamma S`` with ``gamma = (d + 4) 2^-23`` (worst case; tensor cores may
+  truncate, hence 2^-23), so ``gamma rho^2 / 2`` of D;
+* *coefficients and force product*: about 8 float32 roundings in ``|F|/D``; with tf32 the
+  coefficients and the obstacles are rounded to tf32 for the force product (``2^-11`` of the
+  pair, and ``2^-11 rho`` for the obstacles' part).
+
+So a pair keeps ``eps / 2`` (the other half is left to the float32 sums over pairs and the output's
+rounding) when ``C_F (sqrt(2) u_op rho + gamma rho^2 / 2) + e_fixed + e_dir rho <= eps / 2``,
+i.e. ``rho <= rho_max``, i.e. ``s^ >= tau S`` with ``tau = 1 / rho_max^2``
+(:func:`guidance.kernels.bounds.kernel_rule`). What that gives:
+
+* **tf32**: even the best pair (``rho = 1/sqrt(2)``) has ``3.32 * 2^-11 = 1.6e-3 > eps / 2``: one
+  tf32 rounding of the operands moves a point by 2^-11 of its length, and the 1/D^3 law triples
+  that. No pair in range may use tf32 distances (``tau = inf``);
+* **float32 products**: ``gamma`` grows with d; ``tau`` is 0.26 at d = 1, 0.97 at d = 16, and
+  infinite from d = 39 on (worst-case accumulation);
+* **bfloat16 inputs** (exact operands): ``tau`` = 3e-4 at d = 3, 3e-3 at d = 64, 0.011 at d = 256,
+  0.18 at d = 4096.
+
+The products keep two jobs where ``tau`` is infinite: a pair whose lower bound
+``sqrt(s^ - gamma S) - u_op (|x~| + |o~|)`` exceeds its Q* is *certainly out of range* and
+contributes exactly 0 (no error at all), whatever its ``rho``; and they give ``nearest`` and
+``clearance`` for those pairs (relative error ``e_D(rho)``; pairs with ``s^ <= tau_near S``,
+:data:`NEAR_TAU`, the cancellation regime, always take the differences). Every other pair -- in
+range, or not certainly out -- is recomputed from the differences of the inputs themselves (the
+float32 or bfloat16 values as given, not the centred copies): squared in float64 (exact), its
+force direction ``x - o`` in float32 (``2^-24``). So in the dense case every pair in range takes
+the differences path with tf32 and with float32 products at d >= 39, and the products serve only
+to skip the pairs out of range (the share is reported by ``benchmarks/kernel_near_share.py``).
+For float32 inputs the kernel subtracts the centre (the obstacles' mean, rounded to float32) from
+both operands itself, in float32, so that a common offset does not inflate ``rho``.
 
 **Segments and splits.** The obstacles are given as segments ``[seg_lo[s], seg_hi[s])`` of the
 obstacle array, and each block of states visits a list of segments (CSR: ``visit_ptr``,
@@ -56,11 +92,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["NEAR_TAU", "pair_sums", "sq_norms"]
+from guidance.kernels.bounds import kernel_rule
+
+__all__ = ["NEAR_TAU", "centred", "pair_sums", "sq_norms"]
 
 NEAR_TAU = {"tf32": 0.25, "tf32x3": 2.0**-6, "ieee": 2.0**-6}
-"""Near-pair threshold ``tau`` per product precision (bfloat16 inputs use the float32 value:
-bf16 x bf16 products are exact in float32)."""
+"""The cancellation threshold that keeps ``nearest`` and ``clearance`` accurate for pairs the
+expansion serves (``s^ <= tau_near S`` always takes the differences); bfloat16 inputs use the
+float32 value. The force and potential follow the bound's rule
+(:func:`guidance.kernels.bounds.kernel_rule`)."""
 
 
 @triton.jit
@@ -90,6 +130,18 @@ def _load_rows(ptr, idx, ok, d0, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _load_centred(ptr, c_ptr, idx, ok, d0, D, BLOCK_D: tl.constexpr, CENTRE: tl.constexpr):
+    """:func:`_load_rows` minus the centre ``c`` (float32, the same subtraction as
+    :func:`centred` in torch) when ``CENTRE``; the inputs as given otherwise (bfloat16)."""
+    v = _load_rows(ptr, idx, ok, d0, D, BLOCK_D)
+    if CENTRE:
+        dims = d0 + tl.arange(0, BLOCK_D)
+        c = tl.load(c_ptr + dims, mask=dims < D, other=0.0)
+        v = tl.where(ok[:, None] & (dims < D)[None, :], v - c[None, :], 0.0)
+    return v
+
+
+@triton.jit
 def _add_rows(ptr, idx, ok, d0, D, part, BLOCK_D: tl.constexpr):
     """``ptr[idx, d0:d0+BLOCK_D] += part`` (the program owns these rows: no atomics)."""
     dims = d0 + tl.arange(0, BLOCK_D)
@@ -100,13 +152,13 @@ def _add_rows(ptr, idx, ok, d0, D, part, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _field_kernel(
-    x_ptr, o_ptr, xn_ptr, on_ptr, q_ptr, eta_ptr, rad_ptr,
+    x_ptr, o_ptr, c_ptr, xn_ptr, on_ptr, q_ptr, eta_ptr, rad_ptr,
     seg_lo_ptr, seg_hi_ptr, visit_ptr, visit_seg_ptr,
     pot_ptr, force_ptr, near_ptr, clear_ptr, active_ptr,
-    B, D, rho, pair_cap, pot_cap, tau, SPLITS,
+    B, D, rho, pair_cap, pot_cap, inv_tau, tau_near, u_op, gamma, SPLITS,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     NEAR_D: tl.constexpr, PREC_X: tl.constexpr, PREC_C: tl.constexpr, ROUND_X: tl.constexpr,
-    ROUND_C: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_C: tl.constexpr, UPCAST: tl.constexpr, CENTRE: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)
     split = tl.program_id(1)
@@ -114,6 +166,7 @@ def _field_kernel(
     row_ok = rows < B
     out_rows = split * B + rows  # this split's partial outputs
     xn = tl.load(xn_ptr + rows, mask=row_ok, other=0.0)
+    x_len = tl.sqrt(xn)  # |x~|, for the operand-rounding bound
     pot = tl.zeros((BLOCK_B,), dtype=tl.float32)
     near = tl.full((BLOCK_B,), float("inf"), dtype=tl.float32)
     clear = tl.full((BLOCK_B,), float("inf"), dtype=tl.float32)
@@ -128,11 +181,11 @@ def _field_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
-            # squared distances from matrix products (tensor cores)
+            # squared distances from matrix products (tensor cores) of the centred operands
             dot = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
-                xs = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D)
-                os_ = _load_rows(o_ptr, cols, col_ok, d0, D, BLOCK_D)
+                xs = _load_centred(x_ptr, c_ptr, rows, row_ok, d0, D, BLOCK_D, CENTRE)
+                os_ = _load_centred(o_ptr, c_ptr, cols, col_ok, d0, D, BLOCK_D, CENTRE)
                 if ROUND_X:  # float32 inputs, tf32 products
                     xs = _tf32(xs)
                     os_ = _tf32(os_)
@@ -141,20 +194,31 @@ def _field_kernel(
                     os_ = os_.to(tl.float32)
                 dot = tl.dot(xs, tl.trans(os_), dot, input_precision=PREC_X)
             on = tl.load(on_ptr + cols, mask=col_ok, other=0.0)
+            q = tl.load(q_ptr + cols, mask=col_ok, other=1.0)
             norms = xn[:, None] + on[None, :]
             sq = tl.maximum(norms - 2.0 * dot, 0.0)
             valid = row_ok[:, None] & col_ok[None, :]
-            close = valid & (sq <= tau * norms)  # the expansion may cancel: use differences
+            # the near-pair rule (module docstring): the expansion only where its bound holds
+            # (s^ >= tau S), or where the pair is certainly beyond its Q*; the old
+            # cancellation rule (tau_near) keeps `nearest` accurate for far pairs
+            shift = u_op * (x_len[:, None] + tl.sqrt(on)[None, :])
+            lower = tl.sqrt(tl.maximum(sq - gamma * norms, 0.0)) * (1.0 - 1e-6) - shift
+            out_sure = lower > q[None, :] * (1.0 + 1e-6)  # 1e-6: the float32 roundings here
+            accurate = sq * inv_tau >= norms  # s^ >= tau S; inv_tau = 0 when tau = inf
+            close = valid & ((sq <= tau_near * norms) | ((out_sure == 0) & (accurate == 0)))
             if tl.sum(close.to(tl.int32)) > 0:
-                exact = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+                # exact squared distances of the inputs themselves: float32 differences,
+                # exact in float64, summed in float64
+                exact = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float64)
                 for d0 in range(0, D, NEAR_D):
-                    xs = _load_rows(x_ptr, rows, row_ok, d0, D, NEAR_D).to(tl.float32)
-                    os_ = _load_rows(o_ptr, cols, col_ok, d0, D, NEAR_D).to(tl.float32)
+                    xs = _load_rows(x_ptr, rows, row_ok, d0, D, NEAR_D).to(tl.float64)
+                    os_ = _load_rows(o_ptr, cols, col_ok, d0, D, NEAR_D).to(tl.float64)
                     diff = xs[:, None, :] - os_[None, :, :]
                     exact += tl.sum(diff * diff, axis=2)
-                sq = tl.where(close, exact, sq)
-            dist = tl.sqrt(sq)
-            q = tl.load(q_ptr + cols, mask=col_ok, other=1.0)
+                sq = tl.where(close, tl.sqrt(exact).to(tl.float32), tl.sqrt(sq))
+            else:
+                sq = tl.sqrt(sq)
+            dist = sq
             eta = tl.load(eta_ptr + cols, mask=col_ok, other=0.0)
             rad = tl.load(rad_ptr + cols, mask=col_ok, other=0.0)
             near = tl.minimum(near, tl.min(tl.where(valid, dist, big), axis=1))
@@ -175,18 +239,21 @@ def _field_kernel(
             c_far = tl.where(close, 0.0, coef)
             c_near = tl.where(close, coef, 0.0)
             if tl.sum((inside & (close == 0)).to(tl.int32)) > 0:
-                # far pairs: F_i += (sum_j c_ij) x_i - sum_j c_ij o_j, one product per slice
+                # far pairs: F_i += (sum_j c_ij) x~_i - sum_j c_ij o~_j, one product per slice
                 c_dot = _tf32(c_far) if ROUND_C else c_far
                 c_row = tl.sum(c_dot, axis=1)  # the same weights as the product's
                 for d0 in range(0, D, BLOCK_D):
-                    xs = _load_rows(x_ptr, rows, row_ok, d0, D, BLOCK_D).to(tl.float32)
-                    os_ = _load_rows(o_ptr, cols, col_ok, d0, D, BLOCK_D).to(tl.float32)
+                    xs = _load_centred(x_ptr, c_ptr, rows, row_ok, d0, D, BLOCK_D, CENTRE)
+                    os_ = _load_centred(o_ptr, c_ptr, cols, col_ok, d0, D, BLOCK_D, CENTRE)
+                    xs = xs.to(tl.float32)
+                    os_ = os_.to(tl.float32)
                     if ROUND_C:
                         os_ = _tf32(os_)
                     part = c_row[:, None] * xs - tl.dot(c_dot, os_, input_precision=PREC_C)
                     _add_rows(force_ptr, out_rows, row_ok, d0, D, part, BLOCK_D)
             if tl.sum((inside & close).to(tl.int32)) > 0:
-                # near pairs from the differences; on an obstacle the fixed direction
+                # near pairs from the differences of the inputs; on an obstacle the fixed
+                # direction
                 fixed = tl.sum(tl.where(on_obstacle, mag, 0.0), axis=1) / tl.sqrt(D * 1.0)
                 for d0 in range(0, D, NEAR_D):
                     xs = _load_rows(x_ptr, rows, row_ok, d0, D, NEAR_D).to(tl.float32)
@@ -265,6 +332,12 @@ def _dense_layout(n: int, n_blocks: int, pieces: int, block_n: int, dev: torch.d
     return _layout(segments, [torch.arange(segments.shape[0])] * n_blocks, n_blocks, dev)
 
 
+def centred(v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``v - c`` in float32 for float32 ``v`` (the kernel's own subtraction, bit for bit); ``v``
+    itself for bfloat16 (never centred)."""
+    return v - c.to(v.dtype) if v.dtype == torch.float32 else v
+
+
 def sq_norms(v: torch.Tensor, precision: str = "tf32") -> torch.Tensor:
     """(n,) float32 squared norms of the rows of ``v`` (n, d) as the kernel's products see them
     (rounded to tf32 for float32 ``v`` and ``precision="tf32"``), summed in float64."""
@@ -283,6 +356,7 @@ def pair_sums(
     pair_cap: float,
     pot_cap: float,
     *,
+    centre: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
     visits: list[torch.Tensor] | None = None,
     precision: str = "tf32",
@@ -294,8 +368,10 @@ def pair_sums(
     """Pair sums of the field, reduced over splits.
 
     Args:
-        x: (B, d) states and o: (N, d) obstacles, both float32 or both bfloat16, one device
-            (ideally with a common offset removed: see the module docstring).
+        x: (B, d) states and o: (N, d) obstacles, both float32 or both bfloat16, one device,
+            as given (the differences path takes them as they are).
+        centre: (d,) float32 subtracted (in float32) from both before the products, so that a
+            common offset does not make every pair near (float32 only; default zeros).
         q, eta, radius: (N,) per obstacle.
         rho, pair_cap, pot_cap: the reference's clamp ratio and per-pair caps.
         segments: (S, 2) int (lo, hi) ranges of ``o``; default: ``[0, N)`` cut into splits.
@@ -304,7 +380,8 @@ def pair_sums(
         precision: product precision for float32 inputs, ``"tf32"``, ``"tf32x3"`` or ``"ieee"``.
         splits: programs per block of states, a runtime argument (no recompilation); default:
             4 per streaming multiprocessor over all blocks on CUDA, 1 on the interpreter.
-        o_sqnorm: (N,) :func:`sq_norms` of ``o`` with this precision (default: computed).
+        o_sqnorm: (N,) :func:`sq_norms` of ``centred(o, centre)`` with this precision
+            (default: computed).
         poison: fill the per-state outputs with NaN / -1 first (tests: every entry is written).
 
     Returns:
@@ -341,8 +418,13 @@ def pair_sums(
     splits = max(1, min(splits or fill, most or 1, (1 << 26) // max(1, b * d)))
     x, o = x.contiguous(), o.contiguous()
     f32 = dict(device=dev, dtype=torch.float32)
-    xn = sq_norms(x, precision)
-    on = (sq_norms(o, precision) if o_sqnorm is None else o_sqnorm).to(**f32).contiguous()
+    use_centre = x.dtype == torch.float32
+    c = torch.zeros(d, **f32) if centre is None or not use_centre else centre.to(**f32)
+    c = c.contiguous()
+    xn = sq_norms(centred(x, c), precision)
+    if o_sqnorm is None:
+        o_sqnorm = sq_norms(centred(o, c), precision)
+    on = o_sqnorm.to(**f32).contiguous()
     q, eta, radius = (v.to(**f32).contiguous() for v in (q, eta, radius))
     pot = torch.empty(splits, b, **f32)
     force = torch.zeros(splits, b, d, **f32)  # accumulated in place
@@ -354,17 +436,21 @@ def pair_sums(
             v.fill_(float("nan"))
         active.fill_(-1)
     round_x = x.dtype == torch.float32 and precision == "tf32"
-    tau = NEAR_TAU[precision if x.dtype == torch.float32 else "ieee"]  # bf16 products are exact
+    tau_near = NEAR_TAU[precision if x.dtype == torch.float32 else "ieee"]  # bf16: exact products
+    rule = kernel_rule(precision, d, bf16=x.dtype == torch.bfloat16)
+    inv_tau = 1 / rule.tau  # 0 for tau = inf: every pair possibly in range takes differences
+    u_op = rule.u_op * (1 + 2 * rule.u_op)  # |x - c| <= |x~| (1 + 2 u_op)
     _field_kernel[(n_blocks, splits)](
-        x, o, xn, on, q, eta, radius,
+        x, o, c, xn, on, q, eta, radius,
         seg_lo, seg_hi, visit_ptr, visit_seg,
         pot, force, near, clear, active,
-        b, d, float(rho), min(float(pair_cap), 3e38), min(float(pot_cap), 3e38), float(tau), splits,
+        b, d, float(rho), min(float(pair_cap), 3e38), min(float(pot_cap), 3e38),
+        float(inv_tau), float(tau_near), float(u_op), float(rule.gamma), splits,
         BLOCK_B=blk["block_b"], BLOCK_N=blk["block_n"], BLOCK_D=blk["block_d"],
         NEAR_D=blk["near_d"],
         PREC_X="tf32" if x.dtype == torch.bfloat16 else precision,  # bf16: the default, unused
         PREC_C=precision, ROUND_X=round_x, ROUND_C=precision == "tf32",
-        UPCAST=x.dtype == torch.bfloat16 and _interpreted(),
+        UPCAST=x.dtype == torch.bfloat16 and _interpreted(), CENTRE=use_centre,
     )  # fmt: skip
     return (
         pot.double().sum(0),

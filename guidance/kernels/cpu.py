@@ -1,0 +1,417 @@
+r"""The repulsive field's pair sums on the CPU: matrix products for far pairs, exact differences
+for near ones, blocked over the obstacles (:class:`guidance.RepulsiveField` with
+``backend="cpu"``, and ``backend="auto"`` for CPU states).
+
+For states ``x`` (B, d) and obstacles ``o`` (N, d) (both centred on the obstacles' float64 mean
+``c`` when that mean lies farther out than they spread, a common offset; as given otherwise),
+each block of ``nb`` obstacles costs:
+
+0. **screening** (float32 work, one hard radius for all): one float32 product of the inputs'
+   own float32 values; when at most 1/32 of the block's pairs may be within Q* or be their
+   row's nearest (its rounding bounded by ``(d + 4) 2^-24 (|x|^2 + |o|^2)``), those pairs take
+   the differences below and the block is done (sparse sets); otherwise the block, and the
+   rest of the group, go on;
+1. **distances**: one float64 product, ``s^ = |x'|^2 + |o'|^2 - 2 x'.o'`` (``x' = x - c``; with
+   an offset each block of obstacles is centred in float64 when it is used);
+2. **the rule** (:func:`guidance.kernels.bounds.cpu_rule`, the same derivation as the kernel's):
+   a pair with ``s^ <= tau S`` (``S = |x'|^2 + |o'|^2``) that may be within its Q* is *near*: its
+   distance and force come from the differences ``x - o`` of the inputs, in float64, exactly as
+   the reference computes them. ``tau`` is about 4.7e-4 for float32 work (rho_max = 46) and
+   2.5e-4 (d = 64) to 0.015 (d = 4096) for float64;
+3. **far pairs**: the thresholds, weights and potential elementwise, in float32 for float32 (and
+   bfloat16, float16) states or float64 for float64 states, and the force as one more product,
+   ``F += (sum_j c_j) x' - c @ o'`` (the block's obstacles in that dtype). A block with no pair
+   in range skips step 3 (the distances still give ``nearest`` and ``clearance``).
+
+Each block's sums are added in float64. With ``float32`` work, the per-pair error is within the
+rule's ``eps = 1e-5`` of the pair's scale (:mod:`guidance.kernels.bounds`); the float32 sums
+within a block add at most ``nb`` roundings of the sum of the terms (``sqrt(nb)`` typically), the
+float64 sums between blocks nothing measurable. Float64 work keeps ``eps = 1e-10``.
+
+**Memory.** The path caches the obstacles in float32 for float32 work (``4 N d`` bytes, the
+inputs' own values; none for float64 work) and per-obstacle numbers (squared norms and
+parameters, about ``80 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
+memory does not grow with N: states are taken ``rows`` at a time (at most 4,096) and obstacles
+``nb`` at a time, with ``rows * nb <= 2^20`` by default (``nb`` from 256 to 8,192), so a block's
+temporaries are about ``30 rows nb`` bytes (30 MiB) plus, when pruning gathers a block or an
+offset centres it, that block of obstacles (``12 nb d`` bytes); near pairs are taken ``2^20 / d`` at a time (``16 * 2^20``
+bytes); the outputs are ``(B, d)`` float64. With pruning, a group's list of member positions
+adds at most ``8 N`` bytes (half the set, as int64, and its concatenation): the one term that
+grows with N, 8 MiB at N = 1M. Measured at N = 1M: ``benchmarks/field_memory.py``.
+
+**Threads.** Products and elementwise work run on torch's intra-op threads
+(``torch.get_num_threads()``, or ``threads`` for the call).
+
+**Pruning.** With clusters (``prune=True``), states are taken 16 at a time; each group evaluates
+the members of the clusters alive for any of its states (the exact bound of
+:mod:`obstacles.clusters`), or every obstacle when those cover more than half of the set.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from guidance.kernels.bounds import cpu_rule
+
+__all__ = ["MAX_BLOCK", "check_block", "check_threads", "cpu_pair_sums", "threads_of"]
+
+MAX_BLOCK = 1 << 24
+"""The largest block (obstacles at a time) the CPU path accepts."""
+_ROWS = 4096
+_GROUP = 16  # states per group when pruning
+
+
+def check_block(block) -> int | None:
+    """``block`` (obstacles per block) as an int, or None for the default; ``ValueError`` for
+    anything that cannot work (not an integer, below 1, above :data:`MAX_BLOCK`)."""
+    if block is None:
+        return None
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise ValueError(
+            f"block must be a whole number of obstacles per block (or None for the default); "
+            f"got {block!r}"
+        )
+    if not 1 <= block <= MAX_BLOCK:
+        raise ValueError(
+            f"block must be in [1, {MAX_BLOCK}] obstacles; got {block} (None picks one that keeps "
+            "the temporaries near 40 MiB)"
+        )
+    return block
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads) -> int | None:
+    """``threads`` as an int, or None (torch's current setting); ``ValueError`` unless it is an
+    integer from 1 to the CPUs this process may use."""
+    if threads is None:
+        return None
+    cpus = _available_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise ValueError(
+            f"threads must be an integer from 1 to {cpus} (the CPUs this process may use), or "
+            f"None for torch's setting ({torch.get_num_threads()}); got {threads!r}"
+        )
+    return threads
+
+
+@contextmanager
+def threads_of(threads: int | None):
+    """Run the block with ``threads`` torch threads (None: unchanged), restoring the setting."""
+    if threads is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class _Out:
+    """Float64 accumulators of one evaluation."""
+
+    def __init__(self, b: int, d: int):
+        f64 = torch.float64
+        self.pot = torch.zeros(b, dtype=f64)
+        self.force = torch.zeros(b, d, dtype=f64)
+        self.near = torch.full((b,), torch.inf, dtype=f64)
+        self.clear = torch.full((b,), torch.inf, dtype=f64)
+        self.active = torch.zeros(b, dtype=torch.long)
+
+
+def cpu_pair_sums(
+    e: torch.Tensor,
+    cache: dict,
+    rho: float,
+    pair_cap: float,
+    pot_cap: float,
+    *,
+    block: int | None = None,
+    groups: list | None = None,
+):
+    """Pair sums of the field for states ``e`` (B, d) float64 (the inputs' exact values).
+
+    Args:
+        cache: from :func:`prepare` (obstacles, centred copy, parameters, the rule).
+        rho, pair_cap, pot_cap: the reference's clamp ratio and per-pair caps.
+        block: obstacles per block (default: ``2^20 / rows``, from 256 to 8,192).
+        groups: for pruning, ``[(rows (b,), obstacle positions (n,)), ...]``; default: every
+            state against every obstacle.
+
+    Returns:
+        (potential (B,), force (B, d), nearest (B,), clearance (B,), active (B,)), float64 sums
+        (active int64); the caller applies the total caps.
+    """
+    b, d = e.shape
+    out = _Out(b, d)
+    n = cache["o64"].shape[0]
+    if groups is None:
+        for r0 in range(0, b, _ROWS):
+            rows = torch.arange(r0, min(b, r0 + _ROWS))
+            _sums(e, rows, None, cache, rho, pair_cap, pot_cap, block, out)
+    else:
+        for rows, members in groups:
+            _sums(e, rows, None if members.numel() == n else members, cache, rho, pair_cap,
+                  pot_cap, block, out)  # fmt: skip
+    return out.pot, out.force, out.near, out.clear, out.active
+
+
+def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> dict:
+    """The state-independent inputs of :func:`cpu_pair_sums` for obstacles ``emb`` (N, d)
+    float64 with per-obstacle ``q``, ``eta/Q^2``, ``eta/Q^3`` and ``radius`` (float64), for work
+    in ``work`` (float32 or float64).
+
+    The obstacles are centred on their mean only when that mean lies farther from the origin
+    than they spread around it (a common offset, which would inflate every pair's rho); then
+    each block is centred when it is used. Otherwise the products take the obstacles as they
+    are. Cached: the obstacles in float32 for float32 work (the inputs' own values), and
+    per-obstacle numbers (squared norms, parameters)."""
+    mean = emb.mean(dim=0)
+    spread = float((emb - mean).abs().max()) if emb.shape[0] > 1 else 0.0
+    offset = float(mean.abs().max()) > spread
+    centre = mean if offset else torch.zeros_like(mean)
+    on = torch.zeros(emb.shape[0], dtype=torch.float64)
+    for s in range(0, emb.shape[0], 1 << 14):  # without a centred (N, d) copy
+        on[s : s + (1 << 14)] = (emb[s : s + (1 << 14)] - centre).pow(2).sum(dim=1)
+
+    def one(v):  # a scalar when every obstacle has the same value (a cheaper broadcast)
+        return float(v[0]) if bool((v == v[0]).all()) else None
+
+    # float32 screening for float32 work: the inputs' float32 values (exact copies of the set's)
+    o32 = on32 = reach32 = None
+    gamma32 = (emb.shape[1] + 4) * 2.0**-24
+    if work == torch.float32:
+        o32 = emb.to(torch.float32)
+        raw = emb.pow(2).sum(dim=1)
+        on32 = raw.to(torch.float32)
+        reach32 = ((q.square() * (1 + 8e-6) + gamma32 * raw) * (1 + 1e-6)).to(torch.float32)
+    return dict(
+        work=work,
+        centre=centre,
+        offset=offset,
+        o32=o32,
+        on32=on32,
+        on32_max=0.0 if on32 is None else float(on32.max()),
+        reach32=reach32,
+        gamma32=gamma32,
+        o64=emb,
+        on=on,  # float64 squared norms of the centred obstacles
+        on_max=float(on.max()),
+        q=q.to(work),
+        q64=q,
+        qq=(q * (1 + 1e-6)).square(),
+        qmax=float(q.max()),
+        uh=(0.5 * eta_q2).to(work),
+        fp=eta_q3.to(work),
+        uh0=one(0.5 * eta_q2),
+        fp0=one(eta_q3),
+        rad0=one(radius),
+        rad64=radius,
+        uh_max=float(0.5 * eta_q2.max()),
+        fp_max=float(eta_q3.max()),
+        eta_q2=eta_q2,
+        eta_q3=eta_q3,
+        rule=cpu_rule(emb.shape[1], work == torch.float64),
+    )
+
+
+def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
+    """One group: states ``e[rows]`` against the obstacles at ``members`` (None: all)."""
+    work = cache["work"]
+    d = e.shape[1]
+    m = rows.numel()
+    xc = e[rows] - cache["centre"]
+    xn = xc.pow(2).sum(dim=1)
+    xw = xc.to(work)
+    n = cache["o64"].shape[0] if members is None else members.numel()
+    nb = block or max(256, min(8192, (1 << 20) // max(1, m)))
+    rule = cache["rule"]
+    # the rounding of s^ (gamma S) and of float32 thresholds, allowed in "maybe in range"
+    slack = rule.gamma * (float(xn.max()) + cache["on_max"])
+    in_reach = cache["qmax"] ** 2 * (1 + 4e-6) + slack
+    # near pairs have s^ <= tau (|x'_i|^2 + |o'_j|^2) <= tau (|x'_i|^2 + max |o'|^2)
+    thr = rule.tau * (xn + cache["on_max"])
+    # per-pair caps bind only when a pair's largest value (at the clamp distance) exceeds them
+    cap_f = pair_cap < cache["fp_max"] * (1 / rho - 1) / rho**2
+    cap_u = pot_cap < cache["uh_max"] * (1 / rho - 1) ** 2
+    acc = dict(
+        pot=torch.zeros(m, dtype=torch.float64),
+        force=torch.zeros(m, d, dtype=torch.float64),
+        active=torch.zeros(m, dtype=torch.long),
+    )
+    near_g = torch.full((m,), torch.inf, dtype=torch.float64)
+    clear_g = torch.full((m,), torch.inf, dtype=torch.float64)
+    near_pairs = []
+    # float32 screening (float32 work, one hard radius): the inputs' own float32 values; a
+    # group whose first screened block is dense stops screening (it would only add work)
+    screen = cache["o32"] is not None and cache["rad0"] is not None
+    if screen:
+        x32 = e[rows].to(torch.float32)  # exact: the states are float32 (or half) values
+        xn32 = e[rows].pow(2).sum(dim=1)
+        g32 = cache["gamma32"]
+        row_thr = (g32 * xn32).to(torch.float32)  # gamma |x|^2, per row
+        near_slack = (2 * g32 * (xn32 + cache["on32_max"]) * (1 + 1e-6)).to(torch.float32)
+        xn32 = xn32.to(torch.float32)
+    for s in range(0, n, nb):
+        sl = slice(s, min(n, s + nb))
+        at = sl if members is None else members[sl]
+        if screen:
+            pairs = _screen(x32, xn32, row_thr, near_slack, at, cache, m * (sl.stop - s))
+            if pairs is not None:  # every pair that may matter, few: exact differences
+                i, j = pairs
+                if i.numel():
+                    near_pairs.append((i, j + s if members is None else at[j]))
+                continue
+            screen = False
+        occ = cache["o64"][at]
+        if cache["offset"]:
+            occ = occ - cache["centre"]  # this block, centred (float64)
+        sq = torch.addmm(cache["on"][at][None, :], xc, occ.T, alpha=-2)
+        sq.add_(xn[:, None]).clamp_(min=0)  # s^, float64
+        dmin2 = sq.amin(dim=1)
+        if bool((dmin2 <= thr).any()):
+            # those below the row's bound, then tested exactly
+            i, j = (sq <= thr[:, None]).nonzero(as_tuple=True)
+            s_ij = sq[i, j]
+            keep = (s_ij <= rule.tau * (xn[i] + cache["on"][at][j])) & (
+                s_ij <= cache["qq"][at][j] + slack
+            )
+            if bool(keep.any()):
+                i, j = i[keep], j[keep]
+                sq[i, j] = torch.inf
+                dmin2 = sq.amin(dim=1)
+                near_pairs.append((i, j + s if members is None else at[j]))
+        # nearest and clearance of the far pairs (from the float64 distances)
+        dmin = dmin2.sqrt()
+        torch.minimum(near_g, dmin, out=near_g)
+        if cache["rad0"] is not None:
+            torch.minimum(clear_g, dmin - cache["rad0"], out=clear_g)
+        else:
+            c = (sq.sqrt() - cache["rad64"][at][None, :]).amin(dim=1)
+            torch.minimum(clear_g, c, out=clear_g)
+        if float(dmin2.min()) <= in_reach:  # a pair may be in range
+            _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc)
+    out.pot.index_add_(0, rows, acc["pot"])
+    out.force.index_add_(0, rows, acc["force"])
+    out.active.index_add_(0, rows, acc["active"])
+    out.near[rows] = torch.minimum(out.near[rows], near_g)
+    out.clear[rows] = torch.minimum(out.clear[rows], clear_g)
+    for i, j in near_pairs:
+        _near(e, rows[i], j, cache, rho, pair_cap, pot_cap, out, d)
+
+
+def _screen(x32, xn32, row_thr, near_slack, at, cache, size):
+    """Float32 screening of one block: the pairs ``(i, j)`` that may be within Q* or may be
+    the nearest of their row, when they are at most 1/32 of the block (else None: the block
+    takes the float64 path).
+
+    The float32 expansion of the inputs' exact float32 values is within
+    ``gamma32 (|x|^2 + |o|^2)`` of D^2 (``gamma32 = (d + 4) 2^-24``, BLAS rounding to nearest);
+    a pair with ``s32 > Q^2 (1 + 8e-6) + gamma32 (|x|^2 + |o|^2)`` is certainly out of range, and
+    one with ``s32 > min_row(s32) + 2 gamma32 (|x|^2 + max |o|^2)`` is certainly not its row's
+    nearest."""
+    s32 = torch.addmm(cache["on32"][at][None, :], x32, cache["o32"][at].T, alpha=-2)
+    s32.add_(xn32[:, None])
+    maybe = s32 <= cache["reach32"][at][None, :] + row_thr[:, None]
+    rowmin = s32.amin(dim=1)
+    maybe |= s32 <= (rowmin + near_slack)[:, None]
+    count = int(maybe.sum())
+    if count > max(64, size // 32):
+        return None
+    return maybe.nonzero(as_tuple=True)
+
+
+_K = 256  # the longest float32 summation chain of the force product
+
+
+def _chunked_product(c: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``c @ o`` (B, n) x (n, d) as float64, from float32 products over chunks of at most
+    :data:`_K` obstacles summed in float64 (a BLAS product sums its whole length in one
+    float32 chain: 3,000 obstacles gave 3.6e-5 of the force scale, chunks of 256 keep it at
+    about 5e-6)."""
+    b, n = c.shape
+    full = n - n % _K
+    out = torch.zeros(b, o.shape[1], dtype=torch.float64)
+    if full:
+        k = full // _K
+        cc = c[:, :full].reshape(b, k, _K).transpose(0, 1)  # (k, B, K)
+        out += torch.bmm(cc, o[:full].reshape(k, _K, -1)).sum(dim=0, dtype=torch.float64)
+    if full < n:
+        out += (c[:, full:] @ o[full:]).double()
+    return out
+
+
+def _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc):
+    """The far pairs of one block (near pairs already set to +inf): elementwise in ``work``,
+    added to the group's float64 sums ``acc``."""
+    inv = sq.to(work).rsqrt_()  # 1/D (0 for the masked pairs)
+    g = inv * cache["q"][at][None, :]  # Q/D = 1/ratio
+    acc["active"] += (g >= 1).sum(dim=1)
+    g.clamp_(max=1 / rho)  # the distance clamp D_eff = max(D, rho Q)
+    gap = (g - 1).clamp_(min=0)  # Q (1/D_eff - 1/Q) inside, 0 outside
+    if cache["uh0"] is not None and not cap_u:
+        acc["pot"] += torch.linalg.vecdot(gap, gap) * cache["uh0"]
+    else:
+        pp = gap.square().mul_(cache["uh"][at][None, :])
+        if cap_u:
+            pp.clamp_(max=pot_cap)
+        acc["pot"] += pp.sum(dim=1)
+    coef = gap.mul_(g).mul_(g)  # gap / ratio^2
+    scale = 1.0
+    if cache["fp0"] is not None and not cap_f:
+        scale = cache["fp0"]
+    else:
+        coef.mul_(cache["fp"][at][None, :])  # |F| = eta/Q^3 gap / ratio^2
+        if cap_f:
+            coef.clamp_(max=pair_cap)
+    coef.mul_(inv)  # |F| / D
+    if cache["offset"] or work == torch.float64:
+        ow = occ.to(work)
+    else:  # the cached float32 values, the same numbers
+        ow = cache["o32"][at]
+    f = xw.double() * coef.sum(dim=1, keepdim=True).double() - _chunked_product(coef, ow)
+    if scale != 1.0:
+        f *= scale
+    acc["force"] += f
+
+
+def _near(e, rows, cols, cache, rho, pair_cap, pot_cap, out, d):
+    """Near pairs ``(rows[k], cols[k])`` from the differences of the inputs, in float64, as the
+    reference computes them (chunks of ``2^20 / d`` pairs)."""
+    step = max(1, (1 << 20) // max(1, d))
+    default_dir = torch.full((d,), d**-0.5, dtype=torch.float64)
+    for s in range(0, rows.numel(), step):
+        r, c = rows[s : s + step], cols[s : s + step]
+        diff = e[r] - cache["o64"][c]
+        dist = torch.linalg.vector_norm(diff, dim=1)
+        q = cache["q64"][c]
+        _scatter_min(out.near, r, dist)
+        _scatter_min(out.clear, r, dist - cache["rad64"][c])
+        inside = dist <= q
+        out.active.index_add_(0, r, inside.long())
+        ratio = torch.clamp(dist / q, min=rho)
+        gap = torch.where(inside, 1 / ratio - 1, torch.zeros_like(ratio))
+        u_half = 0.5 * cache["eta_q2"][c]
+        pot = torch.clamp(u_half * gap**2, max=pot_cap)
+        pot = torch.where((u_half == 0) | ~inside, 0.0, pot)
+        out.pot.index_add_(0, r, pot)
+        f_pref = cache["eta_q3"][c]
+        mag = torch.clamp(f_pref * gap / ratio**2, max=pair_cap)
+        mag = torch.where((f_pref == 0) | ~inside, 0.0, mag)
+        safe = torch.where(dist > 0, dist, torch.ones_like(dist))
+        unit = torch.where((dist > 0)[:, None], diff / safe[:, None], default_dir)
+        out.force.index_add_(0, r, mag[:, None] * unit)
+
+
+def _scatter_min(dst: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> None:
+    dst.scatter_reduce_(0, idx, v, reduce="amin", include_self=True)

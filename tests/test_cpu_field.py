@@ -1,0 +1,177 @@
+"""The fast CPU path of the repulsive field (guidance/kernels/cpu.py) against the float64
+reference: the bound of guidance/kernels/bounds.py per state, dense and sparse, pruned, near
+pairs with a common offset, states on obstacles, caps; the choice of ``backend="auto"``; bad
+block sizes, thread counts and dtypes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guidance import RepulsiveField
+from guidance.kernels.dispatch import AUTO_CPU_MIN
+from obstacles import ObstacleSet
+
+RHO = 0.05
+
+
+def _scales(x64, oset, eps):
+    """Per state: sum_j (U_ij + eta/(2Q^2)) and sum_j (|F_ij| + eta/Q^3) over the pairs within
+    (1 + eps) Q* (the bound's scales, float64)."""
+    o = torch.from_numpy(oset.embeddings.astype(np.float64))
+    q = torch.from_numpy(oset.q_star)
+    eta = torch.from_numpy(oset.eta)
+    dist = torch.cdist(x64, o, compute_mode="donot_use_mm_for_euclid_dist")
+    inside = dist <= q * (1 + eps)
+    r = torch.clamp(dist / q, min=RHO)
+    g = torch.clamp(1 / r - 1, min=0)
+    u = 0.5 * eta / q**2 * (g**2 + 1)
+    f = eta / q**3 * (g / r**2 + 1)
+    return torch.where(inside, u, 0).sum(1), torch.where(inside, f, 0).sum(1)
+
+
+def _check(oset, x64, dtype, eps, **kw):
+    ref = RepulsiveField(oset, backend="torch", **kw).evaluate(x64)
+    field = RepulsiveField(oset, backend="cpu", **kw)
+    out = field.evaluate(x64.to(dtype))
+    for v in (out.potential, out.force, out.nearest, out.clearance):
+        assert v.dtype == dtype and bool(torch.isfinite(v).all())
+    u_s, f_s = _scales(x64, oset, eps)
+    du = (out.potential.double() - ref.potential).abs()
+    df = (out.force.double() - ref.force).norm(dim=1)
+    assert bool((du <= eps * u_s).all()), (du / u_s).max()
+    assert bool((df <= eps * f_s).all()), (df / f_s).max()
+    assert torch.allclose(out.nearest.double(), ref.nearest, rtol=1e-6, atol=0)
+    assert torch.allclose(out.clearance.double(), ref.clearance, rtol=1e-5, atol=1e-6)
+    return field, out, ref
+
+
+def _blobs(rng, n, d, b, offset=0.0):
+    centres = rng.normal(scale=10.0, size=(20, d))
+    o = centres[rng.integers(0, 20, n)] + rng.normal(scale=0.3, size=(n, d)) + offset
+    x = o[rng.integers(0, n, b)] + rng.normal(scale=0.3, size=(b, d))
+    return o, x
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("quantile", [0.5, 0.01])
+def test_cpu_path_keeps_the_bound(dtype, eps, quantile):
+    rng = np.random.default_rng(0)
+    o, x = _blobs(rng, 3000, 24, 37)
+    dist = np.linalg.norm(x[:, None] - o[None], axis=2)
+    q = np.quantile(dist, quantile) * rng.uniform(0.8, 1.2, len(o))
+    oset = ObstacleSet.from_embeddings(o, q_star=q, eta=rng.uniform(0.5, 2, len(o)), radius=0.1)
+    x64 = torch.from_numpy(x).to(dtype).double()
+    _check(oset, x64, dtype, eps, max_force=1e30)
+    # odd block sizes (a block of one obstacle included) give the same sums
+    _check(oset, x64, dtype, eps, max_force=1e30, block=7)
+
+
+def test_cpu_path_near_pairs_with_a_common_offset_and_states_on_obstacles():
+    """With an offset of 1e3 the expansion cancels for near pairs: they take the differences;
+    a state exactly on an obstacle gets the fixed direction, as in the reference."""
+    rng = np.random.default_rng(1)
+    o, x = _blobs(rng, 2000, 16, 20, offset=1e3)
+    oset = ObstacleSet.from_embeddings(o, q_star=0.8, radius=np.linspace(0.0, 0.2, len(o)))
+    x[:4] = oset.embeddings[:4]  # exactly on obstacles (float32 values)
+    x[4:8] = oset.embeddings[4:8] + 1e-4
+    for dtype, eps in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        x64 = torch.from_numpy(x).to(dtype).double()
+        _check(oset, x64, dtype, eps, max_force=1e30)
+
+
+def test_cpu_path_with_pruning_and_caps():
+    rng = np.random.default_rng(2)
+    o, x = _blobs(rng, 4000, 12, 70)
+    oset = ObstacleSet.from_embeddings(o, q_star=1.0, eta=rng.uniform(0.1, 3, len(o)))
+    x64 = torch.from_numpy(x).float().double()
+    field, out, ref = _check(oset, x64, torch.float32, 1e-5, prune=True, max_force=1e30)
+    assert field.last_evaluated < len(oset)  # pruning skipped clusters
+    assert torch.equal(out.active, ref.active)
+    # per-pair and total caps: a small potential cap and a force cap bind
+    _check(oset, x64, torch.float32, 1e-5, max_force=5.0, max_potential=2.0)
+
+
+def test_auto_picks_the_cpu_path_for_large_sets_only():
+    big = ObstacleSet.from_embeddings(
+        np.random.default_rng(3).normal(size=(AUTO_CPU_MIN, 4)), q_star=1.0
+    )
+    small = ObstacleSet.from_embeddings(np.zeros((3, 4)), q_star=1.0)
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    assert RepulsiveField(big).kernel.cpu_usable(x, torch.float32)
+    assert RepulsiveField(big).kernel.cpu_usable(x, torch.float64)
+    assert not RepulsiveField(small).kernel.cpu_usable(x, torch.float32)  # the reference
+    fewer = ObstacleSet.from_embeddings(np.zeros((AUTO_CPU_MIN // 4 - 1, 4)), q_star=1.0)
+    assert not RepulsiveField(fewer).kernel.cpu_usable(x, torch.float32)
+    assert not RepulsiveField(big, backend="torch").kernel.cpu_usable(x, torch.float32)
+    # auto on a large set gives the CPU path's values, within the bound of the reference
+    xs = torch.randn(5, 4)
+    auto = RepulsiveField(big).evaluate(xs)
+    cpu = RepulsiveField(big, backend="cpu").evaluate(xs)
+    assert torch.equal(auto.force, cpu.force)
+
+
+def test_half_precision_states_are_summed_in_float32():
+    """The documented fallback: bfloat16 and float16 states convert exactly to float32."""
+    rng = np.random.default_rng(4)
+    o, x = _blobs(rng, 1500, 8, 9)
+    oset = ObstacleSet.from_embeddings(o, q_star=2.0)
+    field = RepulsiveField(oset, backend="cpu")
+    for half in (torch.bfloat16, torch.float16):
+        xh = torch.from_numpy(x).to(half)
+        out = field.evaluate(xh)
+        same = field.evaluate(xh.float())
+        assert out.force.dtype == half
+        assert torch.equal(out.force, same.force.to(half))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(block=0), "block must be in"),
+        (dict(block=-3), "block must be in"),
+        (dict(block=2.5), "block must be a whole number"),
+        (dict(block=True), "block must be a whole number"),
+        (dict(threads=0), "threads must be an integer"),
+        (dict(threads=10**6), "threads must be an integer"),
+        (dict(threads="2"), "threads must be an integer"),
+        (dict(backend="gpu"), "backend must be one of"),
+    ],
+)
+def test_bad_block_threads_backend(kw, match):
+    oset = ObstacleSet.from_embeddings(np.zeros((2, 3)), q_star=1.0)
+    with pytest.raises(ValueError, match=match):
+        RepulsiveField(oset, **kw)
+
+
+def test_threads_are_set_for_the_call_and_restored():
+    oset = ObstacleSet.from_embeddings(np.random.default_rng(5).normal(size=(1200, 6)), q_star=1.0)
+    before = torch.get_num_threads()
+    x = torch.randn(3, 6)
+    one = RepulsiveField(oset, backend="cpu", threads=1).evaluate(x)
+    assert torch.get_num_threads() == before
+    assert torch.allclose(one.force, RepulsiveField(oset, backend="cpu").evaluate(x).force)
+
+
+def test_outside_the_range_the_reference_runs():
+    """States beyond the float32-safe range (centred coordinates above 1e15): the reference,
+    finite outputs."""
+    oset = ObstacleSet.from_embeddings(np.random.default_rng(6).normal(size=(1100, 3)), q_star=1.0)
+    field = RepulsiveField(oset, backend="cpu")
+    x = torch.tensor([[1e20, 0.0, 0.0]], dtype=torch.float64)
+    assert not field.kernel.cpu_usable(x, torch.float64)
+    out = field.evaluate(x)
+    assert bool(torch.isfinite(out.nearest).all())
+
+
+def test_long_blocks_keep_the_bound():
+    """3,000 obstacles in one block, dense: one float32 product over the whole block summed its
+    3,000 terms in one chain (3.6e-5 of the force scale); chunks of 256 keep the bound."""
+    rng = np.random.default_rng(7)
+    o, x = _blobs(rng, 3000, 8, 5)
+    dist = np.linalg.norm(x[:, None] - o[None], axis=2)
+    q = np.median(dist) * rng.uniform(0.8, 1.2, len(o))
+    oset = ObstacleSet.from_embeddings(o, q_star=q, eta=rng.uniform(0.5, 2, len(o)), radius=0.5)
+    x64 = torch.from_numpy(x).float().double()
+    _check(oset, x64, torch.float32, 1e-5, max_force=1e30, block=4096)
