@@ -33,20 +33,15 @@ def _verifier(args: argparse.Namespace) -> str:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from cspace.experiments.search import build_problem, exact_targets, run_search
+    from cspace.experiments.search import search_job
 
-    problem = build_problem(
-        args.problem,
-        _verifier(args),
-        dim=args.dim,
-        coverage=args.coverage,
-        avoid_class=args.avoid_class,
-    )
-    target, target2 = exact_targets(problem, args.n, args.seed)
-    rep = run_search(
-        problem, args.algo, args.budget, args.n, args.steps, args.seed, target, target2
-    )
-    rep.update({"problem": problem.name, **problem.info})
+    rep, printer = search_job(
+        args.problem, _verifier(args), args.algo, args.budget, args.n, args.steps, args.seed,
+        dim=args.dim, coverage=args.coverage, avoid_class=args.avoid_class, blocks=args.blocks,
+        out=args.out,
+    )  # fmt: skip
+    if not printer:  # under torchrun, rank 0 prints
+        return 0
     if args.json:
         print(json.dumps(rep))
         return 0
@@ -111,10 +106,27 @@ def register(subparsers) -> None:
     )
     p.add_argument("--algo", choices=ALGOS, required=True, help="search algorithm")
     p.add_argument("--budget", type=positive_int, required=True, help="total NFE of the call")
-    p.add_argument("--n", type=positive_int, default=256, help="samples returned (default 256)")
+    p.add_argument(
+        "--n",
+        "--samples",
+        dest="n",
+        type=positive_int,
+        default=256,
+        help="samples returned (default 256; under torchrun write --samples: torchrun reads --n "
+        "as an abbreviation of its own options)",
+    )
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
     p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     _common(p)
+    p.add_argument(
+        "--blocks",
+        type=positive_int,
+        default=None,
+        help="split the n samples into this many independent blocks (block k seeded by the "
+        "rule of docs/scaling-out.md); under torchrun the ranks share the blocks (default: one "
+        "per rank) and the result does not depend on the number of ranks",
+    )
+    p.add_argument("--out", default=None, help="also write the report as JSON here (rank 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_search)
 

@@ -14,7 +14,9 @@
   judge's figures on the decoded samples: the avoided class's share (``avoided_rate``) and the
   mean ``judge_confidence``.
 * :func:`run_search`: one algorithm of :data:`guidance.search.ALGORITHMS` on a total NFE budget
-  (the budget per returned sample is ``budget / n``), and its report.
+  (the budget per returned sample is ``budget / n``), and its report;
+  :func:`run_search_blocks`: the same split into independent blocks shared among the ranks of a
+  ``torchrun`` job (data-parallel search).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = [
     "build_toy_problem",
     "exact_targets",
     "run_search",
+    "run_search_blocks",
+    "search_job",
 ]
 
 ALGOS = tuple(ALGORITHMS)
@@ -237,7 +241,16 @@ def run_search(
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
     gen = torch.Generator().manual_seed(int(seed) + 1)
     t0 = time.perf_counter()
-    res = ALGORITHMS[algo](
+    res = _search(problem, algo, budget, n, steps, gen)
+    secs = time.perf_counter() - t0
+    return _report(
+        problem, algo, budget, steps, res.samples, res.scores, res.nfe, res.verifier_calls,
+        secs, target, target2,
+    )  # fmt: skip
+
+
+def _search(problem: SearchProblem, algo: str, budget: int, n: int, steps: int, gen):
+    return ALGORITHMS[algo](
         problem.velocity,
         problem.shape,
         problem.verifier,
@@ -247,26 +260,133 @@ def run_search(
         generator=gen,
         **_algo_kwargs(algo, problem),
     )
-    secs = time.perf_counter() - t0
+
+
+def _report(
+    problem, algo, budget, steps, samples, scores, nfe, verifier_calls, secs, target, target2
+) -> dict:
     out = {
         "algo": algo,
-        "n": int(res.samples.shape[0]),
+        "n": int(samples.shape[0]),
         "steps": steps,
         "budget": int(budget),
-        "nfe": int(res.nfe),
-        "nfe_per_sample": res.nfe_per_sample,
-        "score": float(res.scores.mean()),
-        "diversity": diversity(res.samples),
-        "verifier_calls": res.verifier_calls,
+        "nfe": int(nfe),
+        "nfe_per_sample": nfe / samples.shape[0],
+        "score": float(scores.mean()),
+        "diversity": diversity(samples),
+        "verifier_calls": verifier_calls,
         "seconds": secs,
     }
     if problem.truth is not None:
-        out.update(problem.truth(res.samples))
+        out.update(problem.truth(samples))
     if problem.obstacles is not None:
-        x = res.samples.reshape(res.samples.shape[0], -1)
+        x = samples.reshape(samples.shape[0], -1)
         out["hit_rate"] = float(problem.obstacles.inside(x).double().mean())
         if target is not None:
             out["energy_distance"] = energy_distance(x, target)
         if target is not None and target2 is not None:
             out["energy_distance_floor"] = energy_distance(target2, target)
     return out
+
+
+def run_search_blocks(
+    problem: SearchProblem,
+    algo: str,
+    budget: int,
+    n: int,
+    steps: int,
+    seed: int,
+    blocks: int,
+    target: torch.Tensor | None = None,
+    target2: torch.Tensor | None = None,
+    group=None,
+) -> dict:
+    """:func:`run_search` split into ``blocks`` independent blocks of the n returned samples,
+    the blocks shared among the ranks of a process group (data-parallel ``cspace search`` under
+    ``torchrun``; :mod:`guidance.distributed.search` has the seeding rule).
+
+    Block k returns samples ``[start_k, stop_k)`` (``split_blocks(n, blocks)``) from a search
+    on ``budget x n_k // n`` NFE with a generator seeded ``block_seed(seed + 1, k)``; rank r
+    runs blocks ``split_blocks(blocks, W)[r]``. The union of the blocks in block order, and so
+    the report, is the same for every number of ranks, and with ``blocks=1`` it is
+    :func:`run_search`'s. The report (on every rank) adds ``blocks`` and ``ranks``;
+    ``nfe`` and ``verifier_calls`` are summed over the blocks, ``seconds`` is the slowest
+    rank's wall time.
+    """
+    from guidance.distributed import all_gather_cat, all_reduce, check_same, check_world, current
+    from guidance.distributed.search import block_seed, split_blocks
+
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    g = current(group)
+    ranges = split_blocks(n, blocks)
+    check_same(
+        dict(problem=problem.name, info=problem.info, algo=algo, budget=int(budget), n=int(n),
+             steps=int(steps), seed=int(seed), blocks=int(blocks)),
+        "search settings", g,
+    )  # fmt: skip
+    check_world(len(ranges), "blocks of samples", g, "pass --blocks >= the number of processes")
+    first, last = split_blocks(len(ranges), g.world)[g.rank]
+    t0 = time.perf_counter()
+    samples, scores, counts = [], [], torch.zeros(2, dtype=torch.long)
+    for k in range(first, last):
+        start, stop = ranges[k]
+        gen = torch.Generator().manual_seed(block_seed(int(seed) + 1, k))
+        res = _search(
+            problem, algo, int(budget) * (stop - start) // int(n), stop - start, steps, gen
+        )
+        samples.append(res.samples)
+        scores.append(res.scores)
+        counts += torch.tensor([res.nfe, res.verifier_calls])
+    secs = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    samples = all_gather_cat(torch.cat(samples), g, "gathering the samples")
+    scores = all_gather_cat(torch.cat(scores), g, "gathering the scores")
+    counts = all_reduce(counts, "sum", g, "summing the NFE")
+    secs = float(all_reduce(secs, "max", g)[0])
+    rep = _report(
+        problem, algo, budget, steps, samples, scores, int(counts[0]), int(counts[1]), secs,
+        target, target2,
+    )  # fmt: skip
+    rep.update(blocks=int(blocks), ranks=g.world)
+    return rep
+
+
+def search_job(
+    problem_name: str,
+    verifier: str,
+    algo: str,
+    budget: int,
+    n: int,
+    steps: int,
+    seed: int,
+    *,
+    dim: int = 2,
+    coverage: float = 0.75,
+    avoid_class: int = 0,
+    blocks: int | None = None,
+    out: str | None = None,
+) -> tuple[dict, bool]:
+    """``cspace search``: one process, or every rank of a ``torchrun`` job (joined here, with
+    the group's timeout). Runs :func:`run_search`, or :func:`run_search_blocks` when ``blocks``
+    is given or the job has several ranks (default ``blocks`` = the number of ranks). Rank 0
+    writes the report to ``out`` (JSON, atomically: a temporary file renamed) after every rank
+    finished. Returns the report and whether this process is rank 0 (the one that prints)."""
+    from cspace.io.files import write_json_atomic
+    from guidance.distributed import barrier, init_from_env
+
+    g = init_from_env()
+    problem = build_problem(
+        problem_name, verifier, dim=dim, coverage=coverage, avoid_class=avoid_class
+    )
+    target, target2 = exact_targets(problem, n, seed)
+    if blocks is None and g.world == 1:
+        rep = run_search(problem, algo, budget, n, steps, seed, target, target2)
+    else:
+        rep = run_search_blocks(
+            problem, algo, budget, n, steps, seed, blocks or g.world, target, target2, g
+        )
+    rep.update({"problem": problem.name, **problem.info})
+    barrier(g, "the barrier before writing the report")
+    if out is not None and g.rank == 0:
+        write_json_atomic(out, rep)
+    return rep, g.rank == 0
