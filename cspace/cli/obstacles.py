@@ -135,6 +135,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise ObstaclesCommandError(f"--append: {out} is not an obstacle set yet; drop --append")
     encoder = _encoder_on(args.encoder, args.device)
     kw = dict(q_star=q_star, eta=eta, radius=radius, label=args.label, size=size)
+    if args.shard_size is not None or args.keep_sharded is not None or _launched():
+        return _build_sharded(args, encoder, out, kw)
     adopted = False
     if args.append:
         oset = ObstacleSet.load(out)
@@ -155,6 +157,38 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"q_star: {_range(oset.q_star[new])}{' (auto)' if q_star == 'auto' else ''}")
     print(f"eta: {_range(oset.eta[new])}, radius: {_range(oset.radius[new])}")
     print(f"saved: {out}")
+    return 0
+
+
+def _launched() -> bool:
+    from guidance.distributed import launched
+
+    return launched()
+
+
+def _build_sharded(args: argparse.Namespace, encoder, out: Path, kw: dict) -> int:
+    from cspace.experiments.sharded_build import build_sharded
+
+    if args.append:
+        raise ObstaclesCommandError(
+            "--append cannot be combined with a sharded build (torchrun, --shard-size, "
+            "--keep-sharded): build a new set"
+        )
+    rep = build_sharded(
+        args.inputs, encoder, out, batch_size=args.batch_size,
+        shard_size=args.shard_size or 4096, keep_sharded=args.keep_sharded,
+        log=lambda m: print(m, flush=True), **kw,
+    )  # fmt: skip
+    if "count" not in rep:  # not rank 0
+        return 0
+    print(
+        f"built {rep['count']} obstacles, d={rep['dim']}, from {rep['shards']} shards on "
+        f"{rep['ranks']} processes ({rep['skipped']} shards of rank 0 finished before)"
+    )
+    print(f"embeddings sha256: {rep['embeddings_sha256']}")
+    print(f"q_star: {rep['q_star_min']:.4g} .. {rep['q_star_max']:.4g}")
+    kept = f" ({args.keep_sharded} shards)" if args.keep_sharded else ""
+    print(f"saved: {out}{kept} in {rep['seconds']:.1f} s")
     return 0
 
 
@@ -337,6 +371,20 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     build.add_argument("--eta", default="1.0", help="strength eta (default 1)")
     build.add_argument("--radius", default=None, help="hard collision radius (default: 0.5 x Q*)")
+    build.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=None,
+        help="images per shard of a sharded build (default 4096; a build under torchrun is "
+        "always sharded: the ranks encode the shards, rank 0 merges; a rerun resumes)",
+    )
+    build.add_argument(
+        "--keep-sharded",
+        type=positive_int,
+        default=None,
+        metavar="S",
+        help="save the set as S shards on disk, to be loaded shard-per-rank",
+    )
     mode = build.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="add the images to an existing set")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing set")

@@ -21,7 +21,7 @@ from guidance.distributed.comm import (
     init_from_env,
     launched,
 )
-from guidance.distributed.field import ShardedRepulsiveField, set_fingerprint, shard_of
+from guidance.distributed.field import ShardedRepulsiveField, from_sharded_set
 
 __all__ = [
     "DistributedError",
@@ -33,8 +33,7 @@ __all__ = [
     "check_same",
     "check_world",
     "current",
+    "from_sharded_set",
     "init_from_env",
     "launched",
-    "set_fingerprint",
-    "shard_of",
 ]

@@ -33,7 +33,6 @@ obstacles: each failure is a :class:`~guidance.distributed.comm.DistributedError
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 
@@ -53,39 +52,9 @@ from guidance.distributed.comm import (
 from guidance.fields.base import Field, Projection, check_states, safe_norm
 from guidance.fields.repulsive import RepulsiveField
 from obstacles import ObstacleSet
+from obstacles.sharded import set_fingerprint, shard_of
 
-__all__ = ["ShardedRepulsiveField", "set_fingerprint", "shard_of"]
-
-
-def set_fingerprint(obstacles: ObstacleSet) -> str:
-    """SHA-256 (hex) of a set's embeddings (float32), ids, Q*, eta and radius: what a field
-    computes from."""
-    h = hashlib.sha256()
-    h.update(np.int64([len(obstacles), obstacles.dim]).tobytes())
-    for a in (
-        obstacles.embeddings.astype(np.float32),
-        obstacles.ids.astype(np.int64),
-        obstacles.q_star.astype(np.float64),
-        obstacles.eta.astype(np.float64),
-        obstacles.radius.astype(np.float64),
-    ):
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def shard_of(obstacles: ObstacleSet, start: int, stop: int) -> ObstacleSet:
-    """The obstacles ``[start, stop)`` of a set as a new set (same space, parameters, labels
-    and sources; its own ids count from 0: keep ``obstacles.ids[start:stop]`` for the global
-    ones)."""
-    return ObstacleSet.from_embeddings(
-        obstacles.embeddings[start:stop],
-        q_star=obstacles.q_star[start:stop],
-        eta=obstacles.eta[start:stop],
-        radius=obstacles.radius[start:stop],
-        labels=obstacles.labels[start:stop],
-        sources=obstacles.sources[start:stop],
-        space=obstacles.space,
-    )
+__all__ = ["ShardedRepulsiveField", "from_sharded_set"]
 
 
 class ShardedRepulsiveField(Field):
@@ -257,3 +226,16 @@ class ShardedRepulsiveField(Field):
         dmin = every[:, :, 0].min(dim=0).values
         cand = torch.where(every[:, :, 0] == dmin[None], every[:, :, 1], math.inf)
         return dmin, cand.min(dim=0).values.to(torch.long)
+
+
+def from_sharded_set(path, group=None, **field_kwargs) -> ShardedRepulsiveField:
+    """The sharded field of a set kept sharded on disk (:mod:`obstacles.sharded`): each rank
+    loads only its shards (``load_shard(path, rank, world)``) and the ranks check that they
+    loaded the same set (its ``set_digest``)."""
+    from obstacles.sharded import load_shard
+
+    g = current(group)
+    shard, ids, digest = load_shard(path, g.rank, g.world)
+    return ShardedRepulsiveField(
+        shard, group=g, sharded=True, ids=ids, set_digest=digest, **field_kwargs
+    )
