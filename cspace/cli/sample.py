@@ -32,11 +32,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         args.pipeline, obstacles=args.obstacles, n=args.n, steps=args.steps, prompt=args.prompt,
         negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
         strength=args.strength, search=args.search, budget=args.budget, seed=args.seed,
-        device=args.device, out_dir=args.out,
+        device=args.device, out_dir=args.out, blocks=args.blocks,
     )  # fmt: skip
+    if "ranks" in record and not _rank0():
+        return 0
     print(json.dumps({k: record[k] for k in ("pipeline_class", "nfe")}))
     print(f"{args.n} images and record.json in {args.out}")
     return 0
+
+
+def _rank0() -> bool:
+    from guidance.distributed import current
+
+    return current().rank == 0
 
 
 def register(subparsers) -> None:
@@ -50,7 +58,14 @@ def register(subparsers) -> None:
     p.add_argument("--pipeline", required=True, help="local pipeline folder (model_index.json)")
     p.add_argument("--prompt", default=None)
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--n", type=positive_int, default=4, help="images (default 4)")
+    p.add_argument(
+        "--n",
+        "--samples",
+        dest="n",
+        type=positive_int,
+        default=4,
+        help="images (default 4; under torchrun write --samples)",
+    )
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps (default 28)")
     p.add_argument("--guidance-scale", type=positive_float, default=7.0)
     p.add_argument("--obstacles", default=None, help="obstacle set in the pipeline's latent space")
@@ -60,4 +75,11 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="cspace-samples")
+    p.add_argument(
+        "--blocks",
+        type=positive_int,
+        default=None,
+        help="split the images into this many independently seeded blocks; under torchrun the "
+        "ranks share them (default: one per rank) and rank 0 writes every file",
+    )
     p.set_defaults(func=_cmd_sample)
