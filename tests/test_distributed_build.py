@@ -63,6 +63,7 @@ def _manifest_files(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())["files"]
 
 
+@pytest.mark.slow  # several processes importing the models: 20-60 s on 2 busy cores
 def test_sharded_build_merges_to_the_one_process_set_and_resumes_after_a_crash(tmp_path):
     out = tmp_path / "set"
     codes = spawn(_build_worker, 2, str(out), True, None, timeout_s=5, check=False)
@@ -131,6 +132,7 @@ def test_a_set_kept_sharded_loads_shard_per_rank(tmp_path):
         load_shard(tmp_path / "other", 0, 1)
 
 
+@pytest.mark.slow  # several processes importing the models: 20-60 s on 2 busy cores
 def test_cspace_obstacles_build_under_torchrun_equals_one_process(tmp_path):
     """``torchrun --nproc-per-node 2 cspace obstacles build`` writes the set a plain one-process
     ``cspace obstacles build`` writes (same batch size, one thread each): same files, same
@@ -155,3 +157,26 @@ def test_cspace_obstacles_build_under_torchrun_equals_one_process(tmp_path):
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     assert _manifest_files(tmp_path / "dist") == _manifest_files(tmp_path / "one")
+
+
+def test_a_crafted_shard_index_is_refused(tmp_path):
+    g = np.random.default_rng(1)
+    full = ObstacleSet.from_embeddings(g.normal(size=(6, 3)), q_star=1.0)
+    save_sharded(full, tmp_path / "s", shards=2)
+    index = tmp_path / "s" / "shards.json"
+    good = json.loads(index.read_text())
+    bad_cases = [
+        ({**good, "count": 7}, "the shards hold 6 obstacles but count is 7"),
+        ({**good, "format": "other"}, "format must be"),
+        ({**good, "shards": [{**good["shards"][0], "name": "../x"}]}, "bad shard entry"),
+        ({**good, "dim": 1.5}, "dim must be an integer"),
+    ]
+    for data, message in bad_cases:
+        index.write_text(json.dumps(data))
+        with pytest.raises(ObstacleSetError, match=message):
+            load_shard(tmp_path / "s", 0, 1)
+    index.write_text("[" * 100 + "]" * 100)
+    with pytest.raises(ObstacleSetError, match="nested"):
+        load_shard(tmp_path / "s", 0, 1)
+    with pytest.raises(ObstacleSetError, match="shards must be in"):
+        save_sharded(full, tmp_path / "t", shards=7)

@@ -35,6 +35,7 @@ def _run(cmd):
     return done.stdout
 
 
+@pytest.mark.slow  # several processes importing the models: 20-60 s on 2 busy cores
 def test_cspace_sample_under_torchrun_equals_one_process(pipeline_dir, tmp_path):
     ObstacleSet.from_embeddings(np.zeros((1, 192)), q_star=3.0, radius=1.0).save(tmp_path / "set")
     args = ["sample", "--pipeline", str(pipeline_dir), "--samples", "3", "--steps", "3",
@@ -43,7 +44,9 @@ def test_cspace_sample_under_torchrun_equals_one_process(pipeline_dir, tmp_path)
               f"--master-port={free_port()}", "-m", "cspace.cli"]  # fmt: skip
     out = _run([*launch, *args, "--out", str(tmp_path / "dist")])
     assert out.count("record.json") == 1  # rank 0 prints
-    _run([sys.executable, "-m", "cspace.cli", *args, "--blocks", "2", "--out", str(tmp_path / "one")])
+    _run(
+        [sys.executable, "-m", "cspace.cli", *args, "--blocks", "2", "--out", str(tmp_path / "one")]
+    )
     a, b = tmp_path / "dist", tmp_path / "one"
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
     la, lb = load_file(str(a / "latents.safetensors")), load_file(str(b / "latents.safetensors"))

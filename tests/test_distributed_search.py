@@ -147,6 +147,7 @@ def test_search_blocks_of_one_are_the_plain_run_and_any_split_is_the_same_union(
         run_search_blocks(problem, "smc", 6 * 4 * 8, 6, 4, 0, blocks=7)
 
 
+@pytest.mark.slow  # several processes importing the models: 20-60 s on 2 busy cores
 def test_cspace_search_under_torchrun_equals_one_process(tmp_path):
     """``torchrun --nproc-per-node 2 cspace search`` writes (rank 0, atomically) the report of
     the one-process run with the same blocks."""
@@ -176,3 +177,33 @@ def test_cspace_search_under_torchrun_equals_one_process(tmp_path):
     a.pop("seconds"), b.pop("seconds")
     assert a == b and a["nfe"] == 480
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]  # no temporary file left
+
+
+def test_sde_step_with_given_noise_is_the_drawn_step():
+    from guidance.sampling import sde_step
+
+    problem = build_problem("toy", "oracle", dim=2)
+    x = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t, t1 = torch.full((5,), 0.5, dtype=torch.float64), torch.full((5,), 0.4, dtype=torch.float64)
+    drawn = sde_step(problem.velocity, x, t, t1, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    given = sde_step(problem.velocity, x, t, t1, noise=z)
+    assert torch.equal(drawn.x_next, given.x_next)
+    with pytest.raises(ValueError, match="noise must have the states' shape"):
+        sde_step(problem.velocity, x, t, t1, noise=z[:4])
+
+
+def _few_samples_worker(rank, world, folder):
+    from cspace.experiments.search import run_search_blocks
+
+    problem = build_problem("toy", "oracle", dim=2)
+    try:
+        run_search_blocks(problem, "best-of-n", 100, 1, 4, 0, blocks=world)
+    except DistributedError as err:
+        (__import__("pathlib").Path(folder) / f"rank{rank}.txt").write_text(str(err))
+
+
+def test_more_ranks_than_samples_fails_on_every_rank(tmp_path):
+    spawn(_few_samples_worker, 2, str(tmp_path))
+    for r in (0, 1):
+        assert "2 ranks but only 1 samples" in (tmp_path / f"rank{r}.txt").read_text()

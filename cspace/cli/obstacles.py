@@ -133,9 +133,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
         )
     if args.append and not exists:
         raise ObstaclesCommandError(f"--append: {out} is not an obstacle set yet; drop --append")
+    sharded = args.shard_size is not None or args.keep_sharded is not None or _launched()
+    if sharded:
+        _join()  # before the encoder: under NCCL this selects the rank's GPU (LOCAL_RANK)
     encoder = _encoder_on(args.encoder, args.device)
     kw = dict(q_star=q_star, eta=eta, radius=radius, label=args.label, size=size)
-    if args.shard_size is not None or args.keep_sharded is not None or _launched():
+    if sharded:
         return _build_sharded(args, encoder, out, kw)
     adopted = False
     if args.append:
@@ -164,6 +167,12 @@ def _launched() -> bool:
     from guidance.distributed import launched
 
     return launched()
+
+
+def _join() -> None:
+    from guidance.distributed import init_from_env
+
+    init_from_env()
 
 
 def _build_sharded(args: argparse.Namespace, encoder, out: Path, kw: dict) -> int:

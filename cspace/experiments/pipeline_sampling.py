@@ -89,6 +89,7 @@ def sample_pipeline(
                 "a search scores candidates by the obstacle set's clearance: pass the obstacle "
                 "set (--obstacles SET)"
             )
+    g = init_from_env()  # first: under NCCL it selects this rank's GPU (LOCAL_RANK)
     device = str(resolve_device(device))
     check_output_folder(out_dir, "the output folder (--out)")
     pipe = load_pipeline(pipeline, device)
@@ -96,7 +97,6 @@ def sample_pipeline(
     check_pipeline_space(pipe, field)  # guide() checks too; a search would not
     record = {"pipeline": str(pipeline), "pipeline_class": type(pipe).__name__}
     record["settings"] = settings
-    g = init_from_env()
     run = dict(
         steps=steps, prompt=prompt, negative_prompt=negative_prompt,
         guidance_scale=guidance_scale, strength=strength, search=search,
@@ -169,6 +169,7 @@ def _sample_blocks(pipe, field, n, budget, seed, blocks, g, settings, run):
     from guidance.distributed import all_gather_cat, all_reduce, check_same, check_world
     from guidance.distributed.search import block_seed, split_blocks
 
+    check_world(int(n), "images", g, "start at most --samples processes")
     ranges = split_blocks(n, blocks or g.world)
     check_same({**settings, "blocks": len(ranges)}, "sampling settings", g)
     check_world(len(ranges), "blocks of images", g, "pass --blocks >= the number of processes")

@@ -319,6 +319,7 @@ def run_search_blocks(
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
     g = current(group)
+    check_world(int(n), "samples", g, "start at most --samples processes")
     ranges = split_blocks(n, blocks)
     check_same(
         dict(problem=problem.name, info=problem.info, algo=algo, budget=int(budget), n=int(n),
