@@ -56,7 +56,7 @@ def _field_worker(rank, world, folder, kw, noisy):
         (dict(backend="torch"), False),
         (dict(backend="torch"), True),
         (dict(backend="torch", prune=True), False),
-        (dict(backend="torch", max_force=3.0, max_potential=2.0, chunk_elements=50), False),
+        (dict(backend="torch", max_force=3.0, max_potential=2.0, chunk_elements=6720), False),
     ],
     ids=["reference", "noisy", "pruned", "caps-chunks"],
 )
