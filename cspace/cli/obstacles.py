@@ -148,10 +148,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
         )
     if args.append and not exists:
         raise ObstaclesCommandError(f"--append: {out} is not an obstacle set yet; drop --append")
+    sharded = args.shard_size is not None or args.keep_sharded is not None or _launched()
+    if sharded:
+        _join()  # before the encoder: under NCCL this selects the rank's GPU (LOCAL_RANK)
     encoder = _encoder_on(args.encoder, args.device)
     size, size_note = image_size_for(encoder, size)
     kw = dict(q_star=q_star, eta=eta, radius=radius, label=args.label, size=size)
-    kw.update(resize=args.resize, progress=not args.no_progress)
+    kw.update(resize=args.resize)
+    if sharded:  # rank 0 reports each shard
+        return _build_sharded(args, encoder, out, kw)
+    kw.update(progress=not args.no_progress)
     adopted = False
     if args.append:
         oset = ObstacleSet.load(out)
@@ -187,6 +193,44 @@ def _cmd_build(args: argparse.Namespace) -> int:
             f"{q_demo:.6g} --radius {r_demo:.6g})"
         )
     print(f"saved: {out}")
+    return 0
+
+
+def _launched() -> bool:
+    from guidance.distributed import launched
+
+    return launched()
+
+
+def _join() -> None:
+    from guidance.distributed import init_from_env
+
+    init_from_env()
+
+
+def _build_sharded(args: argparse.Namespace, encoder, out: Path, kw: dict) -> int:
+    from cspace.experiments.sharded_build import build_sharded
+
+    if args.append:
+        raise ObstaclesCommandError(
+            "--append cannot be combined with a sharded build (torchrun, --shard-size, "
+            "--keep-sharded): build a new set"
+        )
+    rep = build_sharded(
+        args.inputs, encoder, out, batch_size=args.batch_size,
+        shard_size=args.shard_size or 4096, keep_sharded=args.keep_sharded,
+        log=lambda m: print(m, flush=True), **kw,
+    )  # fmt: skip
+    if "count" not in rep:  # not rank 0
+        return 0
+    print(
+        f"built {rep['count']} obstacles, d={rep['dim']}, from {rep['shards']} shards on "
+        f"{rep['ranks']} processes ({rep['skipped']} shards of rank 0 finished before)"
+    )
+    print(f"embeddings sha256: {rep['embeddings_sha256']}")
+    print(f"q_star: {rep['q_star_min']:.4g} .. {rep['q_star_max']:.4g}")
+    kept = f" ({args.keep_sharded} shards)" if args.keep_sharded else ""
+    print(f"saved: {out}{kept} in {rep['seconds']:.1f} s")
     return 0
 
 
@@ -401,6 +445,21 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--radius",
         default=None,
         help="hard collision radius (default: 0.5 x Q*; the demo uses auto, printed beside it)",
+    )
+    build.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=None,
+        help="images per shard; giving it makes the build sharded (4096 per shard when not "
+        "given; a build under torchrun is always sharded: the ranks encode the shards, rank 0 "
+        "merges; a rerun resumes)",
+    )
+    build.add_argument(
+        "--keep-sharded",
+        type=positive_int,
+        default=None,
+        metavar="S",
+        help="save the set as S shards on disk, to be loaded shard-per-rank",
     )
     mode = build.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="add the images to an existing set")

@@ -37,11 +37,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         args.pipeline, obstacles=args.obstacles, n=args.n, steps=args.steps, prompt=args.prompt,
         negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
         strength=args.strength, search=args.search, budget=args.budget, seed=args.seed,
-        device=args.device, out_dir=args.out, progress=not args.no_progress,
+        device=args.device, out_dir=args.out, progress=not args.no_progress, blocks=args.blocks,
     )  # fmt: skip
+    if "ranks" in record and not _rank0():
+        return 0
     print(json.dumps({k: record[k] for k in ("pipeline_class", "nfe")}))
     print(f"{args.n} images and record.json in {args.out}")
     return 0
+
+
+def _rank0() -> bool:
+    from guidance.distributed import current
+
+    return current().rank == 0
 
 
 def register(subparsers) -> None:
@@ -66,7 +74,15 @@ def register(subparsers) -> None:
         default=None,
         help="negative prompt for classifier-free guidance (default: none)",
     )
-    p.add_argument("--n", type=positive_int, default=4, help="images (default 4)")
+    p.add_argument(
+        "--n",
+        "--samples",
+        dest="n",
+        type=positive_int,
+        default=4,
+        help="images (default 4; under torchrun write --samples: torchrun reads --n as an "
+        "abbreviation of its own options)",
+    )
     p.add_argument("--steps", type=positive_int, default=28, help="denoising steps (default 28)")
     p.add_argument(
         "--guidance-scale",
@@ -102,4 +118,11 @@ def register(subparsers) -> None:
         "(default cspace-samples)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    p.add_argument(
+        "--blocks",
+        type=positive_int,
+        default=None,
+        help="split the images into this many independently seeded blocks; under torchrun the "
+        "ranks share them (default: one per rank) and rank 0 writes every file",
+    )
     p.set_defaults(func=_cmd_sample)

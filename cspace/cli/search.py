@@ -55,38 +55,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         check_output_folder(args.out, "--out")
-    if args.reference and args.problem != "toy":
-        raise ValueError("--reference needs exact truth: use it with --problem toy")
-    from cspace.experiments.measure import ExactReference
-    from cspace.experiments.search import build_problem, exact_targets, run_search, save_run
+    from cspace.experiments.search import search_job
 
-    _say(args, f"building the {args.problem} problem (models, obstacles, verifier)")
-    problem = build_problem(
-        args.problem,
-        _verifier(args),
-        dim=args.dim,
-        coverage=args.coverage,
-        avoid_class=args.avoid_class,
-        problem_seed=args.problem_seed,
-    )
-    if args.problem == "toy":
-        _say(args, f"drawing 2 x {args.n} exact samples of the target (rejection sampling)")
-    target, target2 = exact_targets(problem, args.n, args.seed)
-    _say(args, f"searching: {args.algo}, {args.budget:,} NFE for {args.n} samples")
-    reference = floor = None
-    if args.reference:
-        reference = ExactReference.build(problem, args.reference, seed=args.problem_seed)
-        floor = reference.floor(args.n, args.floor_draws, seed=args.problem_seed)
-    keep: dict = {}
-    rep = run_search(
-        problem, args.algo, args.budget, args.n, args.steps, args.seed, target, target2,
-        reference=reference, floor=floor, keep=keep,
+    rep, printer = search_job(
+        args.problem, _verifier(args), args.algo, args.budget, args.n, args.steps, args.seed,
+        dim=args.dim, coverage=args.coverage, avoid_class=args.avoid_class,
+        problem_seed=args.problem_seed, reference=args.reference, floor_draws=args.floor_draws,
+        blocks=args.blocks, out=args.out, say=lambda message: _say(args, message),
     )  # fmt: skip
-    rep.update({"problem": problem.name, **problem.info})
-    if args.problem_seed:
-        rep["problem_seed"] = args.problem_seed
-    if args.out is not None:
-        rep["files"] = save_run(args.out, rep, keep["samples"])
+    if not printer:  # under torchrun, rank 0 prints
+        return 0
     if args.json:
         print(json.dumps(rep))
         return 0
@@ -157,7 +135,15 @@ def register(subparsers) -> None:
     )
     p.add_argument("--algo", choices=ALGOS, required=True, help="search algorithm")
     p.add_argument("--budget", type=positive_int, required=True, help="total NFE of the call")
-    p.add_argument("--n", type=positive_int, default=256, help="samples returned (default 256)")
+    p.add_argument(
+        "--n",
+        "--samples",
+        dest="n",
+        type=positive_int,
+        default=256,
+        help="samples returned (default 256; under torchrun write --samples: torchrun reads --n "
+        "as an abbreviation of its own options)",
+    )
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
     p.add_argument(
         "--seed", type=seed, default=0, help="seed of the search's random streams (default 0)"
@@ -187,9 +173,18 @@ def register(subparsers) -> None:
         "--out",
         default=None,
         metavar="DIR",
-        help="write the returned samples (samples.safetensors) and the report (report.json)",
+        help="write the returned samples (samples.safetensors) and the report (report.json) "
+        "into this folder (under torchrun: rank 0; default: write nothing)",
     )
     _common(p)
+    p.add_argument(
+        "--blocks",
+        type=positive_int,
+        default=None,
+        help="split the n samples into this many independent blocks (block k seeded by the "
+        "rule of docs/scaling-out.md); under torchrun the ranks share the blocks (default: one "
+        "per rank) and the result does not depend on the number of ranks",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--no-progress", action="store_true", help="do not say on stderr what it is doing"

@@ -31,6 +31,7 @@ from cspace.io.checks import check_output_folder
 from cspace.io.files import write_file_atomic
 from cspace.models.devices import resolve_device
 from guidance import RepulsiveField
+from guidance.distributed import barrier, init_from_env
 from guidance.integrations.diffusers import check_pipeline_space, guide
 from guidance.integrations.pipelines import decode, load_pipeline, pipeline_denoiser, to_pil
 from guidance.integrations.velocity import DiffusersVelocity
@@ -56,10 +57,18 @@ def sample_pipeline(
     device: str = "cpu",
     out_dir: str | os.PathLike = "cspace-samples",
     progress: bool = False,
+    blocks: int | None = None,
 ) -> dict:
     """Sample ``n`` images of the local pipeline folder ``pipeline`` (module docstring) into
     ``out_dir``; returns the record (also written to ``out_dir/record.json``). ``progress``:
     the pipeline's own progress bar (diffusers', on stderr) while it samples.
+
+    Under ``torchrun`` (or with ``blocks``) the n images are split into ``blocks`` blocks
+    (default: one per rank) shared among the ranks, block k seeded ``block_seed(seed, k)``
+    (:mod:`guidance.distributed.search`): the union does not depend on the number of ranks,
+    equals one process run with the same ``blocks``, and ``blocks=1`` is the plain run. Rank 0
+    writes the files (each atomically) after every rank finished; ``record`` gains ``blocks``
+    and ``ranks``, with ``nfe``, ``guided_steps`` and ``verifier_calls`` summed over blocks.
 
     Raises:
         ValueError: ``search`` without ``budget`` or without ``obstacles``, an unknown
@@ -82,6 +91,7 @@ def sample_pipeline(
                 "a search scores candidates by the obstacle set's clearance: pass the obstacle "
                 "set (--obstacles SET)"
             )
+    g = init_from_env()  # first: under NCCL it selects this rank's GPU (LOCAL_RANK)
     device = str(resolve_device(device))
     check_output_folder(out_dir, "the output folder (--out)")
     pipe = load_pipeline(pipeline, device)
@@ -90,7 +100,37 @@ def sample_pipeline(
     check_pipeline_space(pipe, field)  # guide() checks too; a search would not
     record = {"pipeline": str(pipeline), "pipeline_class": type(pipe).__name__}
     record["settings"] = settings
-    generator = torch.Generator().manual_seed(int(seed))
+    run = dict(
+        steps=steps, prompt=prompt, negative_prompt=negative_prompt,
+        guidance_scale=guidance_scale, strength=strength, search=search,
+    )  # fmt: skip
+    if blocks is None and g.world == 1:
+        generator = torch.Generator().manual_seed(int(seed))
+        images, latents, part = _sample_block(pipe, field, n, budget, generator, **run)
+    else:
+        images, latents, part = _sample_blocks(
+            pipe, field, n, budget, seed, blocks, g, settings, run
+        )
+        record["blocks"], record["ranks"] = blocks or g.world, g.world
+    record.update(part)
+    if field is not None:
+        ev = field.evaluate(latents.float())
+        record["per_image"] = [
+            {"file": f"image_{i:03d}.png", "nearest_obstacle": float(d), "collided": bool(c)}
+            for i, (d, c) in enumerate(zip(ev.nearest.tolist(), ev.collided.tolist(), strict=True))
+        ]
+    barrier(g, "the barrier before writing the images")
+    if g.rank == 0:
+        _write(Path(out_dir), images, latents, record)
+    return record
+
+
+def _sample_block(
+    pipe, field, n, budget, generator, *, steps, prompt, negative_prompt, guidance_scale,
+    strength, search,
+):  # fmt: skip
+    """``n`` images of one run from ``generator``: (PIL images, latents (n, ...), record)."""
+    part: dict = {}
     if search is None:
         kw = {"num_inference_steps": steps, "generator": generator}
         if "prompt" in inspect.signature(pipe.__call__).parameters:
@@ -104,8 +144,8 @@ def sample_pipeline(
         runner = guide(pipe, field, strength=strength)  # field None: records only
         images = to_pil(runner(**kw).images)
         latents = runner.stats.last_latents[:n]
-        record["nfe"] = runner.stats.steps * n
-        record["guided_steps"] = runner.stats.guided_steps
+        part["nfe"] = runner.stats.steps * n
+        part["guided_steps"] = runner.stats.guided_steps
     else:
         den, shape = pipeline_denoiser(pipe, prompt, negative_prompt, guidance_scale)
         algo = ALGORITHMS[search]
@@ -115,17 +155,52 @@ def sample_pipeline(
         )  # fmt: skip
         latents = res.samples.float()
         images = to_pil(decode(pipe, latents))
-        record["nfe"] = int(res.nfe)
-        record["verifier_calls"] = res.verifier_calls
-        record["verifier_scores"] = [float(v) for v in res.scores]
-    if field is not None:
-        ev = field.evaluate(latents.float())
-        record["per_image"] = [
-            {"file": f"image_{i:03d}.png", "nearest_obstacle": float(d), "collided": bool(c)}
-            for i, (d, c) in enumerate(zip(ev.nearest.tolist(), ev.collided.tolist(), strict=True))
-        ]
-    _write(Path(out_dir), images, latents, record)
-    return record
+        part["nfe"] = int(res.nfe)
+        part["verifier_calls"] = res.verifier_calls
+        part["verifier_scores"] = [float(v) for v in res.scores]
+    return images, latents, part
+
+
+def _sample_blocks(pipe, field, n, budget, seed, blocks, g, settings, run):
+    """The n images in ``blocks`` blocks (default: one per rank) shared among the ranks, block k
+    from a generator seeded ``block_seed(seed, k)`` with ``budget x n_k // n`` NFE
+    (:mod:`guidance.distributed.search`); the images, latents and records gathered on every
+    rank in block order."""
+    import numpy as np
+    from PIL import Image
+
+    from guidance.distributed import all_gather_cat, all_reduce, check_same, check_world
+    from guidance.distributed.search import block_seed, split_blocks
+
+    check_world(int(n), "images", g, "start at most --samples processes")
+    ranges = split_blocks(n, blocks or g.world)
+    check_same({**settings, "blocks": len(ranges)}, "sampling settings", g)
+    check_world(len(ranges), "blocks of images", g, "pass --blocks >= the number of processes")
+    first, last = split_blocks(len(ranges), g.world)[g.rank]
+    pixels, lat, scores = [], [], []
+    counts = torch.zeros(3, dtype=torch.long)  # nfe, guided steps, verifier calls
+    for k in range(first, last):
+        start, stop = ranges[k]
+        gen = torch.Generator().manual_seed(block_seed(int(seed), k))
+        b_k = None if budget is None else int(budget) * (stop - start) // int(n)
+        images, latents, part = _sample_block(pipe, field, stop - start, b_k, gen, **run)
+        pixels.append(torch.from_numpy(np.stack([np.asarray(im) for im in images])))
+        lat.append(latents.float().cpu())
+        scores += part.get("verifier_scores", [])
+        counts += torch.tensor(
+            [part["nfe"], part.get("guided_steps", 0), part.get("verifier_calls", 0)]
+        )
+    pixels = all_gather_cat(torch.cat(pixels), g, "gathering the images")
+    latents = all_gather_cat(torch.cat(lat), g, "gathering the latents")
+    counts = all_reduce(counts, "sum", g, "summing the NFE")
+    part = {"nfe": int(counts[0])}
+    if run["search"] is None:
+        part["guided_steps"] = int(counts[1])
+    else:
+        part["verifier_calls"] = int(counts[2])
+        got = all_gather_cat(torch.tensor(scores, dtype=torch.float64), g, "gathering scores")
+        part["verifier_scores"] = [float(v) for v in got]
+    return [Image.fromarray(p.numpy()) for p in pixels], latents, part
 
 
 def _write(out: Path, images: list, latents: torch.Tensor, record: dict) -> None:

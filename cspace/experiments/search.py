@@ -14,7 +14,9 @@
   judge's figures on the decoded samples: the avoided class's share (``avoided_rate``) and the
   mean ``judge_confidence``.
 * :func:`run_search`: one algorithm of :data:`guidance.search.ALGORITHMS` on a total NFE budget
-  (the budget per returned sample is ``budget / n``), and its report.
+  (the budget per returned sample is ``budget / n``), and its report;
+  :func:`run_search_blocks`: the same split into independent blocks shared among the ranks of a
+  ``torchrun`` job (data-parallel search).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ __all__ = [
     "build_toy_problem",
     "exact_targets",
     "run_search",
+    "run_search_blocks",
     "save_run",
+    "search_job",
 ]
 
 ALGOS = tuple(ALGORITHMS)
@@ -256,7 +260,22 @@ def run_search(
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
     gen = torch.Generator().manual_seed(int(seed) + 1)
     t0 = time.perf_counter()
-    res = ALGORITHMS[algo](
+    res = _search(problem, algo, budget, n, steps, gen)
+    secs = time.perf_counter() - t0
+    out = _report(
+        problem, algo, budget, steps, res.samples, res.scores, res.nfe, res.verifier_calls,
+        secs, target, target2, reference=reference, floor=floor,
+    )  # fmt: skip
+    names = REPORTED_RECORDS.get(algo, ())
+    if names:
+        out["records"] = {k: _plain(res.records[k]) for k in names if k in res.records}
+    if keep is not None:
+        keep["samples"] = res.samples
+    return out
+
+
+def _search(problem: SearchProblem, algo: str, budget: int, n: int, steps: int, gen):
+    return ALGORITHMS[algo](
         problem.velocity,
         problem.shape,
         problem.verifier,
@@ -266,23 +285,28 @@ def run_search(
         generator=gen,
         **_algo_kwargs(algo, problem),
     )
-    secs = time.perf_counter() - t0
+
+
+def _report(
+    problem, algo, budget, steps, samples, scores, nfe, verifier_calls, secs, target, target2,
+    *, reference=None, floor=None,
+) -> dict:  # fmt: skip
     out = {
         "algo": algo,
-        "n": int(res.samples.shape[0]),
+        "n": int(samples.shape[0]),
         "steps": steps,
         "budget": int(budget),
-        "nfe": int(res.nfe),
-        "nfe_per_sample": res.nfe_per_sample,
-        "score": float(res.scores.mean()),
-        "diversity": diversity(res.samples),
-        "verifier_calls": res.verifier_calls,
+        "nfe": int(nfe),
+        "nfe_per_sample": nfe / samples.shape[0],
+        "score": float(scores.mean()),
+        "diversity": diversity(samples),
+        "verifier_calls": verifier_calls,
         "seconds": secs,
     }
     if problem.truth is not None:
-        out.update(problem.truth(res.samples))
+        out.update(problem.truth(samples))
     if problem.obstacles is not None:
-        x = res.samples.reshape(res.samples.shape[0], -1)
+        x = samples.reshape(samples.shape[0], -1)
         out["hit_rate"] = float(problem.obstacles.inside(x).double().mean())
         if target is not None:
             out["energy_distance"] = energy_distance(x, target)
@@ -298,11 +322,6 @@ def run_search(
                 out[f"floor_{key}_mean"] = floor[key]["mean"]
                 out[f"floor_{key}_sd"] = floor[key]["sd"]
             out["floor_draws"] = floor["energy_distance"]["n"]
-    names = REPORTED_RECORDS.get(algo, ())
-    if names:
-        out["records"] = {k: _plain(res.records[k]) for k in names if k in res.records}
-    if keep is not None:
-        keep["samples"] = res.samples
     return out
 
 
@@ -343,3 +362,146 @@ def save_run(out_dir, report: dict, samples: torch.Tensor) -> dict:
     )
     write_json_atomic(out / "report.json", {**report, "samples_sha256": sha})
     return {"samples": str(out / "samples.safetensors"), "report": str(out / "report.json")}
+
+
+def run_search_blocks(
+    problem: SearchProblem,
+    algo: str,
+    budget: int,
+    n: int,
+    steps: int,
+    seed: int,
+    blocks: int,
+    target: torch.Tensor | None = None,
+    target2: torch.Tensor | None = None,
+    group=None,
+    reference=None,
+    floor: dict | None = None,
+    keep: dict | None = None,
+) -> dict:
+    """:func:`run_search` split into ``blocks`` independent blocks of the n returned samples,
+    the blocks shared among the ranks of a process group (data-parallel ``cspace search`` under
+    ``torchrun``; :mod:`guidance.distributed.search` has the seeding rule).
+
+    Block k returns samples ``[start_k, stop_k)`` (``split_blocks(n, blocks)``) from a search
+    on ``budget x n_k // n`` NFE with a generator seeded ``block_seed(seed + 1, k)``; rank r
+    runs blocks ``split_blocks(blocks, W)[r]``. The union of the blocks in block order, and so
+    the report, is the same for every number of ranks, and with ``blocks=1`` it is
+    :func:`run_search`'s. The report (on every rank) adds ``blocks`` and ``ranks``;
+    ``nfe`` and ``verifier_calls`` are summed over the blocks, ``seconds`` is the slowest
+    rank's wall time. ``reference``, ``floor`` and ``keep`` as in :func:`run_search` (the
+    algorithms' own ``records`` are per block and not reported).
+    """
+    from guidance.distributed import all_gather_cat, all_reduce, check_same, check_world, current
+    from guidance.distributed.search import block_seed, split_blocks
+
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    g = current(group)
+    check_world(int(n), "samples", g, "start at most --samples processes")
+    ranges = split_blocks(n, blocks)
+    check_same(
+        dict(problem=problem.name, info=problem.info, algo=algo, budget=int(budget), n=int(n),
+             steps=int(steps), seed=int(seed), blocks=int(blocks)),
+        "search settings", g,
+    )  # fmt: skip
+    check_world(len(ranges), "blocks of samples", g, "pass --blocks >= the number of processes")
+    first, last = split_blocks(len(ranges), g.world)[g.rank]
+    t0 = time.perf_counter()
+    samples, scores, counts = [], [], torch.zeros(2, dtype=torch.long)
+    for k in range(first, last):
+        start, stop = ranges[k]
+        gen = torch.Generator().manual_seed(block_seed(int(seed) + 1, k))
+        res = _search(
+            problem, algo, int(budget) * (stop - start) // int(n), stop - start, steps, gen
+        )
+        samples.append(res.samples)
+        scores.append(res.scores)
+        counts += torch.tensor([res.nfe, res.verifier_calls])
+    secs = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+    samples = all_gather_cat(torch.cat(samples), g, "gathering the samples")
+    scores = all_gather_cat(torch.cat(scores), g, "gathering the scores")
+    counts = all_reduce(counts, "sum", g, "summing the NFE")
+    secs = float(all_reduce(secs, "max", g)[0])
+    rep = _report(
+        problem, algo, budget, steps, samples, scores, int(counts[0]), int(counts[1]), secs,
+        target, target2, reference=reference, floor=floor,
+    )  # fmt: skip
+    rep.update(blocks=int(blocks), ranks=g.world)
+    if keep is not None:
+        keep["samples"] = samples
+    return rep
+
+
+def search_job(
+    problem_name: str,
+    verifier: str,
+    algo: str,
+    budget: int,
+    n: int,
+    steps: int,
+    seed: int,
+    *,
+    dim: int = 2,
+    coverage: float = 0.75,
+    avoid_class: int = 0,
+    problem_seed: int = 0,
+    reference: int = 0,
+    floor_draws: int = 20,
+    blocks: int | None = None,
+    out: str | None = None,
+    say=None,
+) -> tuple[dict, bool]:
+    """``cspace search``: one process, or every rank of a ``torchrun`` job (joined here, with
+    the group's timeout). Runs :func:`run_search`, or :func:`run_search_blocks` when ``blocks``
+    is given or the job has several ranks (default ``blocks`` = the number of ranks).
+
+    ``reference`` > 0 (toy only) also scores against that many exact samples and reports the
+    floor over ``floor_draws`` exact n-sets (:class:`~cspace.experiments.measure.ExactReference`,
+    seeded by ``problem_seed``). Rank 0 writes ``out/samples.safetensors`` and
+    ``out/report.json`` (:func:`save_run`) after every rank finished; ``say`` (rank 0 only) is
+    called with a line for each stage. Returns the report and whether this process is rank 0
+    (the one that prints)."""
+    from cspace.experiments.measure import ExactReference
+    from guidance.distributed import barrier, init_from_env
+
+    if reference and problem_name != "toy":
+        raise ValueError("--reference needs exact truth: use it with --problem toy")
+    g = init_from_env()
+    tell = say if (say is not None and g.rank == 0) else (lambda message: None)
+    tell(f"building the {problem_name} problem (models, obstacles, verifier)")
+    problem = build_problem(
+        problem_name,
+        verifier,
+        dim=dim,
+        coverage=coverage,
+        avoid_class=avoid_class,
+        problem_seed=problem_seed,
+    )
+    if problem_name == "toy":
+        tell(f"drawing 2 x {n} exact samples of the target (rejection sampling)")
+    target, target2 = exact_targets(problem, n, seed)
+    ref = floor = None
+    if reference:
+        tell(f"drawing {reference:,} exact reference samples and {floor_draws} floor sets")
+        ref = ExactReference.build(problem, reference, seed=problem_seed)
+        floor = ref.floor(n, floor_draws, seed=problem_seed)
+    tell(f"searching: {algo}, {budget:,} NFE for {n} samples")
+    keep: dict = {}
+    if blocks is None and g.world == 1:
+        rep = run_search(
+            problem, algo, budget, n, steps, seed, target, target2,
+            reference=ref, floor=floor, keep=keep,
+        )  # fmt: skip
+    else:
+        rep = run_search_blocks(
+            problem, algo, budget, n, steps, seed, blocks or g.world, target, target2, g,
+            reference=ref, floor=floor, keep=keep,
+        )  # fmt: skip
+    rep.update({"problem": problem.name, **problem.info})
+    if problem_seed:
+        rep["problem_seed"] = problem_seed
+    barrier(g, "the barrier before writing the outputs")
+    if out is not None and g.rank == 0:
+        rep["files"] = save_run(out, rep, keep["samples"])
+    return rep, g.rank == 0

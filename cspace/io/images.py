@@ -52,6 +52,7 @@ __all__ = [
     "ImagesResizedNote",
     "LoadedImages",
     "SkippedFilesWarning",
+    "list_images",
     "load_images",
     "max_image_pixels",
     "save_png",
@@ -241,6 +242,13 @@ def _expand(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple
     if not files:
         raise ImageFolderError("no images given")
     return files, skipped
+
+
+def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """The image files that :func:`load_images` would read from ``inputs`` (files and folders,
+    a folder's regular files sorted), in that order, without opening them; what a folder skips
+    is reported as for :func:`load_images`."""
+    return _expand(inputs)[0]
 
 
 def _open_header(f: Path):

@@ -169,6 +169,9 @@ class RepulsiveField(Field):
         self.clusters = None
         self._o_max = None  # the largest |coordinate| of the obstacles (the reference's scaling)
         self.last_evaluated = float(len(obstacles))  # obstacles per state in the last evaluate
+        #: the obstacle count the per-pair caps divide by (``1e300 / count``, so that no sum
+        #: over the whole set overflows); a shard of a larger set sets the whole set's count
+        self.cap_count = len(obstacles)
         if prune:
             k = None if prune is True else int(prune)
             self.clusters = ClusteredObstacles(obstacles, n_clusters=k)
@@ -228,7 +231,7 @@ class RepulsiveField(Field):
         dev = e.device
         emb_all, q_all = self._emb.to(dev), self._q.to(dev)
         eta_all, rad_all = self._eta.to(dev), self._radius.to(dev)
-        n_total = emb_all.shape[0]  # the caps below hold for the whole set
+        n_total = self.cap_count  # the caps below hold for the whole set (all shards)
         if index is not None:
             idx = index.to(dev)
             emb_all, q_all, eta_all, rad_all = emb_all[idx], q_all[idx], eta_all[idx], rad_all[idx]

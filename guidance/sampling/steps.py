@@ -116,13 +116,23 @@ def sde_step(
     *,
     noise_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> Step:
     """``x' = x - h v - h (noise_scale/2) eps_hat + sqrt(noise_scale t h) z`` (module
-    docstring); ``z`` is drawn from ``generator`` after the velocity is evaluated."""
+    docstring); ``z`` is drawn from ``generator`` after the velocity is evaluated, or is
+    ``noise`` (same shape as ``x``) when given (a distributed run draws every particle's noise
+    on every rank and passes each rank its rows)."""
     noise_scale = check_number(noise_scale, "noise_scale")
     t, t_next, h, p = _begin(velocity, x, t, t_next)
     tb = t.reshape(_shape1(x))
-    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if noise is None:
+        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif noise.shape != x.shape:
+        raise ValueError(
+            f"noise must have the states' shape {tuple(x.shape)}; got {tuple(noise.shape)}"
+        )
+    else:
+        z = noise.to(device=x.device, dtype=x.dtype)
     mean = x - h * p.v - h * (noise_scale / 2) * p.eps_hat
     var = noise_scale * tb * h
     x_next = mean + torch.sqrt(var) * z
