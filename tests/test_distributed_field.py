@@ -57,8 +57,10 @@ def _field_worker(rank, world, folder, kw, noisy):
         (dict(backend="torch"), True),
         (dict(backend="torch", prune=True), False),
         (dict(backend="torch", max_force=3.0, max_potential=2.0, chunk_elements=6720), False),
+        (dict(backend="cpu"), False),
+        (dict(backend="cpu", prune=True), False),
     ],
-    ids=["reference", "noisy", "pruned", "caps-chunks"],
+    ids=["reference", "noisy", "pruned", "caps-chunks", "cpu-path", "cpu-path-pruned"],
 )
 def test_sharded_field_equals_one_process(tmp_path, kw, noisy):
     spawn(_field_worker, 2, str(tmp_path), kw, noisy)
