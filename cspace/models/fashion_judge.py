@@ -46,6 +46,7 @@ from cspace.io.checks import check_output_folder
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.folder import FolderKind, check_target, read_folder, write_folder
 from cspace.io.weights import build_within, check_state_dict, weights_values
+from cspace.models.metrics import class_report
 from cspace.models.shipped import shipped
 
 __all__ = [
@@ -198,17 +199,7 @@ class FashionJudge(nn.Module):
         ``class_shares`` (10 floats, sum 1), ``confidence`` (mean largest probability),
         ``confident_share`` (share with largest probability > ``confident``), ``predicted``
         (B,), ``max_prob`` (B,), ``n``."""
-        p = self.predict_proba(images)
-        top, pred = p.max(1)
-        shares = torch.bincount(pred, minlength=NUM_CLASSES).double() / p.shape[0]
-        return {
-            "class_shares": [float(s) for s in shares],
-            "confidence": float(top.mean()),
-            "confident_share": float((top > confident).double().mean()),
-            "predicted": pred,
-            "max_prob": top,
-            "n": int(p.shape[0]),
-        }
+        return class_report(self.predict_proba(images), confident)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:

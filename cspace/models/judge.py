@@ -54,6 +54,8 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from cspace.models.metrics import class_report
+
 __all__ = [
     "Judge",
     "copy_rate",
@@ -162,17 +164,7 @@ class Judge:
             ``max_prob``: (B,) float64 largest class probabilities;
             ``n``: the number of images.
         """
-        p = self.predict_proba(images)
-        top, pred = p.max(1)
-        shares = torch.bincount(pred, minlength=NUM_CLASSES).double() / p.shape[0]
-        return {
-            "class_shares": [float(s) for s in shares],
-            "confidence": float(top.mean()),
-            "confident_share": float((top > confident).double().mean()),
-            "predicted": pred,
-            "max_prob": top,
-            "n": int(p.shape[0]),
-        }
+        return class_report(self.predict_proba(images), confident)
 
 
 @functools.lru_cache(maxsize=4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["diversity", "energy_distance"]
+__all__ = ["class_report", "diversity", "energy_distance"]
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor, max_points: int = 4096) -> float:
@@ -52,3 +52,22 @@ def diversity(x: torch.Tensor, block: int = 1024) -> float:
         d = torch.cdist(flat[s : s + block], flat, compute_mode="donot_use_mm_for_euclid_dist")
         total += float(d.sum())
     return total / (n * (n - 1))
+
+
+def class_report(p: torch.Tensor, confident: float) -> dict:
+    """A classifier's judgement of a set from its class probabilities ``p`` (B, K):
+    ``class_shares`` (K floats, sum 1: the share predicted as each class), ``confidence`` (mean
+    largest probability), ``confident_share`` (share whose largest probability is > ``confident``),
+    ``predicted`` (B,) classes, ``max_prob`` (B,) largest probabilities, ``n`` = B. The one report
+    of every judge (:class:`cspace.models.judge.Judge`,
+    :class:`cspace.models.fashion_judge.FashionJudge`)."""
+    top, pred = p.max(1)
+    shares = torch.bincount(pred, minlength=p.shape[1]).double() / p.shape[0]
+    return {
+        "class_shares": [float(s) for s in shares],
+        "confidence": float(top.mean()),
+        "confident_share": float((top > confident).double().mean()),
+        "predicted": pred,
+        "max_prob": top,
+        "n": int(p.shape[0]),
+    }
