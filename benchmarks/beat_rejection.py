@@ -33,6 +33,7 @@ ap.add_argument("--seeds", type=int, default=5)
 ap.add_argument("--steps", type=int, default=50)
 ap.add_argument("--methods", nargs="+", default=None)
 ap.add_argument("--out", default="benchmarks/results/beat_rejection")
+ap.add_argument("--tag", default="", help="suffix of the JSON files' names")
 args = ap.parse_args()
 torch.set_num_threads(1)
 out = Path(args.out)
@@ -42,6 +43,14 @@ out.mkdir(parents=True, exist_ok=True)
 METHODS = [
     ("twisted-smc", "twisted-smc", {}, "fraction"),
     ("twisted-smc/field", "twisted-smc", {"proposal": "field"}, "fraction"),
+    # the stochastic Heun step (25 steps of 2 NFE for --steps 50), the twist from t = 0.5 down;
+    # chosen on seeds 100-107 (docs/noise-vs-trajectory.md), measured here on seeds 0-4
+    (
+        "twisted-smc/heun",
+        "twisted-smc",
+        {"method": "sde-heun", "twist_from": 0.5, "halve": True},
+        "fraction",
+    ),
     ("auto", "auto", {}, "fraction"),
     ("smc-guided", "smc-guided", {}, "fraction"),
     ("negation", "negation", {}, "one pass"),
@@ -59,10 +68,12 @@ def summarise(rows, key):
 def run(problem, algo, budget, seed, ref, floor, extra):
     import cspace.experiments.search as es
 
+    extra = dict(extra)
+    steps = args.steps // 2 if extra.pop("halve", False) else args.steps  # 2 NFE per step
     orig = es._algo_kwargs
     es._algo_kwargs = lambda a, p: {**orig(a, p), **extra}
     try:
-        return run_search(problem, algo, budget, args.n, args.steps, seed, reference=ref,
+        return run_search(problem, algo, budget, args.n, steps, seed, reference=ref,
                           floor=floor)  # fmt: skip
     finally:
         es._algo_kwargs = orig
@@ -130,7 +141,7 @@ for dim in args.dims:
         "floor_draws": 20, "table": table, "rows": rows,
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
-    tag = f"cov{args.coverage:g}_d{dim}"
+    tag = f"cov{args.coverage:g}_d{dim}{args.tag}"
     (out / f"{tag}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     print(
         f"  {'method':18} {'NFE/sample':>14} {'ED (mean+-sd)':>22} {'ED/floor':>9} "

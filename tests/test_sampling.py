@@ -117,7 +117,7 @@ def test_step_functions_on_the_exact_flow(toy):
     assert torch.allclose(s.noise_var, torch.full((n, 1), 0.7 * t * (t - tn), dtype=F64))
     # noise_scale 0 is the Euler step, bit for bit
     assert torch.equal(sde_step(mix.velocity, x, t, tn, noise_scale=0.0).x_next, e.x_next)
-    assert set(STEPS) == set(guidance.METHODS) == {"euler", "heun", "sde"}
+    assert set(STEPS) == set(guidance.METHODS) == {"euler", "heun", "sde", "sde-heun", "dpm-sde"}
     with pytest.raises(ValueError, match="noise_scale"):
         sde_step(mix.velocity, x, t, tn, noise_scale=-1.0)
 

@@ -20,6 +20,7 @@ NFE are counted per sample: one velocity evaluation of one state is one NFE.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,9 +102,19 @@ class SampleOutput:
 
 
 def time_grid(
-    steps: int, t_start: float = 1.0, t_end: float = 0.0, dtype=torch.float64
+    steps: int,
+    t_start: float = 1.0,
+    t_end: float = 0.0,
+    dtype=torch.float64,
+    shift: float = 1.0,
 ) -> torch.Tensor:
-    """Uniform grid of ``steps + 1`` times from ``t_start`` down to ``t_end``.
+    """Grid of ``steps + 1`` times from ``t_start`` down to ``t_end``: uniform in ``u``, then
+    shifted as diffusers' ``FlowMatchEulerDiscreteScheduler`` does,
+
+        t = shift u / (1 + (shift - 1) u),
+
+    which keeps both ends and puts more steps near noise when ``shift > 1`` (near data when
+    ``shift < 1``; ``shift = 1`` is the uniform grid).
 
     A grid larger than this machine's memory is refused before it is allocated
     (:class:`~cspace.io.checks.SizeLimitError`)."""
@@ -116,7 +127,12 @@ def time_grid(
     )
     if not 0 <= t_end < t_start <= 1:
         raise ValueError(f"need 0 <= t_end < t_start <= 1; got t_start={t_start}, t_end={t_end}")
-    return torch.linspace(t_start, t_end, int(steps) + 1, dtype=dtype)
+    if not (math.isfinite(float(shift)) and float(shift) > 0):
+        raise ValueError(f"the time shift must be a finite number > 0 (1: uniform); got {shift}")
+    u = torch.linspace(t_start, t_end, int(steps) + 1, dtype=dtype)
+    if float(shift) == 1.0:
+        return u
+    return float(shift) * u / (1 + (float(shift) - 1) * u)
 
 
 class _CollisionCheck:
@@ -205,9 +221,10 @@ def sample(
     guided = velocity if isinstance(velocity, Guided) else None
     check = None
     if backtrack is not None:
-        if method != "sde" or noise_scale == 0:
+        if method not in ("sde", "sde-heun") or noise_scale == 0:
             raise ValueError(
-                "backtracking re-draws the noise of a segment, so it needs method='sde' with "
+                "backtracking re-draws the noise of a segment, so it needs method='sde' or "
+                "'sde-heun' with "
                 "noise_scale > 0 (with an ODE the re-run segment would be identical)"
             )
         bt_field = (

@@ -17,6 +17,33 @@ a :class:`~guidance.Guided`):
   ``(g^2/2) score ds + g dW``, which leaves every marginal p_t unchanged (Fokker-Planck) for any
   ``noise_scale >= 0``; ``noise_scale = 0`` is Euler. The score keeps the *unguided*
   ``eps_hat``: guidance changes only ``v``.
+* ``sde_heun_step``: the stochastic Heun step (predictor-corrector for additive noise) of the
+  same SDE, with drift ``f(x, t) = v + (noise_scale / 2) eps_hat`` and one draw ``z``:
+
+      x~ = x - h f(x, t) + sigma z,
+      x' = x - h (f(x, t) + f(x~, t_next)) / 2 + sigma z,
+      sigma^2 = integral of g^2 over the step = noise_scale (t - h/2) h
+
+  (2 NFE; at ``t_next = 0`` the corrector is skipped, as in EDM's sampler, and ``x' = x~``). For
+  additive noise it is of weak order 2 where Euler-Maruyama is of order 1 (the one-step law's
+  error falls as h^3, tested on a Gaussian). On the exact 2-D toy restricted to 1% of its mass
+  the energy distance of 10,000 samples of 25 of its steps (50 NFE) to the exact reference is
+  0.00055 (exact samples: 0.00027), of 50 Euler-Maruyama steps 0.0114
+  (docs/noise-vs-trajectory.md).
+* ``dpm_sde_step``: SDE-DPM-Solver++ (Lu et al. 2022, arXiv 2211.01095; diffusers'
+  ``sde-dpmsolver++``), the exact solution of the reverse SDE's linear part with the clean
+  estimate held fixed, first order or second-order multistep ("2M") given the previous step's
+  clean estimate (``previous``). With ``lambda(t) = log((1-t)/t)`` and ``h = lambda(t_next) -
+  lambda(t) > 0``:
+
+      x' = (t_next/t) e^{-h} x + (1 - t_next)(1 - e^{-2h}) D + t_next sqrt(1 - e^{-2h}) z,
+      D = x0_hat  (first order),   D = x0_hat + (x0_hat - x0_prev) / (2 r),  r = h_prev / h  (2M),
+
+  and ``x' = x0_hat`` at ``t_next = 0``. 1 NFE, a Gaussian transition (so a guided proposal's
+  correction is exact). On the toy restricted to 1% of its mass the energy distance of 10,000
+  samples of 50 steps of it to the exact reference is 0.00126 (0.00045 on the grid with
+  ``shift = 0.5``; exact samples: 0.00027; 50 Euler-Maruyama steps: 0.0114). Its noise is its own
+  SDE's: ``noise_scale`` is unused.
 
 ``euler_step`` and ``heun_step`` ignore ``noise_scale`` and ``generator``. The returned
 :class:`Step` holds the next state, the step's deterministic part ``mean`` (the next state for
@@ -34,7 +61,16 @@ import torch
 from guidance.checks import check_number
 from guidance.sampling.convention import Prediction, Time, Velocity, batch_times, predict
 
-__all__ = ["STEPS", "Step", "euler_step", "heun_step", "sde_step"]
+__all__ = [
+    "STEPS",
+    "Step",
+    "dpm_sde_step",
+    "euler_step",
+    "heun_step",
+    "sde_heun_step",
+    "sde_step",
+    "trajectory_nfe",
+]
 
 
 @dataclass
@@ -53,6 +89,8 @@ class Step:
         h: (B, 1, ..., 1) the step sizes ``t - t_next``.
         noise_var: (B, 1, ..., 1) the variance ``g^2 h`` of the noise added per coordinate
             (SDE), None for the ODE steps.
+        shift: (B, ...) for a Gaussian step of a guided velocity, its mean minus the mean of the
+            model's own step (None: ``h delta``, the Euler-Maruyama step's).
     """
 
     x_next: torch.Tensor
@@ -63,6 +101,7 @@ class Step:
     calls: int
     h: torch.Tensor
     noise_var: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
 
 def _shape1(x: torch.Tensor) -> tuple[int, ...]:
@@ -125,20 +164,134 @@ def sde_step(
     noise_scale = check_number(noise_scale, "noise_scale")
     t, t_next, h, p = _begin(velocity, x, t, t_next)
     tb = t.reshape(_shape1(x))
-    if noise is None:
-        z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    elif noise.shape != x.shape:
-        raise ValueError(
-            f"noise must have the states' shape {tuple(x.shape)}; got {tuple(noise.shape)}"
-        )
-    else:
-        z = noise.to(device=x.device, dtype=x.dtype)
+    z = _noise(x, generator, noise)
     mean = x - h * p.v - h * (noise_scale / 2) * p.eps_hat
     var = noise_scale * tb * h
     x_next = mean + torch.sqrt(var) * z
     return Step(x_next, mean, p.x0_hat, p, nfe=x.shape[0], calls=1, h=h, noise_var=var)
 
 
+def _noise(x: torch.Tensor, generator, noise: torch.Tensor | None) -> torch.Tensor:
+    """``z ~ N(0, I)`` of ``x``'s shape from ``generator``, or the given ``noise``."""
+    if noise is None:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if noise.shape != x.shape:
+        raise ValueError(
+            f"noise must have the states' shape {tuple(x.shape)}; got {tuple(noise.shape)}"
+        )
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+def sde_heun_step(
+    velocity: Velocity,
+    x: torch.Tensor,
+    t: Time,
+    t_next: Time,
+    *,
+    noise_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> Step:
+    """The stochastic Heun step of the marginal-preserving SDE (module docstring):
+
+        x~ = x - h f(x, t) + sigma z,
+        x' = x - h (f(x, t) + f(x~, t_next)) / 2 + sigma z,   sigma^2 = noise_scale (t - h/2) h,
+
+    ``f = v + (noise_scale / 2) eps_hat`` (guided ``v``, unguided ``eps_hat``); the corrector
+    is skipped for states with ``t_next = 0`` (``x' = x~``). ``z`` as in :func:`sde_step`.
+    ``mean`` is ``x'`` without the noise term (not a Gaussian mean: the corrector depends on
+    ``z``, so the step has no closed-form density and ``noise_var`` is that of ``z``'s term)."""
+    noise_scale = check_number(noise_scale, "noise_scale")
+    t, t_next, h, p = _begin(velocity, x, t, t_next)
+    tb = t.reshape(_shape1(x))
+    z = _noise(x, generator, noise)
+    var = noise_scale * (tb - h / 2) * h  # the integral of g^2 = noise_scale s over the step
+    kick = torch.sqrt(var) * z
+    f = p.v + (noise_scale / 2) * p.eps_hat
+    x_pred = x - h * f + kick
+    corr = t_next > 0
+    nfe, calls = x.shape[0], 1
+    drift = f
+    if bool(corr.any()):
+        idx = corr.nonzero().squeeze(1)
+        p2 = predict(velocity, x_pred[idx], t_next[idx])
+        f2 = p2.v + (noise_scale / 2) * p2.eps_hat
+        drift = f.clone()
+        drift[idx] = (f[idx] + f2) / 2
+        nfe, calls = nfe + int(idx.numel()), 2
+    mean = x - h * drift
+    return Step(mean + kick, mean, p.x0_hat, p, nfe=nfe, calls=calls, h=h, noise_var=var)
+
+
+def _log_snr(t: torch.Tensor) -> torch.Tensor:
+    """``lambda(t) = log((1-t)/t)`` (+inf at t = 0, -inf at t = 1)."""
+    return torch.log1p(-t) - torch.log(t)
+
+
+def dpm_sde_step(
+    velocity: Velocity,
+    x: torch.Tensor,
+    t: Time,
+    t_next: Time,
+    *,
+    noise_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+    previous: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Step:
+    """One SDE-DPM-Solver++ step (module docstring), second order where ``previous = (x0_prev
+    (B, ...), t_prev (B,))`` holds the model's clean estimate at the previous grid time
+    (``t_prev < 1``; first order elsewhere). ``D`` is built from the model's (unguided)
+    estimates; a :class:`~guidance.Guided` velocity moves the current one to ``x - t v``, which
+    shifts the mean by ``(1 - t_next)(1 - e^{-2h}) t delta`` (``Step.shift``). ``noise_scale``
+    is unused (the solver's SDE has its own noise)."""
+    t, t_next, h, p = _begin(velocity, x, t, t_next)
+    shape = _shape1(x)
+    tb, tn = t.reshape(shape), t_next.reshape(shape)
+    lam, lam_n = _log_snr(t), _log_snr(t_next)
+    decay = torch.exp(-(lam_n - lam)).reshape(shape)  # e^{-h}: 0 at t = 1 and at t_next = 0
+    decay = torch.nan_to_num(decay, nan=0.0)
+    guided_x0 = x - tb * p.v
+    d = p.x0_hat
+    if previous is not None:
+        x0_prev, t_prev = previous
+        t_prev = batch_times(t_prev, x)
+        lam_p = _log_snr(t_prev)
+        second = (t_prev < 1) & (t_prev > t) & (t_next > 0) & (t < 1)
+        r = ((lam - lam_p) / (lam_n - lam)).reshape(shape)
+        r = torch.where(second.reshape(shape), r, torch.ones_like(r))
+        d = torch.where(second.reshape(shape), d + (d - x0_prev) / (2 * r), d)
+    ratio = torch.where(tb > 0, tn / tb, torch.zeros_like(tb))
+    gain = (1 - tn) * (1 - decay**2)
+    mean = ratio * decay * x + gain * d
+    shift = gain * (guided_x0 - p.x0_hat)
+    var = tn**2 * (1 - decay**2)
+    z = _noise(x, generator, noise)
+    final = (t_next == 0).reshape(shape)
+    mean = torch.where(final, p.x0_hat, mean + shift)
+    shift = torch.where(final, guided_x0 - p.x0_hat, shift)
+    x_next = torch.where(final, guided_x0, mean + torch.sqrt(var) * z)
+    mean = torch.where(final, guided_x0, mean)
+    return Step(x_next, mean, p.x0_hat, p, nfe=x.shape[0], calls=1, h=h, noise_var=var,
+                shift=shift)  # fmt: skip
+
+
 StepFunction = Callable[..., Step]
 #: method name -> step function
-STEPS: dict[str, StepFunction] = {"euler": euler_step, "heun": heun_step, "sde": sde_step}
+STEPS: dict[str, StepFunction] = {
+    "euler": euler_step,
+    "heun": heun_step,
+    "sde": sde_step,
+    "sde-heun": sde_heun_step,
+    "dpm-sde": dpm_sde_step,
+}
+
+
+def trajectory_nfe(steps: int, method: str) -> int:
+    """NFE of one state's solve of ``steps`` steps down to t = 0 with ``method``: ``steps``
+    (Euler, SDE), ``2 steps`` (Heun), ``2 steps - 1`` (stochastic Heun: no corrector at t = 0)."""
+    if method not in STEPS:
+        raise ValueError(f"unknown method {method!r}; choose one of {tuple(STEPS)}")
+    per = {"euler": (1, 0), "sde": (1, 0), "heun": (2, 0), "sde-heun": (2, 1), "dpm-sde": (1, 0)}
+    per = per[method]
+    return per[0] * int(steps) - per[1]

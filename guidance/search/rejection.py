@@ -5,7 +5,7 @@ membership (``clearance < 0``: inside a hard radius of an obstacle set, on the b
 classifier's boundary, inside a toy ball; :func:`guidance.fields.regions.hard_regions`), keep
 those outside, and draw again until ``n_return`` have passed or the budget cannot pay another
 draw. Every draw costs its full solve (``steps`` NFE for Euler and the SDE, ``2 steps`` for
-Heun), discarded or not, so the reported NFE include every rejected draw.
+Heun, ``2 steps - 1`` for the stochastic Heun step), discarded or not, so the reported NFE include every rejected draw.
 
 What it returns is exact in the limit that matters: a sample of the *sampler's* law restricted to
 the outside of the obstacles, ``p_model(x) 1[x free] / Z``, with no approximation beyond the
@@ -32,7 +32,8 @@ import math
 import torch
 
 from guidance.fields.regions import hard_regions
-from guidance.sampling import sample, time_grid
+from guidance.sampling import STEPS, sample, time_grid
+from guidance.sampling.steps import trajectory_nfe
 from guidance.search.budget import BudgetExceeded
 from guidance.search.common import SearchError, SearchResult, begin, check_states, draw_noise
 from guidance.search.protocol import Algorithm
@@ -41,10 +42,10 @@ __all__ = ["draw_cost", "search"]
 
 
 def draw_cost(steps: int, method: str) -> int:
-    """NFE of one draw: ``steps`` (Euler, SDE) or ``2 steps`` (Heun)."""
-    if method not in ("euler", "heun", "sde"):
-        raise SearchError(f"rejection: method must be 'euler', 'heun' or 'sde'; got {method!r}")
-    return int(steps) * (2 if method == "heun" else 1)
+    """NFE of one draw (:func:`guidance.sampling.steps.trajectory_nfe`)."""
+    if method not in STEPS:
+        raise SearchError(f"rejection: method must be one of {tuple(STEPS)}; got {method!r}")
+    return trajectory_nfe(steps, method)
 
 
 def search(
@@ -59,6 +60,7 @@ def search(
     generator: torch.Generator | None = None,
     method: str = "euler",
     noise_scale: float = 1.0,
+    shift: float = 1.0,
     max_batch: int = 1 << 16,
     dtype: torch.dtype = torch.float64,
     device=None,
@@ -67,7 +69,9 @@ def search(
 
     Args:
         field: the obstacles' field; its hard regions are the membership test.
-        method: the plain sampler, ``"euler"`` (the ODE, default), ``"heun"`` or ``"sde"``.
+        method: the plain sampler, ``"euler"`` (the ODE, default), ``"heun"``, ``"sde"`` or
+            ``"sde-heun"`` (:data:`guidance.sampling.STEPS`).
+        shift: the time grid's shift (:func:`guidance.sampling.time_grid`; 1: uniform).
         max_batch: the largest number of draws solved at once.
 
     Records: ``draws``, ``accepted`` (outside, including any beyond ``n_return``),
@@ -82,12 +86,12 @@ def search(
     if run.budget.remaining < int(n_return) * cost:
         raise BudgetExceeded(
             f"rejection: a budget of {run.budget.remaining} NFE is less than one draw per "
-            f"returned sample ({n_return} x {steps} steps x {cost // int(steps)} NFE = "
+            f"returned sample ({n_return} x {cost} NFE per {steps}-step {method} draw = "
             f"{int(n_return) * cost} NFE, the cost with no obstacle at all); raise the budget to "
             f"at least {int(n_return) * cost}, about {int(n_return) * cost} / (1 - coverage)"
         )
     n_return = int(n_return)
-    times = time_grid(steps)
+    times = time_grid(steps, shift=shift)
     kept: list[torch.Tensor] = []
     have = draws = rounds = 0
     nfe_needed = None

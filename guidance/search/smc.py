@@ -234,10 +234,18 @@ def proposal_log_ratio(step: Step) -> torch.Tensor:
         return torch.zeros(b, dtype=torch.float64, device=step.x_next.device)
     if step.noise_var is None:
         raise SearchError("the proposal correction needs a stochastic step (sde_step)")
-    d = (step.h * delta).reshape(b, -1).double()
+    shift = step.h * delta if step.shift is None else step.shift
+    d = shift.reshape(b, -1).double()
     r = (step.x_next - step.mean).reshape(b, -1).double()
     var = step.noise_var.reshape(b).double()
-    return -(2 * (r * d).sum(1) + (d * d).sum(1)) / (2 * var)
+    moved = (d != 0).any(1)
+    if bool((moved & (var <= 0)).any()):
+        raise SearchError(
+            "the proposal moved a deterministic step (no noise at t_next = 0): its density "
+            "ratio is undefined; keep the last step the model's own"
+        )
+    out = -(2 * (r * d).sum(1) + (d * d).sum(1)) / (2 * torch.where(var > 0, var, 1.0))
+    return torch.where(moved, out, torch.zeros_like(out))
 
 
 class Potential(Protocol):
@@ -326,20 +334,24 @@ def select(
     return (idx + offs).reshape(-1), weights.dead_groups()
 
 
-def _layout(budget_left: int, n_return: int, steps: int, groups, n_particles, algo: str):
+def _layout(budget_left: int, n_return: int, steps: int, groups, n_particles, algo: str, cost=None):
+    """``(groups, particles per group)`` the budget pays, a particle's trajectory costing
+    ``cost`` NFE (default ``steps``: one evaluation per step)."""
+    cost = int(steps) if cost is None else int(cost)
     g = int(n_return) if groups is None else int(groups)
     if g < 1 or int(n_return) % g:
         raise SearchError(f"{algo}: groups ({g}) must divide n_return ({n_return})")
-    if budget_left < int(n_return) * int(steps):
+    if budget_left < int(n_return) * cost:
         raise BudgetExceeded(
             f"{algo}: a budget of {budget_left} NFE is less than one sample per returned sample "
-            f"({n_return} x {steps} steps = {int(n_return) * int(steps)} NFE); raise the budget"
+            f"({n_return} x {cost} NFE per {steps}-step trajectory = {int(n_return) * cost} "
+            "NFE); raise the budget"
         )
-    n = budget_left // (g * int(steps)) if n_particles is None else int(n_particles)
+    n = budget_left // (g * cost) if n_particles is None else int(n_particles)
     if n_particles is None and n < 1:
         raise BudgetExceeded(
-            f"{algo}: {g} particle systems of {steps} steps need at least {g * int(steps)} NFE "
-            f"(one particle each); the budget has {budget_left}"
+            f"{algo}: {g} particle systems of {cost} NFE per particle need at least {g * cost} "
+            f"NFE (one particle each); the budget has {budget_left}"
         )
     if n < 1:
         raise SearchError(f"{algo}: empty candidate set (n_particles={n})")

@@ -63,7 +63,8 @@ import torch
 from guidance.checks import check_number
 from guidance.fields import CombinedField
 from guidance.fields.regions import HardRegions, hard_regions
-from guidance.sampling import Guided, NegationDenoiser, Prediction, predict, sde_step, time_grid
+from guidance.sampling import STEPS, Guided, NegationDenoiser, Prediction, predict, time_grid
+from guidance.sampling.steps import trajectory_nfe
 from guidance.search.common import SearchError, SearchResult, begin, check_states, draw_noise
 from guidance.search.protocol import Algorithm
 from guidance.search.smc import (
@@ -74,9 +75,11 @@ from guidance.search.smc import (
     resample_indices,
 )
 
-__all__ = ["PROPOSALS", "posterior_spread", "search", "twist_log_probability"]
+__all__ = ["METHODS", "PROPOSALS", "posterior_spread", "search", "twist_log_probability"]
 
 PROPOSALS = ("model", "field", "negation")
+#: the particles' step: Euler-Maruyama (1 NFE) or stochastic Heun (2 NFE; model proposal only)
+METHODS = ("sde", "sde-heun", "dpm-sde")
 
 
 def posterior_spread(t: float, data_scale: float) -> float:
@@ -97,17 +100,25 @@ def twist_log_probability(
 
 
 class _Cached:
-    """A 'velocity' whose prediction was computed already (the step functions call ``predict``
-    on it and get the stored one: no second evaluation)."""
+    """A 'velocity' whose prediction at the particles was computed already: the step's first
+    ``predict`` gets the stored one (no second evaluation); later ones (the stochastic Heun
+    step's corrector, at other states) go to ``velocity``."""
 
-    def __init__(self, prediction: Prediction) -> None:
+    def __init__(self, prediction: Prediction, velocity=None) -> None:
         self.prediction = prediction
+        self.velocity = velocity
+        self.used = False
 
     def __call__(self, x, t):  # pragma: no cover - the steps use predict
-        return self.prediction.v
+        return self.predict(x, t).v
 
     def predict(self, x, t) -> Prediction:
-        return self.prediction
+        if not self.used:
+            self.used = True
+            return self.prediction
+        if self.velocity is None:  # pragma: no cover - a step asked twice with no velocity
+            raise RuntimeError("a cached prediction was asked for twice")
+        return predict(self.velocity, x, t)
 
 
 def _gather(p: Prediction, idx: torch.Tensor) -> Prediction:
@@ -156,6 +167,8 @@ def search(
     threshold: float = 0.5,
     scheme: str = "systematic",
     noise_scale: float = 1.0,
+    method: str = "sde",
+    shift: float = 1.0,
     dtype: torch.dtype = torch.float64,
     device=None,
 ) -> SearchResult:
@@ -176,6 +189,12 @@ def search(
         n_particles: particles per group (default: as many as the budget pays).
         groups: independent particle systems (default 1); each returns ``n_return / groups``.
         threshold, scheme, noise_scale: as :func:`guidance.search.smc.search`.
+        method: the particles' step, ``"sde"`` (Euler-Maruyama, ``steps`` NFE per particle),
+            ``"dpm-sde"`` (SDE-DPM-Solver++ 2M, ``steps`` NFE, Gaussian transitions, far less
+            discretisation bias; its last step is the model's clean estimate) or ``"sde-heun"``
+            (stochastic Heun, ``2 steps - 1`` NFE; only with ``proposal="model"``, since its
+            transition has no closed-form density for a proposal correction).
+        shift: the time grid's shift (:func:`guidance.sampling.time_grid`; 1: uniform).
 
     Records: ``n_particles``, ``groups``, ``ess`` (S, G), ``resamplings``, ``log_z`` (G,) (the
     estimate of ``log P(free)``), ``mass_inside`` (``1 - exp(mean log_z)``), ``free_fraction``
@@ -188,19 +207,30 @@ def search(
     if proposal not in PROPOSALS:
         raise SearchError(f"twisted-smc: unknown proposal {proposal!r}; choose one of {PROPOSALS}")
     check_particle_options("twisted-smc", scheme, threshold, noise_scale)
+    if method not in METHODS:
+        raise SearchError(f"twisted-smc: unknown method {method!r}; choose one of {METHODS}")
+    if method == "sde-heun" and proposal != "model":
+        raise SearchError(
+            f"twisted-smc: proposal {proposal!r} needs a Gaussian step, method 'sde' or 'dpm-sde' "
+            f"(its correction needs the step's density; the {method!r} step has none); use "
+            f"proposal='model' with method {method!r}"
+        )
+    cost = trajectory_nfe(steps, method)
     data_scale = check_number(data_scale, "data_scale", strict=True, error=SearchError)
     temper = check_number(temper, "temper", strict=True, error=SearchError)
     strength = check_number(strength, "strength", error=SearchError)
     regions = hard_regions(field)
-    g, n = _layout(run.budget.remaining, n_return, steps, groups, n_particles, "twisted-smc")
+    g, n = _layout(run.budget.remaining, n_return, steps, groups, n_particles, "twisted-smc",
+                   cost=cost)  # fmt: skip
     if int(n_return) // g > n * 1_000_000:
         raise SearchError("twisted-smc: n_return is far beyond the particles")
     check_states("twisted-smc", 2 * g * n, shape, dtype, f"{g} x {n:,} particles")
-    run.budget.require(g * n * int(steps), f"twisted-smc with {g} x {n} particles")
+    run.budget.require(g * n * cost, f"twisted-smc with {g} x {n} particles")
     prop = _proposal(proposal, run.velocity, field, strength, max_force, data_scale, temper,
                      beta_max)  # fmt: skip
-    times = time_grid(steps)
+    times = time_grid(steps, shift=shift)
     grid = times.to(dtype=dtype)
+    step_fn = STEPS[method]
     m = g * n
     w = ParticleWeights(g, n)
     x = draw_noise(m, shape, generator, dtype, device)
@@ -215,12 +245,19 @@ def search(
 
     log_phi = twist(pred.x0_hat, float(times[0]))
     ess_hist = []
+    prev = None  # dpm-sde: the model's clean estimate at the previous grid time
     for k in range(int(steps)):
-        step = sde_step(_Cached(pred), x, grid[k].repeat(m), grid[k + 1].repeat(m),
-                        noise_scale=noise_scale, generator=generator)  # fmt: skip
-        log_ratio = proposal_log_ratio(step)
-        x = step.x_next
         last = k == int(steps) - 1
+        if method == "dpm-sde" and last:  # x' = the model's x0_hat: the proposal's last step too
+            x, log_ratio = pred.x0_hat, 0.0
+        else:
+            now = _Cached(pred) if method == "sde" else _Cached(pred, prop)
+            extra = {} if method != "dpm-sde" or prev is None else {"previous": prev}
+            step = step_fn(now, x, grid[k].repeat(m), grid[k + 1].repeat(m),
+                           noise_scale=noise_scale, generator=generator, **extra)  # fmt: skip
+            log_ratio = proposal_log_ratio(step)
+            prev = (pred.x0_hat, grid[k].repeat(m))
+            x = step.x_next
         if last:
             new_phi = regions.log_outside_probability(x, 0.0)  # the exact indicator
         else:
@@ -235,6 +272,8 @@ def search(
             idx = w.maybe_resample(threshold, scheme, generator)
             if idx is not None:
                 x, pred, log_phi = x[idx], _gather(pred, idx), log_phi[idx]
+                if prev is not None:
+                    prev = (prev[0][idx], prev[1][idx])
     dead = w.dead_groups()
     if bool(dead.any()):
         raise SearchError(
