@@ -51,6 +51,14 @@ METHODS = [
         {"method": "sde-heun", "twist_from": 0.5, "halve": True},
         "fraction",
     ),
+    # TDS's gradient-of-the-twist proposal on SDE-DPM-Solver++ 2M steps, grid shift 0.5; chosen on
+    # seeds 100-107 (docs/noise-vs-trajectory.md), measured here on seeds 0-4
+    (
+        "twisted-smc/dpm-twist",
+        "twisted-smc",
+        {"method": "dpm-sde", "proposal": "twist", "shift": 0.5},
+        "fraction",
+    ),
     ("auto", "auto", {}, "fraction"),
     ("smc-guided", "smc-guided", {}, "fraction"),
     ("negation", "negation", {}, "one pass"),

@@ -188,7 +188,9 @@ def sample(
             :class:`~guidance.Guided` velocity for guidance.
         noise: (B, ...) starting states.
         steps: number of steps on the uniform grid (ignored if ``times`` is given).
-        method: ``"euler"``, ``"heun"`` or ``"sde"`` (:mod:`guidance.sampling.steps`).
+        method: ``"euler"``, ``"heun"``, ``"sde"``, ``"sde-heun"`` or ``"dpm-sde"`` (second
+            order multistep: each state carries its previous clean estimate)
+            (:mod:`guidance.sampling.steps`).
         times: optional decreasing grid in [0, 1] (overrides ``steps``).
         noise_scale: the SDE's ``g^2 / t`` (>= 0).
         backtrack: :class:`Backtrack` settings (SDE only; needs a field with hard radii: its
@@ -259,6 +261,9 @@ def sample(
     if keep_path:
         path[0] = x
     idx = torch.zeros(b, dtype=torch.long, device=dev)
+    history = method == "dpm-sde"  # the 2M step's previous clean estimate (t = 1: none yet)
+    prev_x0 = torch.zeros_like(noise) if history else None
+    prev_t = torch.ones(b, dtype=dt, device=dev) if history else None
     retries = torch.zeros(b, dtype=torch.long, device=dev)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     nfe = calls = 0
@@ -273,7 +278,8 @@ def sample(
         act = torch.nonzero(~done).squeeze(1)
         xa, ia = x[act], idx[act]
         ta, tn = grid[ia], grid[ia + 1]
-        st = step_fn(velocity, xa, ta, tn, noise_scale=noise_scale, generator=generator)
+        extra = {"previous": (prev_x0[act], prev_t[act])} if history else {}
+        st = step_fn(velocity, xa, ta, tn, noise_scale=noise_scale, generator=generator, **extra)
         xn = st.x_next
         nfe += st.nfe
         calls += st.calls
@@ -301,6 +307,8 @@ def sample(
                     x_new[pos] = path[ia_new[pos], act[pos]]
             retries[act] += back.long()
         fwd = ~back
+        if history:  # (no backtracking with this method: every state moved forward)
+            prev_x0[act], prev_t[act] = st.x0_hat, ta
         x[act] = x_new
         idx[act] = ia_new
         if keep_path:
