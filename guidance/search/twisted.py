@@ -158,6 +158,7 @@ def search(
     noise_scale: float = 1.0,
     dtype: torch.dtype = torch.float64,
     device=None,
+    callback=None,
 ) -> SearchResult:
     """Twisted SMC; see the module docstring.
 
@@ -176,6 +177,8 @@ def search(
         n_particles: particles per group (default: as many as the budget pays).
         groups: independent particle systems (default 1); each returns ``n_return / groups``.
         threshold, scheme, noise_scale: as :func:`guidance.search.smc.search`.
+        callback: called after every step with ``{"step": k, "t": (1,) tensor}``, ``t`` the
+            particles' new time (progress bars); None: nothing.
 
     Records: ``n_particles``, ``groups``, ``ess`` (S, G), ``resamplings``, ``log_z`` (G,) (the
     estimate of ``log P(free)``), ``mass_inside`` (``1 - exp(mean log_z)``), ``free_fraction``
@@ -231,6 +234,8 @@ def search(
         w.add(inc)
         log_phi = new_phi
         ess_hist.append(w.ess())
+        if callback is not None:
+            callback({"step": k + 1, "t": times[k + 1].reshape(1)})
         if not last:
             idx = w.maybe_resample(threshold, scheme, generator)
             if idx is not None:
