@@ -15,6 +15,8 @@ with the membership (recall and false positives on unseen digits) of the calibra
 
     python benchmarks/demo_membership_loo.py benchmarks/results/demo_avoidance.json \\
         --alpha 0.1 --out benchmarks/results/demo_avoidance_loo.json
+    # the examples' leave-one-out recall at the auto radius against the unseen images' recall
+    python benchmarks/demo_membership_loo.py --recall-only
 """
 
 from __future__ import annotations
@@ -54,13 +56,53 @@ def loo_radius(embeddings: np.ndarray, alpha: float) -> float:
     return float(np.nextafter(nn1[k - 1], np.inf))  # "within": strictly inside the radius
 
 
+def loo_recall(embeddings: np.ndarray, radius: float) -> float:
+    """The share of the examples (m, d) within ``radius`` of some *other* example: the recall a
+    set of the others would have on each, left out in turn."""
+    e = torch.from_numpy(np.asarray(embeddings, dtype=np.float64))
+    d = torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
+    d.fill_diagonal_(math.inf)
+    return float((d.min(1).values < radius).double().mean())
+
+
+def recall_only() -> None:
+    """Per class: the examples' leave-one-out recall at the demo's hard radius (the auto rule)
+    against the recall on unseen images (:func:`cspace.experiments.demo.membership_quality`)."""
+    from cspace.io.images import load_images
+
+    encoder, _ = _space("digits")
+    print(
+        "| class | hard radius | leave-one-out recall of the examples | recall on unseen images |"
+    )
+    print("|---|---|---|---|")
+    for c in range(10):
+        s = DemoSettings(avoid_class=c)
+        oset, _ = demo_obstacles(encoder, s)
+        r = float(np.median(oset.radius))
+        own = load_images(example_files(c, s.max_examples))[0]
+        unseen = membership_quality(encoder, oset, c, own)["recall_radius"]
+        print(f"| {c} | {r:.3f} | {100 * loo_recall(oset.embeddings, r):.1f}% | "
+              f"{100 * unseen:.1f}% |", flush=True)  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("table", help="JSON of benchmarks/demo_table.py --shift renormalised")
+    p.add_argument("table", nargs="?", help="JSON of benchmarks/demo_table.py --shift renormalised")
+    p.add_argument(
+        "--recall-only",
+        action="store_true",
+        help="only the examples' leave-one-out recall at the auto radius against the unseen "
+        "images' recall, per class (no sampling)",
+    )
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.recall_only:
+        recall_only()
+        return
+    if args.table is None:
+        p.error("give the table's JSON (or --recall-only)")
     from cspace.io.images import load_images
     from cspace.models.judge import Judge
     from guidance import RepulsiveField
