@@ -190,6 +190,14 @@ def test_twisted_with_phi_one_is_the_unguided_sde():
                          generator=gen(20), data_scale=0.35)  # fmt: skip
     assert res.records["resamplings"] == 0 and res.records["unique"] == n
     assert res.records["mass_inside"] == 0.0
+    seen = []
+    again = twisted.search(mix.velocity, (2,), ver, n * steps, field=fld, n_return=n,
+                           steps=steps, generator=gen(20), data_scale=0.35,
+                           callback=lambda info: seen.append((info["step"], float(info["t"][0]))))  # fmt: skip
+    assert torch.equal(again.samples, res.samples)  # the callback changes nothing
+    assert [k for k, _ in seen] == list(range(1, steps + 1)) and seen[-1][1] == 0.0
+    ts = [t for _, t in seen]
+    assert ts == sorted(ts, reverse=True) and len(set(ts)) == steps
     g = gen(20)
     noise = torch.randn(n, 2, generator=g, dtype=torch.float64)
     ref = sample(mix.velocity, noise, steps=steps, method="sde", generator=g).samples

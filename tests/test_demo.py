@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from cspace.cli import main
-from cspace.experiments.demo import ALL_ARMS, ARMS, DemoSettings, run_demo
+from cspace.experiments.demo import (
+    ALL_ARMS,
+    ARMS,
+    TWISTED_NFE,
+    DemoSettings,
+    largest_shift,
+    renormalised_shift,
+    run_demo,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +41,18 @@ def test_report_schema(report):
     rej = report["arms"]["rejection"]  # every discarded draw is paid for
     assert rej["draws"] >= 120 and rej["nfe"] == pytest.approx(rej["draws"] * 20 / 120)
     assert rej["shortfall"] == 0 and 0 < rej["rejected_share"] < 0.5
+    # twisted SMC: one system of 1.5 x n particles, every NFE counted, none returned inside
+    tw = report["arms"]["twisted-smc"]
+    assert tw["n_particles"] == int(TWISTED_NFE * 20 * 120) // 20 == 180
+    assert tw["nfe"] == pytest.approx(tw["n_particles"] * 20 / 120)
+    assert tw["nfe"] <= TWISTED_NFE * report["arms"]["unguided"]["nfe"]
+    assert tw["inside_radius"] == 0.0 and 1 <= tw["unique"] <= 120
+    assert 0 < tw["mass_inside"] < 0.5  # the particle system's estimate, near rejection's
+    # the negation arm: one SDE pass (steps NFE) that moves the samples out of the hard radii
+    neg = report["arms"]["negation"]
+    assert neg["nfe"] == 20
+    assert neg["inside_radius"] < rej["rejected_share"] / 2
+    assert report["data_scale"] > 0
     mem = report["membership"]
     assert len(mem["inside_radius_by_class"]) == len(mem["inside_q_star_by_class"]) == 10
     assert mem["recall_radius"] == mem["inside_radius_by_class"][0]
@@ -82,6 +102,28 @@ def test_figures_written(report):
     assert umap_png[..., :3].std() > 0.05  # points and paths drawn, not an empty canvas
 
 
+def test_renormalised_shift():
+    """An arm that removes the avoided class and keeps the others in their proportions shifts
+    nothing once the class is taken out (its raw shift is u_k u_c / (1 - u_c)); one that moves
+    mass between two other classes shifts them by the renormalised difference."""
+
+    def rep(arm_shares):
+        return {"settings": {"avoid_class": 0},
+                "arms": {"unguided": {"class_shares": [0.2, 0.4, 0.4] + [0.0] * 7},
+                         "arm": {"class_shares": arm_shares}}}  # fmt: skip
+
+    removed = rep([0.0, 0.5, 0.5] + [0.0] * 7)
+    assert renormalised_shift(removed, "arm")[0] == pytest.approx(0.0, abs=1e-12)
+    assert largest_shift(removed, "arm") == (pytest.approx(10.0), 1)
+    moved = rep([0.0, 0.6, 0.4] + [0.0] * 7)
+    assert renormalised_shift(moved, "arm") == (pytest.approx(10.0), 1)
+    kept = rep([0.1, 0.3, 0.5, 0.1] + [0.0] * 6)  # 0.3 / 0.9 - 0.5: -16.7 pts; +5.6, +11.1
+    assert renormalised_shift(kept, "arm") == (pytest.approx(-100 / 6), 1)
+    only = rep([1.0] + [0.0] * 9)  # nothing left to renormalise: the others count as 0
+    assert renormalised_shift(only, "arm") == (pytest.approx(-50.0), 1)
+    assert renormalised_shift(only, "unguided") is None
+
+
 def test_paths_follow_each_sample():
     """The UMAP figure's paths: sample j's clean estimates at every step, from the records of
     a sampler whose active rows change (a finished sample leaves the batch)."""
@@ -107,22 +149,21 @@ def test_progress_the_largest_shift_and_umap_only_when_asked(tmp_path, run_cli):
     rc, out, err = run_cli(argv)
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
-        "report.json", "samples_classifier.png", "samples_guided.png", "samples_rejection.png",
-        "samples_unguided.png",
+        "report.json", "samples_classifier.png", "samples_guided.png", "samples_negation.png",
+        "samples_rejection.png", "samples_twisted-smc.png", "samples_unguided.png",
     ]  # fmt: skip
     assert "umap:" not in out
     assert "sampling 30 digits, arm rejection" in err
-    for arm in ARMS:
+    for arm in (*ARMS, "twisted-smc", "negation"):
         assert f"sampling 30 digits, arm {arm}" in err
-        assert f"{arm:<12}" in err and "4/4" in err  # the arm's bar, finished
+        assert f"{arm:<12}: 100%" in err and "4/4" in err  # the arm's bar, finished
     assert "building the obstacle set" in err and "fitting the judge" in err
     report = json.loads((tmp_path / "d" / "report.json").read_text())
-    from cspace.experiments.demo import largest_shift
-
-    for arm in ("guided", "classifier"):
-        shift, cls = largest_shift(report, arm)
-        assert f"{shift:+.1f} pts (class {cls})" in out
+    for arm in ALL_ARMS[1:]:  # every arm's renormalised shift in the table
+        shift, cls = renormalised_shift(report, arm)
+        assert f"{arm:<12}" in out and f"{shift:+.1f} pts (class {cls})" in out
         assert cls != report["settings"]["avoid_class"]
+    assert "twisted-smc: 45 particles" in out and "0.0% inside a hard radius" in out
     rc, out, err = run_cli([*argv, "--no-progress"])
     assert rc == 0 and err == ""
     rc, _, err = run_cli(["demo", "--umap", "--no-umap"])

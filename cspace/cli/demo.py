@@ -58,8 +58,10 @@ def register(subparsers) -> None:
         help="keep a digit class out of generated digits, from a few example images",
         description="On the embedded digits: build obstacles from the shipped example images of one "
         "class (or take your own set, --obstacles), sample unguided, guided by the obstacle set "
-        "and guided by a classifier obstacle (or yours, --classifier), and judge the samples with "
-        "an independent classifier. Writes sample grids and report.json to --out.",
+        "and guided by a classifier obstacle (or yours, --classifier); draw with rejection "
+        "sampling, twisted SMC (1.5 x the unguided NFE) and the negation denoiser, all three with "
+        "the obstacle set alone; and judge the samples with an independent classifier. Writes "
+        "sample grids and report.json to --out.",
     )
     demo.add_argument(
         "--class",

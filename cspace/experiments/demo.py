@@ -15,7 +15,16 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
    sampler's draws (noise from seed ``seed + 2``, so the other arms are unchanged) tested with
    the obstacle set's hard radius, redrawn until ``n`` pass (at most :data:`REJECTION_DRAWS`
    draws per sample); its NFE per sample counts every discarded draw;
-6. the **membership quality** of the obstacle set (:func:`membership_quality`): the share of the
+6. a ``twisted-smc`` arm (:func:`guidance.search.twisted.search`): particles on the SDE, twisted
+   by the chance to end outside the obstacle set's hard radii, with that hard radius as the
+   final exact test (no returned sample is inside), at most :data:`TWISTED_NFE` x the unguided
+   arm's NFE per sample (``TWISTED_NFE x n`` particles in one system; noise from seed
+   ``seed + 3``), and a ``negation`` arm: one pass of the negation denoiser
+   (:class:`guidance.sampling.NegationDenoiser`, Safe Denoiser) with the obstacle set's examples
+   as the negation set, from the guided arms' noises. Both use only the avoided class's
+   examples (the obstacle set), not the other classes' (which the classifier arm learns from);
+   their spread ``s(t)`` uses the within-class scale of the C-space (:func:`within_class_scale`);
+7. the **membership quality** of the obstacle set (:func:`membership_quality`): the share of the
    held-out images of the avoided class inside its hard radius and inside Q* (recall), and of
    the other classes (false positives). The judge sees pixels, the field sees the C-space: the
    recall bounds what any arm that uses only the examples can avoid.
@@ -48,21 +57,30 @@ from guidance.sampling import METHODS
 __all__ = [
     "ALL_ARMS",
     "ARMS",
+    "TWISTED_NFE",
     "DemoSettings",
     "demo_obstacles",
     "example_files",
     "format_report",
     "largest_shift",
     "membership_quality",
+    "negation_arm",
+    "renormalised_shift",
     "run_demo",
     "sample_arm",
+    "twisted_arm",
+    "within_class_scale",
 ]
 
 ARMS = ("unguided", "guided", "classifier")
-#: every arm of the report: the sampled arms, then the rejection baseline
-ALL_ARMS = (*ARMS, "rejection")
+#: every arm of the report: the sampled arms, the rejection baseline, then the two arms that use
+#: only the obstacle set (twisted SMC and the negation denoiser)
+ALL_ARMS = (*ARMS, "rejection", "twisted-smc", "negation")
 #: the most draws per returned sample the demo's rejection arm may spend
 REJECTION_DRAWS = 20
+#: the twisted SMC arm's NFE per sample as a multiple of the unguided arm's (its particles:
+#: ``TWISTED_NFE x n`` in one particle system)
+TWISTED_NFE = 1.5
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "digits"
 
 
@@ -145,6 +163,23 @@ def median(values) -> float:
         raise ValueError("the median of no values")
     a, b = v[(v.size - 1) // 2], v[v.size // 2]
     return float(a + (b - a) / 2)
+
+
+def within_class_scale(encoder) -> float:
+    """The digits' local data scale in ``encoder``'s C-space: the root mean within-class variance
+    per coordinate of the train split's embeddings,
+
+        a = sqrt( mean_c mean_j Var[z_j | class c] ),
+
+    the ``a`` of the twist's spread ``s(t)^2 = a^2 t^2 / ((1-t)^2 a^2 + t^2)``
+    (:func:`guidance.search.twisted.posterior_spread`) and of the negation denoiser's."""
+    from cspace.models.data import digits
+
+    images, labels = digits("train")
+    dev = next(encoder.vae.parameters()).device
+    lat = encoder.embed(encoder.encode(images.to(dev))).cpu().double()
+    within = torch.stack([lat[labels == c].var(0).mean() for c in labels.unique()]).mean()
+    return float(within.sqrt())
 
 
 def demo_obstacles(encoder, s: DemoSettings):
@@ -236,6 +271,69 @@ def rejection_arm(flow, shape, s: DemoSettings, field, device):
         generator=torch.Generator(device).manual_seed(s.seed + 2), method=s.method,
         dtype=torch.float32, device=device,
     )  # fmt: skip
+
+
+def twisted_arm(flow, shape, s: DemoSettings, field, data_scale: float, unguided_nfe: float,
+                device, callback=None):  # fmt: skip
+    """The twisted SMC arm: :func:`guidance.search.twisted.search` with the model's own SDE step as
+    proposal, the twist and the final exact test from ``field``'s hard radii (the obstacle set
+    alone), ``data_scale`` the spread's ``a``; a budget of ``TWISTED_NFE x unguided_nfe`` NFE per
+    returned sample, all of it spent on one system of ``floor(TWISTED_NFE x unguided_nfe x n /
+    steps)`` particles (at least ``n``), which returns ``s.n`` by systematic resampling of the
+    final weights; noise and resampling from seed ``s.seed + 3``. Returns the search result."""
+    from guidance.search import CallableVerifier, twisted
+
+    budget = int(TWISTED_NFE * float(unguided_nfe) * int(s.n))
+    return twisted.search(
+        flow, shape, CallableVerifier(lambda x: torch.zeros(x.shape[0]), name="none"), budget,
+        field=field, n_return=int(s.n), steps=s.steps, data_scale=data_scale,
+        generator=torch.Generator(device).manual_seed(s.seed + 3), dtype=torch.float32,
+        device=device, callback=callback,
+    )  # fmt: skip
+
+
+def negation_arm(flow, noise: torch.Tensor, s: DemoSettings, field, data_scale: float,
+                 callback=None):  # fmt: skip
+    """The negation arm: one pass of ``s.method`` (the SDE by default: ``s.steps`` NFE per
+    sample, no backtracking) with the negation denoiser
+    (:class:`guidance.sampling.NegationDenoiser`: the obstacle set's examples as the negation
+    set, ``beta = 1 - phi_t`` from its hard radii, ``data_scale`` the spread's ``a``), from the
+    guided arms' ``noise`` (n, C, H, W) and, like them, the SDE's noise from seed ``s.seed + 1``
+    (a generator of its own). Returns :class:`guidance.SampleOutput`."""
+    from guidance import sample
+    from guidance.sampling import NegationDenoiser
+
+    return sample(
+        NegationDenoiser(flow, field, data_scale=data_scale),
+        noise,
+        steps=s.steps,
+        method=s.method,
+        generator=torch.Generator(noise.device).manual_seed(s.seed + 1),
+        callback=callback,
+        progress=False,
+    )
+
+
+def _judged(judge, images: torch.Tensor, avoid_class: int) -> dict:
+    """The judge's figures of one arm's decoded ``images`` (n, 1, 8, 8), as every arm reports
+    them."""
+    from cspace.models.judge import copy_rate, nearest_train_distance
+    from cspace.models.metrics import diversity
+
+    rep = judge.report(images)
+    return {
+        "avoided_rate": float(rep["class_shares"][avoid_class]),
+        "class_shares": [float(v) for v in rep["class_shares"]],
+        "judge_confidence": float(rep["confidence"]),
+        "diversity": float(diversity(images)),
+        "nearest_train_distance": float(nearest_train_distance(images).mean()),
+        "copy_rate": float(copy_rate(images)),
+    }
+
+
+def _inside_share(regions, latents: torch.Tensor) -> float:
+    """The share of ``latents`` (n, ...) inside some hard region of ``regions``."""
+    return float(regions.inside(latents.reshape(latents.shape[0], -1)).double().mean())
 
 
 def _grid_png(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4) -> None:
@@ -349,6 +447,7 @@ def run_demo(
     from cspace.models.judge import Judge, copy_rate, nearest_train_distance
     from cspace.models.metrics import diversity
     from guidance import ClassifierField, RepulsiveField
+    from guidance.fields.regions import hard_regions
     from obstacles.classifier import PreferenceClassifier
 
     say = log or (lambda message: None)
@@ -372,8 +471,9 @@ def run_demo(
     if out_dir is not None:
         check_output_folder(out_dir, "the output folder (--out)")
     check_memory(
-        16 * int(s.n) * 32 * 4 + 8 * int(s.n) * 64 * 4,
-        f"{int(s.n):,} samples per arm (latents and 8x8 images, x4 arms)",
+        16 * int(s.n) * 32 * 4 + 12 * int(s.n) * 64 * 4,
+        f"{int(s.n):,} samples per arm (latents and 8x8 images, x6 arms; "
+        f"{TWISTED_NFE:g} x n particles)",
         "lower --n",
     )
     t_start = time.perf_counter()
@@ -476,14 +576,8 @@ def run_demo(
     )
     rej = rejection_arm(flow, shape, s, fields["guided"][0], device)
     images = encoder.decode(rej.samples).cpu()
-    rep = judge.report(images)
     report["arms"]["rejection"] = {
-        "avoided_rate": float(rep["class_shares"][s.avoid_class]),
-        "class_shares": [float(v) for v in rep["class_shares"]],
-        "judge_confidence": float(rep["confidence"]),
-        "diversity": float(diversity(images)),
-        "nearest_train_distance": float(nearest_train_distance(images).mean()),
-        "copy_rate": float(copy_rate(images)),
+        **_judged(judge, images, s.avoid_class),
         "nfe": rej.nfe_per_sample,
         "draws": int(rej.records["draws"]),
         "rejected_share": float(rej.records["inside_estimate"]),
@@ -491,6 +585,46 @@ def run_demo(
         "seconds": time.perf_counter() - t0,
     }
     samples["rejection"] = images
+
+    # the two arms that use only the obstacle set: twisted SMC and the negation denoiser
+    regions = hard_regions(fields["guided"][0])
+    scale = within_class_scale(encoder)
+    unguided_nfe = report["arms"]["unguided"]["nfe"]
+    particles = int(TWISTED_NFE * float(unguided_nfe) * s.n) // s.steps
+    say(
+        f"sampling {s.n} digits, arm twisted-smc ({particles} particles on the SDE, twisted by "
+        f"the chance to end outside the hard radii, at most {TWISTED_NFE:g} x the unguided NFE)"
+    )
+    bar = _ArmProgress("twisted-smc", s.steps, progress)
+    t0 = time.perf_counter()
+    tw = twisted_arm(flow, shape, s, fields["guided"][0], scale, unguided_nfe, device, bar)
+    bar.close()
+    images = encoder.decode(tw.samples).cpu()
+    report["arms"]["twisted-smc"] = {
+        **_judged(judge, images, s.avoid_class),
+        "nfe": tw.nfe_per_sample,
+        "n_particles": int(tw.records["n_particles"]),
+        "resamplings": int(tw.records["resamplings"]),
+        "unique": int(tw.records["unique"]),
+        "mass_inside": float(tw.records["mass_inside"]),
+        "inside_radius": _inside_share(regions, tw.samples),
+        "seconds": time.perf_counter() - t0,
+    }
+    samples["twisted-smc"] = images
+    say(f"sampling {s.n} digits, arm negation (negation denoiser, the {len(oset)} examples)")
+    bar = _ArmProgress("negation", s.steps, progress)
+    t0 = time.perf_counter()
+    neg = negation_arm(flow, noise, s, fields["guided"][0], scale, bar)
+    bar.close()
+    images = encoder.decode(neg.samples).cpu()
+    report["arms"]["negation"] = {
+        **_judged(judge, images, s.avoid_class),
+        "nfe": neg.nfe_per_sample,
+        "inside_radius": _inside_share(regions, neg.samples),
+        "seconds": time.perf_counter() - t0,
+    }
+    samples["negation"] = images
+    report["data_scale"] = scale
     own_examples = load_images(example_files(s.avoid_class, s.max_examples))[0]
     report["membership"] = membership_quality(encoder, oset, s.avoid_class, own_examples)
     report["seconds"] = time.perf_counter() - t_start
@@ -633,17 +767,43 @@ def largest_shift(report: dict, arm: str) -> tuple[float, int] | None:
     return max(diff, key=lambda d: abs(d[0]))
 
 
+def renormalised_shift(report: dict, arm: str) -> tuple[float, int] | None:
+    """The largest change of another class's share in ``arm`` against the unguided arm once the
+    avoided class ``c`` is taken out of both, in points (signed, largest in absolute value), and
+    that class; None for the unguided arm. With ``p_k`` an arm's class shares,
+
+        shift_k = 100 (p_k / (1 - p_c) - u_k / (1 - u_c)),  k != c,
+
+    ``u`` the unguided arm's shares: an arm that removes the class and leaves the others in
+    their proportions shifts nothing (the raw :func:`largest_shift` of such an arm is
+    ``100 u_k u_c / (1 - u_c)``). A share of 1 for ``c`` leaves nothing to renormalise: that
+    arm's other shares count as 0."""
+    if arm == "unguided" or "unguided" not in report["arms"]:
+        return None
+    c = report["settings"]["avoid_class"]
+
+    def rest(shares: list[float]) -> list[float]:
+        left = 1.0 - shares[c]
+        return [v / left if left > 0 else 0.0 for v in shares]
+
+    base = rest(report["arms"]["unguided"]["class_shares"])
+    shares = rest(report["arms"][arm]["class_shares"])
+    diff = [(100 * (a - b), k) for k, (a, b) in enumerate(zip(shares, base, strict=True)) if k != c]
+    return max(diff, key=lambda d: abs(d[0]))
+
+
 def format_report(report: dict) -> str:
     """The report as a plain-text table (with each arm's largest shift of another class against
-    the unguided arm) and class histogram."""
+    the unguided arm, renormalised without the avoided class: :func:`renormalised_shift`) and
+    class histogram."""
     c = report["settings"]["avoid_class"]
     head = (
-        f"{'arm':<12}{'avoided':>9}{'largest shift':>21}{'judge conf':>12}{'diversity':>11}"
+        f"{'arm':<12}{'avoided':>9}{'renormalised shift':>21}{'judge conf':>12}{'diversity':>11}"
         f"{'NN-train':>10}{'copies':>8}{'NFE':>6}{'seconds':>9}"
     )
     rows = [head]
     for arm, m in report["arms"].items():
-        shift = largest_shift(report, arm)
+        shift = renormalised_shift(report, arm)
         shown = "" if shift is None else f"{shift[0]:+.1f} pts (class {shift[1]})"
         rows.append(
             f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{shown:>21}{100 * m['judge_confidence']:>11.1f}%"
@@ -657,6 +817,16 @@ def format_report(report: dict) -> str:
             f"radius and discarded"
             + (f"; {rej['shortfall']} samples short" if rej["shortfall"] else "")
         )
+    tw = report["arms"].get("twisted-smc")
+    if tw is not None:
+        rows.append(
+            f"twisted-smc: {tw['n_particles']} particles, {tw['resamplings']} resamplings, "
+            f"{tw['unique']} distinct samples returned, {100 * tw['inside_radius']:.1f}% inside a "
+            f"hard radius"
+        )
+    neg = report["arms"].get("negation")
+    if neg is not None:
+        rows.append(f"negation: {100 * neg['inside_radius']:.1f}% inside a hard radius")
     mem = report.get("membership")
     if mem is not None:
         rows.append(

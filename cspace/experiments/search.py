@@ -131,8 +131,7 @@ def build_digits_problem(
         )
     if verifier not in DIGITS_VERIFIERS:
         raise ValueError(f"unknown digits verifier {verifier!r}; choose one of {DIGITS_VERIFIERS}")
-    from cspace.experiments.demo import DemoSettings, demo_obstacles
-    from cspace.models.data import digits
+    from cspace.experiments.demo import DemoSettings, demo_obstacles, within_class_scale
     from cspace.models.encoders import Encoder
     from cspace.models.flow import load_flow
     from cspace.models.judge import default_judge
@@ -145,9 +144,6 @@ def build_digits_problem(
     shape = tuple(flow.latent_shape)
     oset, _ = demo_obstacles(encoder, DemoSettings(avoid_class=avoid_class))
     fld = RepulsiveField(oset)
-    images, labels = digits("train")
-    lat = encoder.embed(encoder.encode(images)).double()
-    within = torch.stack([lat[labels == c].var(0).mean() for c in labels.unique()]).mean()
 
     def velocity(x, t):
         return flow(x.to(device), t.to(device)).to(x)
@@ -175,7 +171,7 @@ def build_digits_problem(
         shape=shape,
         verifier=ver,
         field=fld,
-        data_scale=float(within.sqrt()),
+        data_scale=within_class_scale(encoder),
         truth=truth,
         info={"verifier": verifier, "avoid_class": avoid_class, "obstacles": len(oset)},
     )

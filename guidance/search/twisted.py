@@ -204,6 +204,7 @@ def search(
     shift: float = 1.0,
     dtype: torch.dtype = torch.float64,
     device=None,
+    callback=None,
 ) -> SearchResult:
     """Twisted SMC; see the module docstring.
 
@@ -230,6 +231,8 @@ def search(
             (stochastic Heun, ``2 steps - 1`` NFE; only with ``proposal="model"``, since its
             transition has no closed-form density for a proposal correction).
         shift: the time grid's shift (:func:`guidance.sampling.time_grid`; 1: uniform).
+        callback: called after every step with ``{"step": k, "t": (1,) tensor}``, ``t`` the
+            particles' new time (progress bars); None: nothing.
 
     Records: ``n_particles``, ``groups``, ``ess`` (S, G), ``resamplings``, ``log_z`` (G,) (the
     estimate of ``log P(free)``), ``mass_inside`` (``1 - exp(mean log_z)``), ``free_fraction``
@@ -307,6 +310,8 @@ def search(
         w.add(inc)
         log_phi = new_phi
         ess_hist.append(w.ess())
+        if callback is not None:
+            callback({"step": k + 1, "t": times[k + 1].reshape(1)})
         if not last:
             idx = w.maybe_resample(threshold, scheme, generator)
             if idx is not None:
