@@ -91,6 +91,7 @@ __all__ = [
     "fashion_vae_config",
     "latent_stats",
     "load_aligned_vae",
+    "load_fashion_vae",
     "match_token_grid",
     "save_aligned_vae",
     "train_vae",
@@ -569,6 +570,33 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
     if with_projection:
         meta["projection"] = proj
     return vae, meta
+
+
+def load_fashion_vae(kind: str = "aligned", path: str | os.PathLike | None = None):
+    """The Fashion-MNIST VAE ``kind`` (``"aligned"``: with the VF loss against the
+    self-supervised teacher; ``"plain"``: its twin without) -> ``(AutoencoderKL, meta)``, as
+    :func:`load_aligned_vae`; ``path`` None: the shipped ``cspace/weights/fashion_vae_<kind>``.
+
+    Raises:
+        MissingWeightsError: the folder is missing; the message gives the command that trains it.
+    """
+    if kind not in ("aligned", "plain"):
+        raise ValueError(f"kind must be 'aligned' or 'plain'; got {kind!r}")
+    folder = Path(path) if path is not None else shipped(f"fashion_vae_{kind}")
+    try:
+        return load_aligned_vae(folder)
+    except MissingWeightsError as err:
+        vf = "--vf-weight 0.1 --teacher fashion" if kind == "aligned" else "--vf-weight 0"
+        raise MissingWeightsError(
+            f"Fashion-MNIST VAE ({kind}): {err}. For this one: `cspace train vae --data fashion "
+            f"{vf} --steps 1000 --seed 0 --out {folder}` (needs the Fashion-MNIST files, see "
+            "cspace.models.data.find_fashion_mnist"
+            + (
+                ", and the teacher: cspace train teacher --data fashion)"
+                if kind == "aligned"
+                else ")"
+            )
+        ) from err
 
 
 # ---------------------------------------------------------------------- training
