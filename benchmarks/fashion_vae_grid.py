@@ -1,7 +1,7 @@
 """A picture of the Fashion-MNIST VAEs' reconstructions: held-out images and their
 reconstructions through the aligned and the plain VAE.
 
-    python benchmarks/fashion_vae_grid.py --out docs/img/fashion_vae_reconstructions.png
+    python benchmarks/fashion_vae_grid.py --out docs/fashion_vae_reconstructions.png
 
 Rows, in threes: 10 held-out images (one per class, T-shirt/top .. Ankle boot, the first of
 each class in the shipped slice), their reconstruction by the aligned VAE, then by the plain
