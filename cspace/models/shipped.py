@@ -15,6 +15,7 @@ name                 what                                                      m
 ``fashion_teacher``  the self-supervised Fashion-MNIST teacher (SimCLR CNN)    ``cspace train teacher --data fashion``
 ``fashion_vae_aligned`` the Fashion-MNIST VAE with the VF loss (latents 4x7x7) ``cspace train vae --data fashion``
 ``fashion_vae_plain``  the same without the VF loss (its plain twin)           ``cspace train vae --data fashion``
+``fashion_pipeline``   the latent flow pipeline on the aligned VAE (diffusers)  ``cspace train pipeline``
 ===================  ========================================================  =====================
 
 :data:`NAMES` are the digits weights (converted from the older layouts, see below);
@@ -50,6 +51,7 @@ FASHION_NAMES = (
     "fashion_teacher",
     "fashion_vae_aligned",
     "fashion_vae_plain",
+    "fashion_pipeline",
 )
 ALL_NAMES = NAMES + FASHION_NAMES
 #: C-space name -> (VAE folder, flow folder)
