@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
-__all__ = ["class_report", "diversity", "energy_distance"]
+__all__ = ["class_report", "diversity", "embedding_accuracy", "energy_distance"]
 
 
 def energy_distance(x: torch.Tensor, y: torch.Tensor, max_points: int = 4096) -> float:
@@ -71,3 +74,37 @@ def class_report(p: torch.Tensor, confident: float) -> dict:
         "max_prob": top,
         "n": int(p.shape[0]),
     }
+
+
+def embedding_accuracy(
+    train: torch.Tensor | np.ndarray,
+    train_labels: torch.Tensor | np.ndarray,
+    tests: dict[str, tuple[Any, Any]],
+    k: int = 5,
+    probe: bool = True,
+) -> dict[str, float]:
+    """kNN and linear-probe accuracy of embeddings.
+
+    ``train`` (N, d) with labels (N,) fit a ``k``-nearest-neighbour classifier (Euclidean, on
+    the embeddings as they are) and a logistic regression (lbfgs, C = 1, ``max_iter`` 2000, on
+    the embeddings standardised with the train mean and std); each ``tests[name] = (emb, labels)``
+    gives ``{name}_knn_accuracy`` and ``{name}_linear_probe_accuracy``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+
+    xt = np.asarray(train, dtype=np.float64).reshape(len(train), -1)
+    yt = np.asarray(train_labels)
+    if not np.isfinite(xt).all():
+        raise ValueError("the train embeddings hold NaN or Inf")
+    knn = KNeighborsClassifier(n_neighbors=k).fit(xt, yt)
+    mu, sd = xt.mean(0), xt.std(0) + 1e-8
+    lr = LogisticRegression(max_iter=2000).fit((xt - mu) / sd, yt) if probe else None
+    out: dict[str, float] = {}
+    for name, (emb, labels) in tests.items():
+        xe = np.asarray(emb, dtype=np.float64).reshape(len(emb), -1)
+        ye = np.asarray(labels)
+        out[f"{name}_knn_accuracy"] = float(knn.score(xe, ye))
+        if lr is not None:
+            out[f"{name}_linear_probe_accuracy"] = float(lr.score((xe - mu) / sd, ye))
+    return out

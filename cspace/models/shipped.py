@@ -12,6 +12,10 @@ name                 what                                                      m
 ``flow_plain``       the latent flow model of ``vae_plain``'s latents          ``cspace train flow``
 ``fashion_heldout``  2,000 Fashion-MNIST test images (200 per class), uint8    ``scripts/make_fashion_data.py``
 ``fashion_judge``    the independent Fashion-MNIST judge (a small CNN)         ``cspace train judge``
+``fashion_teacher``  the self-supervised Fashion-MNIST teacher (SimCLR CNN)    ``cspace train teacher --data fashion``
+``fashion_vae_aligned`` the Fashion-MNIST VAE with the VF loss (latents 4x7x7) ``cspace train vae --data fashion``
+``fashion_vae_plain``  the same without the VF loss (its plain twin)           ``cspace train vae --data fashion``
+``fashion_pipeline``   the latent flow pipeline on the aligned VAE (diffusers)  ``cspace train pipeline``
 ===================  ========================================================  =====================
 
 :data:`NAMES` are the digits weights (converted from the older layouts, see below);
@@ -41,7 +45,14 @@ __all__ = ["ALL_NAMES", "FASHION_NAMES", "NAMES", "SPACES", "WEIGHTS_DIR", "ship
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 NAMES = ("teacher", "vae_aligned", "vae_plain", "flow_aligned", "flow_plain")
-FASHION_NAMES = ("fashion_heldout", "fashion_judge")
+FASHION_NAMES = (
+    "fashion_heldout",
+    "fashion_judge",
+    "fashion_teacher",
+    "fashion_vae_aligned",
+    "fashion_vae_plain",
+    "fashion_pipeline",
+)
 ALL_NAMES = NAMES + FASHION_NAMES
 #: C-space name -> (VAE folder, flow folder)
 SPACES = {"digits": ("vae_aligned", "flow_aligned"), "digits-plain": ("vae_plain", "flow_plain")}

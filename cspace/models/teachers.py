@@ -18,6 +18,11 @@ pulls the tokens of its latent towards a teacher's tokens with VA-VAE's VF loss.
   safe-folder format (:mod:`cspace.io.folder`: ``manifest.json``, format ``cspace.teacher`` v3,
   + ``model-<hash>.safetensors``); folders of the older layouts (v2 manifests; ``config.json``
   + ``model.safetensors``, no checksum) still load.
+* :class:`FashionTeacher` is the **self-supervised** teacher for 28x28 Fashion-MNIST: like DINOv2
+  it never sees a label. A small CNN (28 -> 14 -> 7) whose patch tokens are its last feature map
+  on a 7x7 grid (T = 49, layer-normalised per token), trained with SimCLR's contrastive loss
+  (:mod:`cspace.models.simclr`, ``cspace train teacher --data fashion``). Its folder has its own
+  format (``cspace.ssl_teacher`` v3); the shipped one is ``cspace/weights/fashion_teacher``.
 
 Teachers are frozen: parameters do not require gradients and the module stays in eval mode
 (``.train()`` is a no-op), so a parent module's ``.train()`` cannot switch it back.
@@ -46,10 +51,13 @@ from cspace.models.shipped import shipped
 
 __all__ = [
     "DINOV2_MODELS",
+    "SSL_TEACHER_KIND",
     "TEACHER_KIND",
     "DigitsTeacher",
     "DigitsTeacherConfig",
     "DinoV2Teacher",
+    "FashionTeacher",
+    "FashionTeacherConfig",
     "Teacher",
     "TeacherWeightsError",
     "load_teacher",
@@ -232,6 +240,181 @@ class DigitsTeacher(Teacher):
         return write_folder(path, TEACHER_KIND, fields, {_WEIGHTS: blob})
 
 
+# ---------------------------------------------------------------------- Fashion-MNIST (SSL)
+SSL_TEACHER_FORMAT = "cspace.ssl_teacher"
+
+
+def _missing_ssl_teacher(folder: Path, detail: str) -> MissingWeightsError:
+    return MissingWeightsError(
+        f"Fashion-MNIST teacher: {folder}: {detail}. Train it with "
+        f"`cspace train teacher --data fashion --out {folder}` (needs the Fashion-MNIST files, "
+        "see cspace.models.data.find_fashion_mnist; or cspace.models.simclr.train_fashion_teacher)"
+    )
+
+
+#: the self-supervised (Fashion-MNIST) teacher's folder kind (:mod:`cspace.io.folder`)
+SSL_TEACHER_KIND = FolderKind(
+    format=SSL_TEACHER_FORMAT,
+    version=3,
+    what="self-supervised teacher",
+    a_what="a cspace self-supervised teacher folder",
+    error=TeacherWeightsError,
+    files=(_WEIGHTS,),
+    fix="retrain it (cspace train teacher --data fashion) or restore the folder from a copy",
+    missing=_missing_ssl_teacher,
+)
+
+
+@dataclass
+class FashionTeacherConfig:
+    """Architecture of :class:`FashionTeacher`: encoder ``channels`` (c1, c2, c3), token
+    ``width`` and the SimCLR projection head (``proj_hidden`` -> ``proj_dim``)."""
+
+    in_channels: int = 1
+    image_size: int = 28
+    channels: tuple[int, int, int] = (16, 32, 64)
+    width: int = 64
+    proj_hidden: int = 128
+    proj_dim: int = 64
+
+    def __post_init__(self) -> None:
+        ch = tuple(self.channels)
+        if len(ch) != 3 or not all(type(c) is int and 1 <= c <= 1024 for c in ch):
+            raise ValueError(f"channels must be 3 ints in 1..1024; got {self.channels!r}")
+        for name in ("in_channels", "width", "proj_hidden", "proj_dim"):
+            v = getattr(self, name)
+            if type(v) is not int or not 1 <= v <= 4096:
+                raise ValueError(f"{name} must be an int in 1..4096; got {v!r}")
+        if type(self.image_size) is not int or self.image_size < 4 or self.image_size % 4:
+            raise ValueError(
+                f"image_size must be a multiple of 4 (two stride-2 convolutions); "
+                f"got {self.image_size!r}"
+            )
+        self.channels = ch
+
+
+class FashionTeacher(Teacher):
+    """The self-supervised CNN teacher for 28x28 images (Fashion-MNIST).
+
+    ``[conv3x3 -> BatchNorm -> GELU]`` x 5 with strides 1, 2, 1, 2, 1 (channels c1, c2, c2, c3,
+    c3; 28 -> 14 -> 7 pixels), conv1x1 (c3 -> width), LayerNorm over channels -> patch tokens
+    (B, 49, width) on the 7x7 grid (row-major). ``embed`` is the mean token (B, width), the
+    image embedding the kNN and linear-probe figures use; ``head`` (linear -> ReLU -> linear to
+    ``proj_dim``) is SimCLR's projection head, used only in training. No label is ever used.
+    """
+
+    interpolate_grid = False
+
+    def __init__(self, config: FashionTeacherConfig | None = None):
+        super().__init__()
+        cfg = config or FashionTeacherConfig()
+        self.config = cfg
+        c1, c2, c3 = cfg.channels
+        layers: list[nn.Module] = []
+        for c_in, c_out, stride in (
+            (cfg.in_channels, c1, 1),
+            (c1, c2, 2),
+            (c2, c2, 1),
+            (c2, c3, 2),
+            (c3, c3, 1),
+        ):
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.GELU(),
+            ]
+        layers.append(nn.Conv2d(c3, cfg.width, 1))
+        self.features = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.head = nn.Sequential(
+            nn.Linear(cfg.width, cfg.proj_hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.proj_hidden, cfg.proj_dim),
+        )
+        self.grid = cfg.image_size // 4
+        self.width = cfg.width
+        self.name = "fashion"
+        self.meta: dict[str, Any] = {}
+
+    def _check(self, images: torch.Tensor) -> None:
+        cfg = self.config
+        want = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        if not torch.is_tensor(images) or images.ndim != 4 or tuple(images.shape[1:]) != want:
+            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(
+                f"the Fashion-MNIST teacher expects images (B, {want[0]}, {want[1]}, {want[2]}) "
+                f"in [-1, 1]; got {got}"
+            )
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, 28, 28) in [-1, 1] -> patch tokens (B, 49, width), row-major 7x7 grid."""
+        self._check(images)
+        return self.norm(self.features(images).flatten(2).transpose(1, 2))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, 28, 28) -> the mean patch token (B, width)."""
+        return self.tokens(images).mean(dim=1)
+
+    def project(self, images: torch.Tensor) -> torch.Tensor:
+        """SimCLR's projection ``head(embed(x))`` (B, proj_dim) (training only)."""
+        return self.head(self.embed(images))
+
+    forward = tokens
+
+    def unfreeze(self) -> FashionTeacher:
+        """Trainable (for :func:`cspace.models.simclr.train_fashion_teacher`); ``freeze`` ends it."""
+        for p in self.parameters():
+            p.requires_grad_(True)
+        return nn.Module.train(self, True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> FashionTeacher:
+        """Load a self-supervised teacher folder (default: the shipped
+        ``cspace/weights/fashion_teacher``), frozen."""
+        from safetensors.torch import load
+
+        read = read_folder(Path(path) if path is not None else shipped("fashion_teacher"),
+                           SSL_TEACHER_KIND)  # fmt: skip
+        w_file = read.file(_WEIGHTS)
+        try:
+            raw = read.get("config")
+            if not isinstance(raw, dict):
+                raise TypeError(f"config must be an object; got {type(raw).__name__}")
+            cfg = FashionTeacherConfig(**raw)
+            values = weights_values(read.files[_WEIGHTS], w_file, TeacherWeightsError)
+            model = build_within(lambda: cls(cfg), values, w_file, read.mpath, TeacherWeightsError)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+            if isinstance(err, TeacherWeightsError):
+                raise
+            raise SSL_TEACHER_KIND.fail(
+                f"{read.mpath} lacks or has a bad field: {err}", read.mpath
+            ) from err
+        try:
+            state = load(read.files[_WEIGHTS])
+        except Exception as err:  # safetensors raises its own error types
+            raise SSL_TEACHER_KIND.fail(
+                f"{w_file} is not a readable safetensors file: {err}", w_file
+            ) from err
+        check_state_dict(model, state, w_file, "Fashion-MNIST teacher")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise SSL_TEACHER_KIND.fail(f"{w_file}: tensor {bad[0]!r} holds NaN or Inf", w_file)
+        model.load_state_dict(state)
+        model.meta = dict(read.fields)
+        return model.freeze()
+
+    def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write the teacher folder (``manifest.json``: the config and ``extra``;
+        ``model.safetensors``), crash-safe (:func:`cspace.io.folder.write_folder`)."""
+        from safetensors.torch import save
+
+        blob = save({k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()})
+        config = asdict(self.config)
+        config["channels"] = list(config["channels"])
+        fields = {"config": config, **(extra or {})}
+        return write_folder(path, SSL_TEACHER_KIND, fields, {_WEIGHTS: blob})
+
+
 # ---------------------------------------------------------------------- DINOv2 (timm)
 def _split_dinov2_name(name: str) -> tuple[str, str]:
     arch, _, tag = name.partition(".")
@@ -398,20 +581,26 @@ def load_teacher(
 
     * ``"digits"``: the shipped :class:`DigitsTeacher` (``weights`` may name another folder made
       by :func:`train_teacher`);
-    * a folder made by :func:`train_teacher`;
+    * ``"fashion"``: the shipped self-supervised :class:`FashionTeacher` (``weights`` may name
+      another folder made by :func:`cspace.models.simclr.train_fashion_teacher`);
+    * a folder made by :func:`train_teacher` or by ``train_fashion_teacher``;
     * a DINOv2 name (``vit_large_patch14_dinov2.lvd142m`` ...): :class:`DinoV2Teacher` with
       ``weights`` (a local ``model.safetensors``) and ``img_size``.
     """
     if spec == "digits":
         return DigitsTeacher.load(weights)
+    if spec == "fashion":
+        return FashionTeacher.load(weights)
     if "dinov2" in spec:
         return DinoV2Teacher(spec, weights=weights, img_size=img_size)
     p = Path(spec)
     if p.is_dir() and is_folder_of(p, TEACHER_KIND):
         return DigitsTeacher.load(p)
+    if p.is_dir() and is_folder_of(p, SSL_TEACHER_KIND):
+        return FashionTeacher.load(p)
     raise ValueError(
-        f"unknown teacher {spec!r}: use 'digits', a folder made by `cspace train teacher`, or a "
-        "DINOv2 name such as vit_large_patch14_dinov2.lvd142m"
+        f"unknown teacher {spec!r}: use 'digits', 'fashion', a folder made by "
+        "`cspace train teacher`, or a DINOv2 name such as vit_large_patch14_dinov2.lvd142m"
     )
 
 

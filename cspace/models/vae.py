@@ -79,15 +79,19 @@ from cspace.models.shipped import shipped
 from cspace.models.teachers import Teacher, load_teacher
 
 __all__ = [
+    "VAE_DATA",
     "VAE_KIND",
     "AlignedVAEConfig",
     "VAEWeightsError",
     "VFAlignment",
     "adaptive_vf_weight",
     "build_autoencoder",
+    "evaluate_fashion_vae",
     "evaluate_vae",
+    "fashion_vae_config",
     "latent_stats",
     "load_aligned_vae",
+    "load_fashion_vae",
     "match_token_grid",
     "save_aligned_vae",
     "train_vae",
@@ -167,6 +171,20 @@ class AlignedVAEConfig:
         if unknown:
             raise ValueError(f"unknown AlignedVAEConfig fields {unknown}")
         return cls(**d)
+
+
+#: the data sets a C-space VAE trains on (``train_vae(data=...)``)
+VAE_DATA = ("digits", "fashion")
+
+
+def fashion_vae_config() -> AlignedVAEConfig:
+    """The Fashion-MNIST VAE: 28x28x1 images, three diffusers blocks (16, 32, 64 channels;
+    28 -> 14 -> 7 pixels), latents (4, 7, 7) - a 196-d C-space shaped like Stable Diffusion's
+    (a few channels on a spatial grid, downsampled 4x); the VF loss pulls its 7x7 grid towards
+    the Fashion-MNIST teacher's 7x7 patch tokens."""
+    return AlignedVAEConfig(
+        in_channels=1, sample_size=28, block_out_channels=(16, 32, 64), latent_channels=4
+    )
 
 
 def build_autoencoder(cfg: AlignedVAEConfig | None = None):
@@ -374,6 +392,57 @@ def evaluate_vae(
     }
 
 
+@torch.no_grad()
+def evaluate_fashion_vae(
+    vae,
+    scaling_factor: float,
+    shift_factor: float,
+    data: str | os.PathLike | None = None,
+    batch_size: int = 500,
+    train: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Metrics of a Fashion-MNIST VAE.
+
+    * ``heldout_mse``: per-pixel squared error of ``decode(posterior mean)`` (clamped to
+      [-1, 1]) on the shipped held-out slice (2,000 test images), images in [-1, 1];
+      ``heldout_psnr``: ``10 log10(1 / mse01)`` dB with ``mse01 = heldout_mse / 4`` (pixels on
+      [0, 1]); ``test_mse`` and ``test_psnr`` the same on the full test split;
+    * kNN (5 neighbours) and linear-probe accuracy of the C-space embeddings
+      ``flatten((mean - shift) * scale)`` (196-d), fit on the train split
+      (:func:`cspace.models.metrics.embedding_accuracy`): ``heldout_knn_accuracy``,
+      ``heldout_linear_probe_accuracy``, ``test_knn_accuracy``, ``test_linear_probe_accuracy``;
+      ``knn_accuracy`` and ``linear_probe_accuracy`` repeat the held-out ones (the digits
+      report's names).
+
+    ``train``: the train split's (images, labels) if already loaded (else read from ``data``).
+    """
+    from cspace.models.data import fashion_heldout, fashion_mnist
+    from cspace.models.metrics import embedding_accuracy
+
+    vae.eval()
+    xt, yt = train if train is not None else fashion_mnist("train", data)
+    sets = {"heldout": fashion_heldout(), "test": fashion_mnist("test", data)}
+    out: dict[str, float] = {}
+    tests = {}
+    for name, (x, y) in sets.items():
+        m = _posterior_means(vae, x, batch_size)
+        rec = torch.cat(
+            [
+                vae.decode(m[s : s + batch_size]).sample.clamp(-1, 1)
+                for s in range(0, m.shape[0], batch_size)
+            ]
+        )
+        mse = float(((rec - x) ** 2).double().mean())
+        out[f"{name}_mse"] = mse
+        out[f"{name}_psnr"] = 10 * math.log10(4.0 / max(mse, 1e-12))
+        tests[name] = (((m - shift_factor) * scaling_factor).flatten(1), y)
+    et = ((_posterior_means(vae, xt, batch_size) - shift_factor) * scaling_factor).flatten(1)
+    out.update(embedding_accuracy(et, yt, tests))
+    out["knn_accuracy"] = out["heldout_knn_accuracy"]
+    out["linear_probe_accuracy"] = out["heldout_linear_probe_accuracy"]
+    return out
+
+
 # ---------------------------------------------------------------------- files
 def _missing_vae(folder: Path, what: str) -> MissingWeightsError:
     return MissingWeightsError(
@@ -503,6 +572,33 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
     return vae, meta
 
 
+def load_fashion_vae(kind: str = "aligned", path: str | os.PathLike | None = None):
+    """The Fashion-MNIST VAE ``kind`` (``"aligned"``: with the VF loss against the
+    self-supervised teacher; ``"plain"``: its twin without) -> ``(AutoencoderKL, meta)``, as
+    :func:`load_aligned_vae`; ``path`` None: the shipped ``cspace/weights/fashion_vae_<kind>``.
+
+    Raises:
+        MissingWeightsError: the folder is missing; the message gives the command that trains it.
+    """
+    if kind not in ("aligned", "plain"):
+        raise ValueError(f"kind must be 'aligned' or 'plain'; got {kind!r}")
+    folder = Path(path) if path is not None else shipped(f"fashion_vae_{kind}")
+    try:
+        return load_aligned_vae(folder)
+    except MissingWeightsError as err:
+        vf = "--vf-weight 0.1 --teacher fashion" if kind == "aligned" else "--vf-weight 0"
+        raise MissingWeightsError(
+            f"Fashion-MNIST VAE ({kind}): {err}. For this one: `cspace train vae --data fashion "
+            f"{vf} --steps 1000 --seed 0 --out {folder}` (needs the Fashion-MNIST files, see "
+            "cspace.models.data.find_fashion_mnist"
+            + (
+                ", and the teacher: cspace train teacher --data fashion)"
+                if kind == "aligned"
+                else ")"
+            )
+        ) from err
+
+
 # ---------------------------------------------------------------------- training
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``lr``."""
@@ -567,8 +663,12 @@ def train_vae(
     checkpoint_every: int = 250,
     keep_checkpoint: bool = False,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    data: str = "digits",
+    data_dir: str | os.PathLike | None = None,
+    max_images: int | None = None,
 ) -> dict[str, Any]:
-    """Train the C-space VAE on the digits train split and write it to ``out_dir``.
+    """Train the C-space VAE on the digits (or Fashion-MNIST) train split and write it to
+    ``out_dir``.
 
     Args:
         out_dir: output folder: ``manifest.json`` + ``model.safetensors`` at the end (one
@@ -591,6 +691,12 @@ def train_vae(
             error on heldout images is then 100x the training error.
         keep_checkpoint: keep ``checkpoint/`` after the final files are written.
         callback: called as ``callback(step, logs)`` after each step (``step`` counts done steps).
+        data: ``"digits"`` (the embedded 8x8 digits, the default) or ``"fashion"``
+            (Fashion-MNIST's 60,000 train images, found by
+            :func:`cspace.models.data.find_fashion_mnist` in ``data_dir``; use
+            ``cfg=fashion_vae_config()`` and ``teacher="fashion"``). The teacher's tokens are
+            then computed batch by batch, and the metrics are :func:`evaluate_fashion_vae`'s.
+        max_images: train on the first N train images only (small runs and tests; fashion).
 
     Returns:
         The metrics (see :func:`evaluate_vae`) and the run's settings, as stored in the
@@ -599,8 +705,12 @@ def train_vae(
     from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
-    from cspace.models.data import digits
+    from cspace.models.data import digits, fashion_mnist
 
+    if data not in VAE_DATA:
+        raise ValueError(f"unknown data {data!r}; choose one of {VAE_DATA}")
+    if max_images is not None and (data != "fashion" or max_images < 1):
+        raise ValueError("max_images must be >= 1, and only with data='fashion'")
     if shift_augment < 0:
         raise ValueError(f"shift_augment must be >= 0; got {shift_augment}")
     if steps < 1 or batch_size < 1 or checkpoint_every < 1:
@@ -615,9 +725,21 @@ def train_vae(
     check_output_folder(out, "the output folder (--out)")
 
     # ---- teacher: frozen; without augmentation its tokens for the training set are precomputed
-    x_train, _ = digits("train")
+    if data == "digits":
+        x_train, _ = digits("train")
+        y_train = None
+    else:
+        x_train, y_train = fashion_mnist("train", data_dir)
+        if max_images is not None:
+            x_train, y_train = x_train[:max_images], y_train[:max_images]
     if x_train.shape[1:] != (cfg.in_channels, cfg.sample_size, cfg.sample_size):
-        raise ValueError(f"cfg expects {cfg.sample_size}px images; digits are 8x8x1")
+        got = "x".join(str(v) for v in (*x_train.shape[2:], x_train.shape[1]))
+        raise ValueError(
+            f"cfg expects {cfg.sample_size}x{cfg.sample_size}x{cfg.in_channels} images; {data} "
+            f"images are {got}" + (" (use cfg=fashion_vae_config())" if data == "fashion" else "")
+        )
+    # the teacher runs batch by batch on augmented or many images; else its tokens are cached
+    per_batch = bool(shift_augment) or data != "digits"
     use_vf = vf_weight > 0
     teacher_name, t_tokens, t_width, tmod = None, None, None, None
     if use_vf:
@@ -628,7 +750,7 @@ def train_vae(
         if tmod.grid != cfg.latent_grid and not tmod.interpolate_grid:
             match_token_grid(torch.zeros(1, tmod.grid**2, 1), cfg.latent_grid, False)  # raises
         t_tokens = match_token_grid(
-            tmod.tokens_batched(x_train[:2] if shift_augment else x_train),
+            tmod.tokens_batched(x_train[:2] if per_batch else x_train),
             cfg.latent_grid,
             interpolate=tmod.interpolate_grid,
         )
@@ -647,6 +769,8 @@ def train_vae(
         "shift_augment": int(shift_augment),
         "teacher_weights": str(teacher_weights) if use_vf and teacher_weights else None,
     }
+    if data != "digits":  # (the digits manifests keep their fields)
+        settings.update(data=data, train_images=int(x_train.shape[0]))
 
     # ---- model, projection, optimiser (same init for aligned and plain: the VAE is built first)
     torch.manual_seed(seed)
@@ -720,7 +844,7 @@ def train_vae(
         loss = nll + kl_w * kl
         logs = {"nll": nll.item(), "kl": kl.item()}
         if align is not None:
-            if shift_augment:
+            if per_batch:
                 with torch.no_grad():
                     f = tmod.tokens(x)
             else:
@@ -752,10 +876,13 @@ def train_vae(
     # ---- normalisation, metrics, final files
     vae.eval()
     shift, scale = latent_stats(vae, x_train)
-    metrics = evaluate_vae(vae, scale, shift)
+    if data == "digits":
+        metrics = evaluate_vae(vae, scale, shift)
+    else:
+        metrics = evaluate_fashion_vae(vae, scale, shift, data_dir, train=(x_train, y_train))
     meta = {
         "format": VAE_FORMAT,
-        "name": f"cspace-digits-vae(vf={vf_weight:g}, teacher={teacher_name})",
+        "name": f"cspace-{data}-vae(vf={vf_weight:g}, teacher={teacher_name})",
         **settings,
         "scaling_factor": scale,
         "shift_factor": shift,

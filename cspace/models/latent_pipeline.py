@@ -1,0 +1,277 @@
+r"""A diffusers latent flow-matching pipeline on the Fashion-MNIST C-space.
+
+:class:`LatentFlowPipeline` is a ``DiffusionPipeline`` with three components, all diffusers
+classes, so ``save_pretrained(DIR)`` writes a standard pipeline folder (``model_index.json``,
+``unet/``, ``vae/``, ``scheduler/``) and ``LatentFlowPipeline.from_pretrained(DIR)`` reads it
+back offline:
+
+* ``unet``: a ``UNet2DModel`` on the normalised latents (4 x 7 x 7), one resolution level (7 is
+  odd, so no down-sampling) with a self-attention mid block; it predicts the flow-matching
+  velocity ``v = eps - x0`` at ``timestep = 1000 sigma``;
+* ``vae``: the aligned ``AutoencoderKL`` (:func:`cspace.models.vae.load_fashion_vae`), whose
+  config holds ``scaling_factor`` and ``shift_factor``: ``x0 = (mean - shift) * scale``;
+* ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` (``x_sigma = (1 - sigma) x0 + sigma eps``,
+  Euler steps from sigma = 1 to 0).
+
+Because every step goes through ``scheduler.step``, :func:`guidance.integrations.diffusers.guide`
+wraps it like any other flow-matching pipeline.
+
+Training (:func:`train_latent_flow`): the train split is encoded once (posterior means,
+normalised), then ``L = E || unet((1 - s) x0 + s eps, 1000 s) - (eps - x0) ||^2`` with
+``s ~ U(0, 1)``, AdamW. :func:`load_latent_pipeline` checks the folder (every component
+present) before diffusers reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    ImagePipelineOutput,
+    UNet2DModel,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from cspace.io.checks import check_output_folder
+from cspace.io.errors import MissingWeightsError
+
+__all__ = [
+    "COMPONENTS",
+    "LatentFlowPipeline",
+    "build_latent_unet",
+    "load_latent_pipeline",
+    "train_latent_flow",
+]
+
+COMPONENTS = ("unet", "vae", "scheduler")
+
+
+def build_latent_unet(latent_channels: int = 4, grid: int = 7, width: int = 64) -> UNet2DModel:
+    """The velocity network: ``UNet2DModel`` on (latent_channels, grid, grid), one level of
+    ``width`` channels (two ResNet blocks down, three up), attention in the mid block."""
+    return UNet2DModel(
+        sample_size=grid,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=(width,),
+        down_block_types=("DownBlock2D",),
+        up_block_types=("UpBlock2D",),
+        layers_per_block=2,
+        norm_num_groups=min(32, width),
+    )
+
+
+class LatentFlowPipeline(DiffusionPipeline):
+    """Unconditional latent flow matching: noise (B, c, h, w) -> Euler steps of the velocity
+    ``unet`` -> ``vae.decode(x0 / scale + shift)`` -> images (B, 1, 28, 28)."""
+
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        vae: AutoencoderKL,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 20,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pt",
+        return_dict: bool = True,
+    ):
+        """Sample ``batch_size`` images with ``num_inference_steps`` Euler steps.
+
+        ``output_type``: ``"pt"`` (tensor (B, 1, H, W) in [0, 1]), ``"np"`` (array
+        (B, H, W, 1) in [0, 1]), ``"pil"`` (PIL images) or ``"latent"`` (the final normalised
+        latents). ``latents``: the starting noise (B, c, h, w) instead of drawing it.
+        """
+        if output_type not in ("pt", "np", "pil", "latent"):
+            raise ValueError(f"output_type must be pt, np, pil or latent; got {output_type!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}")
+        cfg = self.unet.config
+        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        dev, dtype = self.unet.device, self.unet.dtype
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=dev, dtype=dtype)
+        elif tuple(latents.shape[1:]) != shape[1:]:
+            raise ValueError(f"latents must have shape (B, {shape[1]}, {shape[2]}, {shape[3]}); "
+                             f"got {tuple(latents.shape)}")  # fmt: skip
+        else:
+            latents = latents.to(dev, dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=dev)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            v = self.unet(latents, t.expand(latents.shape[0])).sample
+            latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+        if output_type == "latent":
+            images = latents
+        else:
+            vc = self.vae.config
+            x = latents / vc.scaling_factor + (vc.shift_factor or 0.0)
+            images = ((self.vae.decode(x.to(self.vae.dtype)).sample.clamp(-1, 1) + 1) / 2).float()
+            if output_type in ("np", "pil"):
+                images = images.permute(0, 2, 3, 1).cpu().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def load_latent_pipeline(path: str | os.PathLike) -> LatentFlowPipeline:
+    """Read a folder written by ``LatentFlowPipeline.save_pretrained`` (offline), after checking
+    that ``model_index.json`` names this pipeline and every component folder is there.
+
+    Raises:
+        MissingWeightsError: no folder, no ``model_index.json``, or a component missing (named,
+            with the command that makes the folder).
+        ValueError: a ``model_index.json`` of another pipeline.
+    """
+    folder = Path(path)
+    how = (
+        "Train it with `cspace train pipeline --out DIR` (or "
+        "cspace.models.latent_pipeline.train_latent_flow)"
+    )
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise MissingWeightsError(f"no latent flow pipeline at {folder}: {index} is missing. {how}")
+    if index.stat().st_size > 65536:
+        raise ValueError(f"{index} is larger than 64 KiB: not a pipeline index")
+    try:
+        meta = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{index} is not JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("_class_name") != LatentFlowPipeline.__name__:
+        got = meta.get("_class_name") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{index} describes {got!r}, not a {LatentFlowPipeline.__name__}")
+    for name in COMPONENTS:
+        if name not in meta or not (folder / name / _CONFIG[name]).is_file():
+            raise MissingWeightsError(
+                f"the pipeline folder {folder} lacks its {name!r} component "
+                f"({folder / name / _CONFIG[name]}): copy the whole folder again. {how}"
+            )
+    for name in ("unet", "vae"):
+        if not any((folder / name).glob("*.safetensors")):
+            raise MissingWeightsError(
+                f"the pipeline folder {folder} has no weights for {name!r} "
+                f"(no {folder / name}/*.safetensors; cspace never reads pickles). {how}"
+            )
+    return LatentFlowPipeline.from_pretrained(str(folder), local_files_only=True)
+
+
+_CONFIG = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
+
+
+def _save_atomic(pipe: LatentFlowPipeline, out: Path) -> None:
+    """``save_pretrained`` into a temporary sibling folder, then rename it to ``out`` (which
+    must not exist or be empty): a crash leaves no half-written pipeline at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if out.exists():
+            out.rmdir()  # empty (checked before training)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train_latent_flow(
+    out_dir: str | os.PathLike,
+    vae: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    steps: int = 2000,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    width: int = 64,
+    max_images: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the velocity ``unet`` on the Fashion-MNIST train split's latents under the VAE
+    folder ``vae`` (default: the shipped aligned one) and write the pipeline folder.
+
+    AdamW, linear warm-up over 5% of ``steps`` then cosine decay; ``s ~ U(0, 1)`` per image;
+    everything random from ``seed``. ``out_dir`` must not exist or be empty (checked first).
+    Returns the settings with ``final_loss`` (mean of the last 50 steps) and ``wall_s``.
+    """
+    from tqdm.auto import tqdm
+
+    from cspace.models.data import fashion_mnist
+    from cspace.models.encoders import Encoder
+    from cspace.models.vae import load_fashion_vae
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError("steps and batch_size must be >= 1")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"the output folder {out} exists and is not empty; pick a new one")
+    check_output_folder(out, "the output folder (--out)")
+    t0 = time.perf_counter()
+    autoencoder, meta = load_fashion_vae("aligned", vae)
+    enc = Encoder(autoencoder, meta["scaling_factor"], meta["shift_factor"])
+    x, _ = fashion_mnist("train", data)
+    if max_images is not None:
+        x = x[:max_images]
+    z = enc.encode(x, batch_size=500)  # (N, c, h, w), normalised
+    torch.manual_seed(seed)
+    unet = build_latent_unet(z.shape[1], z.shape[2], width)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    warm = max(1, steps // 20)
+    losses = []
+    unet.train()
+    for step in tqdm(range(steps), desc="latent flow", disable=not progress):
+        idx = torch.randint(0, z.shape[0], (batch_size,), generator=g)
+        x0 = z[idx]
+        eps = torch.randn(x0.shape, generator=g)
+        s = torch.rand(batch_size, generator=g)
+        xs = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
+        frac = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in opt.param_groups:
+            group["lr"] = lr * frac
+        loss = (unet(xs, s * 1000).sample - (eps - x0)).pow(2).mean()
+        if not math.isfinite(float(loss.detach())):
+            raise ValueError(f"latent flow training diverged at step {step + 1}; nothing saved")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    unet.eval()
+    autoencoder.register_to_config(
+        scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"])
+    )
+    pipe = LatentFlowPipeline(
+        unet=unet, vae=autoencoder, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0)
+    )
+    _save_atomic(pipe, out)
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "width": width,
+        "train_images": int(z.shape[0]),
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "wall_s": time.perf_counter() - t0,
+        "out_dir": str(out),
+    }
