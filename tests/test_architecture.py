@@ -119,5 +119,10 @@ def test_the_command_line_names_are_the_library_names():
     assert cli_search.ALGOS == tuple(ALGORITHMS) == search.ALGOS
     assert cli_search.TOY_VERIFIERS == search.TOY_VERIFIERS
     assert cli_search.DIGITS_VERIFIERS == search.DIGITS_VERIFIERS
+    from guidance.sampling import STEPS
+    from guidance.search.twisted import PROPOSALS
+
+    assert cli_search.METHODS == tuple(STEPS)
+    assert cli_search.PROPOSALS == PROPOSALS
     assert cli_bench.BACKENDS == bench.BACKENDS
     assert set(cli_bench.DTYPES) == set(bench.DTYPES)

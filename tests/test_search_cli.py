@@ -64,6 +64,28 @@ def test_search_errors():
         run(["search", "--algo", "best-of-n", "--budget", "10", "--n", "4", "--steps", "10"])
 
 
+def test_search_algorithm_options_reach_the_algorithm_and_the_report():
+    """--method/--time-shift/--proposal are the algorithm's own keyword options: they change
+    what it does (the NFE per sample of the stochastic Heun step), appear in the report, and are
+    refused, naming the flag and the algorithms that take it, where they do not apply."""
+    base = ["search", "--algo", "twisted-smc", "--budget", "4000", "--n", "20", "--steps", "10",
+            "--coverage", "0.5", "--json", "--no-progress"]  # fmt: skip
+    plain = json.loads(run(base))
+    assert "options" not in plain and plain["nfe"] == 4000  # 20 particles x 10 steps x 20
+    heun = json.loads(run([*base, "--method", "sde-heun", "--time-shift", "2"]))
+    assert heun["options"] == {"method": "sde-heun", "shift": 2.0}
+    assert heun["nfe"] == 4000 // 19 * 19 and heun["hit_rate"] == 0  # 2 x 10 - 1 NFE each
+    tds = json.loads(run([*base, "--method", "dpm-sde", "--proposal", "twist"]))
+    assert tds["options"] == {"method": "dpm-sde", "proposal": "twist"} and tds["hit_rate"] == 0
+    with pytest.raises(ValueError, match="--proposal does not apply to --algo rejection; it "
+                       "applies to twisted-smc"):  # fmt: skip
+        run(["search", "--algo", "rejection", "--budget", "4000", "--proposal", "twist"])
+    with pytest.raises(ValueError, match="--time-shift does not apply to --algo best-of-n"):
+        run(["search", "--algo", "best-of-n", "--budget", "4000", "--time-shift", "2"])
+    with pytest.raises(SystemExit):
+        run(["search", "--algo", "twisted-smc", "--budget", "4000", "--time-shift", "0"])
+
+
 @pytest.mark.parametrize("algo", cli_search.ALGOS)
 def test_digits_search_json(algo):
     budget = 8 * 5 * 8 if algo != "paths" else 8 * 5 * 8 * 4

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from cspace.cli.args import fraction, nonnegative_int, positive_int, seed, toy_dim
+from cspace.cli.args import fraction, nonnegative_int, positive_float, positive_int, seed, toy_dim
 
 __all__ = ["register"]
 
@@ -31,6 +31,15 @@ ALGOS = (
 )
 TOY_VERIFIERS = ("oracle", "clearance")
 DIGITS_VERIFIERS = ("clearance", "judge")
+#: guidance.sampling.STEPS and guidance.search.twisted.PROPOSALS
+METHODS = ("euler", "heun", "sde", "sde-heun", "dpm-sde")
+PROPOSALS = ("model", "field", "negation", "twist")
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The algorithm's own options the user set (none: the algorithm's defaults)."""
+    given = {"method": args.method, "shift": args.time_shift, "proposal": args.proposal}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _verifier(args: argparse.Namespace) -> str:
@@ -62,6 +71,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         dim=args.dim, coverage=args.coverage, avoid_class=args.avoid_class,
         problem_seed=args.problem_seed, reference=args.reference, floor_draws=args.floor_draws,
         blocks=args.blocks, out=args.out, say=lambda message: _say(args, message),
+        options=_options(args),
     )  # fmt: skip
     if not printer:  # under torchrun, rank 0 prints
         return 0
@@ -184,6 +194,29 @@ def register(subparsers) -> None:
         help="split the n samples into this many independent blocks (block k seeded by the "
         "rule of docs/scaling-out.md); under torchrun the ranks share the blocks (default: one "
         "per rank) and the result does not depend on the number of ranks",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="the sampler's step, for the algorithms that take one (rejection: euler by default; "
+        "twisted-smc: sde by default; sde-heun and dpm-sde are second order; default: the "
+        "algorithm's own)",
+    )
+    p.add_argument(
+        "--time-shift",
+        type=positive_float,
+        default=None,
+        metavar="S",
+        help="shift of the time grid, t = S u / (1 + (S-1) u) as in diffusers (rejection, "
+        "twisted-smc; default: the algorithm's own, 1 = uniform)",
+    )
+    p.add_argument(
+        "--proposal",
+        choices=PROPOSALS,
+        default=None,
+        help="twisted-smc's proposal: model, field, negation or twist (TDS's gradient of the "
+        "twist; needs --method sde or dpm-sde; default: the algorithm's own, model)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(

@@ -41,6 +41,7 @@ __all__ = [
     "build_digits_problem",
     "build_problem",
     "build_toy_problem",
+    "check_options",
     "exact_targets",
     "run_search",
     "run_search_blocks",
@@ -213,6 +214,21 @@ def exact_targets(problem: SearchProblem, n: int, seed: int):
     return problem.target(n, g), problem.target(n, g)
 
 
+def check_options(algo: str, options: dict | None) -> dict:
+    """The user's algorithm options (``cspace search --method/--time-shift/--proposal``), checked
+    against what ``algo`` accepts; a :class:`ValueError` names the option and the algorithms that
+    take it."""
+    options = dict(options or {})
+    for key in options:
+        if key not in ALGORITHMS[algo].options:
+            takers = sorted(a for a, entry in ALGORITHMS.items() if key in entry.options)
+            flag = {"shift": "--time-shift"}.get(key, f"--{key}")
+            raise ValueError(
+                f"{flag} does not apply to --algo {algo}; it applies to {', '.join(takers)}"
+            )
+    return options
+
+
 def _algo_kwargs(algo: str, problem: SearchProblem) -> dict:
     """The problem's settings that ``algo`` takes (the registry entry picks them): the field for
     the algorithms that need it, the guided SMC's data scale, the FK potential's temperature
@@ -242,6 +258,7 @@ def run_search(
     reference=None,
     floor: dict | None = None,
     keep: dict | None = None,
+    options: dict | None = None,
 ) -> dict:
     """One search and its report (truth metrics when ``target`` samples are given).
 
@@ -251,12 +268,15 @@ def run_search(
     sd (``floor_energy_distance_mean``/``_sd``, ``floor_mode_tv_mean``/``_sd``). The algorithms'
     own figures listed in :data:`REPORTED_RECORDS` are added under ``records``. When ``keep`` is
     a dict, the returned samples are stored in it under ``"samples"`` (for ``--out``).
+    ``options`` are the algorithm's own keyword options chosen by the user (``method``,
+    ``shift``, ``proposal``: :func:`check_options`), reported under ``"options"``.
     """
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    options = check_options(algo, options)
     gen = torch.Generator().manual_seed(int(seed) + 1)
     t0 = time.perf_counter()
-    res = _search(problem, algo, budget, n, steps, gen)
+    res = _search(problem, algo, budget, n, steps, gen, options)
     secs = time.perf_counter() - t0
     out = _report(
         problem, algo, budget, steps, res.samples, res.scores, res.nfe, res.verifier_calls,
@@ -265,12 +285,14 @@ def run_search(
     names = REPORTED_RECORDS.get(algo, ())
     if names:
         out["records"] = {k: _plain(res.records[k]) for k in names if k in res.records}
+    if options:
+        out["options"] = options
     if keep is not None:
         keep["samples"] = res.samples
     return out
 
 
-def _search(problem: SearchProblem, algo: str, budget: int, n: int, steps: int, gen):
+def _search(problem: SearchProblem, algo: str, budget: int, n: int, steps: int, gen, options=None):
     return ALGORITHMS[algo](
         problem.velocity,
         problem.shape,
@@ -279,7 +301,7 @@ def _search(problem: SearchProblem, algo: str, budget: int, n: int, steps: int, 
         n_return=n,
         steps=steps,
         generator=gen,
-        **_algo_kwargs(algo, problem),
+        **{**_algo_kwargs(algo, problem), **(options or {})},
     )
 
 
@@ -374,6 +396,7 @@ def run_search_blocks(
     reference=None,
     floor: dict | None = None,
     keep: dict | None = None,
+    options: dict | None = None,
 ) -> dict:
     """:func:`run_search` split into ``blocks`` independent blocks of the n returned samples,
     the blocks shared among the ranks of a process group (data-parallel ``cspace search`` under
@@ -385,20 +408,21 @@ def run_search_blocks(
     the report, is the same for every number of ranks, and with ``blocks=1`` it is
     :func:`run_search`'s. The report (on every rank) adds ``blocks`` and ``ranks``;
     ``nfe`` and ``verifier_calls`` are summed over the blocks, ``seconds`` is the slowest
-    rank's wall time. ``reference``, ``floor`` and ``keep`` as in :func:`run_search` (the
-    algorithms' own ``records`` are per block and not reported).
+    rank's wall time. ``reference``, ``floor``, ``keep`` and ``options`` as in
+    :func:`run_search` (the algorithms' own ``records`` are per block and not reported).
     """
     from guidance.distributed import all_gather_cat, all_reduce, check_same, check_world, current
     from guidance.distributed.search import block_seed, split_blocks
 
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    options = check_options(algo, options)
     g = current(group)
     check_world(int(n), "samples", g, "start at most --samples processes")
     ranges = split_blocks(n, blocks)
     check_same(
         dict(problem=problem.name, info=problem.info, algo=algo, budget=int(budget), n=int(n),
-             steps=int(steps), seed=int(seed), blocks=int(blocks)),
+             steps=int(steps), seed=int(seed), blocks=int(blocks), options=options),
         "search settings", g,
     )  # fmt: skip
     check_world(len(ranges), "blocks of samples", g, "pass --blocks >= the number of processes")
@@ -409,8 +433,9 @@ def run_search_blocks(
         start, stop = ranges[k]
         gen = torch.Generator().manual_seed(block_seed(int(seed) + 1, k))
         res = _search(
-            problem, algo, int(budget) * (stop - start) // int(n), stop - start, steps, gen
-        )
+            problem, algo, int(budget) * (stop - start) // int(n), stop - start, steps, gen,
+            options,
+        )  # fmt: skip
         samples.append(res.samples)
         scores.append(res.scores)
         counts += torch.tensor([res.nfe, res.verifier_calls])
@@ -424,6 +449,8 @@ def run_search_blocks(
         target, target2, reference=reference, floor=floor,
     )  # fmt: skip
     rep.update(blocks=int(blocks), ranks=g.world)
+    if options:
+        rep["options"] = options
     if keep is not None:
         keep["samples"] = samples
     return rep
@@ -447,6 +474,7 @@ def search_job(
     blocks: int | None = None,
     out: str | None = None,
     say=None,
+    options: dict | None = None,
 ) -> tuple[dict, bool]:
     """``cspace search``: one process, or every rank of a ``torchrun`` job (joined here, with
     the group's timeout). Runs :func:`run_search`, or :func:`run_search_blocks` when ``blocks``
@@ -457,12 +485,16 @@ def search_job(
     seeded by ``problem_seed``). Rank 0 writes ``out/samples.safetensors`` and
     ``out/report.json`` (:func:`save_run`) after every rank finished; ``say`` (rank 0 only) is
     called with a line for each stage. Returns the report and whether this process is rank 0
-    (the one that prints)."""
+    (the one that prints). ``options``: the algorithm's own options (:func:`run_search`),
+    checked before anything is built."""
     from cspace.experiments.measure import ExactReference
     from guidance.distributed import barrier, init_from_env
 
     if reference and problem_name != "toy":
         raise ValueError("--reference needs exact truth: use it with --problem toy")
+    if algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    options = check_options(algo, options)
     g = init_from_env()
     tell = say if (say is not None and g.rank == 0) else (lambda message: None)
     tell(f"building the {problem_name} problem (models, obstacles, verifier)")
@@ -487,12 +519,12 @@ def search_job(
     if blocks is None and g.world == 1:
         rep = run_search(
             problem, algo, budget, n, steps, seed, target, target2,
-            reference=ref, floor=floor, keep=keep,
+            reference=ref, floor=floor, keep=keep, options=options,
         )  # fmt: skip
     else:
         rep = run_search_blocks(
             problem, algo, budget, n, steps, seed, blocks or g.world, target, target2, g,
-            reference=ref, floor=floor, keep=keep,
+            reference=ref, floor=floor, keep=keep, options=options,
         )  # fmt: skip
     rep.update({"problem": problem.name, **problem.info})
     if problem_seed:
