@@ -375,9 +375,19 @@ def test_auto_chooses_by_the_pilot():
     assert res.records["choice"] == "twisted-smc"
     lo, hi = res.records["inside_interval"]
     assert lo <= res.records["inside_estimate"] <= hi
-    for r in (res,):
-        assert r.samples.shape == (200, 2) and not bool(high.obstacles.inside(r.samples).any())
-        assert r.nfe <= 200 * 50 * 3
+    very = build_toy_problem(2, 0.99)
+    res99 = auto.search(very.velocity, very.shape, very.verifier, 200 * 50 * 10,
+                        field=very.field, n_return=200, steps=50, generator=gen(52),
+                        data_scale=0.35, pilot=400)  # fmt: skip
+    assert res99.records["choice"] == "twisted-smc/dpm-twist"
+    assert res99.records["inside_estimate"] >= 0.95
+    assert res99.records["chosen"]["proposal"] == "twist"
+    for r, prob, budget in ((res, high, 200 * 50 * 3), (res99, very, 200 * 50 * 10)):
+        assert r.samples.shape == (200, 2) and not bool(prob.obstacles.inside(r.samples).any())
+        assert r.nfe <= budget
+    with pytest.raises(SearchError, match="high_coverage"):
+        auto.search(very.velocity, very.shape, very.verifier, 10_000, field=very.field,
+                    n_return=10, steps=10, high_coverage=1.5)  # fmt: skip
 
 
 def test_auto_pilot_that_finds_nothing_outside_names_the_estimate():

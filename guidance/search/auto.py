@@ -6,7 +6,13 @@ r"""``auto``: rejection sampling where it is cheap, twisted SMC where it is not,
 2. **Choice.** Rejection costs ``steps / (1 - c)`` NFE per returned sample. It is chosen when
    ``1 - c >= min_acceptance`` (default 0.5: rejection needs at most twice the NFE of one pass)
    and the remaining budget pays ``1.2 x`` its expected cost; otherwise twisted SMC
-   (:mod:`guidance.search.twisted`, model proposal) runs on the remaining budget.
+   (:mod:`guidance.search.twisted`) runs on the remaining budget: with the model's proposal and
+   Euler-Maruyama steps, or, where ``c >= high_coverage`` (default 0.95), with TDS's proposal on
+   SDE-DPM-Solver++ 2M steps and the grid shifted by 0.5 (``"twisted-smc/dpm-twist"``). Measured
+   on the toy (docs/noise-vs-trajectory.md, section 6): at coverage 0.99 the second is 1.1-2.3 x
+   the exact floor where the first is 2.3-7 x; at coverage 0.8 (2.5 particles per sample) it is
+   worse, 2.9-7.3 x against 1.2-3.1 x. The threshold between the two measured coverages is a
+   choice, not a measurement.
 3. **Reuse.** The pilot's draws that fell outside are exact samples: rejection keeps them and
    draws only the rest. Twisted SMC does not use them (its particles start from noise); the
    pilot's NFE still count.
@@ -14,7 +20,8 @@ r"""``auto``: rejection sampling where it is cheap, twisted SMC where it is not,
 A pilot that finds no sample outside raises :class:`SearchError` naming the estimate (every
 draw inside: the mass outside is below ``3 / pilot`` at 95%), before anything else is computed.
 
-Records: ``choice`` (``"rejection"`` or ``"twisted-smc"``), ``inside_estimate``,
+Records: ``choice`` (``"rejection"``, ``"twisted-smc"`` or ``"twisted-smc/dpm-twist"``),
+``inside_estimate``,
 ``inside_interval`` (95% Wilson), ``pilot`` (draws), ``pilot_nfe``, and the chosen algorithm's
 records under ``chosen``.
 """
@@ -58,6 +65,7 @@ def search(
     generator: torch.Generator | None = None,
     pilot: int | None = None,
     min_acceptance: float = 0.5,
+    high_coverage: float = 0.95,
     data_scale: float = 1.0,
     temper: float = 1.0,
     dtype: torch.dtype = torch.float64,
@@ -69,6 +77,8 @@ def search(
         raise SearchError("auto needs the obstacles' field (its membership test)")
     if not 0 < float(min_acceptance) <= 1:
         raise SearchError(f"auto: min_acceptance must be in (0, 1]; got {min_acceptance}")
+    if not 0 <= float(high_coverage) <= 1:
+        raise SearchError(f"auto: high_coverage must be in [0, 1]; got {high_coverage}")
     regions = hard_regions(field)
     cost = int(steps)
     affordable = run.budget.remaining // cost
@@ -120,11 +130,13 @@ def search(
             samples = torch.cat([free, rest.samples])
             records["chosen"] = rest.records
     else:
-        records["choice"] = "twisted-smc"
+        high = c_hat >= float(high_coverage)
+        records["choice"] = "twisted-smc/dpm-twist" if high else "twisted-smc"
+        setting = {"method": "dpm-sde", "proposal": "twist", "shift": 0.5} if high else {}
         res = twisted.search(velocity, shape, verifier, run.budget, field=field,
                              n_return=n_return, steps=steps, generator=generator,
                              data_scale=data_scale, temper=temper, dtype=dtype,
-                             device=device)  # fmt: skip
+                             device=device, **setting)  # fmt: skip
         samples = res.samples
         records["chosen"] = res.records
     scores = verifier.score(samples)
