@@ -251,3 +251,32 @@ def test_twist_proposal_moves_particles_out_and_stays_exact(toy99):
     with pytest.raises(SearchError, match="max_shift"):
         twisted.search(mix.velocity, (2,), ver, 10_000, field=fld, n_return=10, steps=10,
                        method="dpm-sde", proposal="twist", max_shift=0.0)  # fmt: skip
+
+
+def test_steps_refuse_times_that_do_not_run_down_to_data(toy):
+    mix = toy[0]
+    x = torch.randn(3, 2, generator=gen(0), dtype=F64)
+    for step in STEPS.values():
+        for t, tn in ((0.3, 0.6), (float("nan"), 0.3), (1.5, 0.3), (0.5, -0.1)):
+            with pytest.raises(ValueError, match="0 <= t_next <= t <= 1"):
+                step(mix.velocity, x, t, tn, generator=gen(1))
+
+
+def test_shifted_grid_keeps_its_ends_exactly():
+    for shift in (0.01, 0.1, 0.2, 1 / 3, 0.3, 3.0, 7.0):
+        for dtype in (torch.float64, torch.float32):
+            g = time_grid(10, shift=shift, dtype=dtype)
+            assert float(g[0]) == 1.0 and float(g[-1]) == 0.0, (shift, dtype)
+            assert bool((g[:-1] > g[1:]).all())
+    with pytest.raises(ValueError, match="shifted grid runs from 1 to 0"):
+        time_grid(4, t_start=0.5, t_end=0.1, shift=3.0)
+
+
+def test_search_options_are_checked():
+    from cspace.experiments.search import check_options
+
+    assert check_options("twisted-smc", {"method": "dpm-sde"}) == {"method": "dpm-sde"}
+    with pytest.raises(ValueError, match="unknown search option 'field'"):
+        check_options("twisted-smc", {"field": None})
+    with pytest.raises(ValueError, match="--method does not apply to --algo auto"):
+        check_options("auto", {"method": "sde"})

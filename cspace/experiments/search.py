@@ -214,12 +214,20 @@ def exact_targets(problem: SearchProblem, n: int, seed: int):
     return problem.target(n, g), problem.target(n, g)
 
 
+#: the algorithms' own keyword options a user may set (``cspace search`` flags)
+USER_OPTIONS = ("method", "shift", "proposal")
+
+
 def check_options(algo: str, options: dict | None) -> dict:
     """The user's algorithm options (``cspace search --method/--time-shift/--proposal``), checked
     against what ``algo`` accepts; a :class:`ValueError` names the option and the algorithms that
     take it."""
     options = dict(options or {})
     for key in options:
+        if key not in USER_OPTIONS:
+            raise ValueError(
+                f"unknown search option {key!r}; the options a user sets are {USER_OPTIONS}"
+            )
         if key not in ALGORITHMS[algo].options:
             takers = sorted(a for a, entry in ALGORITHMS.items() if key in entry.options)
             flag = {"shift": "--time-shift"}.get(key, f"--{key}")

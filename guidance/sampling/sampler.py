@@ -132,7 +132,14 @@ def time_grid(
     u = torch.linspace(t_start, t_end, int(steps) + 1, dtype=dtype)
     if float(shift) == 1.0:
         return u
-    return float(shift) * u / (1 + (float(shift) - 1) * u)
+    if (t_start, t_end) != (1.0, 0.0):
+        raise ValueError(
+            f"a shifted grid runs from 1 to 0 (shift {shift}); got t_start={t_start}, "
+            f"t_end={t_end}: pass your own decreasing grid as times instead"
+        )
+    out = float(shift) * u / (1 + (float(shift) - 1) * u)
+    out[0], out[-1] = 1.0, 0.0  # exact ends (the formula is off by rounding)
+    return out
 
 
 class _CollisionCheck:
@@ -192,7 +199,8 @@ def sample(
             order multistep: each state carries its previous clean estimate)
             (:mod:`guidance.sampling.steps`).
         times: optional decreasing grid in [0, 1] (overrides ``steps``).
-        noise_scale: the SDE's ``g^2 / t`` (>= 0).
+        noise_scale: the SDE's ``g^2 / t`` (>= 0; unused by ``"dpm-sde"``, whose SDE has its
+            own noise).
         backtrack: :class:`Backtrack` settings (SDE only; needs a field with hard radii: its
             own or the Guided velocity's).
         generator: random generator for the SDE noise.

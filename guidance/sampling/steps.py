@@ -112,6 +112,13 @@ def _begin(velocity: Velocity, x: torch.Tensor, t: Time, t_next: Time):
     """What every step starts with: the times as (B,), the step ``h = t - t_next`` shaped to
     broadcast over ``x``, and the prediction at ``(x, t)``."""
     t, t_next = batch_times(t, x), batch_times(t_next, x)
+    ok = torch.isfinite(t) & torch.isfinite(t_next) & (t_next >= 0) & (t_next <= t) & (t <= 1)
+    if not bool(ok.all()):
+        bad = int((~ok).nonzero()[0])
+        raise ValueError(
+            f"a step needs 0 <= t_next <= t <= 1 (time runs from 1, noise, down to 0, data); got "
+            f"t = {float(t[bad])}, t_next = {float(t_next[bad])} for state {bad}"
+        )
     h = (t - t_next).reshape(_shape1(x))
     return t, t_next, h, predict(velocity, x, t)
 
@@ -289,9 +296,12 @@ STEPS: dict[str, StepFunction] = {
 
 def trajectory_nfe(steps: int, method: str) -> int:
     """NFE of one state's solve of ``steps`` steps down to t = 0 with ``method``: ``steps``
-    (Euler, SDE), ``2 steps`` (Heun), ``2 steps - 1`` (stochastic Heun: no corrector at t = 0)."""
+    (Euler, SDE, SDE-DPM-Solver++), ``2 steps`` (Heun), ``2 steps - 1`` (stochastic Heun: no
+    corrector at t = 0)."""
     if method not in STEPS:
         raise ValueError(f"unknown method {method!r}; choose one of {tuple(STEPS)}")
+    if int(steps) < 1:
+        raise ValueError(f"steps must be >= 1; got {steps}")
     per = {"euler": (1, 0), "sde": (1, 0), "heun": (2, 0), "sde-heun": (2, 1), "dpm-sde": (1, 0)}
     per = per[method]
     return per[0] * int(steps) - per[1]

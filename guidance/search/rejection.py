@@ -4,8 +4,8 @@ Draw samples with the plain sampler (no guidance), test each final sample with t
 membership (``clearance < 0``: inside a hard radius of an obstacle set, on the bad side of a
 classifier's boundary, inside a toy ball; :func:`guidance.fields.regions.hard_regions`), keep
 those outside, and draw again until ``n_return`` have passed or the budget cannot pay another
-draw. Every draw costs its full solve (``steps`` NFE for Euler and the SDE, ``2 steps`` for
-Heun, ``2 steps - 1`` for the stochastic Heun step), discarded or not, so the reported NFE include every rejected draw.
+draw. Every draw costs its full solve (``steps`` NFE for Euler, the SDE and SDE-DPM-Solver++,
+``2 steps`` for Heun, ``2 steps - 1`` for the stochastic Heun step), discarded or not, so the reported NFE include every rejected draw.
 
 What it returns is exact in the limit that matters: a sample of the *sampler's* law restricted to
 the outside of the obstacles, ``p_model(x) 1[x free] / Z``, with no approximation beyond the
