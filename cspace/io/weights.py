@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from cspace.io.untrusted import FormatError, check_safetensors
 
-__all__ = ["build_within", "check_state_dict", "weights_values"]
+__all__ = ["build_within", "check_state_dict", "load_config_module", "weights_values"]
 
 T = TypeVar("T")
 
@@ -82,3 +82,42 @@ def check_state_dict(module, state: Mapping[str, Any], where: Path | str, what: 
         if shapes:
             parts.append(f"shape mismatches {shapes[:5]}{' ...' if len(shapes) > 5 else ''}")
         raise ValueError(f"{what} weights in {where} do not match its config: " + "; ".join(parts))
+
+
+def load_config_module(read, weights: str, config_cls, build, kind, error, what: str):
+    """The module stored in a folder read by :func:`cspace.io.folder.read_folder`: its
+    manifest's ``config`` (a JSON object, ``config_cls(**config)``), the module ``build(config)``
+    built within the weights file's size (:func:`build_within`), the file ``weights``
+    (safetensors) checked against the module's state (keys, shapes, finite values) and loaded.
+    Every failure is ``kind.fail(message, path)`` naming the file (``error``, the kind's error
+    class, is raised as it is); ``what`` names the model in messages. The module's ``meta`` is
+    the manifest's fields."""
+    import torch
+    from safetensors.torch import load
+
+    w_file = read.file(weights)
+    try:
+        raw = read.get("config")
+        if not isinstance(raw, dict):
+            raise TypeError(f"config must be an object; got {type(raw).__name__}")
+        cfg = config_cls(**raw)
+        values = weights_values(read.files[weights], w_file, error)
+        model = build_within(lambda: build(cfg), values, w_file, read.mpath, error)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+        if isinstance(err, error):
+            raise
+        raise kind.fail(f"{read.mpath} lacks or has a bad field: {err}", read.mpath) from err
+    try:
+        state = load(read.files[weights])
+    except Exception as err:  # safetensors raises its own error types
+        raise kind.fail(f"{w_file} is not a readable safetensors file: {err}", w_file) from err
+    try:
+        check_state_dict(model, state, w_file, what)
+    except ValueError as err:
+        raise kind.fail(str(err), w_file) from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise kind.fail(f"{w_file}: tensor {bad[0]!r} holds NaN or Inf", w_file)
+    model.load_state_dict(state)
+    model.meta = dict(read.fields)
+    return model

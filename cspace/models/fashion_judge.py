@@ -45,7 +45,7 @@ from torch import nn
 from cspace.io.checks import check_output_folder
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.folder import FolderKind, check_target, read_folder, write_folder
-from cspace.io.weights import build_within, check_state_dict, weights_values
+from cspace.io.weights import load_config_module
 from cspace.models.metrics import class_report
 from cspace.models.shipped import shipped
 
@@ -215,38 +215,9 @@ class FashionJudge(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> FashionJudge:
         """Load a judge folder (default: the shipped judge), in eval mode."""
-        from safetensors.torch import load
-
         read = read_folder(Path(path) if path is not None else shipped("fashion_judge"), JUDGE_KIND)
-        w_file = read.file(_WEIGHTS)
-        try:
-            raw = read.get("config")
-            if not isinstance(raw, dict):
-                raise TypeError(f"config must be an object; got {type(raw).__name__}")
-            cfg = FashionJudgeConfig(**raw)
-            values = weights_values(read.files[_WEIGHTS], w_file, JudgeWeightsError)
-            model = build_within(lambda: cls(cfg), values, w_file, read.mpath, JudgeWeightsError)
-        except (TypeError, ValueError, OverflowError, RuntimeError) as err:
-            if isinstance(err, JudgeWeightsError):
-                raise
-            raise JUDGE_KIND.fail(
-                f"{read.mpath} lacks or has a bad field: {err}", read.mpath
-            ) from err
-        try:
-            state = load(read.files[_WEIGHTS])
-        except Exception as err:  # safetensors raises its own error types
-            raise JUDGE_KIND.fail(
-                f"{w_file} is not a readable safetensors file: {err}", w_file
-            ) from err
-        try:
-            check_state_dict(model, state, w_file, "Fashion-MNIST judge")
-        except ValueError as err:
-            raise JUDGE_KIND.fail(str(err), w_file) from None
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise JUDGE_KIND.fail(f"{w_file}: tensor {bad[0]!r} holds NaN or Inf", w_file)
-        model.load_state_dict(state)
-        model.meta = dict(read.fields)
+        model = load_config_module(read, _WEIGHTS, FashionJudgeConfig, cls, JUDGE_KIND,
+                                   JudgeWeightsError, "Fashion-MNIST judge")  # fmt: skip
         return model.eval()
 
 

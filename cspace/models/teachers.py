@@ -45,7 +45,7 @@ from cspace.io.checks import check_output_folder
 from cspace.io.errors import FolderError, MissingWeightsError
 from cspace.io.folder import FolderKind, check_target, is_folder_of, read_folder, write_folder
 from cspace.io.legacy import TEACHER_V1, manifest_v2
-from cspace.io.weights import build_within, check_state_dict, weights_values
+from cspace.io.weights import build_within, check_state_dict, load_config_module, weights_values
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
 
@@ -371,36 +371,10 @@ class FashionTeacher(Teacher):
     def load(cls, path: str | os.PathLike | None = None) -> FashionTeacher:
         """Load a self-supervised teacher folder (default: the shipped
         ``cspace/weights/fashion_teacher``), frozen."""
-        from safetensors.torch import load
-
         read = read_folder(Path(path) if path is not None else shipped("fashion_teacher"),
                            SSL_TEACHER_KIND)  # fmt: skip
-        w_file = read.file(_WEIGHTS)
-        try:
-            raw = read.get("config")
-            if not isinstance(raw, dict):
-                raise TypeError(f"config must be an object; got {type(raw).__name__}")
-            cfg = FashionTeacherConfig(**raw)
-            values = weights_values(read.files[_WEIGHTS], w_file, TeacherWeightsError)
-            model = build_within(lambda: cls(cfg), values, w_file, read.mpath, TeacherWeightsError)
-        except (TypeError, ValueError, OverflowError, RuntimeError) as err:
-            if isinstance(err, TeacherWeightsError):
-                raise
-            raise SSL_TEACHER_KIND.fail(
-                f"{read.mpath} lacks or has a bad field: {err}", read.mpath
-            ) from err
-        try:
-            state = load(read.files[_WEIGHTS])
-        except Exception as err:  # safetensors raises its own error types
-            raise SSL_TEACHER_KIND.fail(
-                f"{w_file} is not a readable safetensors file: {err}", w_file
-            ) from err
-        check_state_dict(model, state, w_file, "Fashion-MNIST teacher")
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise SSL_TEACHER_KIND.fail(f"{w_file}: tensor {bad[0]!r} holds NaN or Inf", w_file)
-        model.load_state_dict(state)
-        model.meta = dict(read.fields)
+        model = load_config_module(read, _WEIGHTS, FashionTeacherConfig, cls, SSL_TEACHER_KIND,
+                                   TeacherWeightsError, "Fashion-MNIST teacher")  # fmt: skip
         return model.freeze()
 
     def save(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
