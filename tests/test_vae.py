@@ -405,13 +405,16 @@ def test_cli_train_vae_and_teacher(tmp_path):
             *("--seed", "3", "--no-resume", "--no-progress", "--json", "--batch-size", "8"),
         ]
     )
-    assert args.no_resume and args.vf_weight == 0.0 and args.teacher == "digits"
+    assert args.no_resume and args.vf_weight == 0.0
+    assert args.teacher is None and args.data == "digits"  # default: the data set's own teacher
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert args.func(args) == 0
     report = json.loads(buf.getvalue())
     assert report["steps"] == 2 and report["seed"] == 3 and 0 <= report["knn_accuracy"] <= 1
     assert stored(tmp_path / "v", "model.safetensors").is_file()
+    manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert manifest["name"] == "cspace-digits-vae(vf=0, teacher=None)"  # VF 0: no teacher used
 
     args = _parser().parse_args(
         ["train", "teacher", "--out", str(tmp_path / "t"), "--steps", "2", "--no-progress"]
