@@ -90,7 +90,7 @@ class Step:
         noise_var: (B, 1, ..., 1) the variance ``g^2 h`` of the noise added per coordinate
             (SDE), None for the ODE steps.
         shift: (B, ...) for a Gaussian step of a guided velocity, its mean minus the mean of the
-            model's own step (None: ``h delta``, the Euler-Maruyama step's).
+            model's own step (None: ``h delta``, the Euler-Maruyama step's, or no displacement).
     """
 
     x_next: torch.Tensor
@@ -274,13 +274,11 @@ def dpm_sde_step(
     shift = gain * (guided_x0 - p.x0_hat)
     var = tn**2 * (1 - decay**2)
     z = _noise(x, generator, noise)
-    final = (t_next == 0).reshape(shape)
-    mean = torch.where(final, p.x0_hat, mean + shift)
+    final = (t_next == 0).reshape(shape)  # x' = the (guided) clean estimate; var is 0 there
+    mean = torch.where(final, guided_x0, mean + shift)
     shift = torch.where(final, guided_x0 - p.x0_hat, shift)
-    x_next = torch.where(final, guided_x0, mean + torch.sqrt(var) * z)
-    mean = torch.where(final, guided_x0, mean)
-    return Step(x_next, mean, p.x0_hat, p, nfe=x.shape[0], calls=1, h=h, noise_var=var,
-                shift=shift)  # fmt: skip
+    return Step(mean + torch.sqrt(var) * z, mean, p.x0_hat, p, nfe=x.shape[0], calls=1, h=h,
+                noise_var=var, shift=None if p.delta is None else shift)  # fmt: skip
 
 
 StepFunction = Callable[..., Step]
@@ -302,6 +300,5 @@ def trajectory_nfe(steps: int, method: str) -> int:
         raise ValueError(f"unknown method {method!r}; choose one of {tuple(STEPS)}")
     if int(steps) < 1:
         raise ValueError(f"steps must be >= 1; got {steps}")
-    per = {"euler": (1, 0), "sde": (1, 0), "heun": (2, 0), "sde-heun": (2, 1), "dpm-sde": (1, 0)}
-    per = per[method]
-    return per[0] * int(steps) - per[1]
+    extra = {"heun": int(steps), "sde-heun": int(steps) - 1}.get(method, 0)  # second evaluations
+    return int(steps) + extra

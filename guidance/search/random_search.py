@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from guidance.sampling import time_grid
+from guidance.sampling.steps import trajectory_nfe
 from guidance.search.common import (
     SearchError,
     SearchResult,
@@ -56,7 +57,7 @@ def search(
         raise SearchError(
             f"best-of-n solves an ODE: method must be 'euler' or 'heun'; got {method}"
         )
-    cost = int(steps) * (2 if method == "heun" else 1)
+    cost = trajectory_nfe(steps, method)
     each = per_sample_budget(run.budget, n_return, cost, "best-of-n")
     n = each // cost if n_candidates is None else int(n_candidates)
     if n < 1:

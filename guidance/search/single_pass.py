@@ -18,6 +18,7 @@ import torch
 
 from guidance.fields.regions import hard_regions
 from guidance.sampling import NegationDenoiser, SafetyFilter, sample, time_grid
+from guidance.sampling.steps import trajectory_nfe
 from guidance.search.common import SearchError, SearchResult, begin, draw_noise, per_sample_budget
 from guidance.search.protocol import Algorithm
 
@@ -28,7 +29,7 @@ def _one_pass(run, wrapped, shape, n_return, steps, method, noise_scale, generat
               field, verifier):  # fmt: skip
     if method not in ("euler", "heun", "sde"):
         raise SearchError(f"{run.algo}: method must be 'euler', 'heun' or 'sde'; got {method!r}")
-    cost = int(steps) * (2 if method == "heun" else 1)
+    cost = trajectory_nfe(steps, method)
     per_sample_budget(run.budget, n_return, cost, run.algo)
     out = sample(wrapped, draw_noise(n_return, shape, generator, dtype, device),
                  times=time_grid(steps), method=method, noise_scale=noise_scale,

@@ -226,11 +226,12 @@ def propagate(
 
 
 def proposal_log_ratio(step: Step) -> torch.Tensor:
-    """``log p/q (x_next)`` of one SDE step (:func:`propagate`), from the step's own ``mean``,
-    ``noise_var``, ``h`` and the prediction's ``delta``; (B,) float64."""
+    """``log p/q (x_next)`` of one Gaussian step (:func:`propagate`), from the step's own
+    ``mean``, ``noise_var`` and ``shift`` (the proposal's mean minus the model's; None: ``h
+    delta`` of the prediction's displacement, zeros without one); (B,) float64."""
     b = step.x_next.shape[0]
     delta = step.prediction.delta
-    if delta is None:
+    if step.shift is None and delta is None:
         return torch.zeros(b, dtype=torch.float64, device=step.x_next.device)
     if step.noise_var is None:
         raise SearchError("the proposal correction needs a stochastic step (sde_step)")

@@ -122,13 +122,10 @@ def _twist_move(step, pred, t, twist, data_scale, strength, max_shift):
     norm = shift.reshape(b, -1).norm(dim=1).reshape((-1,) + (1,) * (shift.ndim - 1))
     cap = float(max_shift) * var.sqrt()
     shift = torch.where(norm > cap, shift * cap / norm.clamp_min(1e-300), shift)
-    noise = step.x_next - step.mean
-    moved = dataclasses.replace(step, x_next=step.x_next + shift, mean=step.mean + shift)
-    d = shift.reshape(b, -1).double()
-    r = noise.reshape(b, -1).double()
-    v = var.reshape(b).double()
-    log_ratio = -(2 * (r * d).sum(1) + (d * d).sum(1)) / (2 * torch.where(v > 0, v, 1.0))
-    return moved, torch.where(v > 0, log_ratio, torch.zeros_like(log_ratio))
+    own = step.shift if step.shift is not None else torch.zeros_like(shift)  # the model's: 0
+    moved = dataclasses.replace(step, x_next=step.x_next + shift, mean=step.mean + shift,
+                                shift=own + shift)  # fmt: skip
+    return moved, proposal_log_ratio(moved)
 
 
 class _Cached:
@@ -290,7 +287,7 @@ def search(
         if method == "dpm-sde" and last:  # x' = the model's x0_hat: the proposal's last step too
             x, log_ratio = pred.x0_hat, 0.0
         else:
-            now = _Cached(pred) if method == "sde" else _Cached(pred, prop)
+            now = _Cached(pred, prop)
             extra = {} if method != "dpm-sde" or prev is None else {"previous": prev}
             step = step_fn(now, x, grid[k].repeat(m), grid[k + 1].repeat(m),
                            noise_scale=noise_scale, generator=generator, **extra)  # fmt: skip

@@ -24,6 +24,7 @@ import math
 import torch
 
 from guidance.sampling import time_grid
+from guidance.sampling.steps import trajectory_nfe
 from guidance.search.common import SearchError, SearchResult, begin, draw_noise, ode
 from guidance.search.common import per_sample_budget as _per_sample
 from guidance.search.protocol import Algorithm
@@ -88,7 +89,7 @@ def search(
         raise SearchError(
             f"zero-order solves an ODE: method must be 'euler' or 'heun'; got {method}"
         )
-    cost = int(steps) * (2 if method == "heun" else 1)
+    cost = trajectory_nfe(steps, method)
     each = _per_sample(run.budget, n_return, cost, "zero-order")
     g_n, kmax = int(n_return), int(n_neighbours)
     times = time_grid(steps)
