@@ -14,6 +14,21 @@ import pytest
 import torch
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (the default: ``-n auto`` in pyproject.toml), each worker takes an
+    equal share of the CPUs for torch's threads, so that the workers do not oversubscribe the
+    cores (a test that sets ``threads`` itself still gets what it asks for)."""
+    import os
+
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // int(workers)))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Skip ``gpu`` tests without a CUDA device (saying so), and mark notebook runs slow."""
     no_cuda = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
