@@ -16,6 +16,9 @@ from obstacles.obstacle_set import ObstacleSetError
 from obstacles.sharded import load_shard, save_sharded
 from tests.distributed import spawn
 
+# several processes each, on ports picked at run time: one xdist worker runs them all, in turn
+pytestmark = pytest.mark.xdist_group("distributed")
+
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 INPUTS = [str(DIGITS / "0"), str(DIGITS / "1")]  # 80 images
 KW = dict(shard_size=15, batch_size=8)  # 6 shards, batches that straddle nothing in particular

@@ -11,6 +11,9 @@ from guidance.distributed import DistributedError, ShardedRepulsiveField
 from obstacles import ObstacleSet
 from tests.distributed import spawn
 
+# several processes each, on ports picked at run time: one xdist worker runs them all, in turn
+pytestmark = pytest.mark.xdist_group("distributed")
+
 KEYS = ("potential", "force", "nearest", "clearance", "active", "near_d", "near_id")
 
 

@@ -18,6 +18,9 @@ from cspace.models.tiny_pipelines import tiny_unet
 from obstacles import ObstacleSet
 from tests.distributed import free_port
 
+# several processes each, on ports picked at run time: one xdist worker runs them all, in turn
+pytestmark = pytest.mark.xdist_group("distributed")
+
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
