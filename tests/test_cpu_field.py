@@ -175,3 +175,22 @@ def test_long_blocks_keep_the_bound():
     oset = ObstacleSet.from_embeddings(o, q_star=q, eta=rng.uniform(0.5, 2, len(o)), radius=0.5)
     x64 = torch.from_numpy(x).float().double()
     _check(oset, x64, torch.float32, 1e-5, max_force=1e30, block=4096)
+
+
+def test_infinite_prefactors_take_the_caps_as_in_the_reference():
+    """eta / Q^3 beyond float64 (eta = 1e300, Q* = 1e-3): the fused loop replaces the prefactor
+    by its cap as the reference does, so both give the same finite sums (no inf * 0 = NaN at a
+    pair exactly on its Q*)."""
+    rng = np.random.default_rng(7)
+    o = rng.normal(size=(3000, 8))
+    eta = np.where(np.arange(len(o)) % 2 == 0, 1e300, 1.0)
+    oset = ObstacleSet.from_embeddings(o, q_star=1e-3, eta=eta)
+    x = oset.embeddings[:6].astype(np.float64) + 2e-4  # within Q* of an obstacle each
+    x64 = torch.from_numpy(x).float().double()
+    ref = RepulsiveField(oset, backend="torch").evaluate(x64)
+    out = RepulsiveField(oset, backend="cpu").evaluate(x64)  # float64: no float32 saturation
+    for v in (out.potential, out.force, ref.potential, ref.force):
+        assert bool(torch.isfinite(v).all())
+    assert float(ref.potential.max()) > 1e290  # the caps bind
+    assert torch.allclose(out.potential, ref.potential, rtol=1e-9)
+    assert torch.allclose(out.force, ref.force, rtol=1e-9)

@@ -106,8 +106,9 @@ class RepulsiveField(Field):
             cores; relative error <= 1e-3 against the reference, tested), ``"tf32x3"`` or
             ``"ieee"`` (float32 products; about 1e-6). With ``"tf32"`` the kernel rounds the
             operands to tf32 itself, so Triton's CPU interpreter reproduces the GPU's rounding.
-        block: the CPU path's obstacles per block (1 to 2^24; default: about 2^20 / B, from
-            256 to 8,192, which keeps its temporaries near 40 MiB whatever N is).
+        block: the CPU path's obstacles per block (1 to 2^24; default: ``min(2^18 / d,
+            2^20 / B)``, from 256 to 8,192, which keeps its temporaries under 30 MiB whatever N
+            is).
         threads: torch threads for the CPU path's calls (1 to the CPUs this process may use;
             default: torch's setting).
     """

@@ -10,18 +10,25 @@ each block of ``nb`` obstacles costs:
    own float32 values; when at most 1/32 of the block's pairs may be within Q* or be their
    row's nearest (its rounding bounded by ``(d + 4) 2^-24 (|x|^2 + |o|^2)``), those pairs take
    the differences below and the block is done (sparse sets); otherwise the block, and the
-   rest of the group, go on;
-1. **distances**: one float64 product, ``s^ = |x'|^2 + |o'|^2 - 2 x'.o'`` (``x' = x - c``; with
-   an offset each block of obstacles is centred in float64 when it is used);
-2. **the rule** (:func:`guidance.kernels.bounds.cpu_rule`, the same derivation as the kernel's):
-   a pair with ``s^ <= tau S`` (``S = |x'|^2 + |o'|^2``) that may be within its Q* is *near*: its
-   distance and force come from the differences ``x - o`` of the inputs, in float64, exactly as
-   the reference computes them. ``tau`` is about 4.7e-4 for float32 work (rho_max = 46) and
-   2.5e-4 (d = 64) to 0.015 (d = 4096) for float64;
-3. **far pairs**: the thresholds, weights and potential elementwise, in float32 for float32 (and
-   bfloat16, float16) states or float64 for float64 states, and the force as one more product,
-   ``F += (sum_j c_j) x' - c @ o'`` (the block's obstacles in that dtype). A block with no pair
-   in range skips step 3 (the distances still give ``nearest`` and ``clearance``).
+   rest of the group, go on (a group's first screened block is a small one, 1,024 obstacles, so
+   that a dense group finds out cheaply);
+1. **distances**: one float64 product, ``g = x'.o'`` (``x' = x - c``; with an offset each block
+   of obstacles is centred in float64 when it is used; without one, the block's cached float32
+   values are widened, the same numbers read at half the bytes), and ``s^ = |x'|^2 + |o'|^2 -
+   2 g``;
+2. **one fused pass** (:func:`guidance.kernels.cpu_loops.far_pairs`, numba, float64, rows on
+   numba's threads) over the block: **the rule** (:func:`guidance.kernels.bounds.cpu_rule`, the
+   same derivation as the kernel's): a pair with ``s^ <= tau S`` (``S = |x'|^2 + |o'|^2``) that
+   may be within its Q* is *near*: its distance and force come from the differences ``x - o``
+   of the inputs, in float64, exactly as the reference computes them (one pass over all of a
+   group's near pairs at the end). ``tau`` is about 4.7e-4 for float32 work (rho_max = 46) and
+   2.5e-4 (d = 64) to 0.015 (d = 4096) for float64. Every other pair gets its distance (the
+   block's nearest and clearance), and, within range, its potential and force coefficient
+   ``c_ij = |F_ij| / D_ij`` (float32 for float32, bfloat16 and float16 states; float64 for
+   float64 states);
+3. **the force** as one more product, ``F += (sum_j c_ij) x' - c @ o'`` (the block's obstacles
+   in the work dtype, float32 products over chunks of 256 obstacles summed in float64); a block
+   with no pair in range skips it.
 
 Each block's sums are added in float64. With ``float32`` work, the per-pair error is within the
 rule's ``eps = 1e-5`` of the pair's scale (:mod:`guidance.kernels.bounds`); the float32 sums
@@ -32,15 +39,17 @@ float64 sums between blocks nothing measurable. Float64 work keeps ``eps = 1e-10
 inputs' own values; none for float64 work) and per-obstacle numbers (squared norms and
 parameters, about ``80 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
 memory does not grow with N: states are taken ``rows`` at a time (at most 4,096) and obstacles
-``nb`` at a time, with ``rows * nb <= 2^20`` by default (``nb`` from 256 to 8,192), so a block's
-temporaries are about ``30 rows nb`` bytes (30 MiB) plus, when pruning gathers a block or an
-offset centres it, that block of obstacles (``12 nb d`` bytes); near pairs are taken ``2^20 / d`` at a time (``16 * 2^20``
+``nb`` at a time (default: ``2^18 / d`` obstacles, so that a block's float64 copy is 2 MiB,
+and ``rows * nb <= 2^20``, from 256 to 8,192), so a block's temporaries are about ``28 rows nb``
+bytes (the products, distances and coefficients: 28 MiB at most) plus the block of obstacles in
+float64 (``8 nb d`` bytes, 2 MiB); near pairs are taken ``2^20 / d`` at a time (``16 * 2^20``
 bytes); the outputs are ``(B, d)`` float64. With pruning, a group's list of member positions
 adds at most ``8 N`` bytes (half the set, as int64, and its concatenation): the one term that
 grows with N, 8 MiB at N = 1M. Measured at N = 1M: ``benchmarks/field_memory.py``.
 
 **Threads.** Products and elementwise work run on torch's intra-op threads
-(``torch.get_num_threads()``, or ``threads`` for the call).
+(``torch.get_num_threads()``, or ``threads`` for the call), the fused pass on as many of numba's
+(at most ``numba.config.NUMBA_NUM_THREADS``, the CPUs numba saw when it was imported).
 
 **Pruning.** With clusters (``prune=True``), states are taken 16 at a time; each group evaluates
 the members of the clusters alive for any of its states (the exact bound of
@@ -62,6 +71,7 @@ MAX_BLOCK = 1 << 24
 """The largest block (obstacles at a time) the CPU path accepts."""
 _ROWS = 4096
 _GROUP = 16  # states per group when pruning
+_PROBE = 1024  # obstacles in a group's first screened block
 
 
 def check_block(block) -> int | None:
@@ -77,7 +87,7 @@ def check_block(block) -> int | None:
     if not 1 <= block <= MAX_BLOCK:
         raise ValueError(
             f"block must be in [1, {MAX_BLOCK}] obstacles; got {block} (None picks one that keeps "
-            "the temporaries near 40 MiB)"
+            "the temporaries under 30 MiB)"
         )
     return block
 
@@ -144,7 +154,8 @@ def cpu_pair_sums(
     Args:
         cache: from :func:`prepare` (obstacles, centred copy, parameters, the rule).
         rho, pair_cap, pot_cap: the reference's clamp ratio and per-pair caps.
-        block: obstacles per block (default: ``2^20 / rows``, from 256 to 8,192).
+        block: obstacles per block (default: ``min(2^18 / d, 2^20 / rows)``, from 256 to
+            8,192: a block's float64 copy is at most 2 MiB, its temporaries at most 28 MiB).
         groups: for pruning, ``[(rows (b,), obstacle positions (n,)), ...]``; default: every
             state against every obstacle.
 
@@ -152,6 +163,9 @@ def cpu_pair_sums(
         (potential (B,), force (B, d), nearest (B,), clearance (B,), active (B,)), float64 sums
         (active int64); the caller applies the total caps.
     """
+    import numba
+
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     b, d = e.shape
     out = _Out(b, d)
     n = cache["o64"].shape[0]
@@ -221,34 +235,35 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
         fp_max=float(eta_q3.max()),
         eta_q2=eta_q2,
         eta_q3=eta_q3,
+        uh64=0.5 * eta_q2,
+        fp64=eta_q3,
         rule=cpu_rule(emb.shape[1], work == torch.float64),
     )
 
 
 def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     """One group: states ``e[rows]`` against the obstacles at ``members`` (None: all)."""
+    from guidance.kernels.cpu_loops import far_pairs
+
     work = cache["work"]
     d = e.shape[1]
     m = rows.numel()
     xc = e[rows] - cache["centre"]
     xn = xc.pow(2).sum(dim=1)
-    xw = xc.to(work)
     n = cache["o64"].shape[0] if members is None else members.numel()
-    nb = block or max(256, min(8192, (1 << 20) // max(1, m)))
+    nb = block or max(256, min(8192, (1 << 18) // d, (1 << 20) // max(1, m)))
     rule = cache["rule"]
     # the rounding of s^ (gamma S) and of float32 thresholds, allowed in "maybe in range"
     slack = rule.gamma * (float(xn.max()) + cache["on_max"])
-    in_reach = cache["qmax"] ** 2 * (1 + 4e-6) + slack
-    # near pairs have s^ <= tau (|x'_i|^2 + |o'_j|^2) <= tau (|x'_i|^2 + max |o'|^2)
-    thr = rule.tau * (xn + cache["on_max"])
-    # per-pair caps bind only when a pair's largest value (at the clamp distance) exceeds them
-    cap_f = pair_cap < cache["fp_max"] * (1 / rho - 1) / rho**2
-    cap_u = pot_cap < cache["uh_max"] * (1 / rho - 1) ** 2
     acc = dict(
         pot=torch.zeros(m, dtype=torch.float64),
         force=torch.zeros(m, d, dtype=torch.float64),
         active=torch.zeros(m, dtype=torch.long),
     )
+    rowsum = torch.zeros(m, dtype=torch.float64)
+    xn_np = xn.numpy()
+    dist = coef = None
+    par = _parameters(cache, pair_cap, pot_cap)
     near_g = torch.full((m,), torch.inf, dtype=torch.float64)
     clear_g = torch.full((m,), torch.inf, dtype=torch.float64)
     near_pairs = []
@@ -262,51 +277,67 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
         row_thr = (g32 * xn32).to(torch.float32)  # gamma |x|^2, per row
         near_slack = (2 * g32 * (xn32 + cache["on32_max"]) * (1 + 1e-6)).to(torch.float32)
         xn32 = xn32.to(torch.float32)
-    for s in range(0, n, nb):
-        sl = slice(s, min(n, s + nb))
-        at = sl if members is None else members[sl]
+    # screened blocks are long (float32 products only: nbs obstacles, the first one _PROBE); the
+    # block where the screen fails (a dense group) and the rest of the group take the float64
+    # path, nb obstacles at a time
+    nbs = nb if block else max(nb, min(8192, (1 << 20) // max(1, m)))
+    s, first = 0, True
+    while s < n:
         if screen:
-            pairs = _screen(x32, xn32, row_thr, near_slack, at, cache, m * (sl.stop - s))
+            stop = min(n, s + (min(nbs, _PROBE) if first else nbs))
+            first = False
+            at = slice(s, stop) if members is None else members[s:stop]
+            pairs = _screen(x32, xn32, row_thr, near_slack, at, cache, m * (stop - s))
             if pairs is not None:  # every pair that may matter, few: exact differences
                 i, j = pairs
                 if i.numel():
                     near_pairs.append((i, j + s if members is None else at[j]))
+                s = stop
                 continue
             screen = False
-        occ = cache["o64"][at]
+        stop = min(n, s + nb)
+        at = slice(s, stop) if members is None else members[s:stop]
         if cache["offset"]:
-            occ = occ - cache["centre"]  # this block, centred (float64)
-        sq = torch.addmm(cache["on"][at][None, :], xc, occ.T, alpha=-2)
-        sq.add_(xn[:, None]).clamp_(min=0)  # s^, float64
-        dmin2 = sq.amin(dim=1)
-        if bool((dmin2 <= thr).any()):
-            # those below the row's bound, then tested exactly
-            i, j = (sq <= thr[:, None]).nonzero(as_tuple=True)
-            s_ij = sq[i, j]
-            keep = (s_ij <= rule.tau * (xn[i] + cache["on"][at][j])) & (
-                s_ij <= cache["qq"][at][j] + slack
-            )
-            if bool(keep.any()):
-                i, j = i[keep], j[keep]
-                sq[i, j] = torch.inf
-                dmin2 = sq.amin(dim=1)
-                near_pairs.append((i, j + s if members is None else at[j]))
-        # nearest and clearance of the far pairs (from the float64 distances)
-        dmin = dmin2.sqrt()
+            occ = cache["o64"][at] - cache["centre"]  # this block, centred (float64)
+        elif cache["o32"] is not None:
+            occ = cache["o32"][at].double()  # the same values, read at half the bytes
+        else:
+            occ = cache["o64"][at]
+        g = xc @ occ.T  # x'.o', float64 (m, width)
+        width = g.shape[1]
+        if dist is None or dist.shape[1] != width:
+            dist = torch.empty(m, width, dtype=torch.float64)
+            coef = torch.empty(m, width, dtype=work)
+        par_b, base = (par, s) if members is None else (par[:, at].contiguous(), 0)
+        n_near, n_in = far_pairs(
+            g.numpy(), dist.numpy(), coef.numpy(), xn_np, par_b.numpy(), base, rule.tau, slack,
+            rho, pair_cap, pot_cap, acc["pot"].numpy(), rowsum.numpy(), acc["active"].numpy(),
+        )  # fmt: skip
+        dmin = dist.amin(dim=1)  # the far pairs' nearest (+inf where all are near)
         torch.minimum(near_g, dmin, out=near_g)
         if cache["rad0"] is not None:
             torch.minimum(clear_g, dmin - cache["rad0"], out=clear_g)
         else:
-            c = (sq.sqrt() - cache["rad64"][at][None, :]).amin(dim=1)
-            torch.minimum(clear_g, c, out=clear_g)
-        if float(dmin2.min()) <= in_reach:  # a pair may be in range
-            _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc)
+            torch.minimum(clear_g, (dist - cache["rad64"][at]).amin(dim=1), out=clear_g)
+        if n_near:
+            i, j = torch.isinf(dist).nonzero(as_tuple=True)
+            near_pairs.append((i, j + s if members is None else at[j]))
+        if n_in:
+            if cache["offset"] or work == torch.float64:
+                ow = occ.to(work)
+            else:  # the cached float32 values, the same numbers
+                ow = cache["o32"][at]
+            acc["force"] -= _chunked_product(coef, ow)
+        s = stop
+    acc["force"] += xc * rowsum[:, None]  # (sum_j c_ij) x'_i, for every block at once
     out.pot.index_add_(0, rows, acc["pot"])
     out.force.index_add_(0, rows, acc["force"])
     out.active.index_add_(0, rows, acc["active"])
     out.near[rows] = torch.minimum(out.near[rows], near_g)
     out.clear[rows] = torch.minimum(out.clear[rows], clear_g)
-    for i, j in near_pairs:
+    if near_pairs:  # one pass over all of them (each call has a fixed cost)
+        i = torch.cat([p[0] for p in near_pairs])
+        j = torch.cat([p[1] for p in near_pairs])
         _near(e, rows[i], j, cache, rho, pair_cap, pot_cap, out, d)
 
 
@@ -335,54 +366,31 @@ _K = 256  # the longest float32 summation chain of the force product
 
 
 def _chunked_product(c: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """``c @ o`` (B, n) x (n, d) as float64, from float32 products over chunks of at most
-    :data:`_K` obstacles summed in float64 (a BLAS product sums its whole length in one
-    float32 chain: 3,000 obstacles gave 3.6e-5 of the force scale, chunks of 256 keep it at
-    about 5e-6)."""
-    b, n = c.shape
+    """``c @ o`` (m, n) x (n, d) as float64, from products over chunks of at most :data:`_K`
+    obstacles summed in float64 (a BLAS product sums its whole length in one float32 chain:
+    3,000 obstacles gave 3.6e-5 of the force scale, chunks of 256 keep it at about 5e-6)."""
+    m, n = c.shape
     full = n - n % _K
-    out = torch.zeros(b, o.shape[1], dtype=torch.float64)
+    out = torch.zeros(m, o.shape[1], dtype=torch.float64)
     if full:
         k = full // _K
-        cc = c[:, :full].reshape(b, k, _K).transpose(0, 1)  # (k, B, K)
+        cc = c[:, :full].reshape(m, k, _K).transpose(0, 1)  # (k, m, K), a strided view
         out += torch.bmm(cc, o[:full].reshape(k, _K, -1)).sum(dim=0, dtype=torch.float64)
     if full < n:
         out += (c[:, full:] @ o[full:]).double()
     return out
 
 
-def _far(sq, xw, occ, at, cache, rho, pair_cap, pot_cap, cap_f, cap_u, work, acc):
-    """The far pairs of one block (near pairs already set to +inf): elementwise in ``work``,
-    added to the group's float64 sums ``acc``."""
-    inv = sq.to(work).rsqrt_()  # 1/D (0 for the masked pairs)
-    g = inv * cache["q"][at][None, :]  # Q/D = 1/ratio
-    acc["active"] += (g >= 1).sum(dim=1)
-    g.clamp_(max=1 / rho)  # the distance clamp D_eff = max(D, rho Q)
-    gap = (g - 1).clamp_(min=0)  # Q (1/D_eff - 1/Q) inside, 0 outside
-    if cache["uh0"] is not None and not cap_u:
-        acc["pot"] += torch.linalg.vecdot(gap, gap) * cache["uh0"]
-    else:
-        pp = gap.square().mul_(cache["uh"][at][None, :])
-        if cap_u:
-            pp.clamp_(max=pot_cap)
-        acc["pot"] += pp.sum(dim=1)
-    coef = gap.mul_(g).mul_(g)  # gap / ratio^2
-    scale = 1.0
-    if cache["fp0"] is not None and not cap_f:
-        scale = cache["fp0"]
-    else:
-        coef.mul_(cache["fp"][at][None, :])  # |F| = eta/Q^3 gap / ratio^2
-        if cap_f:
-            coef.clamp_(max=pair_cap)
-    coef.mul_(inv)  # |F| / D
-    if cache["offset"] or work == torch.float64:
-        ow = occ.to(work)
-    else:  # the cached float32 values, the same numbers
-        ow = cache["o32"][at]
-    f = xw.double() * coef.sum(dim=1, keepdim=True).double() - _chunked_product(coef, ow)
-    if scale != 1.0:
-        f *= scale
-    acc["force"] += f
+def _parameters(cache: dict, pair_cap: float, pot_cap: float) -> torch.Tensor:
+    """The (5, N) float64 per-obstacle numbers of :func:`guidance.kernels.cpu_loops.far_pairs`
+    for these caps (cached): ``|o'|^2``, Q*, ``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3``,
+    an infinite prefactor replaced by its cap as the reference does."""
+    key = ("par", pair_cap, pot_cap)
+    if key not in cache:
+        uh = torch.nan_to_num(0.5 * cache["eta_q2"], posinf=pot_cap)
+        fp = torch.nan_to_num(cache["eta_q3"], posinf=pair_cap)
+        cache[key] = torch.stack([cache["on"], cache["q64"], cache["qq"], uh, fp]).contiguous()
+    return cache[key]
 
 
 def _near(e, rows, cols, cache, rho, pair_cap, pot_cap, out, d):
