@@ -37,15 +37,17 @@ float64 sums between blocks nothing measurable. Float64 work keeps ``eps = 1e-10
 
 **Memory.** The path caches the obstacles in float32 for float32 work (``4 N d`` bytes, the
 inputs' own values; none for float64 work) and per-obstacle numbers (squared norms and
-parameters, about ``80 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
+parameters, about ``120 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
 memory does not grow with N: states are taken ``rows`` at a time (at most 4,096) and obstacles
 ``nb`` at a time (default: ``2^18 / d`` obstacles, so that a block's float64 copy is 2 MiB,
-and ``rows * nb <= 2^20``, from 256 to 8,192), so a block's temporaries are about ``28 rows nb``
-bytes (the products, distances and coefficients: 28 MiB at most) plus the block of obstacles in
-float64 (``8 nb d`` bytes, 2 MiB); near pairs are taken ``2^20 / d`` at a time (``16 * 2^20``
-bytes); the outputs are ``(B, d)`` float64. With pruning, a group's list of member positions
-adds at most ``8 N`` bytes (half the set, as int64, and its concatenation): the one term that
-grows with N, 8 MiB at N = 1M. Measured at N = 1M: ``benchmarks/field_memory.py``.
+and ``rows * nb <= 2^20``, from 256 to 8,192; the float32 screening takes ``nbs =
+min(8192, 2^20 / rows)`` at a time), so a block's temporaries are about ``30 rows nb`` bytes
+(the products, distances and coefficients) or ``12 rows nbs`` (the screening), 30 MiB at most,
+plus the block of obstacles in float64 or gathered (``12 nb d`` bytes); near pairs are taken
+``2^18 / d`` at a time (their float64 differences and a few arrays of that size: at most
+``16 * 2^20`` bytes); the outputs are ``(B, d)`` float64. With
+pruning, a group's list of member positions adds at most ``8 N`` bytes (half the set, as int64,
+and its concatenation): the one term that grows with N, 8 MiB at N = 1M. Measured at N = 1M: ``benchmarks/field_memory.py``.
 
 **Threads.** Products and elementwise work run on torch's intra-op threads
 (``torch.get_num_threads()``, or ``threads`` for the call), the fused pass on as many of numba's
@@ -156,8 +158,8 @@ def cpu_pair_sums(
         rho, pair_cap, pot_cap: the reference's clamp ratio and per-pair caps.
         block: obstacles per block (default: ``min(2^18 / d, 2^20 / rows)``, from 256 to
             8,192: a block's float64 copy is at most 2 MiB, its temporaries at most 28 MiB).
-        groups: for pruning, ``[(rows (b,), obstacle positions (n,)), ...]``; default: every
-            state against every obstacle.
+        groups: for pruning, an iterable of ``(rows (b,), obstacle positions (n,) or None for
+            every obstacle)``, taken one at a time; default: every state against every obstacle.
 
     Returns:
         (potential (B,), force (B, d), nearest (B,), clearance (B,), active (B,)), float64 sums
@@ -175,8 +177,8 @@ def cpu_pair_sums(
             _sums(e, rows, None, cache, rho, pair_cap, pot_cap, block, out)
     else:
         for rows, members in groups:
-            _sums(e, rows, None if members.numel() == n else members, cache, rho, pair_cap,
-                  pot_cap, block, out)  # fmt: skip
+            every = members is None or members.numel() == n
+            _sums(e, rows, None if every else members, cache, rho, pair_cap, pot_cap, block, out)
     return out.pot, out.force, out.near, out.clear, out.active
 
 
@@ -395,8 +397,8 @@ def _parameters(cache: dict, pair_cap: float, pot_cap: float) -> torch.Tensor:
 
 def _near(e, rows, cols, cache, rho, pair_cap, pot_cap, out, d):
     """Near pairs ``(rows[k], cols[k])`` from the differences of the inputs, in float64, as the
-    reference computes them (chunks of ``2^20 / d`` pairs)."""
-    step = max(1, (1 << 20) // max(1, d))
+    reference computes them (chunks of ``2^18 / d`` pairs)."""
+    step = max(1, (1 << 18) // max(1, d))
     default_dir = torch.full((d,), d**-0.5, dtype=torch.float64)
     for s in range(0, rows.numel(), step):
         r, c = rows[s : s + step], cols[s : s + step]

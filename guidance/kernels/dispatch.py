@@ -164,25 +164,34 @@ class KernelPath:
         f.last_evaluated = float(n)
         if f.clusters is not None:
             alive, near_lb, clear_lb = f.clusters.bounds(e)
-            groups, work_pairs = [], 0
-            for r0 in range(0, e.shape[0], _GROUP):
-                rows = torch.arange(r0, min(e.shape[0], r0 + _GROUP))
-                ks = alive[rows].any(dim=0).nonzero().flatten().tolist()
-                members = (
-                    torch.cat([f.clusters.members(k) for k in ks])
-                    if ks
-                    else torch.zeros(0, dtype=torch.long)
-                )
-                if members.numel() > n // 2:  # cheaper as one dense pass
-                    members = torch.arange(n)
-                groups.append((rows, members))
-                work_pairs += rows.numel() * members.numel()
-            f.last_evaluated = work_pairs / e.shape[0]
+            pairs = [0]  # pairs evaluated, counted as the groups are made
+
+            def pruned_groups():
+                """One group at a time (so that one list of member positions is alive at once):
+                the rows and the positions of the obstacles alive for any of them, or None
+                (every obstacle) where those are more than half of the set."""
+                for r0 in range(0, e.shape[0], _GROUP):
+                    rows = torch.arange(r0, min(e.shape[0], r0 + _GROUP))
+                    ks = alive[rows].any(dim=0).nonzero().flatten().tolist()
+                    size = int(f.clusters.sizes[ks].sum()) if ks else 0
+                    members = None  # cheaper as one dense pass
+                    if size <= n // 2:
+                        members = (
+                            torch.cat([f.clusters.members(k) for k in ks])
+                            if ks
+                            else torch.zeros(0, dtype=torch.long)
+                        )
+                    pairs[0] += rows.numel() * (n if members is None else size)
+                    yield rows, members
+
+            groups = pruned_groups()
         with threads_of(f.threads):
             pot, force, near, clear, active = cpu_pair_sums(
                 e, cache, f.rho_min, min(f.max_force, 1e300 / n),
                 min(f.max_potential, 1e300 / n), block=f.block, groups=groups,
             )  # fmt: skip
+        if f.clusters is not None:
+            f.last_evaluated = pairs[0] / e.shape[0]
         if near_lb is not None:
             near = torch.minimum(near, near_lb)
             clear = torch.minimum(clear, clear_lb)
