@@ -194,3 +194,35 @@ def test_infinite_prefactors_take_the_caps_as_in_the_reference():
     assert float(ref.potential.max()) > 1e290  # the caps bind
     assert torch.allclose(out.potential, ref.potential, rtol=1e-9)
     assert torch.allclose(out.force, ref.force, rtol=1e-9)
+
+
+def test_threads_calling_at_once_on_numbas_workqueue_layer():
+    """numba's workqueue layer (what numba falls back to without OpenMP or TBB) aborts the process
+    when two threads launch parallel loops at once: the fused pass takes turns there, and every
+    thread gets the one-thread answer."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import threading, numpy as np, torch
+from guidance import RepulsiveField
+from obstacles import ObstacleSet
+o = np.random.default_rng(0).normal(size=(20000, 8)).astype(np.float32)
+f = RepulsiveField(ObstacleSet.from_embeddings(o, q_star=4.0), backend="cpu")
+x = torch.from_numpy(o[:32]).float() + 0.1
+ref = f.evaluate(x).force
+bad = []
+def work():
+    for _ in range(5):
+        bad.append(not torch.equal(f.evaluate(x).force, ref))
+ts = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in ts]; [t.join() for t in ts]
+import numba
+print(numba.threading_layer(), sum(bad), len(bad))
+"""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["workqueue", "0", "20"]

@@ -35,6 +35,7 @@ this file, or in numba's user cache folder when that is read-only). Rows run on 
 from __future__ import annotations
 
 import math
+import threading
 
 import numba
 import numpy as np
@@ -73,8 +74,30 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     return pot, csum, n_in, n_near
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+_TURNS = threading.Lock()
+
+
 def far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot, rowsum, active):
+    """The loop of the module docstring over one block, rows in parallel (arguments: those of
+    :func:`_far_pairs`).
+
+    On numba's ``workqueue`` threading layer (where neither OpenMP nor TBB is available), which
+    aborts the process when two threads launch parallel loops at once, calls from several
+    threads take turns; on ``omp`` and ``tbb`` they run together."""
+    try:
+        shared = numba.threading_layer() != "workqueue"
+    except ValueError:  # no parallel loop has run yet: the layer is not chosen
+        shared = False
+    if shared:
+        return _far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot,
+                          rowsum, active)  # fmt: skip
+    with _TURNS:
+        return _far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot,
+                          rowsum, active)  # fmt: skip
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot, rowsum, active):
     """The loop of the module docstring over one block, rows in parallel.
 
     Args:
