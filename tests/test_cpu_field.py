@@ -194,3 +194,36 @@ def test_infinite_prefactors_take_the_caps_as_in_the_reference():
     assert float(ref.potential.max()) > 1e290  # the caps bind
     assert torch.allclose(out.potential, ref.potential, rtol=1e-9)
     assert torch.allclose(out.force, ref.force, rtol=1e-9)
+
+
+def test_cpu_path_runs_where_numba_has_no_writable_cache_folder():
+    """A read-only install with a read-only home (or NUMBA_CACHE_DIR): numba finds no folder
+    for ``cache=True`` and raised RuntimeError("no locator available") on importing the loop;
+    the loop is then compiled without the disk cache. Simulated in a fresh process by making
+    every cache folder refuse writing, as a read-only file system does."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numba.core.caching as c\n"
+        "def refuse(self):\n"
+        "    raise OSError(30, 'Read-only file system')\n"
+        "c._CacheLocator.ensure_cache_path = refuse\n"
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from guidance import RepulsiveField\n"
+        "from obstacles import ObstacleSet\n"
+        "o = np.random.default_rng(0).normal(size=(1100, 3))\n"
+        "oset = ObstacleSet.from_embeddings(o, q_star=1.0)\n"
+        "x = torch.from_numpy(o[:2] + 0.1)\n"
+        "cpu = RepulsiveField(oset, backend='cpu').evaluate(x)\n"
+        "ref = RepulsiveField(oset, backend='torch').evaluate(x)\n"
+        "assert torch.allclose(cpu.force, ref.force, rtol=1e-9), (cpu.force, ref.force)\n"
+        "print('evaluated')\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0 and "evaluated" in run.stdout, run.stderr[-2000:]

@@ -28,7 +28,9 @@ The inner loop is compiled with LLVM's fast-math flags ``reassoc`` (sums in any 
 lets it use vector registers), ``contract`` (fused multiply-adds) and ``nsz`` (the sign of a
 zero); not ``nnan``/``ninf``/``arcp``/``afn``, so infinities, square roots and divisions keep
 their IEEE meaning. Compiled on first use and cached on disk (numba's ``cache=True``: next to
-this file, or in numba's user cache folder when that is read-only). Rows run on numba's threads
+this file, or in numba's user cache folder when that is read-only); where numba finds no
+writable cache folder at all (a read-only install with a read-only home or ``NUMBA_CACHE_DIR``)
+the loop is compiled in each process instead. Rows run on numba's threads
 (:func:`numba.set_num_threads`, set by the caller to torch's count).
 """
 
@@ -44,7 +46,22 @@ __all__ = ["far_pairs"]
 _FLAGS = {"reassoc", "contract", "nsz"}
 
 
-@numba.njit(fastmath=_FLAGS, nogil=True, cache=True, error_model="numpy", boundscheck=False)
+def _njit(**options):
+    """``numba.njit(cache=True, **options)``, or without the disk cache where numba has no
+    writable folder for it (it raises ``RuntimeError`` "no locator available" then)."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError as exc:
+            if "no locator available" not in str(exc):
+                raise
+            return numba.njit(cache=False, **options)(fn)
+
+    return wrap
+
+
+@_njit(fastmath=_FLAGS, nogil=True, error_model="numpy", boundscheck=False)
 def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     """One state's pairs of the block (module docstring): fills ``dist`` and ``c`` (nb,) and
     returns (potential, sum of c, inside pairs, near pairs)."""
@@ -73,7 +90,7 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     return pot, csum, n_in, n_near
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+@_njit(parallel=True, nogil=True, error_model="numpy")
 def far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot, rowsum, active):
     """The loop of the module docstring over one block, rows in parallel.
 
