@@ -227,3 +227,27 @@ def test_cpu_path_runs_where_numba_has_no_writable_cache_folder():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
     )
     assert run.returncode == 0 and "evaluated" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("per_obstacle_radius", [False, True])
+def test_nearest_of_a_close_obstacle_beyond_its_range(per_obstacle_radius):
+    """A state 1e-3 from an obstacle whose Q* is 1e-6, at coordinates of 1e3 (spread, no common
+    offset): the pair is close (``s^ <= tau S``) but out of range, so it adds nothing to the
+    sums; its distance from the expansion was off by 1.25e-4 (relative), far beyond the stated
+    rtol 1e-6 of ``nearest`` (float64 states, or any states with per-obstacle radii, where no
+    float32 screening picks the row's nearest). Such pairs that may be the nearest or give the
+    clearance now take the differences."""
+    rng = np.random.default_rng(8)
+    o = rng.uniform(-1000, 1000, size=(2000, 16))
+    u = np.eye(16)[0] * 3e-3
+    x = o[1990:1995] + u  # 3e-3 from obstacles 1990..1994
+    o[1995:] = x + np.eye(16)[1] * 4e-3  # 4e-3 from obstacles 1995..1999
+    radius = 0.0
+    if per_obstacle_radius:  # the farther ones (radius 2e-3) give the clearance
+        radius = np.where(np.arange(len(o)) >= 1995, 2e-3, 0.0)
+    oset = ObstacleSet.from_embeddings(o, q_star=1e-6, radius=radius)
+    for dtype, eps in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        x64 = torch.from_numpy(x).to(dtype).double()
+        _, out, ref = _check(oset, x64, dtype, eps)
+        # the clearance too, without _check's absolute tolerance (clearances near 3e-3 here)
+        assert torch.allclose(out.clearance.double(), ref.clearance, rtol=1e-6, atol=0)

@@ -384,14 +384,15 @@ def _chunked_product(c: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 
 def _parameters(cache: dict, pair_cap: float, pot_cap: float) -> torch.Tensor:
-    """The (5, N) float64 per-obstacle numbers of :func:`guidance.kernels.cpu_loops.far_pairs`
-    for these caps (cached): ``|o'|^2``, Q*, ``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3``,
-    an infinite prefactor replaced by its cap as the reference does."""
+    """The (6, N) float64 per-obstacle numbers of :func:`guidance.kernels.cpu_loops.far_pairs`
+    for these caps (cached): ``|o'|^2``, Q*, ``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3``
+    (an infinite prefactor replaced by its cap as the reference does) and the hard radius."""
     key = ("par", pair_cap, pot_cap)
     if key not in cache:
         uh = torch.nan_to_num(0.5 * cache["eta_q2"], posinf=pot_cap)
         fp = torch.nan_to_num(cache["eta_q3"], posinf=pair_cap)
-        cache[key] = torch.stack([cache["on"], cache["q64"], cache["qq"], uh, fp]).contiguous()
+        rows = [cache["on"], cache["q64"], cache["qq"], uh, fp, cache["rad64"]]
+        cache[key] = torch.stack(rows).contiguous()
     return cache[key]
 
 

@@ -15,14 +15,25 @@ products ``g_ij = x'_i . o'_j`` and ``S_ij = |x'_i|^2 + |o'_j|^2``::
 so that the block's force is ``F_i = (sum_j c_ij) x'_i - sum_j c_ij o'_j``, the second sum one
 matrix product of ``c`` with the block (the caller's). Near pairs get ``dist = +inf`` (the caller
 finds them there and computes them from the differences); every far pair gets its distance, from
-which the caller takes the nearest and the clearance. Every step is float64; ``c`` is rounded to
+which the caller takes the nearest and the clearance.
+
+A pair with ``s_ij <= tau S_ij`` but certainly beyond its Q* adds nothing to the sums, but its
+``s_ij`` may be wrong by ``slack`` (a relative distance error up to ``slack / s_ij``, 1e-4 for a
+state 1e-3 from an obstacle at coordinates of 1e3 in float64). Where a row has such pairs, a
+second pass over the row marks near (so taken from the differences) each of them that may be
+the row's nearest or give its clearance within the block::
+
+    s_ij <= min_k s_ik + 2 slack   or   sqrt(s_ij - slack) - R_j <= min_k (sqrt(s_ik + slack) - R_k)
+
+(``R`` the hard radii); the others are certainly neither. Rows without such pairs (the usual
+case) skip that pass. Every step is float64; ``c`` is rounded to
 its buffer's dtype once (float32 for float32 work, within the rule's ``e_fixed``:
 :func:`guidance.kernels.bounds.cpu_rule`), and the row sums are those of the rounded values, so
 that the two terms of ``F_i`` cancel as they should.
 
-The per-obstacle numbers come as one (5, n) float64 array ``par``: ``|o'|^2``, Q*,
-``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)`` and ``eta/Q^3`` (infinite prefactors replaced by the caps,
-as the reference does), columns ``base .. base + nb - 1``.
+The per-obstacle numbers come as one (6, n) float64 array ``par``: ``|o'|^2``, Q*,
+``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3`` (infinite prefactors replaced by the caps,
+as the reference does) and the hard radius, columns ``base .. base + nb - 1``.
 
 The inner loop is compiled with LLVM's fast-math flags ``reassoc`` (sums in any order, which
 lets it use vector registers), ``contract`` (fused multiply-adds) and ``nsz`` (the sign of a
@@ -69,11 +80,14 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     csum = 0.0
     n_in = 0
     n_near = 0
+    n_close = 0
     for j in range(g.shape[0]):
         b = base + j
         sj = xi + par[0, b]
         s = max(sj - 2.0 * g[j], 0.0)
-        near = (s <= tau * sj) & (s <= par[2, b] + slack)
+        close = s <= tau * sj
+        near = close & (s <= par[2, b] + slack)
+        n_close += close
         d = math.sqrt(s)
         inv_d = 1.0 / d  # +inf at d = 0: then near, and nothing below is used
         rinv = min(par[1, b] * inv_d, inv_rho)
@@ -87,7 +101,33 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
         n_in += inside
         n_near += near
         dist[j] = np.inf if near else d
+    if n_close > n_near:  # close pairs beyond range: those that may give the nearest (docstring)
+        n_near += _close_extremes(g, dist, xi, par, base, tau, slack)
     return pot, csum, n_in, n_near
+
+
+@_njit(nogil=True, error_model="numpy")
+def _close_extremes(g, dist, xi, par, base, tau, slack):
+    """Marks near (``dist = +inf``) the row's close pairs beyond range that may be its nearest
+    or give its clearance (module docstring); returns how many."""
+    smin = np.inf
+    cmin = np.inf
+    for j in range(g.shape[0]):
+        b = base + j
+        s = max(xi + par[0, b] - 2.0 * g[j], 0.0)
+        smin = min(smin, s)
+        cmin = min(cmin, math.sqrt(s + slack) - par[5, b])
+    marked = 0
+    for j in range(g.shape[0]):
+        b = base + j
+        sj = xi + par[0, b]
+        s = max(sj - 2.0 * g[j], 0.0)
+        if s <= tau * sj and dist[j] != np.inf:
+            low = math.sqrt(max(s - slack, 0.0)) - par[5, b]
+            if s <= smin + 2.0 * slack or low <= cmin:
+                dist[j] = np.inf
+                marked += 1
+    return marked
 
 
 @_njit(parallel=True, nogil=True, error_model="numpy")
@@ -99,7 +139,7 @@ def far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot
         dist: (m, nb) float64 output: far pairs' distances, +inf for near pairs.
         c: (m, nb) output coefficients (float32 or float64).
         xn: (m,) float64 ``|x'|^2``.
-        par: (5, n) float64 per-obstacle numbers (module docstring), columns from ``base``.
+        par: (6, n) float64 per-obstacle numbers (module docstring), columns from ``base``.
         tau, slack: the near-pair rule's threshold and the rounding allowed in "maybe in range".
         rho, pair_cap, pot_cap: the distance clamp and the per-pair caps.
         pot, rowsum: (m,) float64, added to; active: (m,) int64, added to.
