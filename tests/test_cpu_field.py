@@ -251,3 +251,32 @@ def test_nearest_of_a_close_obstacle_beyond_its_range(per_obstacle_radius):
         _, out, ref = _check(oset, x64, dtype, eps)
         # the clearance too, without _check's absolute tolerance (clearances near 3e-3 here)
         assert torch.allclose(out.clearance.double(), ref.clearance, rtol=1e-6, atol=0)
+
+
+def test_the_fused_loop_itself_takes_the_caps_for_infinite_prefactors():
+    """The field sends a set with eta / Q^3 beyond 1e30 to the reference (outside the path's
+    range), so the test above never runs the fused loop; here its pair sums are called directly
+    (float64 work) on such a set and match the reference's own sums."""
+    from guidance.kernels.cpu import cpu_pair_sums, prepare
+    from guidance.numerics import over_power
+
+    rng = np.random.default_rng(9)
+    o = rng.normal(size=(600, 5)) * 1e-3  # pairs within Q* are far pairs (s^ > tau S)
+    eta = np.where(np.arange(len(o)) % 2 == 0, 1e300, 1.0)
+    oset = ObstacleSet.from_embeddings(o, q_star=1e-3, eta=eta)
+    field = RepulsiveField(oset, backend="torch")
+    e = torch.from_numpy(oset.embeddings[:6].astype(np.float64)) + 2e-4
+    e[0, :] = field._emb[10] + torch.tensor([2**-10, 0, 0, 0, 0], dtype=torch.float64)
+    f_q3 = over_power(field._eta, field._q, 3)
+    assert bool(torch.isinf(f_q3).any())  # the case of interest
+    cache = prepare(
+        field._emb, field._q, over_power(field._eta, field._q, 2), f_q3, field._radius,
+        torch.float64,
+    )  # fmt: skip
+    n = len(oset)
+    caps = min(field.max_force, 1e300 / n), min(field.max_potential, 1e300 / n)
+    got = cpu_pair_sums(e, cache, field.rho_min, *caps)
+    ref = field._pairwise(e, None, True)
+    for g, r in zip(got, ref, strict=True):
+        assert bool(torch.isfinite(g.double()).all())
+        assert torch.allclose(g.double(), r.double(), rtol=1e-9, atol=0), (g, r)
