@@ -149,8 +149,13 @@ def test_threads_are_set_for_the_call_and_restored():
     oset = ObstacleSet.from_embeddings(np.random.default_rng(5).normal(size=(1200, 6)), q_star=1.0)
     before = torch.get_num_threads()
     x = torch.randn(3, 6)
+    import numba
+
+    numba_before = numba.get_num_threads()
     one = RepulsiveField(oset, backend="cpu", threads=1).evaluate(x)
     assert torch.get_num_threads() == before
+    # numba's count (the fused loop's threads) too: it stayed at 1 for the rest of the process
+    assert numba.get_num_threads() == numba_before
     assert torch.allclose(one.force, RepulsiveField(oset, backend="cpu").evaluate(x).force)
 
 

@@ -167,18 +167,23 @@ def cpu_pair_sums(
     """
     import numba
 
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     b, d = e.shape
     out = _Out(b, d)
     n = cache["o64"].shape[0]
-    if groups is None:
-        for r0 in range(0, b, _ROWS):
-            rows = torch.arange(r0, min(b, r0 + _ROWS))
-            _sums(e, rows, None, cache, rho, pair_cap, pot_cap, block, out)
-    else:
-        for rows, members in groups:
-            every = members is None or members.numel() == n
-            _sums(e, rows, None if every else members, cache, rho, pair_cap, pot_cap, block, out)
+    numba_threads = numba.get_num_threads()  # restored after the call, as torch's are
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    try:
+        if groups is None:
+            for r0 in range(0, b, _ROWS):
+                rows = torch.arange(r0, min(b, r0 + _ROWS))
+                _sums(e, rows, None, cache, rho, pair_cap, pot_cap, block, out)
+        else:
+            for rows, members in groups:
+                every = members is None or members.numel() == n
+                _sums(e, rows, None if every else members, cache, rho, pair_cap, pot_cap, block,
+                      out)  # fmt: skip
+    finally:
+        numba.set_num_threads(numba_threads)
     return out.pot, out.force, out.near, out.clear, out.active
 
 
