@@ -21,9 +21,11 @@ each block of ``nb`` obstacles costs:
    same derivation as the kernel's): a pair with ``s^ <= tau S`` (``S = |x'|^2 + |o'|^2``) that
    may be within its Q* is *near*: its distance and force come from the differences ``x - o``
    of the inputs, in float64, exactly as the reference computes them (one pass over all of a
-   group's near pairs at the end). ``tau`` is about 4.7e-4 for float32 work (rho_max = 46) and
-   2.5e-4 (d = 64) to 0.015 (d = 4096) for float64. Every other pair gets its distance (the
-   block's nearest and clearance), and, within range, its potential and force coefficient
+   group's near pairs at the end); so is a pair with ``s^ <= tau S`` beyond its Q* that may be
+   its row's nearest or give its clearance (its expanded squared distance may be off by
+   ``gamma S``). ``tau`` is about 4.7e-4 for float32 work (rho_max = 46) and 2.5e-4 (d = 64)
+   to 0.015 (d = 4096) for float64. Every other pair gets its distance (the block's nearest and
+   clearance), and, within range, its potential and force coefficient
    ``c_ij = |F_ij| / D_ij`` (float32 for float32, bfloat16 and float16 states; float64 for
    float64 states);
 3. **the force** as one more product, ``F += (sum_j c_ij) x' - c @ o'`` (the block's obstacles

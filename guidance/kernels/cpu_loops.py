@@ -23,9 +23,10 @@ state 1e-3 from an obstacle at coordinates of 1e3 in float64). Where a row has s
 second pass over the row marks near (so taken from the differences) each of them that may be
 the row's nearest or give its clearance within the block::
 
-    s_ij <= min_k s_ik + 2 slack   or   sqrt(s_ij - slack) - R_j <= min_k (sqrt(s_ik + slack) - R_k)
+    s_ij <= min_k s_ik + 2 e   or   sqrt(s_ij - e) - R_j <= min_k (sqrt(s_ik + e) - R_k)
 
-(``R`` the hard radii); the others are certainly neither. Rows without such pairs (the usual
+(``R`` the hard radii, ``e = 1.5 slack`` a bound of ``|s_ij - D_ij^2|``); the others are
+certainly neither. Rows without such pairs (the usual
 case) skip that pass. Every step is float64; ``c`` is rounded to
 its buffer's dtype once (float32 for float32 work, within the rule's ``e_fixed``:
 :func:`guidance.kernels.bounds.cpu_rule`), and the row sums are those of the rounded values, so
@@ -110,21 +111,22 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
 def _close_extremes(g, dist, xi, par, base, tau, slack):
     """Marks near (``dist = +inf``) the row's close pairs beyond range that may be its nearest
     or give its clearance (module docstring); returns how many."""
+    err = 1.5 * slack  # |s^ - D^2| <= gamma S (+ the centring's rounding, far smaller)
     smin = np.inf
     cmin = np.inf
     for j in range(g.shape[0]):
         b = base + j
         s = max(xi + par[0, b] - 2.0 * g[j], 0.0)
         smin = min(smin, s)
-        cmin = min(cmin, math.sqrt(s + slack) - par[5, b])
+        cmin = min(cmin, math.sqrt(s + err) - par[5, b])
     marked = 0
     for j in range(g.shape[0]):
         b = base + j
         sj = xi + par[0, b]
         s = max(sj - 2.0 * g[j], 0.0)
         if s <= tau * sj and dist[j] != np.inf:
-            low = math.sqrt(max(s - slack, 0.0)) - par[5, b]
-            if s <= smin + 2.0 * slack or low <= cmin:
+            low = math.sqrt(max(s - err, 0.0)) - par[5, b]
+            if s <= smin + 2.0 * err or low <= cmin:
                 dist[j] = np.inf
                 marked += 1
     return marked
