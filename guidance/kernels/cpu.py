@@ -252,7 +252,7 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
 
 def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     """One group: states ``e[rows]`` against the obstacles at ``members`` (None: all)."""
-    from guidance.kernels.cpu_loops import far_pairs
+    from guidance.kernels.cpu_loops import close_extremes, far_pairs
 
     work = cache["work"]
     d = e.shape[1]
@@ -323,6 +323,18 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
             rho, pair_cap, pot_cap, acc["pot"].numpy(), rowsum.numpy(), acc["active"].numpy(),
         )  # fmt: skip
         dmin = dist.amin(dim=1)  # the far pairs' nearest (+inf where all are near)
+        # rows that may have a close pair beyond range (s^ <= tau S, not near): its expanded
+        # distance may be off by gamma S / s^, so those that may be the row's nearest or give
+        # its clearance are marked near too (cpu_loops' docstring)
+        close = (dmin.square() <= rule.tau * (xn + cache["on_max"])).nonzero().flatten()
+        if close.numel():
+            marked = close_extremes(
+                g.numpy(), dist.numpy(), xn_np, par_b.numpy(), base, rule.tau, slack,
+                close.numpy(),
+            )  # fmt: skip
+            if marked:
+                n_near += marked
+                dmin = dist.amin(dim=1)
         torch.minimum(near_g, dmin, out=near_g)
         if cache["rad0"] is not None:
             torch.minimum(clear_g, dmin - cache["rad0"], out=clear_g)

@@ -15,7 +15,10 @@ products ``g_ij = x'_i . o'_j`` and ``S_ij = |x'_i|^2 + |o'_j|^2``::
 so that the block's force is ``F_i = (sum_j c_ij) x'_i - sum_j c_ij o'_j``, the second sum one
 matrix product of ``c`` with the block (the caller's). Near pairs get ``dist = +inf`` (the caller
 finds them there and computes them from the differences); every far pair gets its distance, from
-which the caller takes the nearest and the clearance.
+which the caller takes the nearest and the clearance. Every step is float64; ``c`` is rounded
+to its buffer's dtype once (float32 for float32 work, within the rule's ``e_fixed``:
+:func:`guidance.kernels.bounds.cpu_rule`), and the row sums are those of the rounded values, so
+that the two terms of ``F_i`` cancel as they should.
 
 A pair with ``s_ij <= tau S_ij`` but certainly beyond its Q* adds nothing to the sums, but its
 ``s_ij`` may be wrong by ``slack`` (a relative distance error up to ``slack / s_ij``, 1e-4 for a
@@ -26,11 +29,9 @@ the row's nearest or give its clearance within the block::
     s_ij <= min_k s_ik + 2 e   or   sqrt(s_ij - e) - R_j <= min_k (sqrt(s_ik + e) - R_k)
 
 (``R`` the hard radii, ``e = 1.5 slack`` a bound of ``|s_ij - D_ij^2|``); the others are
-certainly neither. Rows without such pairs (the usual
-case) skip that pass. Every step is float64; ``c`` is rounded to
-its buffer's dtype once (float32 for float32 work, within the rule's ``e_fixed``:
-:func:`guidance.kernels.bounds.cpu_rule`), and the row sums are those of the rounded values, so
-that the two terms of ``F_i`` cancel as they should.
+certainly neither. Rows without such pairs (the usual case) skip that pass
+(:func:`close_extremes`, which the caller runs for the rows whose smallest far distance is
+within ``tau (|x'|^2 + max |o'|^2)``, the only ones that can have such pairs).
 
 The per-obstacle numbers come as one (6, n) float64 array ``par``: ``|o'|^2``, Q*,
 ``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3`` (infinite prefactors replaced by the caps,
@@ -53,7 +54,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["far_pairs"]
+__all__ = ["close_extremes", "far_pairs"]
 
 _FLAGS = {"reassoc", "contract", "nsz"}
 
@@ -81,14 +82,11 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     csum = 0.0
     n_in = 0
     n_near = 0
-    n_close = 0
     for j in range(g.shape[0]):
         b = base + j
         sj = xi + par[0, b]
         s = max(sj - 2.0 * g[j], 0.0)
-        close = s <= tau * sj
-        near = close & (s <= par[2, b] + slack)
-        n_close += close
+        near = (s <= tau * sj) & (s <= par[2, b] + slack)
         d = math.sqrt(s)
         inv_d = 1.0 / d  # +inf at d = 0: then near, and nothing below is used
         rinv = min(par[1, b] * inv_d, inv_rho)
@@ -102,9 +100,19 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
         n_in += inside
         n_near += near
         dist[j] = np.inf if near else d
-    if n_close > n_near:  # close pairs beyond range: those that may give the nearest (docstring)
-        n_near += _close_extremes(g, dist, xi, par, base, tau, slack)
     return pot, csum, n_in, n_near
+
+
+@_njit(nogil=True, error_model="numpy")
+def close_extremes(g, dist, xn, par, base, tau, slack, rows):
+    """:func:`_close_extremes` for the block's ``rows`` (int64, those whose smallest far
+    distance is within ``tau (|x'|^2 + max |o'|^2)``: the only ones that can have a close pair
+    beyond range); returns how many pairs it marked near."""
+    marked = 0
+    for k in range(rows.shape[0]):
+        i = rows[k]
+        marked += _close_extremes(g[i], dist[i], xn[i], par, base, tau, slack)
+    return marked
 
 
 @_njit(nogil=True, error_model="numpy")
