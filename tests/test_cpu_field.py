@@ -149,8 +149,13 @@ def test_threads_are_set_for_the_call_and_restored():
     oset = ObstacleSet.from_embeddings(np.random.default_rng(5).normal(size=(1200, 6)), q_star=1.0)
     before = torch.get_num_threads()
     x = torch.randn(3, 6)
+    import numba
+
+    numba_before = numba.get_num_threads()
     one = RepulsiveField(oset, backend="cpu", threads=1).evaluate(x)
     assert torch.get_num_threads() == before
+    # numba's count (the fused loop's threads) too: it stayed at 1 for the rest of the process
+    assert numba.get_num_threads() == numba_before
     assert torch.allclose(one.force, RepulsiveField(oset, backend="cpu").evaluate(x).force)
 
 
@@ -175,25 +180,6 @@ def test_long_blocks_keep_the_bound():
     oset = ObstacleSet.from_embeddings(o, q_star=q, eta=rng.uniform(0.5, 2, len(o)), radius=0.5)
     x64 = torch.from_numpy(x).float().double()
     _check(oset, x64, torch.float32, 1e-5, max_force=1e30, block=4096)
-
-
-def test_infinite_prefactors_take_the_caps_as_in_the_reference():
-    """eta / Q^3 beyond float64 (eta = 1e300, Q* = 1e-3): the fused loop replaces the prefactor
-    by its cap as the reference does, so both give the same finite sums (no inf * 0 = NaN at a
-    pair exactly on its Q*)."""
-    rng = np.random.default_rng(7)
-    o = rng.normal(size=(3000, 8))
-    eta = np.where(np.arange(len(o)) % 2 == 0, 1e300, 1.0)
-    oset = ObstacleSet.from_embeddings(o, q_star=1e-3, eta=eta)
-    x = oset.embeddings[:6].astype(np.float64) + 2e-4  # within Q* of an obstacle each
-    x64 = torch.from_numpy(x).float().double()
-    ref = RepulsiveField(oset, backend="torch").evaluate(x64)
-    out = RepulsiveField(oset, backend="cpu").evaluate(x64)  # float64: no float32 saturation
-    for v in (out.potential, out.force, ref.potential, ref.force):
-        assert bool(torch.isfinite(v).all())
-    assert float(ref.potential.max()) > 1e290  # the caps bind
-    assert torch.allclose(out.potential, ref.potential, rtol=1e-9)
-    assert torch.allclose(out.force, ref.force, rtol=1e-9)
 
 
 def test_threads_calling_at_once_on_numbas_workqueue_layer():
@@ -226,3 +212,89 @@ print(numba.threading_layer(), sum(bad), len(bad))
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["workqueue", "0", "20"]
+
+
+def test_cpu_path_runs_where_numba_has_no_writable_cache_folder():
+    """A read-only install with a read-only home (or NUMBA_CACHE_DIR): numba finds no folder
+    for ``cache=True`` and raised RuntimeError("no locator available") on importing the loop;
+    the loop is then compiled without the disk cache. Simulated in a fresh process by making
+    every cache folder refuse writing, as a read-only file system does."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numba.core.caching as c\n"
+        "def refuse(self):\n"
+        "    raise OSError(30, 'Read-only file system')\n"
+        "c._CacheLocator.ensure_cache_path = refuse\n"
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from guidance import RepulsiveField\n"
+        "from obstacles import ObstacleSet\n"
+        "o = np.random.default_rng(0).normal(size=(1100, 3))\n"
+        "oset = ObstacleSet.from_embeddings(o, q_star=1.0)\n"
+        "x = torch.from_numpy(o[:2] + 0.1)\n"
+        "cpu = RepulsiveField(oset, backend='cpu').evaluate(x)\n"
+        "ref = RepulsiveField(oset, backend='torch').evaluate(x)\n"
+        "assert torch.allclose(cpu.force, ref.force, rtol=1e-9), (cpu.force, ref.force)\n"
+        "print('evaluated')\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0 and "evaluated" in run.stdout, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("per_obstacle_radius", [False, True])
+def test_nearest_of_a_close_obstacle_beyond_its_range(per_obstacle_radius):
+    """A state 1e-3 from an obstacle whose Q* is 1e-6, at coordinates of 1e3 (spread, no common
+    offset): the pair is close (``s^ <= tau S``) but out of range, so it adds nothing to the
+    sums; its distance from the expansion was off by 1.25e-4 (relative), far beyond the stated
+    rtol 1e-6 of ``nearest`` (float64 states, or any states with per-obstacle radii, where no
+    float32 screening picks the row's nearest). Such pairs that may be the nearest or give the
+    clearance now take the differences."""
+    rng = np.random.default_rng(8)
+    o = rng.uniform(-1000, 1000, size=(2000, 16))
+    u = np.eye(16)[0] * 3e-3
+    x = o[1990:1995] + u  # 3e-3 from obstacles 1990..1994
+    o[1995:] = x + np.eye(16)[1] * 4e-3  # 4e-3 from obstacles 1995..1999
+    radius = 0.0
+    if per_obstacle_radius:  # the farther ones (radius 2e-3) give the clearance
+        radius = np.where(np.arange(len(o)) >= 1995, 2e-3, 0.0)
+    oset = ObstacleSet.from_embeddings(o, q_star=1e-6, radius=radius)
+    for dtype, eps in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+        x64 = torch.from_numpy(x).to(dtype).double()
+        _, out, ref = _check(oset, x64, dtype, eps)
+        # the clearance too, without _check's absolute tolerance (clearances near 3e-3 here)
+        assert torch.allclose(out.clearance.double(), ref.clearance, rtol=1e-6, atol=0)
+
+
+def test_the_fused_loop_itself_takes_the_caps_for_infinite_prefactors():
+    """The field sends a set with eta / Q^3 beyond 1e30 to the reference (outside the path's
+    range), so the test above never runs the fused loop; here its pair sums are called directly
+    (float64 work) on such a set and match the reference's own sums."""
+    from guidance.kernels.cpu import cpu_pair_sums, prepare
+    from guidance.numerics import over_power
+
+    rng = np.random.default_rng(9)
+    o = rng.normal(size=(600, 5)) * 1e-3  # pairs within Q* are far pairs (s^ > tau S)
+    eta = np.where(np.arange(len(o)) % 2 == 0, 1e300, 1.0)
+    oset = ObstacleSet.from_embeddings(o, q_star=1e-3, eta=eta)
+    field = RepulsiveField(oset, backend="torch")
+    e = torch.from_numpy(oset.embeddings[:6].astype(np.float64)) + 2e-4
+    e[0, :] = field._emb[10] + torch.tensor([2**-10, 0, 0, 0, 0], dtype=torch.float64)
+    f_q3 = over_power(field._eta, field._q, 3)
+    assert bool(torch.isinf(f_q3).any())  # the case of interest
+    cache = prepare(
+        field._emb, field._q, over_power(field._eta, field._q, 2), f_q3, field._radius,
+        torch.float64,
+    )  # fmt: skip
+    n = len(oset)
+    caps = min(field.max_force, 1e300 / n), min(field.max_potential, 1e300 / n)
+    got = cpu_pair_sums(e, cache, field.rho_min, *caps)
+    ref = field._pairwise(e, None, True)
+    for g, r in zip(got, ref, strict=True):
+        assert bool(torch.isfinite(g.double()).all())
+        assert torch.allclose(g.double(), r.double(), rtol=1e-9, atol=0), (g, r)

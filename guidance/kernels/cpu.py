@@ -21,9 +21,11 @@ each block of ``nb`` obstacles costs:
    same derivation as the kernel's): a pair with ``s^ <= tau S`` (``S = |x'|^2 + |o'|^2``) that
    may be within its Q* is *near*: its distance and force come from the differences ``x - o``
    of the inputs, in float64, exactly as the reference computes them (one pass over all of a
-   group's near pairs at the end). ``tau`` is about 4.7e-4 for float32 work (rho_max = 46) and
-   2.5e-4 (d = 64) to 0.015 (d = 4096) for float64. Every other pair gets its distance (the
-   block's nearest and clearance), and, within range, its potential and force coefficient
+   group's near pairs at the end); so is a pair with ``s^ <= tau S`` beyond its Q* that may be
+   its row's nearest or give its clearance (its expanded squared distance may be off by
+   ``gamma S``). ``tau`` is about 4.7e-4 for float32 work (rho_max = 46) and 2.5e-4 (d = 64)
+   to 0.015 (d = 4096) for float64. Every other pair gets its distance (the block's nearest and
+   clearance), and, within range, its potential and force coefficient
    ``c_ij = |F_ij| / D_ij`` (float32 for float32, bfloat16 and float16 states; float64 for
    float64 states);
 3. **the force** as one more product, ``F += (sum_j c_ij) x' - c @ o'`` (the block's obstacles
@@ -167,18 +169,23 @@ def cpu_pair_sums(
     """
     import numba
 
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     b, d = e.shape
     out = _Out(b, d)
     n = cache["o64"].shape[0]
-    if groups is None:
-        for r0 in range(0, b, _ROWS):
-            rows = torch.arange(r0, min(b, r0 + _ROWS))
-            _sums(e, rows, None, cache, rho, pair_cap, pot_cap, block, out)
-    else:
-        for rows, members in groups:
-            every = members is None or members.numel() == n
-            _sums(e, rows, None if every else members, cache, rho, pair_cap, pot_cap, block, out)
+    numba_threads = numba.get_num_threads()  # restored after the call, as torch's are
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    try:
+        if groups is None:
+            for r0 in range(0, b, _ROWS):
+                rows = torch.arange(r0, min(b, r0 + _ROWS))
+                _sums(e, rows, None, cache, rho, pair_cap, pot_cap, block, out)
+        else:
+            for rows, members in groups:
+                every = members is None or members.numel() == n
+                _sums(e, rows, None if every else members, cache, rho, pair_cap, pot_cap, block,
+                      out)  # fmt: skip
+    finally:
+        numba.set_num_threads(numba_threads)
     return out.pot, out.force, out.near, out.clear, out.active
 
 
@@ -245,7 +252,7 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
 
 def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     """One group: states ``e[rows]`` against the obstacles at ``members`` (None: all)."""
-    from guidance.kernels.cpu_loops import far_pairs
+    from guidance.kernels.cpu_loops import close_extremes, far_pairs
 
     work = cache["work"]
     d = e.shape[1]
@@ -316,6 +323,18 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
             rho, pair_cap, pot_cap, acc["pot"].numpy(), rowsum.numpy(), acc["active"].numpy(),
         )  # fmt: skip
         dmin = dist.amin(dim=1)  # the far pairs' nearest (+inf where all are near)
+        # rows that may have a close pair beyond range (s^ <= tau S, not near): its expanded
+        # distance may be off by gamma S / s^, so those that may be the row's nearest or give
+        # its clearance are marked near too (cpu_loops' docstring)
+        close = (dmin.square() <= rule.tau * (xn + cache["on_max"])).nonzero().flatten()
+        if close.numel():
+            marked = close_extremes(
+                g.numpy(), dist.numpy(), xn_np, par_b.numpy(), base, rule.tau, slack,
+                close.numpy(),
+            )  # fmt: skip
+            if marked:
+                n_near += marked
+                dmin = dist.amin(dim=1)
         torch.minimum(near_g, dmin, out=near_g)
         if cache["rad0"] is not None:
             torch.minimum(clear_g, dmin - cache["rad0"], out=clear_g)
@@ -384,14 +403,15 @@ def _chunked_product(c: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 
 def _parameters(cache: dict, pair_cap: float, pot_cap: float) -> torch.Tensor:
-    """The (5, N) float64 per-obstacle numbers of :func:`guidance.kernels.cpu_loops.far_pairs`
-    for these caps (cached): ``|o'|^2``, Q*, ``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3``,
-    an infinite prefactor replaced by its cap as the reference does."""
+    """The (6, N) float64 per-obstacle numbers of :func:`guidance.kernels.cpu_loops.far_pairs`
+    for these caps (cached): ``|o'|^2``, Q*, ``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3``
+    (an infinite prefactor replaced by its cap as the reference does) and the hard radius."""
     key = ("par", pair_cap, pot_cap)
     if key not in cache:
         uh = torch.nan_to_num(0.5 * cache["eta_q2"], posinf=pot_cap)
         fp = torch.nan_to_num(cache["eta_q3"], posinf=pair_cap)
-        cache[key] = torch.stack([cache["on"], cache["q64"], cache["qq"], uh, fp]).contiguous()
+        rows = [cache["on"], cache["q64"], cache["qq"], uh, fp, cache["rad64"]]
+        cache[key] = torch.stack(rows).contiguous()
     return cache[key]
 
 

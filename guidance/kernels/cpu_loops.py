@@ -15,20 +15,35 @@ products ``g_ij = x'_i . o'_j`` and ``S_ij = |x'_i|^2 + |o'_j|^2``::
 so that the block's force is ``F_i = (sum_j c_ij) x'_i - sum_j c_ij o'_j``, the second sum one
 matrix product of ``c`` with the block (the caller's). Near pairs get ``dist = +inf`` (the caller
 finds them there and computes them from the differences); every far pair gets its distance, from
-which the caller takes the nearest and the clearance. Every step is float64; ``c`` is rounded to
-its buffer's dtype once (float32 for float32 work, within the rule's ``e_fixed``:
+which the caller takes the nearest and the clearance. Every step is float64; ``c`` is rounded
+to its buffer's dtype once (float32 for float32 work, within the rule's ``e_fixed``:
 :func:`guidance.kernels.bounds.cpu_rule`), and the row sums are those of the rounded values, so
 that the two terms of ``F_i`` cancel as they should.
 
-The per-obstacle numbers come as one (5, n) float64 array ``par``: ``|o'|^2``, Q*,
-``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)`` and ``eta/Q^3`` (infinite prefactors replaced by the caps,
-as the reference does), columns ``base .. base + nb - 1``.
+A pair with ``s_ij <= tau S_ij`` but certainly beyond its Q* adds nothing to the sums, but its
+``s_ij`` may be wrong by ``slack`` (a relative distance error up to ``slack / s_ij``, 1e-4 for a
+state 1e-3 from an obstacle at coordinates of 1e3 in float64). Where a row has such pairs, a
+second pass over the row marks near (so taken from the differences) each of them that may be
+the row's nearest or give its clearance within the block::
+
+    s_ij <= min_k s_ik + 2 e   or   sqrt(s_ij - e) - R_j <= min_k (sqrt(s_ik + e) - R_k)
+
+(``R`` the hard radii, ``e = 1.5 slack`` a bound of ``|s_ij - D_ij^2|``); the others are
+certainly neither. Rows without such pairs (the usual case) skip that pass
+(:func:`close_extremes`, which the caller runs for the rows whose smallest far distance is
+within ``tau (|x'|^2 + max |o'|^2)``, the only ones that can have such pairs).
+
+The per-obstacle numbers come as one (6, n) float64 array ``par``: ``|o'|^2``, Q*,
+``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3`` (infinite prefactors replaced by the caps,
+as the reference does) and the hard radius, columns ``base .. base + nb - 1``.
 
 The inner loop is compiled with LLVM's fast-math flags ``reassoc`` (sums in any order, which
 lets it use vector registers), ``contract`` (fused multiply-adds) and ``nsz`` (the sign of a
 zero); not ``nnan``/``ninf``/``arcp``/``afn``, so infinities, square roots and divisions keep
 their IEEE meaning. Compiled on first use and cached on disk (numba's ``cache=True``: next to
-this file, or in numba's user cache folder when that is read-only). Rows run on numba's threads
+this file, or in numba's user cache folder when that is read-only); where numba finds no
+writable cache folder at all (a read-only install with a read-only home or ``NUMBA_CACHE_DIR``)
+the loop is compiled in each process instead. Rows run on numba's threads
 (:func:`numba.set_num_threads`, set by the caller to torch's count).
 """
 
@@ -40,12 +55,27 @@ import threading
 import numba
 import numpy as np
 
-__all__ = ["far_pairs"]
+__all__ = ["close_extremes", "far_pairs"]
 
 _FLAGS = {"reassoc", "contract", "nsz"}
 
 
-@numba.njit(fastmath=_FLAGS, nogil=True, cache=True, error_model="numpy", boundscheck=False)
+def _njit(**options):
+    """``numba.njit(cache=True, **options)``, or without the disk cache where numba has no
+    writable folder for it (it raises ``RuntimeError`` "no locator available" then)."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, **options)(fn)
+        except RuntimeError as exc:
+            if "no locator available" not in str(exc):
+                raise
+            return numba.njit(cache=False, **options)(fn)
+
+    return wrap
+
+
+@_njit(fastmath=_FLAGS, nogil=True, error_model="numpy", boundscheck=False)
 def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     """One state's pairs of the block (module docstring): fills ``dist`` and ``c`` (nb,) and
     returns (potential, sum of c, inside pairs, near pairs)."""
@@ -74,6 +104,43 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     return pot, csum, n_in, n_near
 
 
+@_njit(nogil=True, error_model="numpy")
+def close_extremes(g, dist, xn, par, base, tau, slack, rows):
+    """:func:`_close_extremes` for the block's ``rows`` (int64, those whose smallest far
+    distance is within ``tau (|x'|^2 + max |o'|^2)``: the only ones that can have a close pair
+    beyond range); returns how many pairs it marked near."""
+    marked = 0
+    for k in range(rows.shape[0]):
+        i = rows[k]
+        marked += _close_extremes(g[i], dist[i], xn[i], par, base, tau, slack)
+    return marked
+
+
+@_njit(nogil=True, error_model="numpy")
+def _close_extremes(g, dist, xi, par, base, tau, slack):
+    """Marks near (``dist = +inf``) the row's close pairs beyond range that may be its nearest
+    or give its clearance (module docstring); returns how many."""
+    err = 1.5 * slack  # |s^ - D^2| <= gamma S (+ the centring's rounding, far smaller)
+    smin = np.inf
+    cmin = np.inf
+    for j in range(g.shape[0]):
+        b = base + j
+        s = max(xi + par[0, b] - 2.0 * g[j], 0.0)
+        smin = min(smin, s)
+        cmin = min(cmin, math.sqrt(s + err) - par[5, b])
+    marked = 0
+    for j in range(g.shape[0]):
+        b = base + j
+        sj = xi + par[0, b]
+        s = max(sj - 2.0 * g[j], 0.0)
+        if s <= tau * sj and dist[j] != np.inf:
+            low = math.sqrt(max(s - err, 0.0)) - par[5, b]
+            if s <= smin + 2.0 * err or low <= cmin:
+                dist[j] = np.inf
+                marked += 1
+    return marked
+
+
 _TURNS = threading.Lock()
 
 
@@ -96,7 +163,7 @@ def far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot
                           rowsum, active)  # fmt: skip
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+@_njit(parallel=True, nogil=True, error_model="numpy")
 def _far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot, rowsum, active):
     """The loop of the module docstring over one block, rows in parallel.
 
@@ -105,7 +172,7 @@ def _far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, po
         dist: (m, nb) float64 output: far pairs' distances, +inf for near pairs.
         c: (m, nb) output coefficients (float32 or float64).
         xn: (m,) float64 ``|x'|^2``.
-        par: (5, n) float64 per-obstacle numbers (module docstring), columns from ``base``.
+        par: (6, n) float64 per-obstacle numbers (module docstring), columns from ``base``.
         tau, slack: the near-pair rule's threshold and the rounding allowed in "maybe in range".
         rho, pair_cap, pot_cap: the distance clamp and the per-pair caps.
         pot, rowsum: (m,) float64, added to; active: (m,) int64, added to.
