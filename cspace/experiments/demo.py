@@ -645,6 +645,16 @@ def _grid_png(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4) 
     write_file_atomic(path, buf.getvalue())
 
 
+def _encoder_arg(s: DemoSettings) -> str:
+    """What ``cspace obstacles ... --encoder`` takes for the demo's C-space: the name for
+    digits, the shipped VAE folder for clothes (the obstacle commands know no ``fashion``)."""
+    if data_of(s.encoder).name == "fashion":
+        from cspace.models.shipped import shipped
+
+        return str(shipped("fashion_vae_aligned"))
+    return s.encoder
+
+
 def _user_obstacles(path, encoder, s: DemoSettings):
     """An obstacle set of the user's, checked against the demo's C-space (its images through
     ``encoder``): another space is refused naming both, a set of unknown space must at least
@@ -658,7 +668,7 @@ def _user_obstacles(path, encoder, s: DemoSettings):
         space,
         f"the demo's encoder {s.encoder!r}",
         fix=f"build the set with the demo's encoder (cspace obstacles build IMAGES --encoder "
-        f"{s.encoder} --out SET), or pass the --encoder it was built with",
+        f"{_encoder_arg(s)} --out SET), or pass the --encoder it was built with",
     )
     if oset.dim != space.dim:
         raise ValueError(
@@ -684,7 +694,7 @@ def _user_classifier(path, encoder, s: DemoSettings):
         f"the classifier {path}",
         f"the demo's encoder {s.encoder!r}",
         fix=f"train it with the demo's encoder (cspace obstacles classifier ... --encoder "
-        f"{s.encoder}), or pass the --encoder it was trained with",
+        f"{_encoder_arg(s)}), or pass the --encoder it was trained with",
     )
     if clf.dim != space.dim:
         raise ValueError(
