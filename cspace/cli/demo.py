@@ -123,19 +123,19 @@ def register(subparsers) -> None:
     demo.add_argument(
         "--strength",
         type=nonneg_float,
-        default=None,
+        default=5.0,
         help="strength of the obstacle-set field (default 5)",
     )
     demo.add_argument(
         "--classifier-strength",
         type=nonneg_float,
-        default=None,
+        default=0.3,
         help="strength of the classifier obstacle's field (default 0.3)",
     )
     demo.add_argument(
         "--q-star-scale",
         type=positive_float,
-        default=None,
+        default=1.5,
         help="Q* as a multiple of the auto rule, the median 5th-nearest-example distance "
         "(default 1.5; not used with --obstacles)",
     )
