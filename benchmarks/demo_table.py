@@ -13,6 +13,11 @@ Every figure about ``cspace demo`` in the README comes from this script::
     python benchmarks/demo_table.py --classes 0-9 --seeds 0,1,2 --shift renormalised \\
         --arms guided,classifier,rejection,twisted-smc,negation \\
         --out benchmarks/results/demo_avoidance.json
+    # the same on Fashion-MNIST (--data fashion: its default n and steps), docs/fashion.md;
+    # one run per seed (S = 0, 1, 2); benchmarks/results/demo_fashion.json holds all three
+    python benchmarks/demo_table.py --encoders fashion --classes 0-9 --seeds S \\
+        --shift renormalised --arms guided,classifier,rejection,twisted-smc,negation \\
+        --out benchmarks/results/demo_fashion_seedS.json
 
 A run passes the demo's targets when the arm's avoided rate is <= 10% of the unguided one,
 every other class's share is within 3 points of unguided and the mean judge confidence drops by
@@ -37,7 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cspace.experiments.demo import DemoSettings, renormalised_shift, run_demo
+from cspace.experiments.demo import (
+    DemoSettings,
+    data_of,
+    renormalised_shift,
+    run_demo,
+    settings_for,
+)
 
 
 def _ints(text: str) -> list[int]:
@@ -190,7 +201,8 @@ def main() -> None:
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     p.add_argument("--q-star-scales", type=_floats, default=[DemoSettings.q_star_scale])
     p.add_argument("--strengths", type=_floats, default=[DemoSettings.strength])
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=int, default=None, help="default: the demo's (digits 1000)")
+    p.add_argument("--steps", type=int, default=None, help="default: the demo's (digits 50)")
     p.add_argument(
         "--field-only",
         action="store_true",
@@ -245,9 +257,11 @@ def main() -> None:
     ):
         per_seed = []
         for seed in args.seeds:
-            st = DemoSettings(
+            st = settings_for(
+                data_of(enc).name,
                 avoid_class=c,
                 n=args.n,
+                steps=args.steps,
                 seed=seed,
                 encoder=enc,
                 umap=False,

@@ -12,7 +12,7 @@ __all__ = ["register"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cspace.experiments.demo import DemoSettings, format_report, run_demo
+    from cspace.experiments.demo import format_report, run_demo, settings_for
 
     if args.umap and args.no_umap:
         raise ValueError("--umap and --no-umap contradict each other; pass one")
@@ -22,7 +22,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.umap and out is None:
         raise ValueError("--umap draws a figure: pass --out DIR (with --json nothing is written "
                          "without it)")  # fmt: skip
-    settings = DemoSettings(
+    settings = settings_for(
+        args.data,
         avoid_class=args.avoid_class,
         n=args.n,
         seed=args.seed,
@@ -42,7 +43,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"cspace demo: {message}", file=sys.stderr, flush=True)
 
     report = run_demo(settings, out_dir=out, obstacles=args.obstacles,
-                      classifier=args.classifier, progress=not quiet, log=log)  # fmt: skip
+                      classifier=args.classifier, progress=not quiet, log=log,
+                      membership_spaces=args.membership)  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -55,13 +57,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo",
-        help="keep a digit class out of generated digits, from a few example images",
-        description="On the embedded digits: build obstacles from the shipped example images of one "
+        help="keep a class out of generated digits or clothes, from a few example images",
+        description="On the embedded digits (or Fashion-MNIST clothes, --data fashion): build obstacles from the shipped example images of one "
         "class (or take your own set, --obstacles), sample unguided, guided by the obstacle set "
         "and guided by a classifier obstacle (or yours, --classifier); draw with rejection "
         "sampling, twisted SMC (1.5 x the unguided NFE) and the negation denoiser, all three with "
         "the obstacle set alone; and judge the samples with an independent classifier. Writes "
         "sample grids and report.json to --out.",
+    )
+    demo.add_argument(
+        "--data",
+        default="digits",
+        choices=("digits", "fashion"),
+        help="the data set: the embedded 8x8 digits, or Fashion-MNIST clothes (28x28, the "
+        "shipped pipeline, judge and example images; docs/fashion.md) (default digits)",
     )
     demo.add_argument(
         "--class",
@@ -70,18 +79,31 @@ def register(subparsers) -> None:
         default=0,
         choices=range(10),
         metavar="C",
-        help="digit class to avoid, 0..9 (default 0)",
+        help="class to avoid, 0..9 (digits: the digit; fashion: 0 T-shirt/top, 1 Trouser, "
+        "2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot) "
+        "(default 0)",
     )
-    demo.add_argument("--n", type=positive_int, default=1000, help="samples per arm (default 1000)")
+    demo.add_argument(
+        "--n",
+        type=positive_int,
+        default=None,
+        help="samples per arm (default 1000 for digits, 300 for fashion)",
+    )
     demo.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
-    demo.add_argument("--steps", type=positive_int, default=50, help="sampler steps (default 50)")
+    demo.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="sampler steps (default 50 for digits, 20 for fashion)",
+    )
     demo.add_argument("--device", default="cpu", help="torch device (default cpu)")
     demo.add_argument(
         "--encoder",
-        default="digits",
-        choices=("digits", "digits-plain"),
-        help="C-space: the aligned VAE (digits) or the same VAE without VF loss (digits-plain) "
-        "(default digits)",
+        default=None,
+        choices=("digits", "digits-plain", "fashion"),
+        help="C-space: for digits the aligned VAE (digits) or the same VAE without VF loss "
+        "(digits-plain); for --data fashion the aligned VAE of the shipped pipeline (fashion) "
+        "(default: the data set's aligned one)",
     )
     demo.add_argument(
         "--obstacles",
@@ -138,6 +160,14 @@ def register(subparsers) -> None:
         "--no-umap",
         action="store_true",
         help="no UMAP figure: the default now (accepted for older scripts)",
+    )
+    demo.add_argument(
+        "--membership",
+        action="store_true",
+        help="--data fashion: also measure every class's obstacle set (its <= 50 examples) in "
+        "the aligned and the plain VAE's C-space: the share of held-out images of the class "
+        "inside its hard radius and within Q* (recall) and of the other classes (false "
+        "positives); printed and in report.json (about 10 to 30 s more)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -36,10 +36,25 @@ Your own obstacle set (``obstacles=SET``, ``--obstacles``) or classifier (``clas
 ``--classifier``) replaces the one built from the examples, with the same sampler and judge; it
 must be in the demo's C-space (``--encoder``, 8 x 8 images): one of another space is refused with
 both spaces named.
+
+**Fashion-MNIST** (``--data fashion``, ``DemoSettings(encoder="fashion")``,
+:func:`settings_for`): the same arms, figures and report on the 28 x 28 clothes. What differs is
+described by one :class:`DemoData` per data set (:data:`DATA`), not by other code paths: the
+velocity model is the UNet of the shipped diffusers pipeline (``cspace/weights/fashion_pipeline``,
+:class:`cspace.models.latent_pipeline.LatentFlowPipeline`) as a velocity
+(:class:`guidance.integrations.velocity.DiffusersVelocity`) in the aligned VAE's 4 x 7 x 7
+C-space; the examples are ``examples/fashion/<class>``; the judge is
+:class:`cspace.models.fashion_judge.FashionJudge`; the held-out images of the membership figures
+and the UMAP are the shipped test slice (``fashion_heldout()``, 2,000 images), which none of the
+examples is part of; the "train" images of the within-class scale and of the nearest-neighbour
+and copy figures are the 500 shipped example images (train split; the full train split is not
+shipped). Its report adds the **membership of every class's obstacle set in both twin spaces**
+(the aligned and the plain VAE, :func:`membership_by_space`).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -57,17 +72,22 @@ from guidance.sampling import METHODS
 __all__ = [
     "ALL_ARMS",
     "ARMS",
+    "DATA",
     "TWISTED_NFE",
+    "DemoData",
     "DemoSettings",
+    "data_of",
     "demo_obstacles",
     "example_files",
     "format_report",
     "largest_shift",
+    "membership_by_space",
     "membership_quality",
     "negation_arm",
     "renormalised_shift",
     "run_demo",
     "sample_arm",
+    "settings_for",
     "twisted_arm",
     "within_class_scale",
 ]
@@ -82,6 +102,112 @@ REJECTION_DRAWS = 20
 #: ``TWISTED_NFE x n`` in one particle system)
 TWISTED_NFE = 1.5
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "digits"
+FASHION_EXAMPLES = EXAMPLES.parent / "fashion"
+#: the Fashion-MNIST classes the judge confuses most (docs/fashion.md), shown side by side
+CLOSE_FASHION = (0, 6, 2, 4)
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """What the demo needs to know of one data set; the loaders keyed by :attr:`name`
+    (:func:`_space`, :func:`_judge`, :func:`_images`) do the rest.
+
+    Attributes:
+        name: ``"digits"`` or ``"fashion"`` (``--data``).
+        noun: what the log calls the samples (``"sampling 1000 digits"``).
+        classes: the class names, in label order.
+        short: a column label of at most 5 characters per class (the class-share table).
+        image_size: (H, W) of the images.
+        examples: the folder of the example images, one sub-folder per class ...
+        folders: ... named so, in label order.
+        label: the obstacle set's label prefix (``digit-0``, ``fashion-coat``).
+        encoders: the ``--encoder`` names of its C-spaces with a velocity model (the first is
+            the default).
+        twins: (space name, shipped VAE folder) of the spaces whose membership the report gives
+            for every class (:func:`membership_by_space`; none for digits).
+        close: classes shown side by side in the printed report (the judge's confusions).
+        grid_scale: the PNG grids' nearest-neighbour upscale.
+        defaults: settings that differ from :class:`DemoSettings`' (the digits values).
+    """
+
+    name: str
+    noun: str
+    classes: tuple[str, ...]
+    short: tuple[str, ...]
+    image_size: tuple[int, int]
+    examples: Path
+    folders: tuple[str, ...]
+    label: str
+    encoders: tuple[str, ...]
+    twins: tuple[tuple[str, str], ...] = ()
+    close: tuple[int, ...] = ()
+    grid_scale: int = 4
+    defaults: tuple[tuple[str, object], ...] = ()
+
+    def class_name(self, c: int) -> str:
+        """How the report names class ``c``: ``class 3`` for digits, ``Coat`` for clothes."""
+        return f"class {c}" if self.name == "digits" else self.classes[c]
+
+
+def _fashion_names():
+    from cspace.models.data import FASHION_CLASSES, FASHION_SLUGS
+
+    return FASHION_CLASSES, FASHION_SLUGS
+
+
+DATA = {
+    "digits": DemoData(
+        name="digits",
+        noun="digits",
+        classes=tuple(str(c) for c in range(10)),
+        short=tuple(str(c) for c in range(10)),
+        image_size=(8, 8),
+        examples=EXAMPLES,
+        folders=tuple(str(c) for c in range(10)),
+        label="digit-",
+        encoders=("digits", "digits-plain"),
+    ),
+    "fashion": DemoData(
+        name="fashion",
+        noun="clothes",
+        classes=_fashion_names()[0],
+        short=("Tshrt", "Trous", "Pullo", "Dress", "Coat", "Sandl", "Shirt", "Snkr", "Bag", "Boot"),
+        image_size=(28, 28),
+        examples=FASHION_EXAMPLES,
+        folders=_fashion_names()[1],
+        label="fashion-",
+        encoders=("fashion",),
+        twins=(("aligned", "fashion_vae_aligned"), ("plain", "fashion_vae_plain")),
+        close=CLOSE_FASHION,
+        grid_scale=2,
+        # measured on 2 CPU cores (docs/fashion.md): the default run takes about a minute
+        defaults=(("n", 300), ("steps", 20)),
+    ),
+}
+
+
+def data_of(encoder: str) -> DemoData:
+    """The data set whose C-space ``encoder`` (``--encoder``) is."""
+    for data in DATA.values():
+        if encoder in data.encoders:
+            return data
+    names = tuple(e for d in DATA.values() for e in d.encoders)
+    raise ValueError(f"unknown demo encoder {encoder!r}; choose one of {names}")
+
+
+def settings_for(data: str = "digits", **overrides) -> DemoSettings:
+    """:class:`DemoSettings` for the data set ``data`` (``"digits"`` or ``"fashion"``): its
+    C-space and its default sizes, then ``overrides`` (None values are left out)."""
+    if data not in DATA:
+        raise ValueError(f"unknown demo data {data!r}; choose one of {tuple(DATA)}")
+    d = DATA[data]
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "encoder" in given and given["encoder"] not in d.encoders:
+        raise ValueError(
+            f"--encoder {given['encoder']} is not a C-space of --data {data}; choose one of "
+            f"{d.encoders}"
+        )
+    return DemoSettings(**{**dict(d.defaults), "encoder": d.encoders[0], **given})
 
 
 @dataclass
@@ -100,7 +226,9 @@ class DemoSettings:
     seed: int = 0
     steps: int = 50
     device: str = "cpu"
-    encoder: str = "digits"  # "digits" (aligned VAE) or "digits-plain" (VF weight 0)
+    # C-space: "digits" (aligned VAE), "digits-plain" (VF weight 0) or "fashion" (the aligned
+    # Fashion-MNIST VAE and the shipped pipeline's UNet: --data fashion, settings_for)
+    encoder: str = "digits"
     method: str = "sde"  # sampler of every arm: "sde" (needed for backtracking), "euler", "heun"
     strength: float = 5.0  # obstacle-set arm
     classifier_strength: float = 0.3  # classifier arm
@@ -112,20 +240,144 @@ class DemoSettings:
     paths: int = 2  # paths of the clean estimate drawn in the UMAP figure per arm
 
 
-def _space(encoder: str):
-    """Encoder and flow model of one C-space."""
+def _space(encoder: str, device="cpu"):
+    """Encoder and velocity model ``v(x, t)`` (on ``device``) of one C-space: for digits the
+    shipped latent flow, for ``"fashion"`` the UNet of the shipped diffusers pipeline as a
+    velocity (:class:`guidance.integrations.velocity.DiffusersVelocity`) with the aligned VAE
+    (the pipeline's own VAE: the same weights and normalisation, checked)."""
     from cspace.models.encoders import Encoder
-    from cspace.models.flow import load_flow
     from cspace.models.shipped import SPACES, shipped
 
-    if encoder not in SPACES:
-        raise ValueError(f"unknown demo encoder {encoder!r}; choose one of {tuple(SPACES)}")
+    data = data_of(encoder)
+    if data.name == "fashion":
+        from cspace.models.latent_pipeline import load_latent_pipeline
+        from guidance.integrations.velocity import DiffusersVelocity, unconditional
+
+        pipe = load_latent_pipeline(shipped("fashion_pipeline"))
+        enc = Encoder.from_aligned(shipped("fashion_vae_aligned"))
+        cfg = pipe.vae.config
+        if (cfg.scaling_factor, cfg.shift_factor) != (enc.scaling_factor, enc.shift_factor):
+            raise ValueError(
+                "the shipped fashion pipeline's VAE is normalised differently from "
+                f"{shipped('fashion_vae_aligned')}: copy both folders from one release"
+            )
+        unet = pipe.unet.to(device).eval()
+        return enc, DiffusersVelocity(_padded(unconditional(unet)), pipe.scheduler, unet.dtype)
+    from cspace.models.flow import load_flow
+
     vae, flow = SPACES[encoder]
-    return Encoder.from_aligned(shipped(vae)), load_flow(shipped(flow))
+    return Encoder.from_aligned(shipped(vae)), load_flow(shipped(flow)).to(device)
 
 
-def example_files(cls: int, limit: int) -> list[Path]:
-    folder = EXAMPLES / str(cls)
+#: the UNet sees batches padded to a multiple of this (:func:`_padded`)
+BATCH_MULTIPLE = 64
+
+
+def _padded(denoise):
+    """``denoise(x, timestep)`` on batches padded to a multiple of :data:`BATCH_MULTIPLE` (the
+    last state repeated; the padding's outputs dropped): backtracking and rejection call the
+    model on batches of every size, and on the CPU each new batch shape costs about a second of
+    set-up in the UNet's convolutions (measured: 0.29 s per call at a fixed batch of 150, about
+    1 s per call when the size changes every call), far more than the padding's extra rows."""
+
+    def run(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        extra = -b % BATCH_MULTIPLE
+        if extra == 0 or b == 0:
+            return denoise(x, timestep)
+        x = torch.cat([x, x[-1:].expand(extra, *x.shape[1:])])
+        timestep = torch.cat([timestep, timestep[-1:].expand(extra)])
+        return denoise(x, timestep)[:b]
+
+    return run
+
+
+def _judge(data: DemoData, seed: int):
+    """The data set's independent judge and its held-out accuracy: for digits the pixel
+    classifier fitted on the judge split (:class:`cspace.models.judge.Judge`), for clothes the
+    shipped CNN (:class:`cspace.models.fashion_judge.FashionJudge`). Both take images
+    (B, 1, H, W) in [-1, 1] and give ``report(images)``."""
+    if data.name == "fashion":
+        from cspace.models.fashion_judge import default_fashion_judge
+
+        judge = default_fashion_judge()
+        return judge, float(judge.heldout_accuracy)
+    from cspace.models.judge import Judge
+
+    judge = Judge.fit(seed=seed)
+    return judge, float(judge.accuracy)
+
+
+def _images(data: DemoData, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled images (N, 1, H, W) in [-1, 1] and labels (N,) of ``data``:
+
+    * ``"unseen"``: what the membership figures count (digits: the judge and held-out splits;
+      clothes: the shipped 2,000-image test slice);
+    * ``"heldout"``: the UMAP's points (digits: the held-out split; clothes: the test slice);
+    * ``"train"``: the within-class scale's images (digits: the train split; clothes: the
+      500 shipped example images, of the train split)."""
+    if data.name == "digits":
+        from cspace.models.data import digits
+
+        if part == "unseen":
+            parts = [digits("judge"), digits("heldout")]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return digits(part)
+    if part in ("unseen", "heldout"):
+        from cspace.models.data import fashion_heldout
+
+        return fashion_heldout()
+    return _fashion_examples()
+
+
+@functools.lru_cache(maxsize=1)
+def _fashion_examples() -> tuple[torch.Tensor, torch.Tensor]:
+    """Every shipped Fashion-MNIST example image (N, 1, 28, 28) and its class (N,)."""
+    from cspace.io.images import load_images
+
+    data = DATA["fashion"]
+    files = [example_files(c, 10**6, data) for c in range(len(data.classes))]
+    images = load_images([f for fs in files for f in fs], size=data.image_size)[0]
+    labels = torch.cat([torch.full((len(fs),), c, dtype=torch.long) for c, fs in enumerate(files)])
+    return images, labels
+
+
+def _nearest_and_copies(data: DemoData, images: torch.Tensor) -> tuple[float, float]:
+    """The mean pixel distance of ``images`` (n, 1, H, W) to their nearest train image and the
+    share closer than the copy threshold (:func:`cspace.models.judge.copy_rate`). Clothes: the
+    train images are the 500 shipped examples, the threshold the 1st percentile of the
+    test slice's nearest distances to them (as the digits' is of the judge split's)."""
+    if data.name == "digits":
+        from cspace.models.judge import copy_rate, nearest_train_distance
+
+        return float(nearest_train_distance(images).mean()), float(copy_rate(images))
+    d = _nearest_example(images)
+    return float(d.mean()), float((d < _fashion_copy_threshold()).double().mean())
+
+
+def _nearest_example(images: torch.Tensor) -> torch.Tensor:
+    """(n,) float64: the pixel L2 distance of each of ``images`` (n, 1, 28, 28) to its nearest
+    shipped Fashion-MNIST example image."""
+    train = _fashion_examples()[0]
+    flat = images.reshape(images.shape[0], -1).double()
+    train = train.reshape(train.shape[0], -1).double()
+    return torch.cdist(flat, train, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+
+
+@functools.lru_cache(maxsize=1)
+def _fashion_copy_threshold() -> float:
+    """The clothes' copy threshold: the 1st percentile of the shipped test slice's distances to
+    their nearest example image (the digits' rule, :func:`cspace.models.judge.copy_threshold`)."""
+    from cspace.models.judge import COPY_PERCENTILE
+
+    d = _nearest_example(_images(DATA["fashion"], "heldout")[0])
+    return float(torch.quantile(d, COPY_PERCENTILE / 100))
+
+
+def example_files(cls: int, limit: int, data: DemoData | None = None) -> list[Path]:
+    """The first ``limit`` example PNGs of class ``cls`` of ``data`` (default digits)."""
+    data = data or DATA["digits"]
+    folder = data.examples / data.folders[cls]
     if not folder.is_dir():
         raise FileNotFoundError(
             f"example images for class {cls} not found at {folder}; the demo needs the repository's "
@@ -165,17 +417,15 @@ def median(values) -> float:
     return float(a + (b - a) / 2)
 
 
-def within_class_scale(encoder) -> float:
-    """The digits' local data scale in ``encoder``'s C-space: the root mean within-class variance
-    per coordinate of the train split's embeddings,
+def within_class_scale(encoder, data: DemoData | None = None) -> float:
+    """The local data scale of ``data`` (default digits) in ``encoder``'s C-space: the root mean
+    within-class variance per coordinate of the train images' embeddings (:func:`_images`),
 
         a = sqrt( mean_c mean_j Var[z_j | class c] ),
 
     the ``a`` of the twist's spread ``s(t)^2 = a^2 t^2 / ((1-t)^2 a^2 + t^2)``
     (:func:`guidance.search.twisted.posterior_spread`) and of the negation denoiser's."""
-    from cspace.models.data import digits
-
-    images, labels = digits("train")
+    images, labels = _images(data or DATA["digits"], "train")
     dev = next(encoder.vae.parameters()).device
     lat = encoder.embed(encoder.encode(images.to(dev))).cpu().double()
     within = torch.stack([lat[labels == c].var(0).mean() for c in labels.unique()]).mean()
@@ -188,8 +438,11 @@ def demo_obstacles(encoder, s: DemoSettings):
     hard radius = ``radius_scale`` x the auto rule. Returns ``(obstacle_set, auto_q_star)``."""
     from obstacles.from_images import build_from_images
 
-    files = example_files(s.avoid_class, s.max_examples)
-    oset = build_from_images(files, encoder, label=f"digit-{s.avoid_class}")
+    data = data_of(s.encoder)
+    files = example_files(s.avoid_class, s.max_examples, data)
+    oset = build_from_images(
+        files, encoder, label=data.label + data.folders[s.avoid_class], size=data.image_size
+    )
     auto_q = oset.q_star.copy()
     for name in ("q_star_scale", "radius_scale"):
         with np.errstate(over="ignore"):
@@ -207,10 +460,18 @@ def demo_obstacles(encoder, s: DemoSettings):
     return oset, auto_q
 
 
-def membership_quality(encoder, oset, avoid_class: int, examples=None) -> dict:
+def membership_quality(
+    encoder,
+    oset,
+    avoid_class: int,
+    examples=None,
+    data: DemoData | None = None,
+    embedded: torch.Tensor | None = None,
+) -> dict:
     """How well the obstacle set's membership matches the class it stands for, on the images
-    that neither the VAE, the flow nor the set saw (the judge's and the held-out splits, without
-    the set's own examples): the share of those images of ``avoid_class`` whose embedding
+    that neither the VAE, the flow nor the set saw (``_images(data, "unseen")``: for digits
+    the judge's and the held-out splits, for clothes the shipped test slice; without the set's
+    own examples): the share of those images of ``avoid_class`` whose embedding
     lies inside some obstacle's hard radius (``recall_radius``) or within its Q*
     (``recall_q_star``), and the same shares of the other classes' images
     (``false_positive_radius``, ``false_positive_q_star``), with the per-class shares
@@ -218,21 +479,27 @@ def membership_quality(encoder, oset, avoid_class: int, examples=None) -> dict:
 
     The shipped example images are held-out digits: ``examples`` (M, 1, 8, 8), the set's own
     images, are left out of the count (a held-out image within 0.05 of one in pixel space, the
-    PNG rounding), since an obstacle always contains its own example (``excluded``)."""
-    from cspace.models.data import digits
+    PNG rounding), since an obstacle always contains its own example (``excluded``). The
+    clothes' examples are train images: none is in the test slice, so none is left out.
 
-    parts = [digits("judge"), digits("heldout")]
-    images = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
+    ``embedded`` (N, d): the embeddings of all of ``_images(data, "unseen")`` by ``encoder``, when
+    the caller has them (:func:`membership_by_space` encodes them once for ten sets)."""
+    data = data or DATA["digits"]
+    images, labels = _images(data, "unseen")
+    keep = torch.ones(len(labels), dtype=torch.bool)
     excluded = 0
     if examples is not None and len(examples):
         flat = images.reshape(images.shape[0], -1).double()
         ex = torch.as_tensor(examples).reshape(len(examples), -1).double()
         own_image = torch.cdist(flat, ex).min(1).values < 0.05
         excluded = int(own_image.sum())
-        images, labels = images[~own_image], labels[~own_image]
-    dev = next(encoder.vae.parameters()).device
-    emb = encoder.embed(encoder.encode(images.to(dev))).cpu().double()
+        keep = ~own_image
+        images, labels = images[keep], labels[keep]
+    if embedded is None:
+        dev = next(encoder.vae.parameters()).device
+        emb = encoder.embed(encoder.encode(images.to(dev))).cpu().double()
+    else:
+        emb = embedded[keep].double()
     obs = torch.from_numpy(oset.embeddings.astype(np.float64))
     dist = torch.cdist(emb, obs, compute_mode="donot_use_mm_for_euclid_dist")  # (M, N)
     radius = torch.from_numpy(oset.radius.astype(np.float64))
@@ -249,12 +516,42 @@ def membership_quality(encoder, oset, avoid_class: int, examples=None) -> dict:
         "recall_q_star": share(in_q, own),
         "false_positive_radius": share(in_r, ~own),
         "false_positive_q_star": share(in_q, ~own),
-        "inside_radius_by_class": [share(in_r, labels == c) for c in range(10)],
-        "inside_q_star_by_class": [share(in_q, labels == c) for c in range(10)],
+        "inside_radius_by_class": [share(in_r, labels == c) for c in range(len(data.classes))],
+        "inside_q_star_by_class": [share(in_q, labels == c) for c in range(len(data.classes))],
         "heldout_class": int(own.sum()),
         "heldout_other": int((~own).sum()),
         "excluded": excluded,
     }
+
+
+def membership_by_space(s: DemoSettings, device="cpu", encoders: dict | None = None) -> dict:
+    """The membership quality (:func:`membership_quality`) of every class's obstacle set, built
+    as the demo builds it (:func:`demo_obstacles`: at most ``s.max_examples`` examples, Q* and
+    hard radius ``s.q_star_scale`` and ``s.radius_scale`` x the auto rule), in each of the data
+    set's twin C-spaces (``DemoData.twins``: the aligned VAE and its plain twin for clothes).
+
+    Returns ``{space: {"vae": folder, "classes": [membership of class 0, ...]}}``; ``encoders``
+    maps a space to an :class:`~cspace.models.encoders.Encoder` already loaded."""
+    from dataclasses import replace
+
+    from cspace.io.images import load_images
+    from cspace.models.encoders import Encoder
+    from cspace.models.shipped import shipped
+
+    data = data_of(s.encoder)
+    images = _images(data, "unseen")[0]
+    out = {}
+    for space, folder in data.twins:
+        enc = (encoders or {}).get(space) or Encoder.from_aligned(shipped(folder))
+        enc.vae.to(device)
+        emb = enc.embed(enc.encode(images.to(device))).cpu().double()
+        rows = []
+        for c in range(len(data.classes)):
+            oset, _ = demo_obstacles(enc, replace(s, avoid_class=c))
+            own = load_images(example_files(c, s.max_examples, data), size=data.image_size)[0]
+            rows.append(membership_quality(enc, oset, c, own, data, embedded=emb))
+        out[space] = {"vae": folder, "classes": rows}
+    return out
 
 
 def rejection_arm(flow, shape, s: DemoSettings, field, device):
@@ -314,20 +611,20 @@ def negation_arm(flow, noise: torch.Tensor, s: DemoSettings, field, data_scale: 
     )
 
 
-def _judged(judge, images: torch.Tensor, avoid_class: int) -> dict:
-    """The judge's figures of one arm's decoded ``images`` (n, 1, 8, 8), as every arm reports
+def _judged(judge, images: torch.Tensor, avoid_class: int, data: DemoData | None = None) -> dict:
+    """The judge's figures of one arm's decoded ``images`` (n, 1, H, W), as every arm reports
     them."""
-    from cspace.models.judge import copy_rate, nearest_train_distance
     from cspace.models.metrics import diversity
 
     rep = judge.report(images)
+    nearest, copies = _nearest_and_copies(data or DATA["digits"], images)
     return {
         "avoided_rate": float(rep["class_shares"][avoid_class]),
         "class_shares": [float(v) for v in rep["class_shares"]],
         "judge_confidence": float(rep["confidence"]),
         "diversity": float(diversity(images)),
-        "nearest_train_distance": float(nearest_train_distance(images).mean()),
-        "copy_rate": float(copy_rate(images)),
+        "nearest_train_distance": nearest,
+        "copy_rate": copies,
     }
 
 
@@ -348,24 +645,35 @@ def _grid_png(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4) 
     write_file_atomic(path, buf.getvalue())
 
 
+def _encoder_arg(s: DemoSettings) -> str:
+    """What ``cspace obstacles ... --encoder`` takes for the demo's C-space: the name for
+    digits, the shipped VAE folder for clothes (the obstacle commands know no ``fashion``)."""
+    if data_of(s.encoder).name == "fashion":
+        from cspace.models.shipped import shipped
+
+        return str(shipped("fashion_vae_aligned"))
+    return s.encoder
+
+
 def _user_obstacles(path, encoder, s: DemoSettings):
-    """An obstacle set of the user's, checked against the demo's C-space (8 x 8 images through
+    """An obstacle set of the user's, checked against the demo's C-space (its images through
     ``encoder``): another space is refused naming both, a set of unknown space must at least
     have the space's dimension."""
     from obstacles import ObstacleSet
 
     oset = ObstacleSet.load(path)
-    space = encoder.space((8, 8))
+    size = data_of(s.encoder).image_size
+    space = encoder.space(size)
     oset.check_space(
         space,
         f"the demo's encoder {s.encoder!r}",
         fix=f"build the set with the demo's encoder (cspace obstacles build IMAGES --encoder "
-        f"{s.encoder} --out SET), or pass the --encoder it was built with",
+        f"{_encoder_arg(s)} --out SET), or pass the --encoder it was built with",
     )
     if oset.dim != space.dim:
         raise ValueError(
-            f"the obstacle set {path} has d={oset.dim}; the demo's C-space ({s.encoder}, 8x8 "
-            f"images) has d={space.dim}: build it with --encoder {s.encoder}"
+            f"the obstacle set {path} has d={oset.dim}; the demo's C-space ({s.encoder}, "
+            f"{size[0]}x{size[1]} images) has d={space.dim}: build it with --encoder {s.encoder}"
         )
     if len(oset) == 0:
         raise ValueError(f"the obstacle set {path} is empty")
@@ -378,19 +686,20 @@ def _user_classifier(path, encoder, s: DemoSettings):
     from obstacles.classifier import PreferenceClassifier
 
     clf = PreferenceClassifier.load(path)
-    space = encoder.space((8, 8))
+    size = data_of(s.encoder).image_size
+    space = encoder.space(size)
     check_same_space(
         clf.space,
         space,
         f"the classifier {path}",
         f"the demo's encoder {s.encoder!r}",
         fix=f"train it with the demo's encoder (cspace obstacles classifier ... --encoder "
-        f"{s.encoder}), or pass the --encoder it was trained with",
+        f"{_encoder_arg(s)}), or pass the --encoder it was trained with",
     )
     if clf.dim != space.dim:
         raise ValueError(
-            f"the classifier {path} has d={clf.dim}; the demo's C-space ({s.encoder}, 8x8 "
-            f"images) has d={space.dim}: train it with --encoder {s.encoder}"
+            f"the classifier {path} has d={clf.dim}; the demo's C-space ({s.encoder}, "
+            f"{size[0]}x{size[1]} images) has d={space.dim}: train it with --encoder {s.encoder}"
         )
     return clf
 
@@ -428,6 +737,7 @@ def run_demo(
     classifier: str | Path | None = None,
     progress: bool = False,
     log=None,
+    membership_spaces: bool = False,
 ) -> dict:
     """Run the demo; returns the report (also written to ``out_dir/report.json``; nothing is
     written when ``out_dir`` is None).
@@ -442,18 +752,24 @@ def run_demo(
             examples (in the demo's C-space; at ``settings.classifier_strength``).
         progress: tqdm bars on stderr, one per arm.
         log: called with a line for each stage (loading, building, each arm, judging, files).
+        membership_spaces: also measure every class's obstacle set in each of the data set's
+            twin C-spaces (``report["membership_by_space"]``, :func:`membership_by_space`;
+            ``--membership``; clothes only: the digits have no such list). About 2 x 2,500
+            images encoded: 10 to 30 s on 2 CPU cores.
     """
     from cspace.io.images import load_images
-    from cspace.models.judge import Judge, copy_rate, nearest_train_distance
-    from cspace.models.metrics import diversity
     from guidance import ClassifierField, RepulsiveField
     from guidance.fields.regions import hard_regions
     from obstacles.classifier import PreferenceClassifier
 
     say = log or (lambda message: None)
     s = settings or DemoSettings()
+    data = data_of(s.encoder)
     if not 0 <= s.avoid_class <= 9:
-        raise ValueError(f"--class must be a digit 0..9; got {s.avoid_class}")
+        if data.name == "digits":
+            raise ValueError(f"--class must be a digit 0..9; got {s.avoid_class}")
+        names = ", ".join(f"{c} {n}" for c, n in enumerate(data.classes))
+        raise ValueError(f"--class must be a class 0..9 ({names}); got {s.avoid_class}")
     if s.n < 1 or s.steps < 1:
         raise ValueError(f"need n >= 1 and steps >= 1; got n={s.n}, steps={s.steps}")
     if s.method not in METHODS:
@@ -467,12 +783,19 @@ def run_demo(
         val = getattr(s, name)
         if not (np.isfinite(val) and val >= 0) or (name == "q_star_scale" and val == 0):
             raise ValueError(f"{name} must be a finite number >= 0 (q_star_scale > 0); got {val}")
+    if membership_spaces and not data.twins:
+        raise ValueError(
+            f"--membership measures the twin C-spaces of a data set; --data {data.name} has none "
+            "(use --data fashion)"
+        )
     device = resolve_device(s.device)
     if out_dir is not None:
         check_output_folder(out_dir, "the output folder (--out)")
+    h, w = data.image_size
+    dim = h * w // 2  # the latents: at most half as many numbers as the pixels
     check_memory(
-        16 * int(s.n) * 32 * 4 + 12 * int(s.n) * 64 * 4,
-        f"{int(s.n):,} samples per arm (latents and 8x8 images, x6 arms; "
+        16 * int(s.n) * dim * 4 + 12 * int(s.n) * h * w * 4,
+        f"{int(s.n):,} samples per arm (latents and {h}x{w} images, x6 arms; "
         f"{TWISTED_NFE:g} x n particles)",
         "lower --n",
     )
@@ -480,10 +803,9 @@ def run_demo(
     torch.manual_seed(s.seed)
 
     say(f"loading the {s.encoder} C-space (VAE and latent flow) and fitting the judge")
-    encoder, flow = _space(s.encoder)
+    encoder, flow = _space(s.encoder, device)
     encoder.vae.to(device)
-    flow.to(device)
-    judge = Judge.fit(seed=s.seed)
+    judge, judge_accuracy = _judge(data, s.seed)
 
     # obstacles from the example images of the avoided class; the classifier also sees the others
     if obstacles is None:
@@ -496,9 +818,12 @@ def run_demo(
     if classifier is None:
         say("training the preference classifier (the other classes' examples are good)")
         good_files = [
-            f for c in range(10) if c != s.avoid_class for f in example_files(c, s.max_examples)
+            f
+            for c in range(len(data.classes))
+            if c != s.avoid_class
+            for f in example_files(c, s.max_examples, data)
         ]
-        good = load_images(good_files)[0].to(device)
+        good = load_images(good_files, size=data.image_size)[0].to(device)
         good_emb = encoder.embed(encoder.encode(good)).cpu().numpy()
         clf = PreferenceClassifier.fit(good_emb, oset.embeddings, seed=s.seed, space=oset.space)
     else:
@@ -509,7 +834,7 @@ def run_demo(
         "classifier": (ClassifierField(clf), s.classifier_strength),
     }
 
-    shape = encoder.latent_shape((8, 8))
+    shape = encoder.latent_shape(data.image_size)
     gen = torch.Generator().manual_seed(s.seed)
     noise = torch.randn((s.n, *shape), generator=gen).to(device)
     about = {
@@ -520,7 +845,7 @@ def run_demo(
         "eta": median(oset.eta),
     }
     if obstacles is None:
-        about["examples"] = str(EXAMPLES / str(s.avoid_class))
+        about["examples"] = str(data.examples / data.folders[s.avoid_class])
     else:
         about["set"] = str(obstacles)
     accuracy = None if clf.accuracy is None else float(clf.accuracy)
@@ -529,7 +854,7 @@ def run_demo(
         "space": {"encoder": encoder.name, "dim": int(np.prod(shape))},
         "obstacles": about,
         "classifier": {"heldout_accuracy": accuracy, "q_star": float(clf.q_star)},
-        "judge": {"heldout_accuracy": float(judge.accuracy)},
+        "judge": {"heldout_accuracy": judge_accuracy},
         "arms": {},
     }
     if classifier is not None:
@@ -540,7 +865,7 @@ def run_demo(
         x0_path: list[tuple[torch.Tensor, torch.Tensor]] = []
         bar = _ArmProgress(arm, s.steps, progress)
         what = "unguided" if fld is None else f"{type(fld).__name__}, strength {strength:g}"
-        say(f"sampling {s.n} digits, arm {arm} ({what})")
+        say(f"sampling {s.n} {data.noun}, arm {arm} ({what})")
 
         def keep(info, store=x0_path, bar=bar):
             if s.umap:  # every sample's clean estimates: the figure picks which to draw
@@ -552,15 +877,8 @@ def run_demo(
         bar.close()
         images = encoder.decode(out.samples).cpu()
         secs = time.perf_counter() - t0
-        rep = judge.report(images)
-        nn = nearest_train_distance(images)
         report["arms"][arm] = {
-            "avoided_rate": float(rep["class_shares"][s.avoid_class]),
-            "class_shares": [float(v) for v in rep["class_shares"]],
-            "judge_confidence": float(rep["confidence"]),
-            "diversity": float(diversity(images)),
-            "nearest_train_distance": float(nn.mean()),
-            "copy_rate": float(copy_rate(images)),
+            **_judged(judge, images, s.avoid_class, data),
             "nfe": out.nfe_per_sample,
             "backtrack_retries": int(out.retries.sum()) if out.retries is not None else 0,
             "seconds": secs,
@@ -571,13 +889,13 @@ def run_demo(
     # the baseline: unguided draws tested with the obstacle set's hard radius (its own noise)
     t0 = time.perf_counter()
     say(
-        f"sampling {s.n} digits, arm rejection (unguided draws tested with the hard radius, "
+        f"sampling {s.n} {data.noun}, arm rejection (unguided draws tested with the hard radius, "
         f"at most {REJECTION_DRAWS} draws per sample)"
     )
     rej = rejection_arm(flow, shape, s, fields["guided"][0], device)
     images = encoder.decode(rej.samples).cpu()
     report["arms"]["rejection"] = {
-        **_judged(judge, images, s.avoid_class),
+        **_judged(judge, images, s.avoid_class, data),
         "nfe": rej.nfe_per_sample,
         "draws": int(rej.records["draws"]),
         "rejected_share": float(rej.records["inside_estimate"]),
@@ -588,11 +906,11 @@ def run_demo(
 
     # the two arms that use only the obstacle set: twisted SMC and the negation denoiser
     regions = hard_regions(fields["guided"][0])
-    scale = within_class_scale(encoder)
+    scale = within_class_scale(encoder, data)
     unguided_nfe = report["arms"]["unguided"]["nfe"]
     particles = int(TWISTED_NFE * float(unguided_nfe) * s.n) // s.steps
     say(
-        f"sampling {s.n} digits, arm twisted-smc ({particles} particles on the SDE, twisted by "
+        f"sampling {s.n} {data.noun}, arm twisted-smc ({particles} particles on the SDE, twisted by "
         f"the chance to end outside the hard radii, at most {TWISTED_NFE:g} x the unguided NFE)"
     )
     bar = _ArmProgress("twisted-smc", s.steps, progress)
@@ -601,7 +919,7 @@ def run_demo(
     bar.close()
     images = encoder.decode(tw.samples).cpu()
     report["arms"]["twisted-smc"] = {
-        **_judged(judge, images, s.avoid_class),
+        **_judged(judge, images, s.avoid_class, data),
         "nfe": tw.nfe_per_sample,
         "n_particles": int(tw.records["n_particles"]),
         "resamplings": int(tw.records["resamplings"]),
@@ -611,22 +929,34 @@ def run_demo(
         "seconds": time.perf_counter() - t0,
     }
     samples["twisted-smc"] = images
-    say(f"sampling {s.n} digits, arm negation (negation denoiser, the {len(oset)} examples)")
+    say(f"sampling {s.n} {data.noun}, arm negation (negation denoiser, the {len(oset)} examples)")
     bar = _ArmProgress("negation", s.steps, progress)
     t0 = time.perf_counter()
     neg = negation_arm(flow, noise, s, fields["guided"][0], scale, bar)
     bar.close()
     images = encoder.decode(neg.samples).cpu()
     report["arms"]["negation"] = {
-        **_judged(judge, images, s.avoid_class),
+        **_judged(judge, images, s.avoid_class, data),
         "nfe": neg.nfe_per_sample,
         "inside_radius": _inside_share(regions, neg.samples),
         "seconds": time.perf_counter() - t0,
     }
     samples["negation"] = images
     report["data_scale"] = scale
-    own_examples = load_images(example_files(s.avoid_class, s.max_examples))[0]
-    report["membership"] = membership_quality(encoder, oset, s.avoid_class, own_examples)
+    if membership_spaces:
+        say(f"measuring every class's obstacle set in {len(data.twins)} C-spaces (membership)")
+        report["membership_by_space"] = membership_by_space(
+            s, device, encoders={data.twins[0][0]: encoder}
+        )
+    if membership_spaces and obstacles is None:  # the demo's set is the first space's row
+        report["membership"] = report["membership_by_space"][data.twins[0][0]]["classes"][
+            s.avoid_class
+        ]
+    else:
+        own_examples = load_images(
+            example_files(s.avoid_class, s.max_examples, data), size=data.image_size
+        )[0]
+        report["membership"] = membership_quality(encoder, oset, s.avoid_class, own_examples, data)
     report["seconds"] = time.perf_counter() - t_start
 
     if out_dir is not None:
@@ -635,9 +965,9 @@ def run_demo(
         files = {}
         for arm, images in samples.items():
             files[f"grid_{arm}"] = str(out / f"samples_{arm}.png")
-            _grid_png(images, Path(files[f"grid_{arm}"]))
+            _grid_png(images, Path(files[f"grid_{arm}"]), scale=data.grid_scale)
         if s.umap:
-            say("drawing the UMAP figure (fitting UMAP on the held-out digits)")
+            say(f"drawing the UMAP figure (fitting UMAP on the held-out {data.noun})")
             files["umap"] = str(out / "cspace_umap.png")
             judged = {arm: judge.predict(images).tolist() for arm, images in samples.items()}
             chosen = _noises_to_draw(torch.tensor(judged["unguided"]), s)
@@ -688,9 +1018,8 @@ def _umap_figure(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    from cspace.models.data import digits
-
-    images, labels = digits("heldout")
+    data = data_of(s.encoder)
+    images, labels = _images(data, "heldout")
     dev = next(encoder.vae.parameters()).device
     emb = encoder.embed(encoder.encode(images.to(dev))).cpu().numpy()
     reducer = umap.UMAP(n_neighbors=15, min_dist=0.2, random_state=s.seed, n_jobs=1)
@@ -706,10 +1035,13 @@ def _umap_figure(
                     s=8, alpha=0.8, linewidths=0)  # fmt: skip
     for c in range(10):  # the class number at the middle of its points
         mid = np.median(xy[labels.numpy() == c], axis=0)
-        ax.text(mid[0], mid[1], str(c), fontsize=12, weight="bold", ha="center", va="center",
+        ax.text(mid[0], mid[1], data.short[c], fontsize=12 if data.name == "digits" else 8, weight="bold", ha="center", va="center",
                 color=classes(c), bbox={"boxstyle": "circle,pad=0.15", "fc": "white",
                                         "ec": classes(c), "alpha": 0.8})  # fmt: skip
-    fig.colorbar(sc, ax=ax, ticks=range(10), label="held-out digit class", shrink=0.8)
+    bar = fig.colorbar(sc, ax=ax, ticks=range(10), shrink=0.8,
+                       label="held-out digit class" if data.name == "digits" else "held-out class")  # fmt: skip
+    if data.name != "digits":
+        bar.ax.set_yticklabels(data.classes)
     ax.scatter(obs_xy[:, 0], obs_xy[:, 1], marker="x", color="black", s=28, lw=1.2)
     extra = iter(colormaps["Dark2"].colors)
     styles = ("-", "--", ":", "-.")
@@ -745,8 +1077,9 @@ def _umap_figure(
     ax.set_xticks([])
     ax.set_yticks([])
     fig.suptitle(
-        f"The digits C-space (--encoder {s.encoder}, d = {oset.dim}) in 2-D: UMAP of {len(labels)} "
-        f"held-out digits\nclass {s.avoid_class} avoided; the clean estimate's path in each arm "
+        f"The {data.name} C-space (--encoder {s.encoder}, d = {oset.dim}) in 2-D: UMAP of "
+        f"{len(labels)} held-out {data.noun}\n{data.class_name(s.avoid_class)} avoided; the clean "
+        f"estimate's path in each arm "
         f"from the same {len(chosen)} noises",
         fontsize=10,
     )
@@ -795,18 +1128,24 @@ def renormalised_shift(report: dict, arm: str) -> tuple[float, int] | None:
 def format_report(report: dict) -> str:
     """The report as a plain-text table (with each arm's largest shift of another class against
     the unguided arm, renormalised without the avoided class: :func:`renormalised_shift`) and
-    class histogram."""
+    class histogram; for clothes also the close classes side by side and every class's
+    membership in both twin C-spaces (``membership_by_space``)."""
     c = report["settings"]["avoid_class"]
+    data = data_of(report["settings"]["encoder"])
+    shown = {}
+    for arm in report["arms"]:
+        shift = renormalised_shift(report, arm)
+        shown[arm] = "" if shift is None else f"{shift[0]:+.1f} pts ({data.class_name(shift[1])})"
+    wide = max(21, 1 + max(len(v) for v in shown.values()))  # class names are longer than digits
     head = (
-        f"{'arm':<12}{'avoided':>9}{'renormalised shift':>21}{'judge conf':>12}{'diversity':>11}"
-        f"{'NN-train':>10}{'copies':>8}{'NFE':>6}{'seconds':>9}"
+        f"{'arm':<12}{'avoided':>9}{'renormalised shift':>{wide}}{'judge conf':>12}"
+        f"{'diversity':>11}{'NN-train':>10}{'copies':>8}{'NFE':>6}{'seconds':>9}"
     )
     rows = [head]
     for arm, m in report["arms"].items():
-        shift = renormalised_shift(report, arm)
-        shown = "" if shift is None else f"{shift[0]:+.1f} pts (class {shift[1]})"
         rows.append(
-            f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{shown:>21}{100 * m['judge_confidence']:>11.1f}%"
+            f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{shown[arm]:>{wide}}"
+            f"{100 * m['judge_confidence']:>11.1f}%"
             f"{m['diversity']:>11.3f}{m['nearest_train_distance']:>10.3f}{100 * m['copy_rate']:>7.1f}%"
             f"{m['nfe']:>6.1f}{m['seconds']:>9.1f}"
         )
@@ -830,15 +1169,40 @@ def format_report(report: dict) -> str:
     mem = report.get("membership")
     if mem is not None:
         rows.append(
-            f"membership (unseen digits): class {c} inside a hard radius "
+            f"membership (unseen {data.noun}): {data.class_name(c)} inside a hard radius "
             f"{100 * mem['recall_radius']:.1f}%, within Q* {100 * mem['recall_q_star']:.1f}% "
             f"(recall); other classes {100 * mem['false_positive_radius']:.1f}% / "
             f"{100 * mem['false_positive_q_star']:.1f}% (false positives)"
         )
     rows.append("")
-    rows.append("class shares (%)  " + "".join(f"{k:>6d}" for k in range(10)))
+    rows.append("class shares (%)  " + "".join(f"{k:>6}" for k in data.short))
     for arm, m in report["arms"].items():
         rows.append(f"{arm:<18}" + "".join(f"{100 * v:>6.1f}" for v in m["class_shares"]))
+    if data.close:
+        rows.append("")
+        rows.append("close classes (%)  " + "".join(f"{data.classes[k]:>13}" for k in data.close))
+        for arm, m in report["arms"].items():
+            shares = m["class_shares"]
+            rows.append(f"{arm:<19}" + "".join(f"{100 * shares[k]:>13.1f}" for k in data.close))
+    by_space = report.get("membership_by_space")
+    if by_space:
+        rows.append("")
+        rows.append(
+            f"membership of each class's obstacle set (<= {report['settings']['max_examples']} "
+            f"examples) on the unseen {data.noun}: recall / false positives, inside the hard "
+            f"radius | within Q* (%)"
+        )
+        rows.append(f"{'class':<13}" + "".join(f"{space:>27}" for space in by_space))
+        order = [*data.close, *(k for k in range(len(data.classes)) if k not in data.close)]
+        for k in order:
+            cells = []
+            for space in by_space.values():
+                m = space["classes"][k]
+                cells.append(
+                    f"{100 * m['recall_radius']:5.1f}/{100 * m['false_positive_radius']:5.1f} | "
+                    f"{100 * m['recall_q_star']:5.1f}/{100 * m['false_positive_q_star']:5.1f}"
+                )
+            rows.append(f"{data.classes[k]:<13}" + "".join(f"{cell:>27}" for cell in cells))
     obs = report["obstacles"]
     source = (
         f"{obs['count']} example images as obstacles"
@@ -847,7 +1211,8 @@ def format_report(report: dict) -> str:
     )
     acc = report["classifier"]["heldout_accuracy"]
     rows.append(
-        f"avoided class {c}; {source} in {report['space']['encoder']} "
+        f"avoided {data.class_name(c)}; {source} in "
+        f"{report['space']['encoder']} "
         f"(d={report['space']['dim']}); judge held-out accuracy {100 * report['judge']['heldout_accuracy']:.1f}%; "
         f"classifier held-out accuracy {'n/a' if acc is None else f'{100 * acc:.1f}%'}; total {report['seconds']:.0f} s"
     )
