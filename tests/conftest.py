@@ -40,6 +40,26 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 @pytest.fixture
+def one_distributed_at_a_time(tmp_path_factory):
+    """Hold an inter-process lock for the test: under pytest-xdist the tests that start several
+    processes (torchrun, spawned ranks) run one at a time, whichever worker has them (two at once
+    on 2 cores once ended with a rank aborted). The lock file is in the run's shared temporary
+    folder (the parent of each worker's own)."""
+    try:
+        import fcntl
+    except ImportError:  # not on a POSIX system: no lock
+        yield
+        return
+    lock = tmp_path_factory.getbasetemp().parent / "cspace-distributed-tests.lock"
+    with open(lock, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture
 def run_cli(capsys):
     """``run_cli(argv) -> (exit code, stdout, stderr)``: the ``cspace`` command as a user runs it
     (:func:`cspace.cli.main`: parsing, the command, one-line errors with exit code 2)."""

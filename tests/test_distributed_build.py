@@ -16,8 +16,8 @@ from obstacles.obstacle_set import ObstacleSetError
 from obstacles.sharded import load_shard, save_sharded
 from tests.distributed import spawn
 
-# several processes each, on ports picked at run time: one xdist worker runs them all, in turn
-pytestmark = pytest.mark.xdist_group("distributed")
+# several processes each, on ports picked at run time: one such test at a time (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_distributed_at_a_time")
 
 DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits"
 INPUTS = [str(DIGITS / "0"), str(DIGITS / "1")]  # 80 images

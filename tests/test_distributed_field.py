@@ -11,8 +11,8 @@ from guidance.distributed import DistributedError, ShardedRepulsiveField
 from obstacles import ObstacleSet
 from tests.distributed import spawn
 
-# several processes each, on ports picked at run time: one xdist worker runs them all, in turn
-pytestmark = pytest.mark.xdist_group("distributed")
+# several processes each, on ports picked at run time: one such test at a time (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_distributed_at_a_time")
 
 KEYS = ("potential", "force", "nearest", "clearance", "active", "near_d", "near_id")
 

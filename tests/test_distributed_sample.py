@@ -18,8 +18,8 @@ from cspace.models.tiny_pipelines import tiny_unet
 from obstacles import ObstacleSet
 from tests.distributed import free_port
 
-# several processes each, on ports picked at run time: one xdist worker runs them all, in turn
-pytestmark = pytest.mark.xdist_group("distributed")
+# several processes each, on ports picked at run time: one such test at a time (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_distributed_at_a_time")
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from guidance.distributed import smc as dsmc
 from guidance.search import smc
 from tests.distributed import spawn
 
-# several processes each, on ports picked at run time: one xdist worker runs them all, in turn
-pytestmark = pytest.mark.xdist_group("distributed")
+# several processes each, on ports picked at run time: one such test at a time (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_distributed_at_a_time")
 
 SMC = dict(n_return=2, steps=8, n_particles=12, lam=3.0, threshold=0.9)
 
