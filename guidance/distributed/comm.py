@@ -16,6 +16,7 @@ the ranks that differ, on every rank.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -100,6 +101,7 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = No
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=float(timeout_s)))
             _joined_timeout_s[:] = [float(timeout_s)]
+            atexit.register(_leave)
         except (RuntimeError, ValueError) as err:
             raise DistributedError(
                 f"could not join the process group ({backend}, rank {os.environ.get('RANK')} of "
@@ -107,6 +109,17 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = No
                 "every rank was started"
             ) from err
     return current()
+
+
+def _leave() -> None:
+    """At exit: leave the process group this process joined. A rank that exits with its gloo
+    group alive (its threads still running) was once stopped with "terminate called without an
+    active exception" (SIGABRT) while rank 0 was still writing the outputs."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # at exit, nothing more can be done
+            pass
 
 
 def current(group=None, timeout_s: float | None = None) -> Group:
