@@ -39,7 +39,7 @@ float64 sums between blocks nothing measurable. Float64 work keeps ``eps = 1e-10
 
 **Memory.** The path caches the obstacles in float32 for float32 work (``4 N d`` bytes, the
 inputs' own values; none for float64 work) and per-obstacle numbers (squared norms and
-parameters, about ``120 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
+parameters, about ``100 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
 memory does not grow with N: states are taken ``rows`` at a time (at most 4,096) and obstacles
 ``nb`` at a time (default: ``2^18 / d`` obstacles, so that a block's float64 copy is 2 MiB,
 and ``rows * nb <= 2^20``, from 256 to 8,192; the float32 screening takes ``nbs =
@@ -230,22 +230,12 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> 
         o64=emb,
         on=on,  # float64 squared norms of the centred obstacles
         on_max=float(on.max()),
-        q=q.to(work),
         q64=q,
         qq=(q * (1 + 1e-6)).square(),
-        qmax=float(q.max()),
-        uh=(0.5 * eta_q2).to(work),
-        fp=eta_q3.to(work),
-        uh0=one(0.5 * eta_q2),
-        fp0=one(eta_q3),
         rad0=one(radius),
         rad64=radius,
-        uh_max=float(0.5 * eta_q2.max()),
-        fp_max=float(eta_q3.max()),
         eta_q2=eta_q2,
         eta_q3=eta_q3,
-        uh64=0.5 * eta_q2,
-        fp64=eta_q3,
         rule=cpu_rule(emb.shape[1], work == torch.float64),
     )
 
@@ -306,10 +296,11 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
             screen = False
         stop = min(n, s + nb)
         at = slice(s, stop) if members is None else members[s:stop]
+        o32 = None if cache["o32"] is None or cache["offset"] else cache["o32"][at]
         if cache["offset"]:
             occ = cache["o64"][at] - cache["centre"]  # this block, centred (float64)
-        elif cache["o32"] is not None:
-            occ = cache["o32"][at].double()  # the same values, read at half the bytes
+        elif o32 is not None:
+            occ = o32.double()  # the same values, read at half the bytes
         else:
             occ = cache["o64"][at]
         g = xc @ occ.T  # x'.o', float64 (m, width)
@@ -344,10 +335,8 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
             i, j = torch.isinf(dist).nonzero(as_tuple=True)
             near_pairs.append((i, j + s if members is None else at[j]))
         if n_in:
-            if cache["offset"] or work == torch.float64:
-                ow = occ.to(work)
-            else:  # the cached float32 values, the same numbers
-                ow = cache["o32"][at]
+            # the cached float32 values (the same numbers), else the block in the work dtype
+            ow = o32 if o32 is not None else occ.to(work)
             acc["force"] -= _chunked_product(coef, ow)
         s = stop
     acc["force"] += xc * rowsum[:, None]  # (sum_j c_ij) x'_i, for every block at once
