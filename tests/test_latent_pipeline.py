@@ -12,6 +12,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from cspace.io.errors import MissingWeightsError
+from cspace.models.flow import FlowWeightsError
 from cspace.models.latent_pipeline import (
     LatentFlowPipeline,
     _save_atomic,
@@ -111,10 +112,15 @@ def test_training_end_to_end_on_tiny_files(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         train_latent_flow(tmp_path / "full", data=data, steps=1, progress=False)
-    rep = train_latent_flow(
-        tmp_path / "p", data=data, steps=4, batch_size=8, width=8, max_images=32, progress=False
-    )
-    assert rep["steps"] == 4 and rep["train_images"] == 32
+    kw = dict(data=data, steps=4, batch_size=8, width=8, max_images=32, progress=False)
+    ckpt = tmp_path / "ckpt.safetensors"
+    rep = train_latent_flow(tmp_path / "p", checkpoint=ckpt, checkpoint_every=2, **kw)
+    assert rep["steps"] == 4 and rep["train_images"] == 32 and ckpt.is_file()
+    # the digits flows' loop: its checkpoint carries the settings, so a resume with others fails
+    with pytest.raises(FlowWeightsError, match="other training settings"):
+        train_latent_flow(tmp_path / "q", resume=ckpt, **{**kw, "ema": 0.9})
+    with pytest.raises(ValueError, match="ema must be in"):
+        train_latent_flow(tmp_path / "q", ema=1.0, **kw)
     pipe = load_latent_pipeline(tmp_path / "p")
     assert pipe.unet.config.sample_size == 7 and pipe.unet.config.in_channels == 4
     assert _sample(pipe).images.shape == (2, 1, 28, 28)
@@ -143,3 +149,39 @@ def test_the_shipped_pipeline_makes_clothes_the_judge_recognises():
     # noise gives none of that
     noise = torch.rand(200, 1, 28, 28, generator=g)
     assert default_fashion_judge().report(noise * 2 - 1)["confidence"] < rep["confidence"]
+
+
+def test_cspace_sample_on_a_saved_latent_pipeline_gives_its_own_images(tmp_path, run_cli):
+    """`cspace sample --pipeline` loads cspace's own pipeline class (diffusers' generic loader
+    does not know it) and writes the pipeline's own images, in its own pixel range."""
+    import numpy as np
+    from PIL import Image
+
+    pipe = _tiny_pipe()
+    _save_atomic(pipe, tmp_path / "p")
+    argv = ["sample", "--pipeline", tmp_path / "p", "--n", "2", "--steps", "3", "--seed", "1"]
+    rc, _, err = run_cli([*argv, "--out", tmp_path / "s", "--no-progress"])
+    assert rc == 0, err
+    record = json.loads((tmp_path / "s" / "record.json").read_text())
+    assert record["pipeline_class"] == "LatentFlowPipeline" and record["nfe"] == 6
+    own = _sample(pipe, output_type="pil").images  # the same seed, steps and batch
+    for i in range(2):
+        written = np.asarray(Image.open(tmp_path / "s" / f"image_{i:03d}.png"))
+        assert np.array_equal(written, np.asarray(own[i]).squeeze())
+
+    # a search on the same folder, with an obstacle set built with the pipeline's VAE
+    from cspace.experiments.demo import FASHION_EXAMPLES
+
+    rc, _, err = run_cli(
+        ["obstacles", "build", FASHION_EXAMPLES / "pullover", "--encoder", tmp_path / "p",
+         "--out", tmp_path / "pull.set", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0, err
+    rc, _, err = run_cli(
+        [*argv, "--obstacles", tmp_path / "pull.set", "--search", "rejection", "--budget", "60",
+         "--out", tmp_path / "r", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 0, err
+    record = json.loads((tmp_path / "r" / "record.json").read_text())
+    assert record["nfe"] <= 60 and len(record["per_image"]) == 2
+    assert not any(p["collided"] for p in record["per_image"])

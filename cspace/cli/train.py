@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from cspace.cli.args import nonneg_float, positive_int, seed
 
@@ -160,6 +161,7 @@ def _cmd_vae(args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from cspace.models.latent_pipeline import train_latent_flow
 
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
     report = train_latent_flow(
         args.out,
         vae=args.vae,
@@ -168,6 +170,10 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.no_progress,
+        ema=args.ema,
+        checkpoint=ckpt,
+        resume=ckpt if ckpt is not None and ckpt.is_file() else None,
+        vae_kind=args.space,
     )
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True, default=str))
@@ -319,6 +325,27 @@ def register(subparsers) -> None:
         "--batch-size", type=positive_int, default=128, help="batch size (default 128)"
     )
     pipe.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
+    pipe.add_argument(
+        "--space",
+        choices=("aligned", "plain"),
+        default="aligned",
+        help="which shipped Fashion-MNIST VAE's latents to train in when --vae is not given "
+        "(default aligned; plain: the twin trained without the VF loss)",
+    )
+    pipe.add_argument(
+        "--ema",
+        type=float,
+        default=0.999,
+        help="decay of the weights' moving average that the pipeline keeps (default 0.999; "
+        "0 keeps the raw weights)",
+    )
+    pipe.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="FILE",
+        help="write a training checkpoint here every 1000 steps; if FILE exists, resume from it "
+        "(same settings)",
+    )
     pipe.add_argument("--no-progress", action="store_true", help="no progress bar")
     pipe.add_argument("--json", action="store_true", help="print the report as JSON")
     pipe.set_defaults(func=_cmd_pipeline)

@@ -133,7 +133,10 @@ def _sample_block(
     part: dict = {}
     if search is None:
         kw = {"num_inference_steps": steps, "generator": generator}
-        if "prompt" in inspect.signature(pipe.__call__).parameters:
+        params = inspect.signature(pipe.__call__).parameters
+        if "output_type" in params:  # PIL images: tensors' ranges differ between pipelines
+            kw["output_type"] = "pil"
+        if "prompt" in params:
             if prompt is None:
                 raise ValueError(f"{type(pipe).__name__} needs a prompt (--prompt)")
             kw.update(prompt=[prompt] * n, guidance_scale=guidance_scale)

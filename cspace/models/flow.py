@@ -44,6 +44,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ __all__ = [
     "FlowModel",
     "FlowWeightsError",
     "VelocityNet",
+    "fit_velocity",
     "flow_matching_loss",
     "load_flow",
     "save_flow",
@@ -480,8 +482,8 @@ def train_flow(
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     try:
-        net, metrics = _train_loop(
-            data, cfg, settings, progress, checkpoint, checkpoint_every, resume
+        net, metrics = fit_velocity(
+            lambda: VelocityNet(cfg), data, settings, progress, checkpoint, checkpoint_every, resume
         )
         metrics["threads"] = torch.get_num_threads()
     finally:
@@ -498,7 +500,28 @@ def max_threads() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
-def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, resume):
+def fit_velocity(
+    build: Callable[[], nn.Module],
+    data: torch.Tensor,
+    settings: dict,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
+    resume: str | os.PathLike | None = None,
+    desc: str = "training flow",
+) -> tuple[nn.Module, dict]:
+    r"""The flow-matching training loop of :func:`train_flow`, for any network ``build()`` whose
+    ``forward(x, t)`` maps states (B, c, h, w) and times (B,) in [0, 1] to velocities
+    (B, c, h, w): ``min E |v_theta((1-t) x0 + t eps, t) - (eps - x0)|^2``.
+
+    ``data``: float32 latents (N, c, h, w), already checked. ``settings``: the dict that
+    :func:`train_flow` builds (``seed``, ``steps``, ``batch_size``, ``lr``, ``ema``,
+    ``time_dist``, ``weight_decay``, ``warmup``, ``min_lr_ratio``, ``grad_clip`` and a JSON
+    ``config`` naming the network; all of it is stored in checkpoints and must match on
+    ``resume``). ``build`` is called once, under ``torch.manual_seed(seed)``, so the initial
+    weights come from the seed. Returns the EMA network (eval mode) and the metrics that
+    :func:`train_flow` documents.
+    """
     n = data.shape[0]
     seed, steps, batch_size = settings["seed"], settings["steps"], settings["batch_size"]
     lr, ema, time_dist = settings["lr"], settings["ema"], settings["time_dist"]
@@ -506,7 +529,7 @@ def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, res
     min_lr_ratio, grad_clip = settings["min_lr_ratio"], settings["grad_clip"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))  # initial weights and dropout masks
-        net = VelocityNet(cfg)
+        net = build()
         ema_net = copy.deepcopy(net).eval()
         for p in ema_net.parameters():
             p.requires_grad_(False)
@@ -557,7 +580,7 @@ def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, res
             range(start, steps),
             initial=start,
             total=steps,
-            desc="training flow",
+            desc=desc,
             unit="step",
             disable=not progress,
             mininterval=1.0,
@@ -607,7 +630,7 @@ def _train_loop(data, cfg, settings, progress, checkpoint, checkpoint_every, res
     tail = max(1, steps // 10)
     metrics = {
         **{k: v for k, v in settings.items() if k != "config"},
-        "parameters": ema_net.num_parameters(),
+        "parameters": sum(p.numel() for p in ema_net.parameters()),
         "final_loss": float(losses[steps - tail :].mean()),
         "train_loss": flow_matching_loss(ema_net, data, seed=0),
         "loss_curve": curve,

@@ -18,14 +18,14 @@ wraps it like any other flow-matching pipeline.
 
 Training (:func:`train_latent_flow`): the train split is encoded once (posterior means,
 normalised), then ``L = E || unet((1 - s) x0 + s eps, 1000 s) - (eps - x0) ||^2`` with
-``s ~ U(0, 1)``, AdamW. :func:`load_latent_pipeline` checks the folder (every component
+``s ~ U(0, 1)``, by the digits flows' loop (AdamW, warm-up and cosine decay, gradient
+clipping, EMA weights, checkpoints and resume). :func:`load_latent_pipeline` checks the folder (every component
 present) before diffusers reads it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -49,6 +49,7 @@ from cspace.io.errors import MissingWeightsError
 __all__ = [
     "COMPONENTS",
     "LatentFlowPipeline",
+    "UNetVelocity",
     "build_latent_unet",
     "load_latent_pipeline",
     "train_latent_flow",
@@ -195,6 +196,18 @@ def _save_atomic(pipe: LatentFlowPipeline, out: Path) -> None:
         raise
 
 
+class UNetVelocity(torch.nn.Module):
+    """``v(x, t) = unet(x, 1000 t).sample``: a ``UNet2DModel`` as the ``net(x, t)`` that
+    :func:`cspace.models.flow.fit_velocity` trains (x: (B, c, h, w), t: (B,) in [0, 1])."""
+
+    def __init__(self, unet: UNet2DModel) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t * 1000).sample
+
+
 def train_latent_flow(
     out_dir: str | os.PathLike,
     vae: str | os.PathLike | None = None,
@@ -206,57 +219,73 @@ def train_latent_flow(
     width: int = 64,
     max_images: int | None = None,
     progress: bool = True,
+    ema: float = 0.999,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
+    resume: str | os.PathLike | None = None,
+    vae_kind: str = "aligned",
 ) -> dict[str, Any]:
-    """Train the velocity ``unet`` on the Fashion-MNIST train split's latents under the VAE
-    folder ``vae`` (default: the shipped aligned one) and write the pipeline folder.
+    r"""Train the velocity ``unet`` on the Fashion-MNIST train split's latents under the VAE
+    folder ``vae`` (default: the shipped ``vae_kind`` one, ``"aligned"`` or ``"plain"``) and
+    write the pipeline folder.
 
-    AdamW, linear warm-up over 5% of ``steps`` then cosine decay; ``s ~ U(0, 1)`` per image;
-    everything random from ``seed``. ``out_dir`` must not exist or be empty (checked first).
-    Returns the settings with ``final_loss`` (mean of the last 50 steps) and ``wall_s``.
+    ``L = E || unet((1 - s) x0 + s eps, 1000 s) - (eps - x0) ||^2``, ``s ~ U(0, 1)``, by the
+    training loop of the digits flows (:func:`cspace.models.flow.fit_velocity`): AdamW,
+    linear warm-up over 5% of ``steps`` then cosine decay to 5% of ``lr``, gradient norm
+    clipped at 1, and the pipeline keeps the exponential moving average of the weights (decay
+    ``min(ema, (1+n)/(10+n))``; ``ema=0`` keeps the raw weights). Everything random comes from
+    ``seed``. ``checkpoint``: a safetensors file written every ``checkpoint_every`` steps;
+    ``resume``: continue from one (same settings), giving the same weights as one run.
+    ``out_dir`` must not exist or be empty (checked first). Returns the settings with
+    ``final_loss`` (mean of the last 10% of steps), ``train_loss`` (the EMA net's loss on the
+    latents, fixed draws) and ``wall_s``.
     """
-    from tqdm.auto import tqdm
-
     from cspace.models.data import fashion_mnist
     from cspace.models.encoders import Encoder
+    from cspace.models.flow import fit_velocity
     from cspace.models.vae import load_fashion_vae
 
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
+    if not 0 <= ema < 1:
+        raise ValueError(f"ema must be in [0, 1); got {ema}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"the output folder {out} exists and is not empty; pick a new one")
     check_output_folder(out, "the output folder (--out)")
     t0 = time.perf_counter()
-    autoencoder, meta = load_fashion_vae("aligned", vae)
+    autoencoder, meta = load_fashion_vae(vae_kind, vae)
     enc = Encoder(autoencoder, meta["scaling_factor"], meta["shift_factor"])
     x, _ = fashion_mnist("train", data)
     if max_images is not None:
         x = x[:max_images]
-    z = enc.encode(x, batch_size=500)  # (N, c, h, w), normalised
-    torch.manual_seed(seed)
-    unet = build_latent_unet(z.shape[1], z.shape[2], width)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    warm = max(1, steps // 20)
-    losses = []
-    unet.train()
-    for step in tqdm(range(steps), desc="latent flow", disable=not progress):
-        idx = torch.randint(0, z.shape[0], (batch_size,), generator=g)
-        x0 = z[idx]
-        eps = torch.randn(x0.shape, generator=g)
-        s = torch.rand(batch_size, generator=g)
-        xs = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * eps
-        frac = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in opt.param_groups:
-            group["lr"] = lr * frac
-        loss = (unet(xs, s * 1000).sample - (eps - x0)).pow(2).mean()
-        if not math.isfinite(float(loss.detach())):
-            raise ValueError(f"latent flow training diverged at step {step + 1}; nothing saved")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    unet.eval()
+    z = enc.encode(x, batch_size=500).to(torch.float32).contiguous()  # (N, c, h, w), normalised
+    c, h = int(z.shape[1]), int(z.shape[2])
+    settings = {
+        "config": {"network": "UNet2DModel", "latent_channels": c, "grid": h, "width": width},
+        "steps": int(steps),
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "seed": int(seed),
+        "ema": float(ema),
+        "time_dist": "uniform",
+        "weight_decay": 0.0,
+        "warmup": max(1, int(steps) // 20),
+        "min_lr_ratio": 0.05,
+        "grad_clip": 1.0,
+        "n_train": int(z.shape[0]),
+    }
+    net, metrics = fit_velocity(
+        lambda: UNetVelocity(build_latent_unet(c, h, width)),
+        z,
+        settings,
+        progress,
+        checkpoint,
+        checkpoint_every,
+        resume,
+        desc="latent flow",
+    )
+    unet = net.unet.eval()
     autoencoder.register_to_config(
         scaling_factor=float(meta["scaling_factor"]), shift_factor=float(meta["shift_factor"])
     )
@@ -265,13 +294,11 @@ def train_latent_flow(
     )
     _save_atomic(pipe, out)
     return {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
+        **{k: v for k, v in metrics.items() if k not in ("loss_curve", "n_train")},
         "width": width,
+        "vae": vae_kind if vae is None else str(vae),
         "train_images": int(z.shape[0]),
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "loss_curve": metrics["loss_curve"],
         "wall_s": time.perf_counter() - t0,
         "out_dir": str(out),
     }

@@ -34,13 +34,31 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
             "network run `hf download REPO --local-dir DIR`, and pass DIR"
         )
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            folder, local_files_only=True, low_cpu_mem_usage=False
-        )
+        if _class_name(folder) == "LatentFlowPipeline":  # cspace's own: diffusers does not know it
+            from cspace.models.latent_pipeline import load_latent_pipeline
+
+            pipe = load_latent_pipeline(folder)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(
+                folder, local_files_only=True, low_cpu_mem_usage=False
+            )
     except (OSError, ValueError) as err:
         raise MissingWeightsError(f"cannot load the pipeline at {folder}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _class_name(folder: Path) -> str | None:
+    """The ``_class_name`` that ``model_index.json`` declares (None if it cannot be read)."""
+    import json
+
+    try:
+        with open(folder / "model_index.json", encoding="utf-8") as f:
+            index = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def pipeline_denoiser(
