@@ -7,7 +7,9 @@ Samples ``--n`` images (seed 0) and reports the judge's class shares (and their 
 distance from uniform, 10%), its mean confidence beside that on the 2,000 real held-out images,
 and the Frechet distance between the judge's penultimate features (128-d) of the samples and of
 the held-out images, beside the same distance between 2,000 train images and the held-out ones
-(needs the IDX files for that reference; skipped without them).
+(needs the IDX files for that reference; skipped without them). ``reconstructions``: the same
+figures for the pipeline VAE's reconstructions of the held-out images (posterior means
+decoded): what a perfect generator in this latent space would score, the decoder's ceiling.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     from cspace.models.data import FASHION_CLASSES, fashion_heldout, fashion_mnist
+    from cspace.models.encoders import Encoder
     from cspace.models.fashion_judge import default_fashion_judge
     from cspace.models.latent_pipeline import load_latent_pipeline
 
@@ -73,6 +76,19 @@ def main() -> None:
         "heldout_confidence": real["confidence"],
         "frechet_samples_vs_heldout": frechet(judge.embed(x).numpy(), judge.embed(xh).numpy()),
     }
+    # the decoder's ceiling: the judge on the VAE's reconstructions of the held-out images
+    # (posterior means decoded), which a perfect generator in this latent space would match
+    enc = Encoder(pipe.vae, pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor)
+    with torch.no_grad():
+        rec = enc.decode(enc.encode(xh, batch_size=500), batch_size=500)
+    ceiling = judge.report(rec)
+    res["reconstructions"] = {
+        "class_shares": dict(zip(FASHION_CLASSES, ceiling["class_shares"], strict=True)),
+        "max_share_gap_from_uniform": max(abs(s - 0.1) for s in ceiling["class_shares"]),
+        "confidence": ceiling["confidence"],
+        "frechet_vs_heldout": frechet(judge.embed(rec).numpy(), judge.embed(xh).numpy()),
+    }
+    res["heldout_max_share_gap_from_uniform"] = max(abs(s - 0.1) for s in real["class_shares"])
     try:
         xt, _ = fashion_mnist("train")
         idx = torch.randperm(len(xt), generator=torch.Generator().manual_seed(0))[:2000]

@@ -25,11 +25,13 @@ present) before diffusers reads it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,7 @@ __all__ = [
     "UNetVelocity",
     "build_latent_unet",
     "load_latent_pipeline",
+    "quiet_loading",
     "train_latent_flow",
 ]
 
@@ -175,7 +178,25 @@ def load_latent_pipeline(path: str | os.PathLike) -> LatentFlowPipeline:
                 f"the pipeline folder {folder} has no weights for {name!r} "
                 f"(no {folder / name}/*.safetensors; cspace never reads pickles). {how}"
             )
-    return LatentFlowPipeline.from_pretrained(str(folder), local_files_only=True)
+    with quiet_loading():
+        return LatentFlowPipeline.from_pretrained(
+            str(folder), local_files_only=True, low_cpu_mem_usage=False
+        )
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence diffusers' "Loading pipeline components" bar while a pipeline folder is read
+    (restored afterwards); the commands have their own progress display."""
+    from diffusers.utils import logging as dlog
+
+    was = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            dlog.enable_progress_bar()
 
 
 _CONFIG = {"unet": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}

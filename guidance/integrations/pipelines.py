@@ -33,15 +33,16 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
             "download weights: save one with pipe.save_pretrained(DIR), or on a machine with "
             "network run `hf download REPO --local-dir DIR`, and pass DIR"
         )
+    from cspace.models.latent_pipeline import load_latent_pipeline, quiet_loading
+
     try:
         if _class_name(folder) == "LatentFlowPipeline":  # cspace's own: diffusers does not know it
-            from cspace.models.latent_pipeline import load_latent_pipeline
-
             pipe = load_latent_pipeline(folder)
         else:
-            pipe = DiffusionPipeline.from_pretrained(
-                folder, local_files_only=True, low_cpu_mem_usage=False
-            )
+            with quiet_loading():
+                pipe = DiffusionPipeline.from_pretrained(
+                    folder, local_files_only=True, low_cpu_mem_usage=False
+                )
     except (OSError, ValueError) as err:
         raise MissingWeightsError(f"cannot load the pipeline at {folder}: {err}") from err
     pipe.set_progress_bar_config(disable=True)
