@@ -132,7 +132,8 @@ def test_unknown_data_and_a_foreign_encoder_are_clear_errors(run_cli, capsys, tm
     assert exit_.value.code == 2
     assert "argument --data: invalid choice: 'shoes' (choose from 'digits', 'fashion')" in err
     rc, _, err = run_cli(["demo", "--data", "fashion", "--encoder", "digits", "--out", tmp_path])
-    assert rc == 2 and "not a C-space of --data fashion" in err and "('fashion',)" in err
+    assert rc == 2 and "not a C-space of --data fashion" in err
+    assert "('fashion', 'fashion-plain')" in err
     with pytest.raises(ValueError, match=r"unknown demo data 'shoes'; choose one of \('digits', "):
         settings_for("shoes")
     with pytest.raises(ValueError, match="unknown demo encoder 'shoes'; choose one of"):
@@ -144,6 +145,27 @@ def test_unknown_data_and_a_foreign_encoder_are_clear_errors(run_cli, capsys, tm
     ):
         run_demo(settings_for("fashion", avoid_class=10), out_dir=tmp_path / "z")
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow  # a small demo run in the plain twin's space: about 30 s
+def test_the_plain_twin_space_runs_with_its_own_vae_and_pipeline(tmp_path):
+    """``--encoder fashion-plain``: the plain VAE's latents and the pipeline trained in them;
+    the report's membership row is the plain space's."""
+    from cspace.models.encoders import Encoder
+    from cspace.models.shipped import shipped
+
+    s = settings_for("fashion", encoder="fashion-plain", avoid_class=4, n=16, steps=3)
+    report = run_demo(s, out_dir=None, membership_spaces=True)
+    assert report["settings"]["encoder"] == "fashion-plain"
+    assert set(report["arms"]) == set(ALL_ARMS) and report["space"]["dim"] == 196
+    row = report["membership_by_space"]["plain"]["classes"][4]
+    for key in ("recall_radius", "recall_q_star", "false_positive_radius"):
+        assert row[key] == pytest.approx(report["membership"][key]), key
+    # the obstacle set lives in the plain space: the aligned VAE's set of the same images differs
+    plain, _ = demo_obstacles(Encoder.from_aligned(shipped("fashion_vae_plain")), s)
+    aligned, _ = demo_obstacles(Encoder.from_aligned(shipped("fashion_vae_aligned")), s)
+    assert report["obstacles"]["radius"] == pytest.approx(float(np.median(plain.radius)))
+    assert not np.allclose(plain.embeddings, aligned.embeddings)
 
 
 def test_the_digits_defaults_are_unchanged():

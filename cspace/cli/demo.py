@@ -100,9 +100,10 @@ def register(subparsers) -> None:
     demo.add_argument(
         "--encoder",
         default=None,
-        choices=("digits", "digits-plain", "fashion"),
+        choices=("digits", "digits-plain", "fashion", "fashion-plain"),
         help="C-space: for digits the aligned VAE (digits) or the same VAE without VF loss "
-        "(digits-plain); for --data fashion the aligned VAE of the shipped pipeline (fashion) "
+        "(digits-plain); for --data fashion the aligned VAE and its pipeline (fashion) or the "
+        "plain twin and the pipeline trained in its latents (fashion-plain) "
         "(default: the data set's aligned one)",
     )
     demo.add_argument(

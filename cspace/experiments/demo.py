@@ -73,6 +73,7 @@ __all__ = [
     "ALL_ARMS",
     "ARMS",
     "DATA",
+    "FASHION_SPACES",
     "TWISTED_NFE",
     "DemoData",
     "DemoSettings",
@@ -176,13 +177,21 @@ DATA = {
         examples=FASHION_EXAMPLES,
         folders=_fashion_names()[1],
         label="fashion-",
-        encoders=("fashion",),
+        encoders=("fashion", "fashion-plain"),
         twins=(("aligned", "fashion_vae_aligned"), ("plain", "fashion_vae_plain")),
         close=CLOSE_FASHION,
         grid_scale=2,
         # measured on 2 CPU cores (docs/fashion.md): the default run takes about a minute
         defaults=(("n", 300), ("steps", 20)),
     ),
+}
+
+
+#: the clothes' C-spaces: ``--encoder`` -> (twin name, shipped VAE folder, shipped pipeline
+#: folder whose UNet is the velocity model; trained in that VAE's latents)
+FASHION_SPACES = {
+    "fashion": ("aligned", "fashion_vae_aligned", "fashion_pipeline"),
+    "fashion-plain": ("plain", "fashion_vae_plain", "fashion_pipeline_plain"),
 }
 
 
@@ -226,8 +235,9 @@ class DemoSettings:
     seed: int = 0
     steps: int = 50
     device: str = "cpu"
-    # C-space: "digits" (aligned VAE), "digits-plain" (VF weight 0) or "fashion" (the aligned
-    # Fashion-MNIST VAE and the shipped pipeline's UNet: --data fashion, settings_for)
+    # C-space: "digits" (aligned VAE), "digits-plain" (VF weight 0), "fashion" (the aligned
+    # Fashion-MNIST VAE and the shipped pipeline's UNet: --data fashion, settings_for) or
+    # "fashion-plain" (the plain twin VAE and the pipeline trained in its latents)
     encoder: str = "digits"
     method: str = "sde"  # sampler of every arm: "sde" (needed for backtracking), "euler", "heun"
     strength: float = 5.0  # obstacle-set arm
@@ -242,9 +252,10 @@ class DemoSettings:
 
 def _space(encoder: str, device="cpu"):
     """Encoder and velocity model ``v(x, t)`` (on ``device``) of one C-space: for digits the
-    shipped latent flow, for ``"fashion"`` the UNet of the shipped diffusers pipeline as a
-    velocity (:class:`guidance.integrations.velocity.DiffusersVelocity`) with the aligned VAE
-    (the pipeline's own VAE: the same weights and normalisation, checked)."""
+    shipped latent flow, for clothes the UNet of a shipped diffusers pipeline as a velocity
+    (:class:`guidance.integrations.velocity.DiffusersVelocity`) with its VAE
+    (:data:`FASHION_SPACES`: ``"fashion"`` the aligned VAE's pipeline, ``"fashion-plain"`` the
+    plain twin's; the pipeline's own VAE: the same weights and normalisation, checked)."""
     from cspace.models.encoders import Encoder
     from cspace.models.shipped import SPACES, shipped
 
@@ -253,13 +264,14 @@ def _space(encoder: str, device="cpu"):
         from cspace.models.latent_pipeline import load_latent_pipeline
         from guidance.integrations.velocity import DiffusersVelocity, unconditional
 
-        pipe = load_latent_pipeline(shipped("fashion_pipeline"))
-        enc = Encoder.from_aligned(shipped("fashion_vae_aligned"))
+        _, vae_folder, pipe_folder = FASHION_SPACES[encoder]
+        pipe = load_latent_pipeline(shipped(pipe_folder))
+        enc = Encoder.from_aligned(shipped(vae_folder))
         cfg = pipe.vae.config
         if (cfg.scaling_factor, cfg.shift_factor) != (enc.scaling_factor, enc.shift_factor):
             raise ValueError(
-                "the shipped fashion pipeline's VAE is normalised differently from "
-                f"{shipped('fashion_vae_aligned')}: copy both folders from one release"
+                f"the shipped pipeline {shipped(pipe_folder)}'s VAE is normalised differently "
+                f"from {shipped(vae_folder)}: copy both folders from one release"
             )
         unet = pipe.unet.to(device).eval()
         return enc, DiffusersVelocity(_padded(unconditional(unet)), pipe.scheduler, unet.dtype)
@@ -651,7 +663,7 @@ def _encoder_arg(s: DemoSettings) -> str:
     if data_of(s.encoder).name == "fashion":
         from cspace.models.shipped import shipped
 
-        return str(shipped("fashion_vae_aligned"))
+        return str(shipped(FASHION_SPACES[s.encoder][1]))
     return s.encoder
 
 
@@ -945,13 +957,12 @@ def run_demo(
     report["data_scale"] = scale
     if membership_spaces:
         say(f"measuring every class's obstacle set in {len(data.twins)} C-spaces (membership)")
+        own_space = FASHION_SPACES[s.encoder][0]
         report["membership_by_space"] = membership_by_space(
-            s, device, encoders={data.twins[0][0]: encoder}
+            s, device, encoders={own_space: encoder}
         )
-    if membership_spaces and obstacles is None:  # the demo's set is the first space's row
-        report["membership"] = report["membership_by_space"][data.twins[0][0]]["classes"][
-            s.avoid_class
-        ]
+    if membership_spaces and obstacles is None:  # the demo's set is its own space's row
+        report["membership"] = report["membership_by_space"][own_space]["classes"][s.avoid_class]
     else:
         own_examples = load_images(
             example_files(s.avoid_class, s.max_examples, data), size=data.image_size

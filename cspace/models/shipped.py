@@ -52,6 +52,7 @@ FASHION_NAMES = (
     "fashion_vae_aligned",
     "fashion_vae_plain",
     "fashion_pipeline",
+    "fashion_pipeline_plain",
 )
 ALL_NAMES = NAMES + FASHION_NAMES
 #: C-space name -> (VAE folder, flow folder)
