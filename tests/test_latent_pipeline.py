@@ -121,6 +121,15 @@ def test_training_end_to_end_on_tiny_files(tmp_path):
         train_latent_flow(tmp_path / "q", resume=ckpt, **{**kw, "ema": 0.9})
     with pytest.raises(ValueError, match="ema must be in"):
         train_latent_flow(tmp_path / "q", ema=1.0, **kw)
+    # the checkpoint holds the latents' SHA-256: one of the plain twin's space is not resumed
+    with pytest.raises(FlowWeightsError, match="latents_sha256"):
+        train_latent_flow(tmp_path / "q", resume=ckpt, vae_kind="plain", **kw)
+    # refused before any work: a checkpoint inside the output folder, or a folder as checkpoint
+    with pytest.raises(ValueError, match="inside the output folder"):
+        train_latent_flow(tmp_path / "q", checkpoint=tmp_path / "q" / "ck.st", **kw)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        train_latent_flow(tmp_path / "q", checkpoint=tmp_path, **kw)
+    assert not (tmp_path / "q").exists()
     pipe = load_latent_pipeline(tmp_path / "p")
     assert pipe.unet.config.sample_size == 7 and pipe.unet.config.in_channels == 4
     assert _sample(pipe).images.shape == (2, 1, 28, 28)
@@ -185,3 +194,23 @@ def test_cspace_sample_on_a_saved_latent_pipeline_gives_its_own_images(tmp_path,
     record = json.loads((tmp_path / "r" / "record.json").read_text())
     assert record["nfe"] <= 60 and len(record["per_image"]) == 2
     assert not any(p["collided"] for p in record["per_image"])
+
+
+@pytest.mark.parametrize(
+    "index, why",
+    [
+        ("[1, 2]", "a JSON list, not an object"),
+        ('{"_class_name": "NoSuchPipeline"}', "names the pipeline class 'NoSuchPipeline'"),
+        ('{"_class_name": 3}', "_class_name is 3"),
+        ('{"_class_name": "LatentFlowPipeline", "x": "' + "y" * 70000 + '"}', "more than 65,536"),
+    ],
+)
+def test_cspace_sample_refuses_a_bad_pipeline_index_in_one_line(tmp_path, run_cli, index, why):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "model_index.json").write_text(index)
+    rc, _, err = run_cli(
+        ["sample", "--pipeline", tmp_path / "p", "--n", "1", "--steps", "1", "--out",
+         tmp_path / "s"]
+    )  # fmt: skip
+    assert rc == 2 and why in err and "this is a bug" not in err
+    assert not (tmp_path / "s").exists()

@@ -307,15 +307,16 @@ def register(subparsers) -> None:
         "pipeline",
         help="train the Fashion-MNIST latent flow pipeline (a diffusers folder)",
         description="Train a diffusers UNet2DModel with flow matching on the Fashion-MNIST "
-        "train split's latents under the aligned VAE, and save it with the VAE and a "
-        "FlowMatchEulerDiscreteScheduler as a LatentFlowPipeline folder (save_pretrained).",
+        "train split's latents under the aligned VAE (or its plain twin, --space plain, or your "
+        "VAE folder, --vae), and save it with the VAE and a FlowMatchEulerDiscreteScheduler as a "
+        "LatentFlowPipeline folder (save_pretrained).",
     )
     pipe.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     pipe.add_argument(
         "--vae",
         default=None,
         metavar="DIR",
-        help="VAE folder (default: the shipped aligned Fashion-MNIST VAE)",
+        help="VAE folder (default: the shipped Fashion-MNIST VAE that --space names)",
     )
     _data_dir_option(pipe)
     pipe.add_argument(
@@ -343,8 +344,8 @@ def register(subparsers) -> None:
         "--checkpoint",
         default=None,
         metavar="FILE",
-        help="write a training checkpoint here every 1000 steps; if FILE exists, resume from it "
-        "(same settings)",
+        help="write a training checkpoint here every 1000 steps (outside --out); if FILE "
+        "exists, resume from it (same settings and latents)",
     )
     pipe.add_argument("--no-progress", action="store_true", help="no progress bar")
     pipe.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -8,7 +8,8 @@ back offline:
 * ``unet``: a ``UNet2DModel`` on the normalised latents (4 x 7 x 7), one resolution level (7 is
   odd, so no down-sampling) with a self-attention mid block; it predicts the flow-matching
   velocity ``v = eps - x0`` at ``timestep = 1000 sigma``;
-* ``vae``: the aligned ``AutoencoderKL`` (:func:`cspace.models.vae.load_fashion_vae`), whose
+* ``vae``: the ``AutoencoderKL`` whose latents the UNet was trained in (the aligned one, or its
+  plain twin for ``fashion_pipeline_plain``; :func:`cspace.models.vae.load_fashion_vae`), whose
   config holds ``scaling_factor`` and ``shift_factor``: ``x0 = (mean - shift) * scale``;
 * ``scheduler``: ``FlowMatchEulerDiscreteScheduler`` (``x_sigma = (1 - sigma) x0 + sigma eps``,
   Euler steps from sigma = 1 to 0).
@@ -26,7 +27,9 @@ present) before diffusers reads it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -45,7 +48,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from cspace.io.checks import check_output_folder
+from cspace.io.checks import check_output_file, check_output_folder
 from cspace.io.errors import MissingWeightsError
 
 __all__ = [
@@ -151,8 +154,8 @@ def load_latent_pipeline(path: str | os.PathLike) -> LatentFlowPipeline:
     """
     folder = Path(path)
     how = (
-        "Train it with `cspace train pipeline --out DIR` (or "
-        "cspace.models.latent_pipeline.train_latent_flow)"
+        "Train it with `cspace train pipeline --out DIR` (`--space plain` for the plain twin's "
+        "pipeline; or cspace.models.latent_pipeline.train_latent_flow)"
     )
     index = folder / "model_index.json"
     if not index.is_file():
@@ -256,24 +259,36 @@ def train_latent_flow(
     clipped at 1, and the pipeline keeps the exponential moving average of the weights (decay
     ``min(ema, (1+n)/(10+n))``; ``ema=0`` keeps the raw weights). Everything random comes from
     ``seed``. ``checkpoint``: a safetensors file written every ``checkpoint_every`` steps;
-    ``resume``: continue from one (same settings), giving the same weights as one run.
+    ``resume``: continue from one (same settings and the same latents: their SHA-256 is part of
+    the settings), giving the same weights as one run. Both must lie outside ``out_dir``.
     ``out_dir`` must not exist or be empty (checked first). Returns the settings with
     ``final_loss`` (mean of the last 10% of steps), ``train_loss`` (the EMA net's loss on the
     latents, fixed draws) and ``wall_s``.
     """
     from cspace.models.data import fashion_mnist
     from cspace.models.encoders import Encoder
-    from cspace.models.flow import fit_velocity
+    from cspace.models.flow import MAX_LR, fit_velocity
     from cspace.models.vae import load_fashion_vae
 
     if steps < 1 or batch_size < 1:
         raise ValueError("steps and batch_size must be >= 1")
     if not 0 <= ema < 1:
         raise ValueError(f"ema must be in [0, 1); got {ema}")
+    if not (math.isfinite(lr) and 0 < lr <= MAX_LR):
+        raise ValueError(f"lr must be in (0, {MAX_LR:g}]; got {lr}")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"the output folder {out} exists and is not empty; pick a new one")
     check_output_folder(out, "the output folder (--out)")
+    for path, flag in ((checkpoint, "--checkpoint"), (resume, "the checkpoint to resume")):
+        if path is None:
+            continue
+        check_output_file(path, f"the checkpoint ({flag})")
+        if Path(path).resolve().is_relative_to(out.resolve()):
+            raise ValueError(
+                f"the checkpoint {path} ({flag}) is inside the output folder {out}, which must "
+                "be empty when the pipeline is saved; keep the checkpoint outside it"
+            )
     t0 = time.perf_counter()
     autoencoder, meta = load_fashion_vae(vae_kind, vae)
     enc = Encoder(autoencoder, meta["scaling_factor"], meta["shift_factor"])
@@ -281,7 +296,11 @@ def train_latent_flow(
     if max_images is not None:
         x = x[:max_images]
     z = enc.encode(x, batch_size=500).to(torch.float32).contiguous()  # (N, c, h, w), normalised
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError("the VAE gave non-finite latents for the train split; check its weights")
     c, h = int(z.shape[1]), int(z.shape[2])
+    # the latents' identity (VAE and images): a checkpoint of another space is not resumed
+    digest = hashlib.sha256(z.numpy().tobytes()).hexdigest()
     settings = {
         "config": {"network": "UNet2DModel", "latent_channels": c, "grid": h, "width": width},
         "steps": int(steps),
@@ -295,6 +314,7 @@ def train_latent_flow(
         "min_lr_ratio": 0.05,
         "grad_clip": 1.0,
         "n_train": int(z.shape[0]),
+        "latents_sha256": digest,
     }
     net, metrics = fit_velocity(
         lambda: UNetVelocity(build_latent_unet(c, h, width)),
@@ -315,7 +335,9 @@ def train_latent_flow(
     )
     _save_atomic(pipe, out)
     return {
-        **{k: v for k, v in metrics.items() if k not in ("loss_curve", "n_train")},
+        **{
+            k: v for k, v in metrics.items() if k not in ("loss_curve", "n_train", "latents_sha256")
+        },
         "width": width,
         "vae": vae_kind if vae is None else str(vae),
         "train_images": int(z.shape[0]),

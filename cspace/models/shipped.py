@@ -16,6 +16,7 @@ name                 what                                                      m
 ``fashion_vae_aligned`` the Fashion-MNIST VAE with the VF loss (latents 4x7x7) ``cspace train vae --data fashion``
 ``fashion_vae_plain``  the same without the VF loss (its plain twin)           ``cspace train vae --data fashion``
 ``fashion_pipeline``   the latent flow pipeline on the aligned VAE (diffusers)  ``cspace train pipeline``
+``fashion_pipeline_plain`` the same on the plain twin's latents                ``cspace train pipeline --space plain``
 ===================  ========================================================  =====================
 
 :data:`NAMES` are the digits weights (converted from the older layouts, see below);

@@ -24,6 +24,7 @@ __all__ = ["decode", "load_pipeline", "pipeline_denoiser", "to_pil"]
 
 def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
     """A diffusers pipeline from a local folder, offline; a clear error when it is not there."""
+    import diffusers
     from diffusers import DiffusionPipeline
 
     folder = Path(path)
@@ -35,8 +36,15 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
         )
     from cspace.models.latent_pipeline import load_latent_pipeline, quiet_loading
 
+    name = _class_name(folder)
+    if name != "LatentFlowPipeline" and not hasattr(diffusers, name):
+        raise MissingWeightsError(
+            f"{folder / 'model_index.json'} names the pipeline class {name!r}, which neither "
+            f"diffusers {diffusers.__version__} nor cspace (LatentFlowPipeline) has; check the "
+            "folder, or update diffusers"
+        )
     try:
-        if _class_name(folder) == "LatentFlowPipeline":  # cspace's own: diffusers does not know it
+        if name == "LatentFlowPipeline":  # cspace's own: diffusers does not know it
             pipe = load_latent_pipeline(folder)
         else:
             with quiet_loading():
@@ -49,17 +57,31 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
     return pipe.to(device)
 
 
-def _class_name(folder: Path) -> str | None:
-    """The ``_class_name`` that ``model_index.json`` declares (None if it cannot be read)."""
+#: the largest ``model_index.json`` read (real ones are under 1 KiB)
+MAX_INDEX_BYTES = 1 << 16
+
+
+def _class_name(folder: Path) -> str:
+    """The ``_class_name`` that ``model_index.json`` declares, after checking the file: at most
+    :data:`MAX_INDEX_BYTES`, JSON, an object with a string ``_class_name`` (else
+    :class:`MissingWeightsError` naming what is wrong)."""
     import json
 
+    index = folder / "model_index.json"
     try:
-        with open(folder / "model_index.json", encoding="utf-8") as f:
-            index = json.loads(f.read(1 << 20))
-    except (OSError, ValueError):
-        return None
-    name = index.get("_class_name") if isinstance(index, dict) else None
-    return name if isinstance(name, str) else None
+        size = index.stat().st_size
+        if size > MAX_INDEX_BYTES:
+            raise ValueError(f"it is {size:,} bytes, more than {MAX_INDEX_BYTES:,}")
+        with open(index, encoding="utf-8") as f:
+            meta = json.loads(f.read(MAX_INDEX_BYTES + 1))
+        if not isinstance(meta, dict):
+            raise ValueError(f"it holds a JSON {type(meta).__name__}, not an object")
+        name = meta.get("_class_name")
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"its _class_name is {name!r}, not a class name")
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+        raise MissingWeightsError(f"{index} is not a diffusers pipeline index: {err}") from err
+    return name
 
 
 def pipeline_denoiser(
