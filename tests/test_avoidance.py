@@ -379,7 +379,7 @@ def test_auto_chooses_by_the_pilot():
     res99 = auto.search(very.velocity, very.shape, very.verifier, 200 * 50 * 10,
                         field=very.field, n_return=200, steps=50, generator=gen(52),
                         data_scale=0.35, pilot=400)  # fmt: skip
-    assert res99.records["choice"] == "twisted-smc/dpm-twist"
+    assert res99.records["choice"] == "twisted-smc/dpm-twist-ess0.3"
     assert res99.records["inside_estimate"] >= 0.95
     assert res99.records["chosen"]["proposal"] == "twist"
     for r, prob, budget in ((res, high, 200 * 50 * 3), (res99, very, 200 * 50 * 10)):

@@ -65,7 +65,7 @@ def test_search_errors():
 
 
 def test_search_algorithm_options_reach_the_algorithm_and_the_report():
-    """--method/--time-shift/--proposal are the algorithm's own keyword options: they change
+    """--method/--time-shift/--proposal/--ess-threshold are the algorithm's own options: they change
     what it does (the NFE per sample of the stochastic Heun step), appear in the report, and are
     refused, naming the flag and the algorithms that take it, where they do not apply."""
     base = ["search", "--algo", "twisted-smc", "--budget", "4000", "--n", "20", "--steps", "10",
@@ -84,6 +84,17 @@ def test_search_algorithm_options_reach_the_algorithm_and_the_report():
         run(["search", "--algo", "best-of-n", "--budget", "4000", "--time-shift", "2"])
     with pytest.raises(SystemExit):
         run(["search", "--algo", "twisted-smc", "--budget", "4000", "--time-shift", "0"])
+    # --ess-threshold: how often the particles are resampled (coverage 0.9: the weights move)
+    high = [*base[:-3], "0.9", "--json", "--no-progress"]
+    every = json.loads(run([*high, "--ess-threshold", "1"]))
+    rare = json.loads(run([*high, "--ess-threshold", "0.3"]))
+    assert every["options"] == {"threshold": 1.0} and rare["options"] == {"threshold": 0.3}
+    assert every["records"]["resamplings"] == 9 > rare["records"]["resamplings"]  # 10 steps
+    assert every["hit_rate"] == rare["hit_rate"] == 0
+    with pytest.raises(ValueError, match="--ess-threshold does not apply to --algo rejection"):
+        run(["search", "--algo", "rejection", "--budget", "4000", "--ess-threshold", "0.3"])
+    with pytest.raises(SystemExit):
+        run(["search", "--algo", "twisted-smc", "--budget", "4000", "--ess-threshold", "0"])
 
 
 @pytest.mark.parametrize("algo", cli_search.ALGOS)

@@ -215,11 +215,12 @@ def exact_targets(problem: SearchProblem, n: int, seed: int):
 
 
 #: the algorithms' own keyword options a user may set (``cspace search`` flags)
-USER_OPTIONS = ("method", "shift", "proposal")
+USER_OPTIONS = ("method", "shift", "proposal", "threshold")
 
 
 def check_options(algo: str, options: dict | None) -> dict:
-    """The user's algorithm options (``cspace search --method/--time-shift/--proposal``), checked
+    """The user's algorithm options (``cspace search --method/--time-shift/--proposal/
+    --ess-threshold``), checked
     against what ``algo`` accepts; a :class:`ValueError` names the option and the algorithms that
     take it."""
     options = dict(options or {})
@@ -230,7 +231,7 @@ def check_options(algo: str, options: dict | None) -> dict:
             )
         if key not in ALGORITHMS[algo].options:
             takers = sorted(a for a, entry in ALGORITHMS.items() if key in entry.options)
-            flag = {"shift": "--time-shift"}.get(key, f"--{key}")
+            flag = {"shift": "--time-shift", "threshold": "--ess-threshold"}.get(key, f"--{key}")
             raise ValueError(
                 f"{flag} does not apply to --algo {algo}; it applies to {', '.join(takers)}"
             )

@@ -8,10 +8,11 @@ r"""``auto``: rejection sampling where it is cheap, twisted SMC where it is not,
    and the remaining budget pays ``1.2 x`` its expected cost; otherwise twisted SMC
    (:mod:`guidance.search.twisted`) runs on the remaining budget: with the model's proposal and
    Euler-Maruyama steps, or, where ``c >= high_coverage`` (default 0.95), with TDS's proposal on
-   SDE-DPM-Solver++ 2M steps and the grid shifted by 0.5 (``"twisted-smc/dpm-twist"``). Measured
-   on the toy (docs/noise-vs-trajectory.md, section 6): at coverage 0.99 the second is 1.1-2.3 x
-   the exact floor where the first is 2.3-7 x; at coverage 0.8 (2.5 particles per sample) it is
-   worse, 2.9-7.3 x against 1.2-3.1 x. The threshold between the two measured coverages is a
+   SDE-DPM-Solver++ 2M steps, the grid shifted by 0.5 and resampling at ESS < 0.3 N
+   (:data:`HIGH_COVERAGE_SETTING`, ``"twisted-smc/dpm-twist-ess0.3"``). Measured on the toy
+   (docs/noise-vs-trajectory.md, section 6): at coverage 0.99 the second is 1.2-1.8 x the exact
+   floor where the first is 2.3-7 x; at coverage 0.8 (2.5 particles per sample) TDS's proposal
+   is worse, 2.9-7.3 x against 1.2-3.1 x. The threshold between the two measured coverages is a
    choice, not a measurement.
 3. **Reuse.** The pilot's draws that fell outside are exact samples: rejection keeps them and
    draws only the rest. Twisted SMC does not use them (its particles start from noise); the
@@ -20,7 +21,7 @@ r"""``auto``: rejection sampling where it is cheap, twisted SMC where it is not,
 A pilot that finds no sample outside raises :class:`SearchError` naming the estimate (every
 draw inside: the mass outside is below ``3 / pilot`` at 95%), before anything else is computed.
 
-Records: ``choice`` (``"rejection"``, ``"twisted-smc"`` or ``"twisted-smc/dpm-twist"``),
+Records: ``choice`` (``"rejection"``, ``"twisted-smc"`` or ``"twisted-smc/dpm-twist-ess0.3"``),
 ``inside_estimate``,
 ``inside_interval`` (95% Wilson), ``pilot`` (draws), ``pilot_nfe``, and the chosen algorithm's
 records under ``chosen``.
@@ -39,7 +40,12 @@ from guidance.search.budget import BudgetExceeded
 from guidance.search.common import SearchError, SearchResult, begin, draw_noise
 from guidance.search.protocol import Algorithm
 
-__all__ = ["search", "wilson_interval"]
+#: twisted SMC's setting where the pilot finds at least ``high_coverage`` of the mass inside:
+#: TDS's proposal on SDE-DPM-Solver++ 2M steps, the grid shifted by 0.5, resampling when the
+#: ESS falls below 0.3 x the particles (measured: docs/noise-vs-trajectory.md, section 6)
+HIGH_COVERAGE_SETTING = {"method": "dpm-sde", "proposal": "twist", "shift": 0.5, "threshold": 0.3}
+
+__all__ = ["HIGH_COVERAGE_SETTING", "search", "wilson_interval"]
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -131,8 +137,8 @@ def search(
             records["chosen"] = rest.records
     else:
         high = c_hat >= float(high_coverage)
-        records["choice"] = "twisted-smc/dpm-twist" if high else "twisted-smc"
-        setting = {"method": "dpm-sde", "proposal": "twist", "shift": 0.5} if high else {}
+        records["choice"] = "twisted-smc/dpm-twist-ess0.3" if high else "twisted-smc"
+        setting = HIGH_COVERAGE_SETTING if high else {}
         res = twisted.search(velocity, shape, verifier, run.budget, field=field,
                              n_return=n_return, steps=steps, generator=generator,
                              data_scale=data_scale, temper=temper, dtype=dtype,
