@@ -263,7 +263,7 @@ def train_latent_flow(
     the settings), giving the same weights as one run. Both must lie outside ``out_dir``.
     ``out_dir`` must not exist or be empty (checked first). Returns the settings with
     ``final_loss`` (mean of the last 10% of steps), ``train_loss`` (the EMA net's loss on the
-    latents, fixed draws) and ``wall_s``.
+    first 5,000 latents, fixed draws) and ``wall_s``.
     """
     from cspace.models.data import fashion_mnist
     from cspace.models.encoders import Encoder
