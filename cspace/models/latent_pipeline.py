@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -50,6 +49,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from cspace.io.checks import check_output_file, check_output_folder
 from cspace.io.errors import MissingWeightsError
+from cspace.io.untrusted import FormatError, parse_json
 
 __all__ = [
     "COMPONENTS",
@@ -58,6 +58,7 @@ __all__ = [
     "build_latent_unet",
     "load_latent_pipeline",
     "quiet_loading",
+    "read_pipeline_index",
     "train_latent_flow",
 ]
 
@@ -160,14 +161,9 @@ def load_latent_pipeline(path: str | os.PathLike) -> LatentFlowPipeline:
     index = folder / "model_index.json"
     if not index.is_file():
         raise MissingWeightsError(f"no latent flow pipeline at {folder}: {index} is missing. {how}")
-    if index.stat().st_size > 65536:
-        raise ValueError(f"{index} is larger than 64 KiB: not a pipeline index")
-    try:
-        meta = json.loads(index.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{index} is not JSON: {err}") from err
-    if not isinstance(meta, dict) or meta.get("_class_name") != LatentFlowPipeline.__name__:
-        got = meta.get("_class_name") if isinstance(meta, dict) else type(meta).__name__
+    meta = read_pipeline_index(folder)
+    if meta.get("_class_name") != LatentFlowPipeline.__name__:
+        got = meta.get("_class_name")
         raise ValueError(f"{index} describes {got!r}, not a {LatentFlowPipeline.__name__}")
     for name in COMPONENTS:
         if name not in meta or not (folder / name / _CONFIG[name]).is_file():
@@ -185,6 +181,30 @@ def load_latent_pipeline(path: str | os.PathLike) -> LatentFlowPipeline:
         return LatentFlowPipeline.from_pretrained(
             str(folder), local_files_only=True, low_cpu_mem_usage=False
         )
+
+
+#: the largest ``model_index.json`` read (real ones are under 1 KiB)
+MAX_INDEX_BYTES = 1 << 16
+
+
+def read_pipeline_index(folder: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of ``folder/model_index.json`` (any diffusers pipeline folder), read as
+    untrusted: at most :data:`MAX_INDEX_BYTES` (checked before reading), UTF-8 JSON of bounded
+    depth (:func:`cspace.io.untrusted.parse_json`), an object. Raises ``OSError`` when it cannot
+    be read and ``ValueError`` naming the file and what is wrong otherwise."""
+    index = Path(folder) / "model_index.json"
+    size = index.stat().st_size
+    if size > MAX_INDEX_BYTES:
+        raise ValueError(f"{index}: it is {size:,} bytes, more than {MAX_INDEX_BYTES:,}")
+    with open(index, "rb") as f:
+        data = f.read(MAX_INDEX_BYTES + 1)
+    try:
+        meta = parse_json(data, max_bytes=MAX_INDEX_BYTES)
+    except FormatError as err:
+        raise ValueError(f"{index}: {err}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{index}: it holds a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
 @contextlib.contextmanager

@@ -57,29 +57,18 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
     return pipe.to(device)
 
 
-#: the largest ``model_index.json`` read (real ones are under 1 KiB)
-MAX_INDEX_BYTES = 1 << 16
-
-
 def _class_name(folder: Path) -> str:
-    """The ``_class_name`` that ``model_index.json`` declares, after checking the file: at most
-    :data:`MAX_INDEX_BYTES`, JSON, an object with a string ``_class_name`` (else
-    :class:`MissingWeightsError` naming what is wrong)."""
-    import json
+    """The ``_class_name`` that ``model_index.json`` declares, after checking the file
+    (:func:`cspace.models.latent_pipeline.read_pipeline_index`: bounded, JSON, an object) and
+    the name (else :class:`MissingWeightsError` naming what is wrong)."""
+    from cspace.models.latent_pipeline import read_pipeline_index
 
     index = folder / "model_index.json"
     try:
-        size = index.stat().st_size
-        if size > MAX_INDEX_BYTES:
-            raise ValueError(f"it is {size:,} bytes, more than {MAX_INDEX_BYTES:,}")
-        with open(index, encoding="utf-8") as f:
-            meta = json.loads(f.read(MAX_INDEX_BYTES + 1))
-        if not isinstance(meta, dict):
-            raise ValueError(f"it holds a JSON {type(meta).__name__}, not an object")
-        name = meta.get("_class_name")
+        name = read_pipeline_index(folder).get("_class_name")
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"its _class_name is {name!r}, not a class name")
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError included
+    except (OSError, ValueError) as err:
         raise MissingWeightsError(f"{index} is not a diffusers pipeline index: {err}") from err
     return name
 
