@@ -49,6 +49,7 @@ the loop is compiled in each process instead. Rows run on numba's threads
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -155,10 +156,7 @@ def far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot
         shared = numba.threading_layer() != "workqueue"
     except ValueError:  # no parallel loop has run yet: the layer is not chosen
         shared = False
-    if shared:
-        return _far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot,
-                          rowsum, active)  # fmt: skip
-    with _TURNS:
+    with contextlib.nullcontext() if shared else _TURNS:
         return _far_pairs(g, dist, c, xn, par, base, tau, slack, rho, pair_cap, pot_cap, pot,
                           rowsum, active)  # fmt: skip
 
