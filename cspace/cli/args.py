@@ -10,6 +10,7 @@ import decimal
 __all__ = [
     "MAX_SEED",
     "fraction",
+    "fraction_to_one",
     "nonneg_float",
     "nonnegative_int",
     "positive_float",
@@ -75,6 +76,17 @@ def fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
+    return value
+
+
+def fraction_to_one(text: str) -> float:
+    """A number in (0, 1], 1 included (an ESS threshold: 1 resamples at every step)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
     return value
 
 

@@ -11,7 +11,15 @@ import argparse
 import json
 import sys
 
-from cspace.cli.args import fraction, nonnegative_int, positive_float, positive_int, seed, toy_dim
+from cspace.cli.args import (
+    fraction,
+    fraction_to_one,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    seed,
+    toy_dim,
+)
 
 __all__ = ["register"]
 
@@ -45,17 +53,6 @@ def _options(args: argparse.Namespace) -> dict:
         "threshold": args.ess_threshold,
     }
     return {k: v for k, v in given.items() if v is not None}
-
-
-def _fraction(text: str) -> float:
-    """A number in (0, 1] (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]; got {text}")
-    return value
 
 
 def _verifier(args: argparse.Namespace) -> str:
@@ -236,7 +233,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--ess-threshold",
-        type=_fraction,
+        type=fraction_to_one,
         default=None,
         metavar="F",
         help="resample when the effective sample size falls below F x the particles, F in "
