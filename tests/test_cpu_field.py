@@ -5,6 +5,10 @@ block sizes, thread counts and dtypes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -146,17 +150,45 @@ def test_bad_block_threads_backend(kw, match):
 
 
 def test_threads_are_set_for_the_call_and_restored():
-    oset = ObstacleSet.from_embeddings(np.random.default_rng(5).normal(size=(1200, 6)), q_star=1.0)
-    before = torch.get_num_threads()
-    x = torch.randn(3, 6)
     import numba
 
+    oset = ObstacleSet.from_embeddings(np.random.default_rng(5).normal(size=(1200, 6)), q_star=1.0)
+    # read numba's count first: its first read starts numba's threads, which may change what
+    # torch reports (the next test checks that the field's own first start does not)
     numba_before = numba.get_num_threads()
+    before = torch.get_num_threads()
+    x = torch.randn(3, 6)
     one = RepulsiveField(oset, backend="cpu", threads=1).evaluate(x)
     assert torch.get_num_threads() == before
     # numba's count (the fused loop's threads) too: it stayed at 1 for the rest of the process
     assert numba.get_num_threads() == numba_before
     assert torch.allclose(one.force, RepulsiveField(oset, backend="cpu").evaluate(x).force)
+
+
+def test_the_first_call_in_a_process_keeps_torchs_thread_count():
+    """numba's OpenMP layer shares the OpenMP thread count with torch: the first start of its
+    threads set torch's count to numba's (every CPU), so a process that had asked torch for one
+    thread ran on all of them after its first field evaluation. A fresh process, one torch
+    thread, the fast path's first call (with and without ``threads``)."""
+    code = (
+        "import numpy as np, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from guidance import RepulsiveField\n"
+        "from obstacles import ObstacleSet\n"
+        "o = ObstacleSet.from_embeddings(np.random.default_rng(5).normal(size=(1200, 6)), "
+        "q_star=1.0)\n"
+        "RepulsiveField(o, backend='cpu').evaluate(torch.randn(3, 6))\n"
+        "a = torch.get_num_threads()\n"
+        "RepulsiveField(o, backend='cpu', threads=1).evaluate(torch.randn(3, 6))\n"
+        "print('threads', a, torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env["NUMBA_NUM_THREADS"] = "2"  # more than the one thread torch is asked for
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "threads 1 1" in run.stdout, run.stdout
 
 
 def test_outside_the_range_the_reference_runs():
@@ -186,10 +218,6 @@ def test_threads_calling_at_once_on_numbas_workqueue_layer():
     """numba's workqueue layer (what numba falls back to without OpenMP or TBB) aborts the process
     when two threads launch parallel loops at once: the fused pass takes turns there, and every
     thread gets the one-thread answer."""
-    import os
-    import subprocess
-    import sys
-
     code = """
 import threading, numpy as np, torch
 from guidance import RepulsiveField
@@ -298,3 +326,86 @@ def test_the_fused_loop_itself_takes_the_caps_for_infinite_prefactors():
     for g, r in zip(got, ref, strict=True):
         assert bool(torch.isfinite(g.double()).all())
         assert torch.allclose(g.double(), r.double(), rtol=1e-9, atol=0), (g, r)
+
+
+def _screen_values(x, o, centre):
+    """The screening's float32 squared distances (guidance/kernels/cpu.py's own function) of
+    states ``x`` (B, d) and obstacles ``o`` (N, d), float64, centred on ``centre`` (float64)
+    and rounded to float32 as the path does, and the norms of the float32 vectors."""
+    from guidance.kernels.cpu import screen_values
+
+    x32, o32 = (x - centre).float(), (o - centre).float()
+    xn, on = x32.double().pow(2).sum(1), o32.double().pow(2).sum(1)
+    s32 = screen_values(x32, xn.float(), o32, on.float())
+    return s32.double(), xn.sqrt(), on.sqrt()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_screening_bound_holds_and_is_tight_for_far_states(seed):
+    """bounds.screen_bound: |s32 - D^2| <= a |x~||o~| + b |x~|^2 + c |o~|^2 on random problems
+    (d from 1 to 3,000; norms from 1e-3 to 1e4; common offsets and none; states far from and
+    on the obstacles). The true D^2 is taken from float64 differences of the float32 values."""
+    from guidance.kernels.bounds import screen_bound
+
+    rng = np.random.default_rng(100 + seed)
+    worst = 0.0
+    for _ in range(40):
+        d = int(rng.choice([1, 2, 3, 7, 64, 300, 3000]))
+        scale, off = 10.0 ** rng.uniform(-3, 2), 10.0 ** rng.uniform(-3, 4) * rng.integers(0, 2)
+        o = torch.from_numpy(rng.normal(scale=scale, size=(50, d)) + off).float().double()
+        far = 10.0 ** rng.uniform(-3, 4)
+        x = torch.cat([o[:3], torch.from_numpy(rng.normal(scale=far, size=(5, d)))]).float()
+        x = x.double()
+        centre = o.mean(0) if rng.integers(0, 2) else torch.zeros(d, dtype=torch.float64)
+        s32, nx, no = _screen_values(x, o, centre)
+        true = (x[:, None, :] - o[None]).pow(2).sum(-1)
+        a, b, c = screen_bound(d)
+        bound = a * nx[:, None] * no[None] + b * nx[:, None] ** 2 + c * no[None] ** 2
+        ratio = float(((s32 - true).abs() / bound.clamp(min=1e-300)).max())
+        worst = max(worst, ratio)
+        assert ratio <= 1.0, (d, scale, off, far, ratio)
+    assert worst > 1e-3  # the errors are of the bound's order somewhere (it is not vacuous)
+
+
+def test_the_screening_separates_obstacles_seen_from_afar():
+    """Obstacles with a common offset of 1e3 (spread 1) seen from states near the origin,
+    d = 3,072 (the latents of a 4x32x32 pipeline): the obstacles that may be a row's nearest under the bound (within twice it of the
+    row's smallest value) are a handful; under the earlier ``(d + 4) u (|x|^2 + |o|^2)`` they
+    were more than the 1/32 of a block that the screening takes."""
+    from guidance.kernels.bounds import U32, screen_bound
+
+    rng = np.random.default_rng(7)
+    d = 3072
+    o = torch.from_numpy(rng.normal(size=(500, d)) + 1e3).float().double()
+    x = torch.from_numpy(rng.normal(size=(4, d))).float().double()
+    s32, nx, no = _screen_values(x, o, o.mean(0))
+    a, b, c = screen_bound(d)
+    slack = 2 * (a * nx * no.max() + b * nx**2 + c * no.max() ** 2)
+    rowmin = s32.min(dim=1).values
+    kept = (s32 <= (rowmin + slack)[:, None]).sum(dim=1)
+    assert bool((kept <= 5).all()), kept
+    old = 2 * (d + 4) * U32 * (x.pow(2).sum(1) + o.pow(2).sum(1).max())  # uncentred, as before
+    s_raw, _, _ = _screen_values(x, o, torch.zeros(d, dtype=torch.float64))
+    kept_old = (s_raw <= (s_raw.min(dim=1).values + old)[:, None]).sum(dim=1)
+    assert bool((kept_old > len(o) // 32).all()), kept_old
+
+
+def test_offset_obstacles_out_of_reach_take_the_screening_alone(monkeypatch):
+    """A set with a common offset, out of every state's reach, states near the origin: every
+    block is settled by the float32 screening (the float64 products' loop never runs), the
+    few pairs that may be a row's nearest take the exact differences, and the results are the
+    reference's."""
+    import guidance.kernels.cpu_loops as loops
+
+    rng = np.random.default_rng(11)
+    o = rng.normal(size=(20000, 96)) + 1e3
+    oset = ObstacleSet.from_embeddings(o, q_star=1.0)
+    x64 = torch.from_numpy(rng.normal(size=(6, 96))).float().double()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a block took the float64 products")
+
+    monkeypatch.setattr(loops, "far_pairs", refuse)
+    _, out, ref = _check(oset, x64, torch.float32, 1e-5)
+    assert torch.equal(out.nearest, ref.nearest.float())  # the exact differences, rounded
+    assert float(out.force.abs().max()) == 0.0 and float(out.potential.abs().max()) == 0.0

@@ -66,6 +66,7 @@ __all__ = [
     "ExpansionRule",
     "cpu_rule",
     "kernel_rule",
+    "screen_bound",
 ]
 
 U32 = 2.0**-24
@@ -173,3 +174,45 @@ def cpu_rule(d: int, float64: bool) -> ExpansionRule:
     if float64:
         return ExpansionRule(BOUNDS["cpu64"], U64, gamma, 16 * U64, 4 * U64)
     return ExpansionRule(BOUNDS["cpu32"], U64, gamma, C_F * 1.5 * U32 + 10 * U32, 1.5 * U32)
+
+
+def screen_bound(d: int) -> tuple[float, float, float]:
+    r"""Coefficients ``(a, b, c)`` of the float32 screening's error bound (fast CPU path, float32
+    work): for the float32 vectors ``x~ = fl32(x - c0)``, ``o~ = fl32(o - c0)`` (``c0`` the
+    obstacles' centre, or 0 with no common offset: then ``x~ = x``, ``o~ = o`` exactly), the
+    screening's float32 value ``s32 = fl(fl(|o~|^2) - 2 fl(x~.o~) + fl(|x~|^2))`` is within
+
+        |s32 - D^2| <= a |x~| |o~| + b |x~|^2 + c |o~|^2
+
+    of the true squared distance ``D^2 = |x - o|^2``, with ``u = 2^-24`` and
+    ``gamma_d = d u / (1 - d u)``:
+
+    * the product: ``|fl(x~.o~) - x~.o~| <= gamma_d sum_k |x~_k o~_k| <= gamma_d |x~||o~|`` (any
+      summation order, with or without fused multiply-adds), doubled by ``alpha = -2`` (exact);
+    * the norms, float64 sums (``d 2^-53`` relative) rounded once to float32: ``(u + d 2^-53)
+      |x~|^2`` and the same for ``|o~|^2``;
+    * the two additions: ``u (|o~|^2 + 2 |x~||o~|)`` and ``u (|x~| + |o~|)^2``;
+    * the centring: ``x~ = x' + dx`` with ``|dx| <= u |x'|`` (one float64 subtraction, then one
+      rounding to float32, each relative per coordinate), so ``| |x~ - o~| - D | <= e =
+      u (|x'| + |o'|)`` and ``| |x~ - o~|^2 - D^2 | <= e (2 D + e) <= 2 u (|x~| + |o~|)^2``
+      to first order.
+
+    Summed: ``a = 2 gamma_d + 8 u``, ``b = 4 u + d 2^-53``, ``c = 5 u + d 2^-53``, each raised by
+    ``1e-6`` of itself for the second-order terms (``u^2`` and the float64 subtraction's
+    ``2^-53``, both below ``1e-7 u``). The cross term ``a |x~||o~|`` is what a product of two
+    long vectors costs; the squares are a few roundings. An earlier form, ``(d + 4) u (|x~|^2 +
+    |o~|^2)``, was as tight only when ``|x~| = |o~|`` (and short of the worst case by about
+    ``u S``, an alignment of roundings never seen in the tests): a state far from obstacles that
+    sit close together (a common offset, or a cloud seen from afar) made it wider than the
+    differences between the obstacles' distances, and the screening kept every obstacle as a
+    candidate for the row's nearest.
+
+    Raises:
+        ValueError: when ``d u >= 1/2`` (``d >= 2^23``), where the bound no longer holds in this
+        form; the caller then does not screen.
+    """
+    if d * U32 >= 0.5:
+        raise ValueError(f"the float32 screening's bound needs d < 2^23; got d = {d}")
+    gamma_d = d * U32 / (1 - d * U32)
+    m = 1 + 1e-6
+    return (2 * gamma_d + 8 * U32) * m, (4 * U32 + d * U64) * m, (5 * U32 + d * U64) * m

@@ -7,8 +7,10 @@ For states ``x`` (B, d) and obstacles ``o`` (N, d) (both centred on the obstacle
 each block of ``nb`` obstacles costs:
 
 0. **screening** (float32 work, one hard radius for all): one float32 product of the inputs'
-   own float32 values; when at most 1/32 of the block's pairs may be within Q* or be their
-   row's nearest (its rounding bounded by ``(d + 4) 2^-24 (|x|^2 + |o|^2)``), those pairs take
+   own float32 values (with an offset: centred in float64, then rounded to float32); when at
+   most 1/32 of the block's pairs may be within Q* or be their row's nearest (its error bounded
+   by ``a |x~||o~| + b |x~|^2 + c |o~|^2``, :func:`guidance.kernels.bounds.screen_bound`:
+   ``a`` about ``2 d 2^-24``, ``b`` and ``c`` a few ``2^-24``), those pairs take
    the differences below and the block is done (sparse sets); otherwise the block, and the
    rest of the group, go on (a group's first screened block is a small one, 1,024 obstacles, so
    that a dense group finds out cheaply);
@@ -67,9 +69,18 @@ from contextlib import contextmanager
 
 import torch
 
-from guidance.kernels.bounds import cpu_rule
+from guidance.kernels.bounds import U32, cpu_rule, screen_bound
 
-__all__ = ["MAX_BLOCK", "check_block", "check_threads", "cpu_pair_sums", "threads_of"]
+__all__ = [
+    "MAX_BLOCK",
+    "check_block",
+    "check_threads",
+    "cpu_pair_sums",
+    "extent",
+    "prepare",
+    "screen_values",
+    "threads_of",
+]
 
 MAX_BLOCK = 1 << 24
 """The largest block (obstacles at a time) the CPU path accepts."""
@@ -172,8 +183,13 @@ def cpu_pair_sums(
     b, d = e.shape
     out = _Out(b, d)
     n = cache["o64"].shape[0]
-    numba_threads = numba.get_num_threads()  # restored after the call, as torch's are
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    # numba's OpenMP layer shares the OpenMP runtime's thread count with torch: its first launch
+    # and numba.set_num_threads both change what torch.get_num_threads() reports. Both counts
+    # are read before numba is touched and restored after the call (the caller's torch setting
+    # survives the call, the first one in the process included)
+    torch_threads = torch.get_num_threads()
+    numba_threads = numba.get_num_threads()
+    numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     try:
         if groups is None:
             for r0 in range(0, b, _ROWS):
@@ -186,47 +202,71 @@ def cpu_pair_sums(
                       out)  # fmt: skip
     finally:
         numba.set_num_threads(numba_threads)
+        torch.set_num_threads(torch_threads)
     return out.pot, out.force, out.near, out.clear, out.active
 
 
-def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype) -> dict:
+def extent(emb: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """``(mean, max |emb - mean|, max |emb|)`` of obstacles ``emb`` (N, d) float64: the mean (d,)
+    and the largest coordinate of the set centred on it and as given, from per-coordinate
+    minima and maxima (rounding is monotone, so ``max_i fl(e_ik - c_k) = fl(max_i e_ik - c_k)``:
+    the same numbers as the centred copy would give, without an (N, d) temporary)."""
+    mean = emb.mean(dim=0)
+    lo, hi = emb.amin(dim=0), emb.amax(dim=0)  # (torch.aminmax is 5x slower along dim 0)
+    centred = max(float((hi - mean).max()), float((mean - lo).max()))
+    return mean, centred, max(float(hi.abs().max()), float(lo.abs().max()))
+
+
+def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype, extent_=None) -> dict:
     """The state-independent inputs of :func:`cpu_pair_sums` for obstacles ``emb`` (N, d)
     float64 with per-obstacle ``q``, ``eta/Q^2``, ``eta/Q^3`` and ``radius`` (float64), for work
-    in ``work`` (float32 or float64).
+    in ``work`` (float32 or float64); ``extent_``: :func:`extent` of ``emb`` when the caller has
+    it.
 
     The obstacles are centred on their mean only when that mean lies farther from the origin
     than they spread around it (a common offset, which would inflate every pair's rho); then
     each block is centred when it is used. Otherwise the products take the obstacles as they
-    are. Cached: the obstacles in float32 for float32 work (the inputs' own values), and
-    per-obstacle numbers (squared norms, parameters)."""
-    mean = emb.mean(dim=0)
-    spread = float((emb - mean).abs().max()) if emb.shape[0] > 1 else 0.0
+    are. Cached: the obstacles in float32 for float32 work (the inputs' own values, centred and
+    rounded with an offset), and per-obstacle numbers (squared norms, parameters). One pass over
+    the set, 16,384 obstacles at a time (no (N, d) float64 temporary)."""
+    mean, spread, _ = extent_ if extent_ is not None else extent(emb)
     offset = float(mean.abs().max()) > spread
     centre = mean if offset else torch.zeros_like(mean)
-    on = torch.zeros(emb.shape[0], dtype=torch.float64)
-    for s in range(0, emb.shape[0], 1 << 14):  # without a centred (N, d) copy
-        on[s : s + (1 << 14)] = (emb[s : s + (1 << 14)] - centre).pow(2).sum(dim=1)
+    on = torch.empty(emb.shape[0], dtype=torch.float64)
+    # float32 screening for float32 work (bounds.screen_bound): the obstacles' float32 values
+    # (exact copies of the set's), centred in float64 and rounded to float32 with an offset
+    screen = None
+    o32 = raw = None
+    if work == torch.float32 and emb.shape[1] * U32 < 0.5:
+        screen = screen_bound(emb.shape[1])
+        o32 = torch.empty(emb.shape, dtype=torch.float32)
+        raw = torch.empty(emb.shape[0], dtype=torch.float64)  # |o~|^2 of the float32 values
+    for s in range(0, emb.shape[0], 1 << 14):
+        block = emb[s : s + (1 << 14)] - centre if offset else emb[s : s + (1 << 14)]
+        on[s : s + (1 << 14)] = torch.einsum("ij,ij->i", block, block)  # 5x .pow(2).sum(1)
+        if o32 is not None:
+            o32[s : s + (1 << 14)] = block
+            wide = o32[s : s + (1 << 14)].double()
+            raw[s : s + (1 << 14)] = torch.einsum("ij,ij->i", wide, wide)
+    on32 = reach32 = None
+    omax32 = 0.0
+    if screen is not None:
+        on32 = raw.to(torch.float32)
+        omax32 = float(raw.max()) ** 0.5
+        reach32 = ((q.square() * (1 + 8e-6) + screen[2] * raw) * (1 + 1e-6)).to(torch.float32)
 
     def one(v):  # a scalar when every obstacle has the same value (a cheaper broadcast)
         return float(v[0]) if bool((v == v[0]).all()) else None
 
-    # float32 screening for float32 work: the inputs' float32 values (exact copies of the set's)
-    o32 = on32 = reach32 = None
-    gamma32 = (emb.shape[1] + 4) * 2.0**-24
-    if work == torch.float32:
-        o32 = emb.to(torch.float32)
-        raw = emb.pow(2).sum(dim=1)
-        on32 = raw.to(torch.float32)
-        reach32 = ((q.square() * (1 + 8e-6) + gamma32 * raw) * (1 + 1e-6)).to(torch.float32)
     return dict(
         work=work,
         centre=centre,
         offset=offset,
-        o32=o32,
+        o32=o32,  # the float32 values the screening takes (centred with an offset)
         on32=on32,
-        on32_max=0.0 if on32 is None else float(on32.max()),
+        omax32=omax32,
         reach32=reach32,
-        gamma32=gamma32,
+        screen=screen,  # (a, b, c) of bounds.screen_bound, or None: no screening
         o64=emb,
         on=on,  # float64 squared norms of the centred obstacles
         on_max=float(on.max()),
@@ -266,16 +306,21 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
     near_g = torch.full((m,), torch.inf, dtype=torch.float64)
     clear_g = torch.full((m,), torch.inf, dtype=torch.float64)
     near_pairs = []
-    # float32 screening (float32 work, one hard radius): the inputs' own float32 values; a
+    # float32 screening (float32 work, one hard radius): the float32 values of prepare(); a
     # group whose first screened block is dense stops screening (it would only add work)
-    screen = cache["o32"] is not None and cache["rad0"] is not None
+    screen = cache["screen"] is not None and cache["rad0"] is not None
     if screen:
-        x32 = e[rows].to(torch.float32)  # exact: the states are float32 (or half) values
-        xn32 = e[rows].pow(2).sum(dim=1)
-        g32 = cache["gamma32"]
-        row_thr = (g32 * xn32).to(torch.float32)  # gamma |x|^2, per row
-        near_slack = (2 * g32 * (xn32 + cache["on32_max"]) * (1 + 1e-6)).to(torch.float32)
-        xn32 = xn32.to(torch.float32)
+        # the states centred like the obstacles, in float64, rounded to float32 (exact without
+        # an offset: the states are float32, or half, values); the bound of
+        # bounds.screen_bound, err <= a |x~||o~| + b |x~|^2 + c |o~|^2, with max |o~| for |o~|
+        # in the rows' parts
+        x32 = xc.to(torch.float32)
+        xn64 = x32.double().pow(2).sum(dim=1)
+        a, b, c = cache["screen"]
+        err = a * xn64.sqrt() * cache["omax32"] + b * xn64  # per row, c |o~|^2 in reach32
+        row_thr = (err * (1 + 1e-6)).to(torch.float32)
+        near_slack = (2 * (err + c * cache["omax32"] ** 2) * (1 + 1e-6)).to(torch.float32)
+        xn32 = xn64.to(torch.float32)
     # screened blocks are long (float32 products only: nbs obstacles, the first one _PROBE); the
     # block where the screen fails (a dense group) and the rest of the group take the float64
     # path, nb obstacles at a time
@@ -296,7 +341,7 @@ def _sums(e, rows, members, cache, rho, pair_cap, pot_cap, block, out):
             screen = False
         stop = min(n, s + nb)
         at = slice(s, stop) if members is None else members[s:stop]
-        o32 = None if cache["o32"] is None or cache["offset"] else cache["o32"][at]
+        o32 = None if cache["o32"] is None or cache["offset"] else cache["o32"][at]  # exact
         if cache["offset"]:
             occ = cache["o64"][at] - cache["centre"]  # this block, centred (float64)
         elif o32 is not None:
@@ -356,13 +401,12 @@ def _screen(x32, xn32, row_thr, near_slack, at, cache, size):
     the nearest of their row, when they are at most 1/32 of the block (else None: the block
     takes the float64 path).
 
-    The float32 expansion of the inputs' exact float32 values is within
-    ``gamma32 (|x|^2 + |o|^2)`` of D^2 (``gamma32 = (d + 4) 2^-24``, BLAS rounding to nearest);
-    a pair with ``s32 > Q^2 (1 + 8e-6) + gamma32 (|x|^2 + |o|^2)`` is certainly out of range, and
-    one with ``s32 > min_row(s32) + 2 gamma32 (|x|^2 + max |o|^2)`` is certainly not its row's
-    nearest."""
-    s32 = torch.addmm(cache["on32"][at][None, :], x32, cache["o32"][at].T, alpha=-2)
-    s32.add_(xn32[:, None])
+    The float32 expansion ``s32`` is within ``err_ij = a |x~_i||o~_j| + b |x~_i|^2 + c |o~_j|^2``
+    of D^2 (:func:`guidance.kernels.bounds.screen_bound`); a pair with ``s32 > Q^2 (1 + 8e-6) +
+    err_ij`` is certainly out of range, and one with ``s32 > min_row(s32) + 2 max_j err_ij`` is
+    certainly not its row's nearest (``row_thr`` and ``reach32`` hold the row's and the
+    obstacle's parts of ``err``, ``near_slack`` twice its row maximum)."""
+    s32 = screen_values(x32, xn32, cache["o32"][at], cache["on32"][at])
     maybe = s32 <= cache["reach32"][at][None, :] + row_thr[:, None]
     rowmin = s32.amin(dim=1)
     maybe |= s32 <= (rowmin + near_slack)[:, None]
@@ -370,6 +414,17 @@ def _screen(x32, xn32, row_thr, near_slack, at, cache, size):
     if count > max(64, size // 32):
         return None
     return maybe.nonzero(as_tuple=True)
+
+
+def screen_values(x32, xn32, o32, on32) -> torch.Tensor:
+    """The screening's float32 squared distances ``(|o~|^2 - 2 x~.o~) + |x~|^2`` (m, n) of
+    float32 vectors ``x32`` (m, d), ``o32`` (n, d) with their float32 squared norms ``xn32``
+    (m,), ``on32`` (n,), in the order :func:`guidance.kernels.bounds.screen_bound` bounds.
+
+    The product is taken alone, not as ``addmm(on32, x32, o32.T)``: BLAS adds a product into
+    its output block by block over d, so each partial sum would be rounded at the size of
+    ``|o~|^2`` (an error ``gamma_d |o~|^2``, the very term the bound keeps out)."""
+    return (x32 @ o32.T).mul_(-2).add_(on32[None, :]).add_(xn32[:, None])
 
 
 _K = 256  # the longest float32 summation chain of the force product

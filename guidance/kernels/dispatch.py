@@ -76,12 +76,14 @@ class KernelPath:
                 params_ok = bool(
                     n * float(per_f.max()) < big * big and n * float(per_u.max()) < big * big
                 )
-            centre = f._emb.mean(dim=0)
+            from guidance.kernels.cpu import extent
+
+            centre, centred_max, raw_max = extent(f._emb)
             self._limits = dict(
                 params_ok=params_ok,
                 centre=centre,
-                centred_max=float((f._emb - centre).abs().max()),
-                raw_max=float(f._emb.abs().max()),
+                centred_max=centred_max,
+                raw_max=raw_max,
             )
         return self._limits
 
@@ -154,9 +156,10 @@ class KernelPath:
         work = torch.float64 if x_dtype == torch.float64 else torch.float32
         key = ("cpu", work)
         if key not in self._cache:
+            lim = self.limits()
             self._cache[key] = prepare(
                 f._emb, f._q, over_power(f._eta, f._q, 2), over_power(f._eta, f._q, 3),
-                f._radius, work,
+                f._radius, work, extent_=(lim["centre"], lim["centred_max"], lim["raw_max"]),
             )  # fmt: skip
         cache = self._cache[key]
         e = e.to(torch.float64)
