@@ -40,8 +40,9 @@ within a block add at most ``nb`` roundings of the sum of the terms (``sqrt(nb)`
 float64 sums between blocks nothing measurable. Float64 work keeps ``eps = 1e-10``.
 
 **Memory.** The path caches the obstacles in float32 for float32 work (``4 N d`` bytes, the
-inputs' own values; none for float64 work) and per-obstacle numbers (squared norms and
-parameters, about ``100 N`` bytes); the field keeps its float64 copy (``8 N d``). Its working
+inputs' own values; none for float64 work) and per-obstacle numbers (about ``72 N`` bytes: a
+(6, N) float64 array of norms and parameters, eta/Q^2 and eta/Q^3, two float32 vectors); the
+field keeps its float64 copy (``8 N d``). Its working
 memory does not grow with N: states are taken ``rows`` at a time (at most 4,096) and obstacles
 ``nb`` at a time (default: ``2^18 / d`` obstacles, so that a block's float64 copy is 2 MiB,
 and ``rows * nb <= 2^20``, from 256 to 8,192; the float32 screening takes ``nbs =
@@ -232,7 +233,14 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype, ext
     mean, spread, _ = extent_ if extent_ is not None else extent(emb)
     offset = float(mean.abs().max()) > spread
     centre = mean if offset else torch.zeros_like(mean)
-    on = torch.empty(emb.shape[0], dtype=torch.float64)
+    # the (6, N) per-obstacle numbers of cpu_loops.far_pairs, written once: |o'|^2, Q*,
+    # (Q (1 + 1e-6))^2, then eta/(2 Q^2) and eta/Q^3 for the call's caps (_parameters), and the
+    # hard radius; the cache's squared norms, Q*, ... are views of its rows
+    par = torch.empty(6, emb.shape[0], dtype=torch.float64)
+    on = par[0]
+    par[1] = q
+    torch.square(q * (1 + 1e-6), out=par[2])
+    par[5] = radius
     # float32 screening for float32 work (bounds.screen_bound): the obstacles' float32 values
     # (exact copies of the set's), centred in float64 and rounded to float32 with an offset
     screen = None
@@ -268,12 +276,14 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype, ext
         reach32=reach32,
         screen=screen,  # (a, b, c) of bounds.screen_bound, or None: no screening
         o64=emb,
+        par=par,
+        caps=None,  # the caps par's rows 3 and 4 hold
         on=on,  # float64 squared norms of the centred obstacles
         on_max=float(on.max()),
-        q64=q,
-        qq=(q * (1 + 1e-6)).square(),
+        q64=par[1],
+        qq=par[2],
         rad0=one(radius),
-        rad64=radius,
+        rad64=par[5],
         eta_q2=eta_q2,
         eta_q3=eta_q3,
         rule=cpu_rule(emb.shape[1], work == torch.float64),
@@ -448,15 +458,15 @@ def _chunked_product(c: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 def _parameters(cache: dict, pair_cap: float, pot_cap: float) -> torch.Tensor:
     """The (6, N) float64 per-obstacle numbers of :func:`guidance.kernels.cpu_loops.far_pairs`
-    for these caps (cached): ``|o'|^2``, Q*, ``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``, ``eta/Q^3``
-    (an infinite prefactor replaced by its cap as the reference does) and the hard radius."""
-    key = ("par", pair_cap, pot_cap)
-    if key not in cache:
-        uh = torch.nan_to_num(0.5 * cache["eta_q2"], posinf=pot_cap)
-        fp = torch.nan_to_num(cache["eta_q3"], posinf=pair_cap)
-        rows = [cache["on"], cache["q64"], cache["qq"], uh, fp, cache["rad64"]]
-        cache[key] = torch.stack(rows).contiguous()
-    return cache[key]
+    (written by :func:`prepare`): ``|o'|^2``, Q*, ``(Q (1 + 1e-6))^2``, ``eta/(2 Q^2)``,
+    ``eta/Q^3`` (an infinite prefactor replaced by its cap as the reference does; rows 3 and 4
+    rewritten when the caps change, which they do not for one field) and the hard radius."""
+    par = cache["par"]
+    if cache["caps"] != (pair_cap, pot_cap):
+        torch.nan_to_num(0.5 * cache["eta_q2"], posinf=pot_cap, out=par[3])
+        torch.nan_to_num(cache["eta_q3"], posinf=pair_cap, out=par[4])
+        cache["caps"] = (pair_cap, pot_cap)
+    return par
 
 
 def _near(e, rows, cols, cache, rho, pair_cap, pot_cap, out, d):

@@ -76,6 +76,15 @@ def _njit(**options):
     return wrap
 
 
+@_njit(inline="always", nogil=True, error_model="numpy")
+def _squared(xi, on_j, g_j):
+    """``(S, s)``: ``S = |x'|^2 + |o'|^2`` and the squared distance from the expansion,
+    ``s = max(S - 2 x'.o', 0)`` (module docstring; inlined where it is used, with the caller's
+    flags)."""
+    sj = xi + on_j
+    return sj, max(sj - 2.0 * g_j, 0.0)
+
+
 @_njit(fastmath=_FLAGS, nogil=True, error_model="numpy", boundscheck=False)
 def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     """One state's pairs of the block (module docstring): fills ``dist`` and ``c`` (nb,) and
@@ -86,8 +95,7 @@ def _row(g, dist, c, xi, par, base, tau, slack, inv_rho, pair_cap, pot_cap):
     n_near = 0
     for j in range(g.shape[0]):
         b = base + j
-        sj = xi + par[0, b]
-        s = max(sj - 2.0 * g[j], 0.0)
+        sj, s = _squared(xi, par[0, b], g[j])
         near = (s <= tau * sj) & (s <= par[2, b] + slack)
         d = math.sqrt(s)
         inv_d = 1.0 / d  # +inf at d = 0: then near, and nothing below is used
@@ -126,14 +134,13 @@ def _close_extremes(g, dist, xi, par, base, tau, slack):
     cmin = np.inf
     for j in range(g.shape[0]):
         b = base + j
-        s = max(xi + par[0, b] - 2.0 * g[j], 0.0)
+        s = _squared(xi, par[0, b], g[j])[1]
         smin = min(smin, s)
         cmin = min(cmin, math.sqrt(s + err) - par[5, b])
     marked = 0
     for j in range(g.shape[0]):
         b = base + j
-        sj = xi + par[0, b]
-        s = max(sj - 2.0 * g[j], 0.0)
+        sj, s = _squared(xi, par[0, b], g[j])
         if s <= tau * sj and dist[j] != np.inf:
             low = math.sqrt(max(s - err, 0.0)) - par[5, b]
             if s <= smin + 2.0 * err or low <= cmin:
