@@ -30,6 +30,7 @@ import torch
 from guidance.distributed.comm import all_gather_cat, all_reduce, check_same, check_world, current
 from guidance.distributed.smc import generator_digest
 from guidance.sampling import time_grid
+from guidance.sampling.steps import trajectory_nfe
 from guidance.search.budget import Budget
 from guidance.search.common import SearchError, SearchResult, begin, check_states, draw_noise, ode
 
@@ -98,7 +99,7 @@ def best_of_n_top_k(
     )  # fmt: skip
     check_same(settings, "best-of-N settings and generator seed", g)
     check_world(n, "candidates", g, "use fewer processes or more candidates")
-    cost = int(steps) * (2 if method == "heun" else 1)
+    cost = trajectory_nfe(steps, method)
     run, shape = begin("best-of-n", velocity, shape, verifier, Budget(n * cost), 1, steps)
     lo, hi = g.block(n)
     check_states("best-of-n", hi - lo, shape, dtype, f"{hi - lo:,} candidates on this rank")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import torch
 
+from guidance.sampling.steps import trajectory_nfe
 from guidance.search.budget import BudgetExceeded
 from guidance.search.common import (
     SearchError,
@@ -119,9 +120,9 @@ def search(
         raise SearchError(f"paths: empty candidate set (n_copies={n_copies})")
     if method not in ("euler", "heun"):
         raise SearchError(f"paths solves ODEs: method must be 'euler' or 'heun'; got {method}")
-    nfe_step = 2 if method == "heun" else 1
+    nfe_step = trajectory_nfe(1, method)  # one ODE step
     iters, _init, per_start = plan(steps, start, forward, backward, int(n_copies), nfe_step)
-    each = per_sample_budget(run.budget, n_return, int(steps) * nfe_step, "paths")
+    each = per_sample_budget(run.budget, n_return, trajectory_nfe(steps, method), "paths")
     n = each // per_start if n_starts is None else int(n_starts)
     if n_starts is None and n < 1:
         raise BudgetExceeded(
