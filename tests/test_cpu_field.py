@@ -169,18 +169,25 @@ def test_the_first_call_in_a_process_keeps_torchs_thread_count():
     """numba's OpenMP layer shares the OpenMP thread count with torch: the first start of its
     threads set torch's count to numba's (every CPU), so a process that had asked torch for one
     thread ran on all of them after its first field evaluation. A fresh process, one torch
-    thread, the fast path's first call (with and without ``threads``)."""
+    thread, the fast path's first call (with and without ``threads``): torch's count during the
+    call's products and after it."""
     code = (
         "import numpy as np, torch\n"
         "torch.set_num_threads(1)\n"
         "from guidance import RepulsiveField\n"
+        "import guidance.kernels.cpu as cpu\n"
         "from obstacles import ObstacleSet\n"
+        "during, inner = [], cpu._sums\n"
+        "def spy(*a, **k):\n"
+        "    during.append(torch.get_num_threads())\n"
+        "    return inner(*a, **k)\n"
+        "cpu._sums = spy\n"
         "o = ObstacleSet.from_embeddings(np.random.default_rng(5).normal(size=(1200, 6)), "
         "q_star=1.0)\n"
         "RepulsiveField(o, backend='cpu').evaluate(torch.randn(3, 6))\n"
         "a = torch.get_num_threads()\n"
         "RepulsiveField(o, backend='cpu', threads=1).evaluate(torch.randn(3, 6))\n"
-        "print('threads', a, torch.get_num_threads())\n"
+        "print('threads', a, torch.get_num_threads(), 'during', sorted(set(during)))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
     env["NUMBA_NUM_THREADS"] = "2"  # more than the one thread torch is asked for
@@ -188,7 +195,7 @@ def test_the_first_call_in_a_process_keeps_torchs_thread_count():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "threads 1 1" in run.stdout, run.stdout
+    assert "threads 1 1 during [1]" in run.stdout, run.stdout  # the products ran on 1 too
 
 
 def test_outside_the_range_the_reference_runs():
@@ -259,7 +266,13 @@ def test_cpu_path_runs_where_numba_has_no_writable_cache_folder():
         "import numpy as np, torch\n"
         "torch.set_num_threads(1)\n"
         "from guidance import RepulsiveField\n"
+        "import guidance.kernels.cpu as cpu\n"
         "from obstacles import ObstacleSet\n"
+        "during, inner = [], cpu._sums\n"
+        "def spy(*a, **k):\n"
+        "    during.append(torch.get_num_threads())\n"
+        "    return inner(*a, **k)\n"
+        "cpu._sums = spy\n"
         "o = np.random.default_rng(0).normal(size=(1100, 3))\n"
         "oset = ObstacleSet.from_embeddings(o, q_star=1.0)\n"
         "x = torch.from_numpy(o[:2] + 0.1)\n"
@@ -409,3 +422,23 @@ def test_offset_obstacles_out_of_reach_take_the_screening_alone(monkeypatch):
     _, out, ref = _check(oset, x64, torch.float32, 1e-5)
     assert torch.equal(out.nearest, ref.nearest.float())  # the exact differences, rounded
     assert float(out.force.abs().max()) == 0.0 and float(out.potential.abs().max()) == 0.0
+
+
+def test_float32_states_take_float64_work_unless_matmul_precision_is_highest():
+    """``torch.set_float32_matmul_precision("medium")`` lets the CPU take float32 products in
+    bfloat16 (oneDNN), beyond the screening's and the force's bounds: float32 states are then
+    summed in float64 (the documented fallback), within the float32 bound all the same."""
+    rng = np.random.default_rng(12)
+    o, x = _blobs(rng, 3000, 24, 9)
+    oset = ObstacleSet.from_embeddings(o, q_star=2.0)
+    x64 = torch.from_numpy(x).float().double()
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        field, _, _ = _check(oset, x64, torch.float32, 1e-5, max_force=1e30)
+        assert ("cpu", torch.float64) in field.kernel._cache
+        assert ("cpu", torch.float32) not in field.kernel._cache
+    finally:
+        torch.set_float32_matmul_precision(before)
+    field, _, _ = _check(oset, x64, torch.float32, 1e-5, max_force=1e30)
+    assert ("cpu", torch.float32) in field.kernel._cache

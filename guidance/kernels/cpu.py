@@ -189,8 +189,9 @@ def cpu_pair_sums(
     # are read before numba is touched and restored after the call (the caller's torch setting
     # survives the call, the first one in the process included)
     torch_threads = torch.get_num_threads()
-    numba_threads = numba.get_num_threads()
+    numba_threads = numba.get_num_threads()  # may start numba's threads, changing torch's count
     numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(torch_threads)  # the products of this call run on the caller's count
     try:
         if groups is None:
             for r0 in range(0, b, _ROWS):

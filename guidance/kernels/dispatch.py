@@ -148,12 +148,18 @@ class KernelPath:
     def cpu(self, e: torch.Tensor, x_dtype: torch.dtype):
         """The fast CPU path's pair sums for embeddings ``e`` (B, d) float64 (the states' exact
         values), as float64; over the clusters alive for each group of states when pruning.
-        Sets the field's ``last_evaluated``."""
+        Float32 work for states of other dtypes than float64, unless torch's float32 matmul
+        precision is not ``"highest"`` (then float64 work: that setting lets the CPU take float32
+        products in bfloat16, beyond the bounds). Sets the field's ``last_evaluated``."""
         from guidance.kernels.cpu import _GROUP, cpu_pair_sums, prepare, threads_of
 
         f = self.field
         n = len(f.obstacles)
-        work = torch.float64 if x_dtype == torch.float64 else torch.float32
+        # float32 work relies on IEEE float32 products (the screening's and the force's bounds);
+        # with torch.set_float32_matmul_precision("high" or "medium") the CPU may take them in
+        # bfloat16 (oneDNN, AMX), so the sums are then taken in float64 (slower, as accurate)
+        ieee = torch.get_float32_matmul_precision() == "highest"
+        work = torch.float32 if x_dtype != torch.float64 and ieee else torch.float64
         key = ("cpu", work)
         if key not in self._cache:
             lim = self.limits()
