@@ -10,6 +10,11 @@ the held-out images, beside the same distance between 2,000 train images and the
 (needs the IDX files for that reference; skipped without them). ``reconstructions``: the same
 figures for the pipeline VAE's reconstructions of the held-out images (posterior means
 decoded): what a perfect generator in this latent space would score, the decoder's ceiling.
+
+    python benchmarks/fashion_generator.py --vae VAE_DIR [--out FILE]
+
+reports that ceiling alone for an aligned-VAE folder (``cspace train vae --data fashion``), as
+the first check of a retrained VAE before a generator is trained in its latents.
 """
 
 from __future__ import annotations
@@ -34,20 +39,50 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa + sb - 2 * root))
 
 
+def reconstructions(enc, judge, xh: torch.Tensor) -> dict:
+    """The judge's figures on ``enc``'s reconstructions of the held-out images ``xh`` (posterior
+    means decoded): class shares, their largest gap from 10%, confidence, Frechet distance."""
+    from cspace.models.data import FASHION_CLASSES
+
+    with torch.no_grad():
+        rec = enc.decode(enc.encode(xh, batch_size=500), batch_size=500)
+    ceiling = judge.report(rec)
+    return {
+        "class_shares": dict(zip(FASHION_CLASSES, ceiling["class_shares"], strict=True)),
+        "max_share_gap_from_uniform": max(abs(s - 0.1) for s in ceiling["class_shares"]),
+        "confidence": ceiling["confidence"],
+        "frechet_vs_heldout": frechet(judge.embed(rec).numpy(), judge.embed(xh).numpy()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("pipeline", help="a LatentFlowPipeline folder")
+    ap.add_argument("pipeline", nargs="?", help="a LatentFlowPipeline folder")
+    ap.add_argument("--vae", default=None, help="instead: an aligned-VAE folder, its ceiling only")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", default=None, help="write a 10x10 PNG grid of samples here")
     args = ap.parse_args()
+    if (args.pipeline is None) == (args.vae is None):
+        ap.error("give a pipeline folder or --vae VAE_DIR (one of the two)")
     torch.set_num_threads(1)
     from cspace.models.data import FASHION_CLASSES, fashion_heldout, fashion_mnist
     from cspace.models.encoders import Encoder
     from cspace.models.fashion_judge import default_fashion_judge
     from cspace.models.latent_pipeline import load_latent_pipeline
 
+    if args.vae is not None:
+        judge = default_fashion_judge()
+        xh, _ = fashion_heldout()
+        res = {"vae": args.vae, "reconstructions": reconstructions(
+            Encoder.from_aligned(args.vae), judge, xh
+        )}  # fmt: skip
+        res["heldout_confidence"] = judge.report(xh)["confidence"]
+        print(json.dumps(res, indent=1))
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        return
     pipe = load_latent_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     judge = default_fashion_judge()
@@ -79,15 +114,7 @@ def main() -> None:
     # the decoder's ceiling: the judge on the VAE's reconstructions of the held-out images
     # (posterior means decoded), which a perfect generator in this latent space would match
     enc = Encoder(pipe.vae, pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor)
-    with torch.no_grad():
-        rec = enc.decode(enc.encode(xh, batch_size=500), batch_size=500)
-    ceiling = judge.report(rec)
-    res["reconstructions"] = {
-        "class_shares": dict(zip(FASHION_CLASSES, ceiling["class_shares"], strict=True)),
-        "max_share_gap_from_uniform": max(abs(s - 0.1) for s in ceiling["class_shares"]),
-        "confidence": ceiling["confidence"],
-        "frechet_vs_heldout": frechet(judge.embed(rec).numpy(), judge.embed(xh).numpy()),
-    }
+    res["reconstructions"] = reconstructions(enc, judge, xh)
     res["heldout_max_share_gap_from_uniform"] = max(abs(s - 0.1) for s in real["class_shares"])
     try:
         xt, _ = fashion_mnist("train")
