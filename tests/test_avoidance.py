@@ -98,6 +98,39 @@ def test_rejection_is_exact_and_counts_every_draw(toy80):
     assert ref.mode_tv(res.samples) < tv["mean"] + 3 * tv["sd"]
 
 
+def test_rejection_with_given_first_draws_keeps_them_and_pays_for_them(toy80):
+    """``first``: another arm's samples of the same sampler are the first round: the ones outside
+    come back first, unchanged and in order, only the rejected ones are drawn again, and every
+    given draw is charged; the returned law is still the model's restricted to the outside."""
+    mix, balls, fld, ver, _ = toy80
+    n, steps = 1500, 50
+    given = rejection.search(mix.velocity, (2,), ver, 40 * n * steps, field=fld, n_return=n,
+                             steps=steps, generator=gen(8))  # fmt: skip
+    first = sample(mix.velocity, torch.randn(n, 2, generator=gen(9), dtype=torch.float64),
+                   steps=steps, progress=False).samples  # fmt: skip
+    out = balls.inside(first)
+    assert bool(out.any()) and not bool(out.all())
+    res = rejection.search(mix.velocity, (2,), ver, 40 * n * steps, field=fld, n_return=n,
+                           steps=steps, generator=gen(10), first=first)  # fmt: skip
+    k = int((~out).sum())
+    assert torch.equal(res.samples[:k], first[~out])
+    assert not bool(balls.inside(res.samples).any()) and res.samples.shape == (n, 2)
+    assert res.records["draws"] >= n + int(out.sum())
+    assert res.nfe == res.records["draws"] * steps  # the given draws included
+    # the same law as a run on its own noise (mode shares within the exact floor)
+    p = build_toy_problem(2, 0.8)
+    ref = ExactReference.build(p, 10_000, seed=0, mc=40_000)
+    tv = ref.floor(n, 20, seed=0)["mode_tv"]
+    for r in (res, given):
+        assert ref.mode_tv(r.samples) < tv["mean"] + 3 * tv["sd"]
+    with pytest.raises(SearchError, match=r"first must be a tensor of samples \(m, 2\)"):
+        rejection.search(mix.velocity, (2,), ver, 1000, field=fld, n_return=4, steps=10,
+                         first=torch.zeros(3, 5))  # fmt: skip
+    with pytest.raises(BudgetExceeded, match="given first draws"):
+        rejection.search(mix.velocity, (2,), ver, 100, field=fld, n_return=4, steps=10,
+                         first=torch.zeros(30, 2))  # fmt: skip
+
+
 def test_rejection_uses_the_classifier_region(toy80):
     mix, _, _, _, _ = toy80
     good, bad = mix.sample(300, gen(5)), mix.sample(300, gen(6))

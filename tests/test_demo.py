@@ -41,6 +41,11 @@ def test_report_schema(report):
     rej = report["arms"]["rejection"]  # every discarded draw is paid for
     assert rej["draws"] >= 120 and rej["nfe"] == pytest.approx(rej["draws"] * 20 / 120)
     assert rej["shortfall"] == 0 and 0 < rej["rejected_share"] < 0.5
+    # its first round is the unguided arm's samples: the judge's class counts differ from the
+    # unguided arm's only by the redrawn samples (an independent set would differ by far more)
+    ung, got = report["arms"]["unguided"]["class_shares"], rej["class_shares"]
+    assert 0 < rej["redrawn"] < 120 and rej["draws"] >= 120 + rej["redrawn"]
+    assert sum(abs(a - b) * 120 for a, b in zip(ung, got, strict=True)) <= 2 * rej["redrawn"] + 1e-6
     # twisted SMC: one system of 1.5 x n particles, every NFE counted, none returned inside
     tw = report["arms"]["twisted-smc"]
     assert tw["n_particles"] == int(TWISTED_NFE * 20 * 120) // 20 == 180

@@ -12,9 +12,12 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
 4. judge every sample with an independent classifier trained on pixels of a split that neither
    the teacher, the VAEs nor the flow model saw;
 5. a ``rejection`` arm, the baseline every avoidance method is measured against: the unguided
-   sampler's draws (noise from seed ``seed + 2``, so the other arms are unchanged) tested with
-   the obstacle set's hard radius, redrawn until ``n`` pass (at most :data:`REJECTION_DRAWS`
-   draws per sample); its NFE per sample counts every discarded draw;
+   sampler's draws tested with the obstacle set's hard radius, redrawn until ``n`` pass (at
+   most :data:`REJECTION_DRAWS` draws per sample); its first round is the unguided arm's own
+   samples (common draws, as the guided arms share the unguided arm's noises, so that the
+   arms' difference is not the sampling noise of an independent set), its redraws take noise
+   from seed ``seed + 2``; its NFE per sample counts every draw, the first round and every
+   discarded one;
 6. a ``twisted-smc`` arm (:func:`guidance.search.twisted.search`): particles on the SDE, twisted
    by the chance to end outside the obstacle set's hard radii, with that hard radius as the
    final exact test (no returned sample is inside), at most :data:`TWISTED_NFE` x the unguided
@@ -566,11 +569,13 @@ def membership_by_space(s: DemoSettings, device="cpu", encoders: dict | None = N
     return out
 
 
-def rejection_arm(flow, shape, s: DemoSettings, field, device):
+def rejection_arm(flow, shape, s: DemoSettings, field, device, first=None):
     """The rejection arm: :func:`guidance.search.rejection.search` with the unguided sampler
-    (``s.method``, ``s.steps``) and the field's hard radius as the membership test, noise from
-    seed ``s.seed + 2``, at most :data:`REJECTION_DRAWS` draws per sample. Returns the search
-    result (fewer than ``s.n`` samples when the budget ran out: ``records["shortfall"]``)."""
+    (``s.method``, ``s.steps``) and the field's hard radius as the membership test, its first
+    round ``first`` (the unguided arm's samples, (n, C, H, W); None: drawn) and its redraws'
+    noise from seed ``s.seed + 2``, at most :data:`REJECTION_DRAWS` draws per sample. Returns
+    the search result (fewer than ``s.n`` samples when the budget ran out:
+    ``records["shortfall"]``)."""
     from guidance.search import CallableVerifier, rejection
 
     cost = rejection.draw_cost(s.steps, s.method)
@@ -578,7 +583,7 @@ def rejection_arm(flow, shape, s: DemoSettings, field, device):
         flow, shape, CallableVerifier(lambda x: torch.zeros(x.shape[0]), name="none"),
         REJECTION_DRAWS * int(s.n) * cost, field=field, n_return=int(s.n), steps=s.steps,
         generator=torch.Generator(device).manual_seed(s.seed + 2), method=s.method,
-        dtype=torch.float32, device=device,
+        first=first, dtype=torch.float32, device=device,
     )  # fmt: skip
 
 
@@ -897,19 +902,25 @@ def run_demo(
         }
         samples[arm] = images
         paths[arm] = x0_path
+        if arm == "unguided":
+            unguided = out.samples
 
-    # the baseline: unguided draws tested with the obstacle set's hard radius (its own noise)
+    # the baseline: unguided draws tested with the obstacle set's hard radius, the unguided
+    # arm's samples first (common draws), then redraws of its own noise
+    regions = hard_regions(fields["guided"][0])
     t0 = time.perf_counter()
     say(
-        f"sampling {s.n} {data.noun}, arm rejection (unguided draws tested with the hard radius, "
-        f"at most {REJECTION_DRAWS} draws per sample)"
+        f"sampling {s.n} {data.noun}, arm rejection (the unguided samples tested with the hard "
+        f"radius, the rejected ones drawn again, at most {REJECTION_DRAWS} draws per sample)"
     )
-    rej = rejection_arm(flow, shape, s, fields["guided"][0], device)
+    rej = rejection_arm(flow, shape, s, fields["guided"][0], device, first=unguided)
     images = encoder.decode(rej.samples).cpu()
     report["arms"]["rejection"] = {
         **_judged(judge, images, s.avoid_class, data),
         "nfe": rej.nfe_per_sample,
         "draws": int(rej.records["draws"]),
+        # the unguided samples inside the hard radius: the ones drawn again
+        "redrawn": int(regions.inside(unguided.reshape(s.n, -1)).sum()),
         "rejected_share": float(rej.records["inside_estimate"]),
         "shortfall": int(rej.records["shortfall"]),
         "seconds": time.perf_counter() - t0,
@@ -917,7 +928,6 @@ def run_demo(
     samples["rejection"] = images
 
     # the two arms that use only the obstacle set: twisted SMC and the negation denoiser
-    regions = hard_regions(fields["guided"][0])
     scale = within_class_scale(encoder, data)
     unguided_nfe = report["arms"]["unguided"]["nfe"]
     particles = int(TWISTED_NFE * float(unguided_nfe) * s.n) // s.steps

@@ -62,6 +62,7 @@ def search(
     noise_scale: float = 1.0,
     shift: float = 1.0,
     max_batch: int = 1 << 16,
+    first: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     device=None,
 ) -> SearchResult:
@@ -73,6 +74,12 @@ def search(
             ``"sde-heun"`` (:data:`guidance.sampling.STEPS`).
         shift: the time grid's shift (:func:`guidance.sampling.time_grid`; 1: uniform).
         max_batch: the largest number of draws solved at once.
+        first: (m, *shape) final samples already drawn with this plain sampler (the same
+            ``method``, ``steps``, ``shift`` and ``noise_scale``), for instance another arm's
+            unguided samples: they are the first round (tested in order, charged ``m x`` a
+            draw's NFE like any other draw), and only the rejected ones are drawn again.
+            Comparing arms on common draws removes the sampling noise of an independent set
+            from their difference; the law of what is returned is unchanged.
 
     Records: ``draws``, ``accepted`` (outside, including any beyond ``n_return``),
     ``acceptance`` (accepted / draws), ``inside_estimate`` (1 - acceptance), ``nfe_needed``,
@@ -106,10 +113,15 @@ def search(
             acc = max(have, 1) / draws
             m = math.ceil(1.1 * missing / acc) + 8
         m = max(1, min(m, affordable, int(max_batch)))
-        check_states("rejection", m, shape, dtype, f"a batch of {m:,} draws")
-        noise = draw_noise(m, shape, generator, dtype, device)
-        x = sample(run.velocity, noise, times=times, method=method, noise_scale=noise_scale,
-                   generator=generator, progress=False).samples  # fmt: skip
+        if draws == 0 and first is not None:  # the given draws, paid for as draws
+            x = _given(first, shape, affordable, cost).to(dtype=dtype, device=device)
+            m = x.shape[0]
+            run.budget.charge(m * cost, f"{m} given draws")
+        else:
+            check_states("rejection", m, shape, dtype, f"a batch of {m:,} draws")
+            noise = draw_noise(m, shape, generator, dtype, device)
+            x = sample(run.velocity, noise, times=times, method=method, noise_scale=noise_scale,
+                       generator=generator, progress=False).samples  # fmt: skip
         free = ~regions.inside(x.reshape(m, -1)).to(x.device)
         idx = torch.nonzero(free).flatten()
         if nfe_needed is None and have + idx.numel() >= n_return:
@@ -137,6 +149,24 @@ def search(
         "rounds": rounds,
     }
     return run.result(samples, scores, records)
+
+
+def _given(first, shape: tuple, affordable: int, cost: int) -> torch.Tensor:
+    """``first`` checked: a tensor of samples (m, *shape), finite, that the budget can pay for."""
+    if not torch.is_tensor(first) or tuple(first.shape[1:]) != tuple(shape) or not len(first):
+        got = tuple(first.shape) if torch.is_tensor(first) else type(first).__name__
+        raise SearchError(
+            f"rejection: first must be a tensor of samples (m, {', '.join(map(str, shape))}) "
+            f"with m >= 1; got {got}"
+        )
+    if not bool(torch.isfinite(first).all()):
+        raise SearchError("rejection: the given first draws hold NaN or infinite values")
+    if first.shape[0] > affordable:
+        raise BudgetExceeded(
+            f"rejection: {first.shape[0]} given first draws cost {first.shape[0] * cost} NFE but "
+            f"the budget pays {affordable} draws ({affordable * cost} NFE); raise the budget"
+        )
+    return first
 
 
 ALGORITHM = Algorithm(
