@@ -16,6 +16,7 @@ from guidance.fields.regions import HardRegions, hard_regions, log_ncx2_sf
 from guidance.sampling import NegationDenoiser, SafetyFilter, predict, time_grid
 from guidance.search import (
     ALGORITHMS,
+    Budget,
     BudgetExceeded,
     CallableVerifier,
     OracleVerifier,
@@ -129,6 +130,14 @@ def test_rejection_with_given_first_draws_keeps_them_and_pays_for_them(toy80):
     with pytest.raises(BudgetExceeded, match="given first draws"):
         rejection.search(mix.velocity, (2,), ver, 100, field=fld, n_return=4, steps=10,
                          first=torch.zeros(30, 2))  # fmt: skip
+    budget = Budget(1000)  # refused inputs spend nothing
+    for bad, what in ((torch.zeros(3, 2, dtype=torch.long), "real floating-point"),
+                      (torch.full((3, 2), 1e300, dtype=torch.float64), "NaN or infinite"),
+                      (torch.full((3, 2), float("nan")), "NaN or infinite")):  # fmt: skip
+        with pytest.raises(SearchError, match=what):
+            rejection.search(mix.velocity, (2,), ver, budget, field=fld, n_return=4, steps=10,
+                             first=bad, dtype=torch.float32)  # fmt: skip
+        assert budget.spent == 0
 
 
 def test_rejection_uses_the_classifier_region(toy80):

@@ -13,7 +13,7 @@ sampler's own discretisation. Its cost is ``steps / (1 - coverage)`` NFE per ret
 ``coverage`` the model's mass inside the obstacles.
 
 **Rounds.** The draws are made in batches: the first of ``n_return`` draws (or what the budget
-pays), then, with ``a`` the acceptance measured so far (at least one success counted), ``ceil(
+pays; or the samples given as ``first``, drawn elsewhere with the same sampler), then, with ``a`` the acceptance measured so far (at least one success counted), ``ceil(
 1.1 x missing / a) + 8`` draws, capped by the budget and by ``max_batch``. The NFE a one-at-a-time
 sampler would have spent to reach the ``n_return``-th success in the same draw order is reported
 as ``nfe_needed`` beside the NFE actually spent (the last batch may overshoot).
@@ -114,7 +114,7 @@ def search(
             m = math.ceil(1.1 * missing / acc) + 8
         m = max(1, min(m, affordable, int(max_batch)))
         if draws == 0 and first is not None:  # the given draws, paid for as draws
-            x = _given(first, shape, affordable, cost).to(dtype=dtype, device=device)
+            x = _given(first, shape, affordable, cost, dtype, device)
             m = x.shape[0]
             run.budget.charge(m * cost, f"{m} given draws")
         else:
@@ -151,22 +151,33 @@ def search(
     return run.result(samples, scores, records)
 
 
-def _given(first, shape: tuple, affordable: int, cost: int) -> torch.Tensor:
-    """``first`` checked: a tensor of samples (m, *shape), finite, that the budget can pay for."""
+def _given(first, shape: tuple, affordable: int, cost: int, dtype, device) -> torch.Tensor:
+    """``first`` checked and moved where the search's own draws go (``dtype``, ``device``; None:
+    torch's default device, as for the noise): real floating samples (m, *shape), m >= 1, that
+    the budget can pay for, finite after the cast."""
     if not torch.is_tensor(first) or tuple(first.shape[1:]) != tuple(shape) or not len(first):
         got = tuple(first.shape) if torch.is_tensor(first) else type(first).__name__
         raise SearchError(
             f"rejection: first must be a tensor of samples (m, {', '.join(map(str, shape))}) "
             f"with m >= 1; got {got}"
         )
-    if not bool(torch.isfinite(first).all()):
-        raise SearchError("rejection: the given first draws hold NaN or infinite values")
+    if not first.dtype.is_floating_point:
+        raise SearchError(
+            f"rejection: first must hold real floating-point samples; got {first.dtype} (draw them "
+            "with the same sampler, or convert them with .to(torch.float32))"
+        )
     if first.shape[0] > affordable:
         raise BudgetExceeded(
             f"rejection: {first.shape[0]} given first draws cost {first.shape[0] * cost} NFE but "
             f"the budget pays {affordable} draws ({affordable * cost} NFE); raise the budget"
         )
-    return first
+    x = first.to(dtype=dtype, device=torch.empty(0, device=device).device)
+    if not bool(torch.isfinite(x).all()):
+        raise SearchError(
+            f"rejection: the given first draws hold NaN or infinite values (in {dtype}: values "
+            "beyond its range become infinite)"
+        )
+    return x
 
 
 ALGORITHM = Algorithm(
