@@ -49,31 +49,30 @@ def positive_int(text: str) -> int:
     return value
 
 
-def nonneg_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def nonneg_float(text: str) -> float:
+    value = _number(text)
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    """A number in (0, 1), both ends excluded."""
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
     return value
@@ -81,10 +80,7 @@ def fraction(text: str) -> float:
 
 def fraction_to_one(text: str) -> float:
     """A number in (0, 1], 1 included (an ESS threshold: 1 resamples at every step)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
     return value

@@ -70,7 +70,7 @@ from contextlib import contextmanager
 
 import torch
 
-from guidance.kernels.bounds import U32, cpu_rule, screen_bound
+from guidance.kernels.bounds import cpu_rule, screen_bound
 
 __all__ = [
     "MAX_BLOCK",
@@ -246,8 +246,12 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype, ext
     # (exact copies of the set's), centred in float64 and rounded to float32 with an offset
     screen = None
     o32 = raw = None
-    if work == torch.float32 and emb.shape[1] * U32 < 0.5:
-        screen = screen_bound(emb.shape[1])
+    if work == torch.float32:
+        try:
+            screen = screen_bound(emb.shape[1])
+        except ValueError:  # d >= 2^23: the bound does not hold; no screening
+            screen = None
+    if screen is not None:
         o32 = torch.empty(emb.shape, dtype=torch.float32)
         raw = torch.empty(emb.shape[0], dtype=torch.float64)  # |o~|^2 of the float32 values
     for s in range(0, emb.shape[0], 1 << 14):
