@@ -16,21 +16,27 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
    most :data:`REJECTION_DRAWS` draws per sample); its first round is the unguided arm's own
    samples (common draws, as the guided arms share the unguided arm's noises, so that the
    arms' difference is not the sampling noise of an independent set), its redraws take noise
-   from seed ``seed + 2``; its NFE per sample counts every draw, the first round and every
-   discarded one;
+   from the seed ``derived_seed(seed, "demo-rejection")``; its NFE per sample counts every
+   draw, the first round and every discarded one;
 6. a ``twisted-smc`` arm (:func:`guidance.search.twisted.search`): particles on the SDE, twisted
    by the chance to end outside the obstacle set's hard radii, with that hard radius as the
    final exact test (no returned sample is inside), at most :data:`TWISTED_NFE` x the unguided
-   arm's NFE per sample (``TWISTED_NFE x n`` particles in one system; noise from seed
-   ``seed + 3``), and a ``negation`` arm: one pass of the negation denoiser
-   (:class:`guidance.sampling.NegationDenoiser`, Safe Denoiser) with the obstacle set's examples
-   as the negation set, from the guided arms' noises. Both use only the avoided class's
+   arm's NFE per sample (``TWISTED_NFE x n`` particles in one system; noise from
+   ``derived_seed(seed, "demo-twisted")``), and a ``negation`` arm: one pass of the negation
+   denoiser (:class:`guidance.sampling.NegationDenoiser`, Safe Denoiser) with the obstacle set's
+   examples as the negation set, from the guided arms' noises. Both use only the avoided class's
    examples (the obstacle set), not the other classes' (which the classifier arm learns from);
    their spread ``s(t)`` uses the within-class scale of the C-space (:func:`within_class_scale`);
 7. the **membership quality** of the obstacle set (:func:`membership_quality`): the share of the
    held-out images of the avoided class inside its hard radius and inside Q* (recall), and of
    the other classes (false positives). The judge sees pixels, the field sees the C-space: the
    recall bounds what any arm that uses only the examples can avoid.
+
+**Seeds.** The initial noises come from ``seed``; every other stream (the SDE's noise, the
+rejection arm's redraws, the twisted SMC's particles) from
+:func:`guidance.seeding.derived_seed` ``(seed, label)``, so runs over seeds 0, 1 and 2 share no
+draws (with ``seed + 1``, ``seed + 2``, ... the rejection arm's redraws at seed 0 were drawn from
+the stream of the unguided arm's noises at seed 2).
 
 It writes ``report.json``, PNG grids of each arm and, when asked (``umap=True``, ``--umap``), a
 UMAP figure of the C-space with the obstacles and a few paths of the clean estimate, one per arm.
@@ -71,6 +77,7 @@ from cspace.io.checks import check_memory, check_output_folder
 from cspace.io.files import write_file_atomic
 from cspace.models.devices import resolve_device
 from guidance.sampling import METHODS
+from guidance.seeding import derived_seed
 
 __all__ = [
     "ALL_ARMS",
@@ -401,11 +408,18 @@ def example_files(cls: int, limit: int, data: DemoData | None = None) -> list[Pa
     return sorted(p for p in folder.iterdir() if p.suffix == ".png")[:limit]
 
 
+def _stream(device, seed: int, label: str) -> torch.Generator:
+    """A generator on ``device`` for the stream ``label`` of a demo seeded ``seed``
+    (:func:`guidance.seeding.derived_seed`)."""
+    return torch.Generator(device).manual_seed(derived_seed(seed, label))
+
+
 def sample_arm(flow, noise: torch.Tensor, s: DemoSettings, field=None, strength: float = 0.0,
                callback=None):  # fmt: skip
     """One arm of the demo from ``noise`` (n, C, H, W): ``s.method`` with ``s.steps`` steps, the
     field at ``strength`` and, when ``s.backtrack``, collision backtracking; the SDE's noise
-    from seed ``s.seed + 1`` (the same for every arm). Returns :class:`guidance.SampleOutput`."""
+    from the ``demo-sde`` stream (the same for every arm; module docstring, **Seeds**). Returns
+    :class:`guidance.SampleOutput`."""
     from guidance import Backtrack, Guided, sample
 
     guided = field is not None
@@ -415,7 +429,7 @@ def sample_arm(flow, noise: torch.Tensor, s: DemoSettings, field=None, strength:
         steps=s.steps,
         method=s.method,
         backtrack=Backtrack() if (s.backtrack and guided) else None,
-        generator=torch.Generator(noise.device).manual_seed(s.seed + 1),
+        generator=_stream(noise.device, s.seed, "demo-sde"),
         callback=callback,
         progress=False,
     )
@@ -573,8 +587,8 @@ def rejection_arm(flow, shape, s: DemoSettings, field, device, first=None):
     """The rejection arm: :func:`guidance.search.rejection.search` with the unguided sampler
     (``s.method``, ``s.steps``) and the field's hard radius as the membership test, its first
     round ``first`` (the unguided arm's samples, (n, C, H, W); None: drawn) and its redraws'
-    noise from seed ``s.seed + 2``, at most :data:`REJECTION_DRAWS` draws per sample. Returns
-    the search result (fewer than ``s.n`` samples when the budget ran out:
+    noise from the ``demo-rejection`` stream, at most :data:`REJECTION_DRAWS` draws per sample.
+    Returns the search result (fewer than ``s.n`` samples when the budget ran out:
     ``records["shortfall"]``)."""
     from guidance.search import CallableVerifier, rejection
 
@@ -582,7 +596,7 @@ def rejection_arm(flow, shape, s: DemoSettings, field, device, first=None):
     return rejection.search(
         flow, shape, CallableVerifier(lambda x: torch.zeros(x.shape[0]), name="none"),
         REJECTION_DRAWS * int(s.n) * cost, field=field, n_return=int(s.n), steps=s.steps,
-        generator=torch.Generator(device).manual_seed(s.seed + 2), method=s.method,
+        generator=_stream(device, s.seed, "demo-rejection"), method=s.method,
         first=first, dtype=torch.float32, device=device,
     )  # fmt: skip
 
@@ -594,14 +608,15 @@ def twisted_arm(flow, shape, s: DemoSettings, field, data_scale: float, unguided
     alone), ``data_scale`` the spread's ``a``; a budget of ``TWISTED_NFE x unguided_nfe`` NFE per
     returned sample, all of it spent on one system of ``floor(TWISTED_NFE x unguided_nfe x n /
     steps)`` particles (at least ``n``), which returns ``s.n`` by systematic resampling of the
-    final weights; noise and resampling from seed ``s.seed + 3``. Returns the search result."""
+    final weights; noise and resampling from the ``demo-twisted`` stream. Returns the search
+    result."""
     from guidance.search import CallableVerifier, twisted
 
     budget = int(TWISTED_NFE * float(unguided_nfe) * int(s.n))
     return twisted.search(
         flow, shape, CallableVerifier(lambda x: torch.zeros(x.shape[0]), name="none"), budget,
         field=field, n_return=int(s.n), steps=s.steps, data_scale=data_scale,
-        generator=torch.Generator(device).manual_seed(s.seed + 3), dtype=torch.float32,
+        generator=_stream(device, s.seed, "demo-twisted"), dtype=torch.float32,
         device=device, callback=callback,
     )  # fmt: skip
 
@@ -612,7 +627,7 @@ def negation_arm(flow, noise: torch.Tensor, s: DemoSettings, field, data_scale: 
     sample, no backtracking) with the negation denoiser
     (:class:`guidance.sampling.NegationDenoiser`: the obstacle set's examples as the negation
     set, ``beta = 1 - phi_t`` from its hard radii, ``data_scale`` the spread's ``a``), from the
-    guided arms' ``noise`` (n, C, H, W) and, like them, the SDE's noise from seed ``s.seed + 1``
+    guided arms' ``noise`` (n, C, H, W) and, like them, the SDE's noise from the ``demo-sde`` stream
     (a generator of its own). Returns :class:`guidance.SampleOutput`."""
     from guidance import sample
     from guidance.sampling import NegationDenoiser
@@ -622,7 +637,7 @@ def negation_arm(flow, noise: torch.Tensor, s: DemoSettings, field, data_scale: 
         noise,
         steps=s.steps,
         method=s.method,
-        generator=torch.Generator(noise.device).manual_seed(s.seed + 1),
+        generator=_stream(noise.device, s.seed, "demo-sde"),
         callback=callback,
         progress=False,
     )

@@ -6,6 +6,10 @@ Every method starts from the same noises and is scored against exact truth:
 * energy distance to exact samples of the mixture restricted to the outside of the obstacles
   (rejection sampling), beside the floor that two exact sample sets of the same size show;
 * NFE per sample (velocity evaluations), seconds.
+
+The targets and noises come from ``seed``, the SDE's noise and the figure's paths from
+:func:`guidance.seeding.derived_seed` ``(seed, "toy-sde")`` and ``(seed, "toy-paths")`` (no
+stream of one seed is another seed's).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from cspace.io.checks import check_output_folder
 from cspace.models.metrics import energy_distance
 from cspace.models.toy import BallObstacles, GaussianMixture, default_toy
 from guidance import Backtrack, Guided, RepulsiveField, sample
+from guidance.seeding import derived_seed
 from obstacles import ObstacleSet
 
 __all__ = ["ToySettings", "plot_toy", "run_toy", "toy_obstacle_set"]
@@ -152,7 +157,7 @@ def run_toy(
     bar = tqdm(s.methods, desc="toy", unit="method", disable=not progress, dynamic_ncols=True)
     for name in bar:
         bar.set_postfix_str(name)
-        out, secs = _run_method(name, mix, fld, noise, s, s.seed + 1)
+        out, secs = _run_method(name, mix, fld, noise, s, derived_seed(s.seed, "toy-sde"))
         outputs[name] = out
         report["methods"][name] = {
             "hit_rate": float(balls.inside(out.samples).double().mean()),
@@ -224,7 +229,15 @@ def plot_toy(
         else:
             pts = outputs[name].samples
             if name in ("unguided", "guided"):
-                tr, _ = _run_method(name, mix, fld, sub, s, s.seed + 2, return_trajectory=True)
+                tr, _ = _run_method(
+                    name,
+                    mix,
+                    fld,
+                    sub,
+                    s,
+                    derived_seed(s.seed, "toy-paths"),
+                    return_trajectory=True,
+                )
                 path_xy = tr.trajectory[..., :2].numpy()
                 for j in range(path_xy.shape[1]):
                     ax.plot(path_xy[:, j, 0], path_xy[:, j, 1], lw=0.6, color="tab:gray", alpha=0.7)

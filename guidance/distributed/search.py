@@ -23,8 +23,6 @@ the other (and K = 1 is the plain one-process run, bit for bit).
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from guidance.distributed.comm import all_gather_cat, all_reduce, check_same, check_world, current
@@ -33,18 +31,18 @@ from guidance.sampling import time_grid
 from guidance.sampling.steps import trajectory_nfe
 from guidance.search.budget import Budget
 from guidance.search.common import SearchError, SearchResult, begin, check_states, draw_noise, ode
+from guidance.seeding import derived_seed
 
 __all__ = ["best_of_n_top_k", "block_seed", "split_blocks"]
 
 
 def block_seed(seed: int, k: int) -> int:
     """The seed of block ``k`` of a run seeded ``seed`` (module docstring): ``seed`` itself for
-    block 0, a SHA-256-derived 63-bit seed for the others (no two blocks of nearby seeds
-    share a stream, as ``seed + k`` would)."""
+    block 0, :func:`guidance.seeding.derived_seed` ``(seed, "block", k)`` for the others (no two
+    blocks of nearby seeds share a stream, as ``seed + k`` would)."""
     if int(k) == 0:
         return int(seed)
-    h = hashlib.sha256(f"cspace-block:{int(seed)}:{int(k)}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+    return derived_seed(seed, "block", int(k))
 
 
 def split_blocks(n: int, blocks: int) -> list[tuple[int, int]]:
