@@ -111,6 +111,89 @@ def test_auto_q_star_rule():
     assert PreferenceClassifier.fit(good, bad, q_star=0.7, eta=2.0).q_star == 0.7
 
 
+# ---------------------------------------------------------------------- positive-unlabelled
+def _pu_problem(bad_share=0.1, n=1000, m=40, d=8, seed=0, sep=3.0):
+    """Examples of the bad blob (m), unlabelled states (n, a share ``bad_share`` of them bad),
+    and fresh labelled test points of both blobs."""
+    rng = np.random.default_rng(seed)
+    mu = np.zeros(d)
+    mu[0] = sep / 2
+
+    def blob(k, sign):
+        return rng.normal(size=(k, d)) * 0.6 + sign * mu
+
+    n_bad = round(bad_share * n)
+    unlabelled = np.concatenate([blob(n - n_bad, -1), blob(n_bad, +1)])
+    return blob(m, +1), unlabelled, blob(2000, -1), blob(2000, +1)
+
+
+def test_positive_unlabelled_finds_the_class_without_good_labels():
+    examples, unlabelled, good_test, bad_test = _pu_problem()
+    pu = PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, seed=0)
+    c = pu.info["c"]
+    assert 0 < c < 1 and pu.threshold == pytest.approx(c / 2, rel=1e-12)
+    assert pu.accuracy is None and pu.info["counts"] == {"unlabelled": 1000, "examples": 40}
+    recall, false_pos = pu.is_bad(bad_test).mean(), pu.is_bad(good_test).mean()
+    assert recall >= 0.9 and false_pos <= 0.05, (recall, false_pos)
+    # Elkan and Noto's threshold catches more of the class than p(bad | x) >= 1/2 would: the
+    # unlabelled states hold bad ones, which pull g down on the class
+    naive = pu.prob_bad(bad_test) >= 0.5
+    assert recall > naive.mean()
+    # about a tenth of the unlabelled states are inside (they are a 10% mixture)
+    assert 0.07 <= pu.info["unlabelled_inside"] <= 0.15
+    assert pu.info["example_recall"] >= 0.9
+    # deterministic for a seed
+    again = PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, seed=0)
+    np.testing.assert_array_equal(again.w, pu.w)
+    assert again.threshold == pu.threshold
+
+
+def test_positive_unlabelled_c_falls_as_the_unlabelled_hold_more_of_the_class():
+    # c = P(labelled | bad): the more bad states among the unlabelled, the less g tells them apart
+    cs = [
+        PreferenceClassifier.fit_positive_unlabelled(*_pu_problem(share)[:2]).info["c"]
+        for share in (0.0, 0.1, 0.3)
+    ]
+    assert cs[0] > cs[1] > cs[2], cs
+    assert cs[0] > 0.9  # nothing of the class unlabelled: the examples are told apart
+
+
+def test_positive_unlabelled_region_is_the_fields_hard_region():
+    # the rejection-pu arm tests membership through the field's hard region: the same set
+    from guidance.fields.regions import hard_regions
+
+    examples, unlabelled, good_test, bad_test = _pu_problem(d=5, seed=3)
+    pu = PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled)
+    pts = np.concatenate([good_test[:500], bad_test[:500]])
+    inside = hard_regions(ClassifierField(pu)).inside(torch.from_numpy(pts)).numpy()
+    np.testing.assert_array_equal(inside, pu.is_bad(pts))
+    assert 0.3 < inside.mean() < 0.7
+
+
+def test_positive_unlabelled_errors(tmp_path):
+    examples, unlabelled, _, _ = _pu_problem(n=100, m=10, d=3)
+    with pytest.raises(ClassifierError, match=r"5-fold.*at least 5 examples.*got 4 and 100"):
+        PreferenceClassifier.fit_positive_unlabelled(examples[:4], unlabelled)
+    with pytest.raises(ClassifierError, match="at least 3 examples and 3 unlabelled"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled[:2], folds=3)
+    with pytest.raises(ClassifierError, match="folds must be an integer >= 2; got 1"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, folds=1)
+    with pytest.raises(ClassifierError, match=r"folds must be an integer >= 2; got 2\.5"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, folds=2.5)
+    with pytest.raises(ClassifierError, match=r"dimension mismatch.*d=3.*d=2"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled[:, :2])
+    with pytest.raises(ClassifierError, match="C must be a finite number > 0"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, C=0)
+    bad = unlabelled.copy()
+    bad[3, 1] = np.inf
+    with pytest.raises(ClassifierError, match="unlabelled states contain NaN or Inf"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, bad)
+    # it saves and loads like any classifier: the threshold c / 2 and the rule survive
+    pu = PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled)
+    back = PreferenceClassifier.load(pu.save(tmp_path / "pu"))
+    assert back.threshold == pu.threshold and back.info["rule"] == pu.info["rule"]
+
+
 # ---------------------------------------------------------------------- files
 def test_save_load_round_trip(tmp_path):
     good, bad = _blobs(d=5)

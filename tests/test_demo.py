@@ -46,6 +46,14 @@ def test_report_schema(report):
     ung, got = report["arms"]["unguided"]["class_shares"], rej["class_shares"]
     assert 0 < rej["redrawn"] < 120 and rej["draws"] >= 120 + rej["redrawn"]
     assert sum(abs(a - b) * 120 for a, b in zip(ung, got, strict=True)) <= 2 * rej["redrawn"] + 1e-6
+    # rejection-pu: the same rejection, its membership a classifier of the 40 examples against
+    # the unguided samples (Elkan and Noto's threshold c / 2), its first round those samples
+    pu = report["arms"]["rejection-pu"]
+    assert pu["draws"] >= 120 + pu["redrawn"] and pu["nfe"] == pytest.approx(pu["draws"] * 20 / 120)
+    assert pu["shortfall"] == 0 and 0 < pu["redrawn"] < 120 and 0 < pu["rejected_share"] < 0.5
+    got = pu["class_shares"]
+    assert sum(abs(a - b) * 120 for a, b in zip(ung, got, strict=True)) <= 2 * pu["redrawn"] + 1e-6
+    assert 0 < pu["c"] < 1 and 0.5 <= pu["example_recall"] <= 1
     # twisted SMC: one system of 1.5 x n particles, every NFE counted, none returned inside
     tw = report["arms"]["twisted-smc"]
     assert tw["n_particles"] == int(TWISTED_NFE * 20 * 120) // 20 == 180
@@ -64,6 +72,8 @@ def test_report_schema(report):
     assert mem["recall_radius"] <= mem["recall_q_star"] <= 1  # Q* > radius: a larger ball
     assert mem["false_positive_radius"] <= mem["false_positive_q_star"] < mem["recall_q_star"]
     assert mem["heldout_class"] > 0 and mem["heldout_other"] > 0
+    # the rejection-pu region on the same unseen images: most of the class, few of the others
+    assert 0.5 < mem["recall_pu"] <= 1 and mem["false_positive_pu"] < 0.2
     assert report["obstacles"]["count"] == 40
     s = DemoSettings()
     auto = report["obstacles"]["auto_q_star"]
@@ -81,6 +91,7 @@ def test_guidance_lowers_the_avoided_rate(report):
         assert report["arms"][arm]["avoided_rate"] < base / 2, arm
     # rejection removes only what its membership test catches (recall < 1 on the judge's class)
     assert report["arms"]["rejection"]["avoided_rate"] < base
+    assert report["arms"]["rejection-pu"]["avoided_rate"] < base
     assert json.load(open(report["files"]["report"]))["arms"].keys() == report["arms"].keys()
 
 
@@ -155,10 +166,12 @@ def test_progress_the_largest_shift_and_umap_only_when_asked(tmp_path, run_cli):
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
         "report.json", "samples_classifier.png", "samples_guided.png", "samples_negation.png",
-        "samples_rejection.png", "samples_twisted-smc.png", "samples_unguided.png",
+        "samples_rejection-pu.png", "samples_rejection.png", "samples_twisted-smc.png",
+        "samples_unguided.png",
     ]  # fmt: skip
     assert "umap:" not in out
-    assert "sampling 30 digits, arm rejection" in err
+    assert "sampling 30 digits, arm rejection (" in err
+    assert "sampling 30 digits, arm rejection-pu (" in err
     for arm in (*ARMS, "twisted-smc", "negation"):
         assert f"sampling 30 digits, arm {arm}" in err
         assert f"{arm:<12}: 100%" in err and "4/4" in err  # the arm's bar, finished

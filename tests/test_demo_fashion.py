@@ -105,6 +105,7 @@ def test_printed_report_progress_and_pngs(fashion):
         assert f"{shift:+.1f} pts ({DATA['fashion'].classes[cls]})" in out
     assert "avoided Pullover" in out and "(d=196)" in out
     assert format_report(report) in out
+    assert f"sampling {N} clothes, arm rejection-pu (" in err  # rejection: no bar
     for arm in ("unguided", "guided", "classifier", "twisted-smc", "negation"):
         assert f"sampling {N} clothes, arm {arm}" in err
         assert f"{arm:<12}: 100%" in err  # the arm's progress bar, finished
@@ -113,6 +114,7 @@ def test_printed_report_progress_and_pngs(fashion):
         "samples_classifier.png",
         "samples_guided.png",
         "samples_negation.png",
+        "samples_rejection-pu.png",
         "samples_rejection.png",
         "samples_twisted-smc.png",
         "samples_unguided.png",

@@ -62,8 +62,10 @@ def register(subparsers) -> None:
         "class (or take your own set, --obstacles), sample unguided, guided by the obstacle set "
         "and guided by a classifier obstacle (or yours, --classifier); draw with rejection "
         "sampling, twisted SMC (1.5 x the unguided NFE) and the negation denoiser, all three with "
-        "the obstacle set alone; and judge the samples with an independent classifier. Writes "
-        "sample grids and report.json to --out.",
+        "the obstacle set alone, and with rejection whose test is a classifier of the examples "
+        "against the unguided samples (rejection-pu: positive-unlabelled, no other class's "
+        "examples); and judge the samples with an independent classifier. Writes sample grids "
+        "and report.json to --out.",
     )
     demo.add_argument(
         "--data",

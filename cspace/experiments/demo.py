@@ -18,6 +18,12 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
    arms' difference is not the sampling noise of an independent set), its redraws take noise
    from the seed ``derived_seed(seed, "demo-rejection")``; its NFE per sample counts every
    draw, the first round and every discarded one;
+   a ``rejection-pu`` arm, the same rejection with another membership test: a classifier of the
+   obstacle set's examples against the unguided arm's samples (positive-unlabelled,
+   :meth:`obstacles.PreferenceClassifier.fit_positive_unlabelled`: Elkan and Noto's threshold),
+   its half-space tested instead of the hard radii; it uses the avoided class's examples and
+   the model's own samples, no other class's examples; redraws from the ``demo-rejection-pu``
+   stream;
 6. a ``twisted-smc`` arm (:func:`guidance.search.twisted.search`): particles on the SDE, twisted
    by the chance to end outside the obstacle set's hard radii, with that hard radius as the
    final exact test (no returned sample is inside), at most :data:`TWISTED_NFE` x the unguided
@@ -33,7 +39,7 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
    recall bounds what any arm that uses only the examples can avoid.
 
 **Seeds.** The initial noises come from ``seed``; every other stream (the SDE's noise, the
-rejection arm's redraws, the twisted SMC's particles) from
+rejection arms' redraws, the twisted SMC's particles) from
 :func:`guidance.seeding.derived_seed` ``(seed, label)``, so runs over seeds 0, 1 and 2 share no
 draws (with ``seed + 1``, ``seed + 2``, ... the rejection arm's redraws at seed 0 were drawn from
 the stream of the unguided arm's noises at seed 2).
@@ -104,9 +110,10 @@ __all__ = [
 ]
 
 ARMS = ("unguided", "guided", "classifier")
-#: every arm of the report: the sampled arms, the rejection baseline, then the two arms that use
-#: only the obstacle set (twisted SMC and the negation denoiser)
-ALL_ARMS = (*ARMS, "rejection", "twisted-smc", "negation")
+#: every arm of the report: the sampled arms, the rejection baseline, rejection with the
+#: positive-unlabelled membership, then the two arms that use only the obstacle set (twisted SMC
+#: and the negation denoiser)
+ALL_ARMS = (*ARMS, "rejection", "rejection-pu", "twisted-smc", "negation")
 #: the most draws per returned sample the demo's rejection arm may spend
 REJECTION_DRAWS = 20
 #: the twisted SMC arm's NFE per sample as a multiple of the unguided arm's (its particles:
@@ -496,6 +503,7 @@ def membership_quality(
     examples=None,
     data: DemoData | None = None,
     embedded: torch.Tensor | None = None,
+    pu=None,
 ) -> dict:
     """How well the obstacle set's membership matches the class it stands for, on the images
     that neither the VAE, the flow nor the set saw (``_images(data, "unseen")``: for digits
@@ -512,7 +520,9 @@ def membership_quality(
     clothes' examples are train images: none is in the test slice, so none is left out.
 
     ``embedded`` (N, d): the embeddings of all of ``_images(data, "unseen")`` by ``encoder``, when
-    the caller has them (:func:`membership_by_space` encodes them once for ten sets)."""
+    the caller has them (:func:`membership_by_space` encodes them once for ten sets). ``pu``: a
+    :class:`obstacles.PreferenceClassifier` (the rejection-pu arm's) whose bad region is
+    measured the same way (``recall_pu``, ``false_positive_pu``)."""
     data = data or DATA["digits"]
     images, labels = _images(data, "unseen")
     keep = torch.ones(len(labels), dtype=torch.bool)
@@ -540,7 +550,12 @@ def membership_quality(
     def share(mask, rows) -> float:
         return float(mask[rows].double().mean()) if bool(rows.any()) else 0.0
 
+    extra = {}
+    if pu is not None:
+        in_pu = torch.from_numpy(pu.is_bad(emb.numpy()))
+        extra = {"recall_pu": share(in_pu, own), "false_positive_pu": share(in_pu, ~own)}
     return {
+        **extra,
         "recall_radius": share(in_r, own),
         "recall_q_star": share(in_q, own),
         "false_positive_radius": share(in_r, ~own),
@@ -583,11 +598,12 @@ def membership_by_space(s: DemoSettings, device="cpu", encoders: dict | None = N
     return out
 
 
-def rejection_arm(flow, shape, s: DemoSettings, field, device, first=None):
+def rejection_arm(flow, shape, s: DemoSettings, field, device, first=None,
+                  stream: str = "demo-rejection"):  # fmt: skip
     """The rejection arm: :func:`guidance.search.rejection.search` with the unguided sampler
     (``s.method``, ``s.steps``) and the field's hard radius as the membership test, its first
     round ``first`` (the unguided arm's samples, (n, C, H, W); None: drawn) and its redraws'
-    noise from the ``demo-rejection`` stream, at most :data:`REJECTION_DRAWS` draws per sample.
+    noise from the seed stream ``stream``, at most :data:`REJECTION_DRAWS` draws per sample.
     Returns the search result (fewer than ``s.n`` samples when the budget ran out:
     ``records["shortfall"]``)."""
     from guidance.search import CallableVerifier, rejection
@@ -596,7 +612,7 @@ def rejection_arm(flow, shape, s: DemoSettings, field, device, first=None):
     return rejection.search(
         flow, shape, CallableVerifier(lambda x: torch.zeros(x.shape[0]), name="none"),
         REJECTION_DRAWS * int(s.n) * cost, field=field, n_return=int(s.n), steps=s.steps,
-        generator=_stream(device, s.seed, "demo-rejection"), method=s.method,
+        generator=_stream(device, s.seed, stream), method=s.method,
         first=first, dtype=torch.float32, device=device,
     )  # fmt: skip
 
@@ -942,6 +958,35 @@ def run_demo(
     }
     samples["rejection"] = images
 
+    # rejection with a membership learnt from the examples against the unguided samples
+    # (positive-unlabelled): the examples of the class and the model's own samples, no other
+    # class's examples
+    say(
+        f"sampling {s.n} {data.noun}, arm rejection-pu (a classifier of the {len(oset)} examples "
+        f"against the {s.n} unguided samples, Elkan and Noto's threshold; the samples it flags "
+        "drawn again)"
+    )
+    t0 = time.perf_counter()
+    pu = PreferenceClassifier.fit_positive_unlabelled(
+        oset.embeddings, encoder.embed(unguided).cpu().numpy(), seed=s.seed, space=oset.space
+    )
+    pu_field = ClassifierField(pu)
+    rpu = rejection_arm(flow, shape, s, pu_field, device, first=unguided,
+                        stream="demo-rejection-pu")  # fmt: skip
+    images = encoder.decode(rpu.samples).cpu()
+    report["arms"]["rejection-pu"] = {
+        **_judged(judge, images, s.avoid_class, data),
+        "nfe": rpu.nfe_per_sample,
+        "draws": int(rpu.records["draws"]),
+        "redrawn": int(hard_regions(pu_field).inside(unguided.reshape(s.n, -1)).sum()),
+        "rejected_share": float(rpu.records["inside_estimate"]),
+        "shortfall": int(rpu.records["shortfall"]),
+        "c": float(pu.info["c"]),
+        "example_recall": float(pu.info["example_recall"]),
+        "seconds": time.perf_counter() - t0,
+    }
+    samples["rejection-pu"] = images
+
     # the two arms that use only the obstacle set: twisted SMC and the negation denoiser
     scale = within_class_scale(encoder, data)
     unguided_nfe = report["arms"]["unguided"]["nfe"]
@@ -986,13 +1031,13 @@ def run_demo(
         report["membership_by_space"] = membership_by_space(
             s, device, encoders={own_space: encoder}
         )
-    if membership_spaces and obstacles is None:  # the demo's set is its own space's row
-        report["membership"] = report["membership_by_space"][own_space]["classes"][s.avoid_class]
-    else:
-        own_examples = load_images(
-            example_files(s.avoid_class, s.max_examples, data), size=data.image_size
-        )[0]
-        report["membership"] = membership_quality(encoder, oset, s.avoid_class, own_examples, data)
+    own_examples = load_images(
+        example_files(s.avoid_class, s.max_examples, data), size=data.image_size
+    )[0]
+    # the demo's set (its own space's row of membership_by_space) and the rejection-pu region
+    report["membership"] = membership_quality(
+        encoder, oset, s.avoid_class, own_examples, data, pu=pu
+    )
     report["seconds"] = time.perf_counter() - t_start
 
     if out_dir is not None:
@@ -1174,13 +1219,13 @@ def format_report(report: dict) -> str:
         shown[arm] = "" if shift is None else f"{shift[0]:+.1f} pts ({data.class_name(shift[1])})"
     wide = max(21, 1 + max(len(v) for v in shown.values()))  # class names are longer than digits
     head = (
-        f"{'arm':<12}{'avoided':>9}{'renormalised shift':>{wide}}{'judge conf':>12}"
+        f"{'arm':<13}{'avoided':>9}{'renormalised shift':>{wide}}{'judge conf':>12}"
         f"{'diversity':>11}{'NN-train':>10}{'copies':>8}{'NFE':>6}{'seconds':>9}"
     )
     rows = [head]
     for arm, m in report["arms"].items():
         rows.append(
-            f"{arm:<12}{100 * m['avoided_rate']:>8.1f}%{shown[arm]:>{wide}}"
+            f"{arm:<13}{100 * m['avoided_rate']:>8.1f}%{shown[arm]:>{wide}}"
             f"{100 * m['judge_confidence']:>11.1f}%"
             f"{m['diversity']:>11.3f}{m['nearest_train_distance']:>10.3f}{100 * m['copy_rate']:>7.1f}%"
             f"{m['nfe']:>6.1f}{m['seconds']:>9.1f}"
@@ -1191,6 +1236,14 @@ def format_report(report: dict) -> str:
             f"rejection: {rej['draws']} draws, {100 * rej['rejected_share']:.1f}% inside a hard "
             f"radius and discarded"
             + (f"; {rej['shortfall']} samples short" if rej["shortfall"] else "")
+        )
+    rpu = report["arms"].get("rejection-pu")
+    if rpu is not None:
+        rows.append(
+            f"rejection-pu: {rpu['draws']} draws, {100 * rpu['rejected_share']:.1f}% inside the "
+            f"examples-vs-samples region and discarded (Elkan and Noto's c = {rpu['c']:.3f}, "
+            f"examples inside out of fold: {100 * rpu['example_recall']:.0f}%)"
+            + (f"; {rpu['shortfall']} samples short" if rpu["shortfall"] else "")
         )
     tw = report["arms"].get("twisted-smc")
     if tw is not None:
@@ -1209,6 +1262,12 @@ def format_report(report: dict) -> str:
             f"{100 * mem['recall_radius']:.1f}%, within Q* {100 * mem['recall_q_star']:.1f}% "
             f"(recall); other classes {100 * mem['false_positive_radius']:.1f}% / "
             f"{100 * mem['false_positive_q_star']:.1f}% (false positives)"
+            + (
+                f"; rejection-pu's region {100 * mem['recall_pu']:.1f}% / "
+                f"{100 * mem['false_positive_pu']:.1f}%"
+                if "recall_pu" in mem
+                else ""
+            )
         )
     rows.append("")
     rows.append("class shares (%)  " + "".join(f"{k:>6}" for k in data.short))
