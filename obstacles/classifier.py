@@ -29,11 +29,14 @@ of ``g`` over the examples (here out of fold, so that no example scores itself).
 is ``g(x) / c >= 1/2``: the same half-space form with ``threshold = c / 2``. Balanced class
 weights are kept, so ``g`` is the posterior under equal priors of labelled and unlabelled and
 the rule is Elkan and Noto's applied to it (``c`` is measured on that same ``g``). ``C``
-defaults to :data:`PU_C` = 0.03, a strong L2 penalty for 40-50 examples in d = 32 to 196: on
-the digits demo's unguided samples (scratch runs, seeds 0-2, half fit and half scored) 0.03
-left the least of the class at shifts under 3 points among 0.01, 0.03 and 0.1, while
-scikit-learn's cross-validated log loss (grid 1e-3 to 10) picked C of 1 to 10, which keeps too
-little of the class inside.
+defaults to ``PU_CN / n`` (:data:`PU_CN` = 31.2, ``n`` the examples and unlabelled states
+together: 0.03 at the digits demo's 40 + 1,000), a strong L2 penalty for 40-50 examples in
+d = 32 to 196, the same per sample whatever n: on the digits demo's unguided samples (scratch
+runs, seeds 0-2, half fit and half scored) C = 0.03 left the least of the class at shifts under 3
+points among 0.01, 0.03 and 0.1, while scikit-learn's cross-validated log loss (grid 1e-3 to 10)
+picked C of 1 to 10, which keeps too little of the class inside; with 20 examples and 60
+unlabelled digits a fixed C of 0.03 put 63% of the unlabelled states inside, C = 31.2 / 80 = 0.39
+the threes and 2% of the rest.
 
 ``q_star="auto"``: the median signed distance of the good training examples that lie on the good
 side, times 1 (``AUTO_Q_STAR_FACTOR``): the field acts on the half of the good region that is
@@ -86,7 +89,7 @@ __all__ = [
     "CLASSIFIER_FORMAT",
     "CLASSIFIER_FORMAT_VERSION",
     "CLASSIFIER_KIND",
-    "PU_C",
+    "PU_CN",
     "ClassifierError",
     "PreferenceClassifier",
     "is_classifier_folder",
@@ -97,8 +100,10 @@ CLASSIFIER_FORMAT = "cspace.classifier"
 CLASSIFIER_FORMAT_VERSION = 3
 CLASSES = ("good", "bad")  # label 0, label 1
 AUTO_Q_STAR_FACTOR = 1.0
-#: the L2 strength ``C`` of :meth:`PreferenceClassifier.fit_positive_unlabelled` (module docstring)
-PU_C = 0.03
+#: ``C x n`` of :meth:`PreferenceClassifier.fit_positive_unlabelled` by default (module
+#: docstring): ``C = PU_CN / n`` for ``n`` examples and unlabelled states together, the same L2
+#: penalty per sample whatever n (0.03 at the digits demo's 40 + 1,000)
+PU_CN = 31.2
 _TENSORS = "classifier.safetensors"
 
 
@@ -162,7 +167,8 @@ def _as_matrix(x, name: str) -> np.ndarray:
     return arr
 
 
-def _q_star(q_star, good: np.ndarray, w: np.ndarray, b: float, p0: float, info: dict) -> float:
+def _q_star(q_star, good: np.ndarray, w: np.ndarray, b: float, p0: float, info: dict,
+            what: str = "good example") -> float:  # fmt: skip
     """``q_star`` as given, or for ``"auto"`` (module docstring) the median signed distance of
     the ``good`` rows on the good side of ``w . x + b = logit(p0)``, times
     :data:`AUTO_Q_STAR_FACTOR` (recorded in ``info``)."""
@@ -179,10 +185,10 @@ def _q_star(q_star, good: np.ndarray, w: np.ndarray, b: float, p0: float, info: 
     pos = dist[dist > 0]
     if pos.size == 0:
         raise ClassifierError(
-            "q_star='auto' is undefined: no good example lies on the good side of the "
+            f"q_star='auto' is undefined: no {what} lies on the good side of the "
             "boundary. Pass a number (--q-star FLOAT) or check the examples"
         )
-    info["q_star_rule"] = "auto: median signed distance of the good examples (> 0)"
+    info["q_star_rule"] = f"auto: median signed distance of the {what}s on the good side (> 0)"
     return AUTO_Q_STAR_FACTOR * float(np.median(pos))
 
 
@@ -335,7 +341,7 @@ class PreferenceClassifier:
         examples,
         unlabelled,
         *,
-        C: float = PU_C,
+        C: float | None = None,
         folds: int = 5,
         seed: int = 0,
         q_star: float | str = "auto",
@@ -348,7 +354,10 @@ class PreferenceClassifier:
         ``unlabelled`` (N, d) (say, the model's own samples, a mixture that includes some
         bad ones) are the other class.
 
-        ``g(x) = sigmoid(w . x + b)`` is fit with balanced class weights and L2 strength ``1/C``;
+        ``g(x) = sigmoid(w . x + b)`` is fit with balanced class weights and scikit-learn's
+        inverse L2 strength ``C`` (None: ``PU_CN / n``, :data:`PU_CN`, ``n`` the examples and
+        unlabelled states together: scikit-learn sums the loss over the samples, so a fixed C
+        would regularise 100 states ten times as much as 1,000);
         ``c = mean g`` over the examples, each scored by the model of the ``folds``-fold
         stratified split that did not see it (Elkan and Noto's constant, out of fold); the bad
         region is Elkan and Noto's ``g(x) / c >= 1/2``, that is ``threshold = c / 2``.
@@ -359,8 +368,10 @@ class PreferenceClassifier:
 
         Raises:
             ClassifierError: fewer than ``folds`` examples or unlabelled states, ``folds < 2``,
-                ``C <= 0``, a dimension mismatch, non-finite input, or a ``c`` so small
-                (<= 1e-9) that the examples are not told apart from the unlabelled states.
+                ``C <= 0``, a dimension mismatch, non-finite input, a ``c`` so small (<= 1e-9)
+                that the examples are not told apart from the unlabelled states, or a region
+                that holds half of the unlabelled states or more (the same failure, seen from
+                the other side).
         """
         from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -372,7 +383,9 @@ class PreferenceClassifier:
                 f"dimension mismatch: the examples have d={bad.shape[1]}, the unlabelled states "
                 f"d={rest.shape[1]}"
             )
-        c_reg = _check_positive(C, "C", strict=True)
+        c_reg = (
+            PU_CN / (len(bad) + len(rest)) if C is None else _check_positive(C, "C", strict=True)
+        )
         k = int(folds)
         if k != folds or k < 2:
             raise ClassifierError(f"folds must be an integer >= 2; got {folds!r}")
@@ -411,7 +424,15 @@ class PreferenceClassifier:
             "unlabelled_inside": float(np.mean(_prob_bad(full, rest) >= p0)),
             "class_weight": "balanced",
         }
-        q_star = _q_star(q_star, rest, w, b, p0, info)
+        if info["unlabelled_inside"] >= 0.5:
+            raise ClassifierError(
+                f"the region p(bad | x) >= c / 2 (c = {c:.3f}) holds "
+                f"{100 * info['unlabelled_inside']:.0f}% of the unlabelled states: the examples "
+                "are not told apart from them. Give more examples, a larger C, or embeddings "
+                "that separate them (a class that is most of the unlabelled states is not what "
+                "this rule is for)"
+            )
+        q_star = _q_star(q_star, rest, w, b, p0, info, what="unlabelled state")
         return cls(w, b, threshold=p0, q_star=q_star, eta=eta, info=info, space=space)
 
     # ------------------------------------------------------------------ the model

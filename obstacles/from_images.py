@@ -382,10 +382,11 @@ def add_images(
 
 
 def classifier_from_images(
-    good: Iterable[PathLike] | PathLike,
+    good: Iterable[PathLike] | PathLike | None,
     bad: Iterable[PathLike] | PathLike,
     encoder,
     *,
+    unlabelled: Iterable[PathLike] | PathLike | None = None,
     size: tuple[int, int] | int = (8, 8),
     batch_size: int = 256,
     resize: bool = False,
@@ -393,19 +394,32 @@ def classifier_from_images(
     **fit,
 ) -> PreferenceClassifier:
     """A :class:`~obstacles.classifier.PreferenceClassifier` trained on the C-space embeddings of
-    image files and folders: ``good`` (wanted) and ``bad`` (to avoid).
+    image files and folders: ``good`` (wanted) and ``bad`` (to avoid), or, with ``good=None``,
+    ``bad`` against ``unlabelled`` images (say, the model's own samples: positive-unlabelled,
+    :meth:`PreferenceClassifier.fit_positive_unlabelled`).
 
-    Every image of both classes is read and checked before anything is encoded
-    (:func:`cspace.io.images.load_images`); a file given as both good and bad raises
-    :class:`~obstacles.classifier.ClassifierError`. ``fit`` takes the keywords of
-    :meth:`PreferenceClassifier.fit` (``C``, ``seed``, ``holdout``, ``threshold``, ``q_star``,
-    ``eta``). The classifier records the encoder's C-space at ``size`` and, in ``info``, the
-    image size. ``resize``: images of another size are resized to ``size`` instead of refused;
-    ``progress``: a bar over the images while they are encoded (more than one batch).
+    Every image is read and checked before anything is encoded
+    (:func:`cspace.io.images.load_images`); a file given as both bad and good (or unlabelled)
+    raises :class:`~obstacles.classifier.ClassifierError`, and so does giving both ``good`` and
+    ``unlabelled``, or neither. ``fit`` takes the keywords of :meth:`PreferenceClassifier.fit`
+    (``C``, ``seed``, ``holdout``, ``threshold``, ``q_star``, ``eta``), or of
+    :meth:`PreferenceClassifier.fit_positive_unlabelled` with ``unlabelled`` (``C``, ``seed``,
+    ``folds``, ``q_star``, ``eta``). The classifier records the encoder's C-space at ``size``
+    and, in ``info``, the image size. ``resize``: images of another size are resized to ``size``
+    instead of refused; ``progress``: a bar over the images while they are encoded (more than
+    one batch).
     """
     from cspace.io.images import load_images
 
+    if (good is None) == (unlabelled is None):
+        raise ClassifierError(
+            "give the wanted images (good) or unlabelled images (positive-unlabelled), one of "
+            f"the two; got {'both' if good is not None else 'neither'}"
+        )
+    pu = unlabelled is not None
     size = _size(size)
+    good = unlabelled if pu else good
+    other = "unlabelled" if pu else "good"
     good = [good] if isinstance(good, str | os.PathLike) else list(good)
     bad = [bad] if isinstance(bad, str | os.PathLike) else list(bad)
     kw = dict(
@@ -420,7 +434,7 @@ def classifier_from_images(
     overlap = {f.resolve() for f in good_files} & {f.resolve() for f in bad_files}
     if overlap:
         raise ClassifierError(
-            f"{len(overlap)} files are both good and bad (--good and --bad), e.g. "
+            f"{len(overlap)} files are both {other} and bad (--{other} and --bad), e.g. "
             f"{sorted(overlap)[0]}"
         )
 
@@ -429,8 +443,13 @@ def classifier_from_images(
             latents = _encode(encoder, images, int(batch_size), progress)
         return encoder.embed(latents).cpu().double().numpy()
 
-    clf = PreferenceClassifier.fit(
-        embed(good_images), embed(bad_images), space=_space(encoder, size), **fit
-    )
+    if pu:
+        clf = PreferenceClassifier.fit_positive_unlabelled(
+            embed(bad_images), embed(good_images), space=_space(encoder, size), **fit
+        )
+    else:
+        clf = PreferenceClassifier.fit(
+            embed(good_images), embed(bad_images), space=_space(encoder, size), **fit
+        )
     clf.info["image_size"] = list(size)
     return clf

@@ -508,3 +508,52 @@ def test_cli_classifier(tmp_path, run_cli, tiny_encoder, monkeypatch):
     same = ["obstacles", "classifier", "--good", tmp_path / "1", "--bad", tmp_path / "1"]
     rc, _, err = run_cli([*same, "--out", tmp_path / "c2", "--encoder", "tiny"])
     assert rc == 2 and "files are both good and bad" in err and not (tmp_path / "c2").exists()
+
+
+def test_cli_classifier_positive_unlabelled(tmp_path, run_cli):
+    """--unlabelled instead of --good: the bad images against unlabelled ones (a mixture of
+    digits with some of the bad class), Elkan and Noto's threshold, the default C of PU_CN / n, in
+    the shipped digits C-space."""
+    from obstacles.classifier import PU_CN
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "mix").mkdir()
+    for f in sorted((DIGITS / "3").glob("*.png"))[:20]:
+        shutil.copy(f, tmp_path / "bad" / f.name)
+    for c in ("1", "3", "5", "6", "7", "0"):
+        for f in sorted((DIGITS / c).glob("*.png"))[-10:]:
+            shutil.copy(f, tmp_path / "mix" / f"{c}_{f.name}")
+    out = tmp_path / "pu"
+    base = ["obstacles", "classifier", "--bad", tmp_path / "bad", "--encoder", "digits"]
+    rc, text, err = run_cli([*base, "--out", out, "--unlabelled", tmp_path / "mix"])
+    assert rc == 0, err
+    assert "20 bad and 60 unlabelled images (positive-unlabelled)" in text
+    assert "Elkan and Noto's c = " in text and "held-out accuracy" not in text
+    clf = PreferenceClassifier.load(out)
+    assert clf.info["C"] == PU_CN / 80 and clf.threshold == pytest.approx(
+        clf.info["c"] / 2, rel=1e-12
+    )
+    assert clf.info["counts"] == {"unlabelled": 60, "examples": 20}
+    # the unlabelled threes are the ones inside, mostly
+    inside = clf.info["unlabelled_inside"]
+    assert 0.1 <= inside <= 0.3, inside
+    # one of --good and --unlabelled; no threshold or hold-out with --unlabelled: nothing written
+    for extra, msg in (
+        ([], "give --good DIR... (wanted images) or --unlabelled DIR..."),
+        (["--good", tmp_path / "mix", "--unlabelled", tmp_path / "mix"], "one of the two"),
+        (["--unlabelled", tmp_path / "mix", "--threshold", "0.4"], "--threshold does not apply"),
+        (["--unlabelled", tmp_path / "mix", "--holdout", "0"], "--holdout does not apply"),
+        (["--unlabelled", tmp_path / "bad"], "files are both unlabelled and bad"),
+    ):
+        rc, _, err = run_cli([*base, "--out", tmp_path / "no", *extra])
+        assert rc == 2 and msg in err, (extra, err)
+        assert not (tmp_path / "no").exists()
+
+
+def test_positive_unlabelled_that_separates_nothing_is_refused():
+    # examples drawn like the unlabelled states: the region would hold most of them
+    rng = np.random.default_rng(0)
+    with pytest.raises(ClassifierError, match=r"holds \d+% of the unlabelled states"):
+        PreferenceClassifier.fit_positive_unlabelled(
+            rng.normal(size=(40, 4)), rng.normal(size=(400, 4))
+        )

@@ -7,6 +7,7 @@ Subcommands::
                            [--size N|HxW] [--resize] [--append | --overwrite]
     cspace obstacles info PATH [--json]            (an obstacle set or a classifier folder)
     cspace obstacles classifier --good DIR... --bad DIR... --out DIR [--encoder ...]
+    cspace obstacles classifier --unlabelled DIR... --bad DIR... --out DIR   (positive-unlabelled)
                            [--threshold 0.5] [--q-star auto|FLOAT] [--eta F] [--C 1] [--holdout 0.25]
 
 The image size is the encoder's own (its config's ``sample_size``: 8 x 8 for the digits VAEs)
@@ -334,19 +335,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_classifier(args: argparse.Namespace) -> int:
     from obstacles.classifier import is_classifier_folder
-    from obstacles.from_images import classifier_from_images
+    from obstacles.from_images import classifier_from_images, image_size_for
 
+    pu = args.unlabelled is not None
+    if pu == (args.good is not None):
+        raise ObstaclesCommandError(
+            "give --good DIR... (wanted images) or --unlabelled DIR... (unlabelled images, say "
+            "the model's own samples: positive-unlabelled), one of the two"
+        )
+    if pu and (args.threshold is not None or args.holdout is not None):
+        flag = "--threshold" if args.threshold is not None else "--holdout"
+        raise ObstaclesCommandError(
+            f"{flag} does not apply with --unlabelled: the threshold is Elkan and Noto's c / 2 "
+            "and there are no labelled good images to hold out; drop it"
+        )
     q_star = _q_star(args.q_star)
     eta = _number(args.eta, "--eta", strict=False)
-    c = _number(args.C, "--C", strict=True)
-    threshold = _number(args.threshold, "--threshold", strict=True)
-    if not threshold < 1:
-        raise ObstaclesCommandError(f"--threshold must be a probability in (0, 1); got {threshold}")
-    from obstacles.from_images import image_size_for
-
-    holdout = _number(args.holdout, "--holdout", strict=False)
-    if not holdout < 1:
-        raise ObstaclesCommandError(f"--holdout must be in [0, 1); got {holdout}")
+    # --unlabelled without --C: fit_positive_unlabelled's default, PU_CN / n
+    c = _number(args.C, "--C", strict=True) if args.C is not None else (None if pu else 1.0)
+    fit = dict(C=c, seed=args.seed, q_star=q_star, eta=eta)
+    if not pu:
+        threshold = _number(args.threshold or "0.5", "--threshold", strict=True)
+        if not threshold < 1:
+            raise ObstaclesCommandError(
+                f"--threshold must be a probability in (0, 1); got {threshold}"
+            )
+        holdout = _number(args.holdout or "0.25", "--holdout", strict=False)
+        if not holdout < 1:
+            raise ObstaclesCommandError(f"--holdout must be in [0, 1); got {holdout}")
+        fit.update(threshold=threshold, holdout=holdout)
     size = None if args.size is None else _size(args.size)
     out = Path(args.out)
     if _check_out(out, is_classifier_folder, "a cspace classifier") and not args.overwrite:
@@ -356,19 +373,31 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
     encoder = _encoder_on(args.encoder, args.device)
     size, size_note = image_size_for(encoder, size)
     clf = classifier_from_images(
-        args.good, args.bad, encoder, size=size, batch_size=args.batch_size, C=c,
-        seed=args.seed, holdout=holdout, threshold=threshold, q_star=q_star, eta=eta,
-        resize=args.resize, progress=not args.no_progress,
+        args.good, args.bad, encoder, unlabelled=args.unlabelled, size=size,
+        batch_size=args.batch_size, resize=args.resize, progress=not args.no_progress, **fit,
     )  # fmt: skip
     clf.info["encoder"] = f"{args.encoder} ({encoder.name})"
     clf.save(out)
-    acc = "n/a (--holdout 0)" if clf.accuracy is None else f"{clf.accuracy:.3f}"
     counts = clf.info["counts"]
-    print(f"trained on {counts['good']} good and {counts['bad']} bad images, d={clf.dim}")
+    if pu:
+        print(
+            f"trained on {counts['examples']} bad and {counts['unlabelled']} unlabelled images "
+            f"(positive-unlabelled), d={clf.dim}"
+        )
+    else:
+        print(f"trained on {counts['good']} good and {counts['bad']} bad images, d={clf.dim}")
     print(f"encoder: {args.encoder} ({encoder.name}), images {size[1]}x{size[0]}")
     if size_note:
         print(f"note: {size_note}")
-    print(f"held-out accuracy: {acc} (training accuracy {clf.train_accuracy:.3f})")
+    if pu:
+        print(
+            f"Elkan and Noto's c = {clf.info['c']:.3f} (out of fold); bad examples inside: "
+            f"{100 * clf.info['example_recall']:.1f}%, unlabelled inside: "
+            f"{100 * clf.info['unlabelled_inside']:.1f}%"
+        )
+    else:
+        acc = "n/a (--holdout 0)" if clf.accuracy is None else f"{clf.accuracy:.3f}"
+        print(f"held-out accuracy: {acc} (training accuracy {clf.train_accuracy:.3f})")
     auto = " (auto)" if q_star == "auto" else ""
     print(f"threshold: {clf.threshold}, q_star: {clf.q_star:.4g}{auto}, eta: {clf.eta:.4g}")
     print(f"saved: {out}")
@@ -478,15 +507,25 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     clf = sub.add_parser(
         "classifier",
-        help="train a preference classifier (good vs bad images) as an obstacle",
+        help="train a preference classifier (good vs bad, or bad vs unlabelled images) as an "
+        "obstacle",
         description="Train a logistic-regression preference classifier on C-space embeddings of "
-        "good and bad images; prints its held-out accuracy and saves it.",
+        "good and bad images (prints its held-out accuracy), or of bad images against unlabelled "
+        "ones such as the model's own samples (--unlabelled: positive-unlabelled, Elkan and "
+        "Noto's threshold), and save it.",
     )
-    clf.add_argument("--good", nargs="+", required=True, metavar="DIR", help="wanted images")
+    clf.add_argument("--good", nargs="+", metavar="DIR", help="wanted images")
     clf.add_argument("--bad", nargs="+", required=True, metavar="DIR", help="images to avoid")
+    clf.add_argument(
+        "--unlabelled",
+        nargs="+",
+        metavar="DIR",
+        help="instead of --good: unlabelled images (e.g. samples of the model, which hold some "
+        "bad ones); the bad region is Elkan and Noto's p(bad | x) >= c / 2",
+    )
     clf.add_argument("--out", required=True, metavar="DIR", help="classifier folder to write")
     clf.add_argument(
-        "--threshold", default="0.5", help="p(bad) threshold of the bad region (default 0.5)"
+        "--threshold", default=None, help="p(bad) threshold of the bad region (default 0.5)"
     )
     clf.add_argument(
         "--q-star",
@@ -496,9 +535,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         "(default auto)",
     )
     clf.add_argument("--eta", default="1.0", help="strength eta (default 1)")
-    clf.add_argument("--C", default="1.0", help="inverse L2 regularisation (default 1)")
     clf.add_argument(
-        "--holdout", default="0.25", help="held-out fraction for the accuracy (default 0.25)"
+        "--C",
+        default=None,
+        help="inverse L2 regularisation (default 1; with --unlabelled 31.2 / the number of images, "
+        "obstacles.classifier.PU_CN)",
+    )
+    clf.add_argument(
+        "--holdout", default=None, help="held-out fraction for the accuracy (default 0.25)"
     )
     clf.add_argument("--seed", type=seed, default=0, help="split seed (default 0)")
     clf.add_argument("--overwrite", action="store_true", help="replace an existing classifier")
