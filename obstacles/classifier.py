@@ -21,14 +21,27 @@ has not seen; the model is then refit on all examples.
 
 **Positive-unlabelled** (:meth:`PreferenceClassifier.fit_positive_unlabelled`): a user who has
 examples of what to avoid and nothing labelled good still has unlabelled states, such as the
-model's own samples, a mixture with an unknown share of bad ones. Following Elkan and Noto
-(2008, "Learning classifiers from only positive and unlabeled data"), a classifier ``g`` of
-labelled (the examples) against unlabelled gives, when the examples are a random selection of
-the bad states, ``p(bad | x) = g(x) / c`` with ``c = P(labelled | bad)``, estimated as the mean
-of ``g`` over the examples (here out of fold, so that no example scores itself). The bad region
-is ``g(x) / c >= 1/2``: the same half-space form with ``threshold = c / 2``. Balanced class
-weights are kept, so ``g`` is the posterior under equal priors of labelled and unlabelled and
-the rule is Elkan and Noto's applied to it (``c`` is measured on that same ``g``). ``C``
+model's own samples, a mixture ``f_U = (1 - pi) f_0 + pi f_1`` with an unknown share ``pi`` of bad
+ones. A classifier ``g`` of the examples (drawn from ``f_1``) against the unlabelled states, with
+balanced class weights, estimates ``g / (1 - g) = f_1 / f_U``, so the posterior of the class
+under the model's mixture is ``q(x) = pi g / (1 - g)``. ``c`` is the mean of ``g`` over the
+examples, each scored out of fold (Elkan and Noto's 2008 constant, "Learning classifiers from
+only positive and unlabeled data"); where the classes do not overlap ``g = 1 / (1 + pi)`` on
+the class, so ``pi ~ 1/c - 1``. The bad region is ``g(x) >= c / 2``, which in these terms is
+``q(x) >= (1 - c) / (2 - c)``, 0.14 to 0.22 for the c of 0.72-0.84 of the digits demo: an
+inclusive region, since what avoidance misses counts against it (<= 10% of the class may be left)
+and what it takes of other classes costs a little shift and NFE. It is not Elkan and Noto's
+``p(bad | x) >= 1/2``: their ``p = g / c`` holds when the examples are a random part of one
+pooled sample, not for two samples drawn apart as here; the rule for ``q >= 1/2`` would be
+``threshold = c / (2 - c)``, a smaller region (about 0.7 instead of 0.4). Caveats: ``c`` comes
+from the fold models, fit on ``(folds - 1) / folds`` of the data with the same ``C`` (so slightly
+more regularised than the model thresholded: their ``c`` is lower, the region larger); the
+examples are real images and the unlabelled states generated ones, so ``g`` may also learn
+"real against generated" (the demo measures the region on generated samples too); duplicated
+rows would leak across the folds; the default ``C`` assumes embeddings of unit-order scale (the
+C-spaces' normalised latents).
+
+``C``
 defaults to ``PU_CN / n`` (:data:`PU_CN` = 31.2, ``n`` the examples and unlabelled states
 together: 0.03 at the digits demo's 40 + 1,000), a strong L2 penalty for 40-50 examples in
 d = 32 to 196, the same per sample whatever n: on the digits demo's unguided samples (scratch
@@ -360,7 +373,8 @@ class PreferenceClassifier:
         would regularise 100 states ten times as much as 1,000);
         ``c = mean g`` over the examples, each scored by the model of the ``folds``-fold
         stratified split that did not see it (Elkan and Noto's constant, out of fold); the bad
-        region is Elkan and Noto's ``g(x) / c >= 1/2``, that is ``threshold = c / 2``.
+        region is ``g(x) >= c / 2`` (``threshold = c / 2``; module docstring: the posterior of
+        the class under the unlabelled mixture at least ``(1 - c) / (2 - c)``).
 
         ``accuracy`` stays None (there are no labelled good examples); ``info`` records ``c``,
         the examples' out-of-fold recall at the threshold (``example_recall``) and the share of
@@ -383,16 +397,24 @@ class PreferenceClassifier:
                 f"dimension mismatch: the examples have d={bad.shape[1]}, the unlabelled states "
                 f"d={rest.shape[1]}"
             )
+        if isinstance(C, bool):
+            raise ClassifierError(f"C must be a finite number > 0; got {C!r}")
         c_reg = (
             PU_CN / (len(bad) + len(rest)) if C is None else _check_positive(C, "C", strict=True)
         )
-        k = int(folds)
-        if k != folds or k < 2:
+        if isinstance(folds, bool) or not isinstance(folds, int | np.integer) or folds < 2:
             raise ClassifierError(f"folds must be an integer >= 2; got {folds!r}")
+        k = int(folds)
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, int | np.integer)
+            or not 0 <= seed < 2**32
+        ):
+            raise ClassifierError(f"seed must be an integer in 0 .. 2**32 - 1; got {seed!r}")
         if min(len(bad), len(rest)) < k:
             raise ClassifierError(
                 f"{k}-fold estimation of Elkan and Noto's c needs at least {k} examples and {k} "
-                f"unlabelled states; got {len(bad)} and {len(rest)} (add some, or lower folds)"
+                f"unlabelled states; got {len(bad)} and {len(rest)} (add some, or lower folds, --folds)"
             )
         x = np.concatenate([rest, bad])
         y = np.concatenate([np.zeros(len(rest), np.int64), np.ones(len(bad), np.int64)])
@@ -414,7 +436,7 @@ class PreferenceClassifier:
         full = model().fit(x, y)
         w, b = full.coef_[0].astype(np.float64), float(full.intercept_[0])
         info = {
-            "rule": "positive-unlabelled (Elkan and Noto 2008): p(bad | x) >= c / 2",
+            "rule": "positive-unlabelled: g(x) >= c / 2, c = out-of-fold mean g of the examples",
             "counts": {"unlabelled": len(rest), "examples": len(bad)},
             "C": c_reg,
             "folds": k,

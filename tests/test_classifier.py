@@ -180,6 +180,16 @@ def test_positive_unlabelled_errors(tmp_path):
         PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, folds=1)
     with pytest.raises(ClassifierError, match=r"folds must be an integer >= 2; got 2\.5"):
         PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, folds=2.5)
+    with pytest.raises(ClassifierError, match="folds must be an integer >= 2; got None"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, folds=None)
+    with pytest.raises(
+        ClassifierError, match=r"seed must be an integer in 0 \.\. 2\*\*32 - 1; got -1"
+    ):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, seed=-1)
+    with pytest.raises(ClassifierError, match=r"seed must be an integer.*got 1\.7"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, seed=1.7)
+    with pytest.raises(ClassifierError, match="C must be a finite number > 0; got True"):
+        PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled, C=True)
     with pytest.raises(ClassifierError, match=r"dimension mismatch.*d=3.*d=2"):
         PreferenceClassifier.fit_positive_unlabelled(examples, unlabelled[:, :2])
     with pytest.raises(ClassifierError, match="C must be a finite number > 0"):
@@ -544,6 +554,8 @@ def test_cli_classifier_positive_unlabelled(tmp_path, run_cli):
         (["--unlabelled", tmp_path / "mix", "--threshold", "0.4"], "--threshold does not apply"),
         (["--unlabelled", tmp_path / "mix", "--holdout", "0"], "--holdout does not apply"),
         (["--unlabelled", tmp_path / "bad"], "files are both unlabelled and bad"),
+        (["--good", tmp_path / "mix", "--folds", "3"], "--folds applies to --unlabelled only"),
+        (["--unlabelled", tmp_path / "mix", "--folds", "30"], "at least 30 examples"),
     ):
         rc, _, err = run_cli([*base, "--out", tmp_path / "no", *extra])
         assert rc == 2 and msg in err, (extra, err)

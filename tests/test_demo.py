@@ -14,6 +14,7 @@ from cspace.experiments.demo import (
     ARMS,
     TWISTED_NFE,
     DemoSettings,
+    format_report,
     largest_shift,
     renormalised_shift,
     run_demo,
@@ -54,6 +55,8 @@ def test_report_schema(report):
     got = pu["class_shares"]
     assert sum(abs(a - b) * 120 for a, b in zip(ung, got, strict=True)) <= 2 * pu["redrawn"] + 1e-6
     assert 0 < pu["c"] < 1 and 0.5 <= pu["example_recall"] <= 1
+    # on the generated samples, by the judge's labels: most of the class, few of the others
+    assert pu["judged_recall"] > 0.5 > 0.2 > pu["judged_false_positive"]
     # twisted SMC: one system of 1.5 x n particles, every NFE counted, none returned inside
     tw = report["arms"]["twisted-smc"]
     assert tw["n_particles"] == int(TWISTED_NFE * 20 * 120) // 20 == 180
@@ -275,3 +278,12 @@ def test_bad_settings(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         run_demo(DemoSettings(**kwargs), out_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_rejection_pu_is_skipped_with_a_reason_when_it_cannot_be_fit():
+    """Fewer than 2 samples: no positive-unlabelled fit; the demo finishes, says why, and the
+    other arms are there."""
+    report = run_demo(DemoSettings(n=1, steps=2, backtrack=False), out_dir=None)
+    assert "rejection-pu" not in report["arms"] and "rejection" in report["arms"]
+    assert "at least 2 examples and 2 samples; got 40 and 1" in report["skipped"]["rejection-pu"]
+    assert "rejection-pu: skipped (" in format_report(report)

@@ -214,13 +214,11 @@ def test_guide_with_one_class_set_lowers_that_class(pipeline):
     judge's Pullover share of the guided pipeline's samples (Euler, 10 steps, field on the clean
     estimate at strength 150) falls to under a third of the plain pipeline's from the same seed.
 
-    Chosen so: Pullover is the class the generator makes most (22% of 2,000 samples from the
-    14,000-step pipeline, 25% from the earlier 1,600-step one; docs/fashion.md), so at n = 200
-    the plain share is about 45 images, and a third of it is far from what was measured with the
-    earlier pipeline (seed 0: 30.5% -> 3.5%; seed 1: 28.0% -> 1.0%; at strength 50 only 12.0%
-    and 8.5%, at 5 26.5% and 24.5%, so guide's clean-mode strength must be large in this 196-d
-    space). A rarer class (Trouser, 6-8%) did not move at strength 5 and would leave about 12
-    images to count."""
+    Chosen so: Pullover is the class the generator makes most (15.5% of 2,000 samples from the
+    shipped pipeline, 20 Euler steps; 19.0% and 24.5% of 200 at 10 steps, seeds 0 and 1;
+    docs/fashion.md), and a third of it is far from what was measured (19.0% -> 1.0% and
+    24.5% -> 1.0% at strength 150; at 50 6.5%, at 5 15.5% and 23.0%: guide's clean-mode
+    strength must be large in this 196-d space; `benchmarks/fashion_guide.py`)."""
     from guidance import RepulsiveField
     from guidance.integrations.diffusers import guide
 

@@ -346,7 +346,7 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
     if pu and (args.threshold is not None or args.holdout is not None):
         flag = "--threshold" if args.threshold is not None else "--holdout"
         raise ObstaclesCommandError(
-            f"{flag} does not apply with --unlabelled: the threshold is Elkan and Noto's c / 2 "
+            f"{flag} does not apply with --unlabelled: the threshold is c / 2 of Elkan and Noto's c "
             "and there are no labelled good images to hold out; drop it"
         )
     q_star = _q_star(args.q_star)
@@ -354,6 +354,13 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
     # --unlabelled without --C: fit_positive_unlabelled's default, PU_CN / n
     c = _number(args.C, "--C", strict=True) if args.C is not None else (None if pu else 1.0)
     fit = dict(C=c, seed=args.seed, q_star=q_star, eta=eta)
+    if pu:
+        fit["folds"] = 5 if args.folds is None else args.folds
+    elif args.folds is not None:
+        raise ObstaclesCommandError(
+            "--folds applies to --unlabelled only (the folds that estimate Elkan and Noto's c); "
+            "drop it"
+        )
     if not pu:
         threshold = _number(args.threshold or "0.5", "--threshold", strict=True)
         if not threshold < 1:
@@ -521,9 +528,16 @@ def register(subparsers) -> argparse.ArgumentParser:
         nargs="+",
         metavar="DIR",
         help="instead of --good: unlabelled images (e.g. samples of the model, which hold some "
-        "bad ones); the bad region is Elkan and Noto's p(bad | x) >= c / 2",
+        "bad ones); the bad region is g(x) >= c / 2, c Elkan and Noto's constant",
     )
     clf.add_argument("--out", required=True, metavar="DIR", help="classifier folder to write")
+    clf.add_argument(
+        "--folds",
+        type=positive_int,
+        default=None,
+        help="with --unlabelled: the folds that estimate c out of fold (default 5; at most the "
+        "number of bad images)",
+    )
     clf.add_argument(
         "--threshold", default=None, help="p(bad) threshold of the bad region (default 0.5)"
     )

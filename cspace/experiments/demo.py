@@ -20,7 +20,8 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
    draw, the first round and every discarded one;
    a ``rejection-pu`` arm, the same rejection with another membership test: a classifier of the
    obstacle set's examples against the unguided arm's samples (positive-unlabelled,
-   :meth:`obstacles.PreferenceClassifier.fit_positive_unlabelled`: Elkan and Noto's threshold),
+   :meth:`obstacles.PreferenceClassifier.fit_positive_unlabelled`: ``g >= c / 2`` with Elkan and
+   Noto's ``c``),
    its half-space tested instead of the hard radii; it uses the avoided class's examples and
    the model's own samples, no other class's examples; redraws from the ``demo-rejection-pu``
    stream;
@@ -808,7 +809,7 @@ def run_demo(
     from cspace.io.images import load_images
     from guidance import ClassifierField, RepulsiveField
     from guidance.fields.regions import hard_regions
-    from obstacles.classifier import PreferenceClassifier
+    from obstacles.classifier import ClassifierError, PreferenceClassifier
 
     say = log or (lambda message: None)
     s = settings or DemoSettings()
@@ -963,29 +964,50 @@ def run_demo(
     # class's examples
     say(
         f"sampling {s.n} {data.noun}, arm rejection-pu (a classifier of the {len(oset)} examples "
-        f"against the {s.n} unguided samples, Elkan and Noto's threshold; the samples it flags "
+        f"against the {s.n} unguided samples, threshold c / 2 of Elkan and Noto's c; the samples it flags "
         "drawn again)"
     )
     t0 = time.perf_counter()
-    pu = PreferenceClassifier.fit_positive_unlabelled(
-        oset.embeddings, encoder.embed(unguided).cpu().numpy(), seed=s.seed, space=oset.space
-    )
-    pu_field = ClassifierField(pu)
-    rpu = rejection_arm(flow, shape, s, pu_field, device, first=unguided,
-                        stream="demo-rejection-pu")  # fmt: skip
-    images = encoder.decode(rpu.samples).cpu()
-    report["arms"]["rejection-pu"] = {
-        **_judged(judge, images, s.avoid_class, data),
-        "nfe": rpu.nfe_per_sample,
-        "draws": int(rpu.records["draws"]),
-        "redrawn": int(hard_regions(pu_field).inside(unguided.reshape(s.n, -1)).sum()),
-        "rejected_share": float(rpu.records["inside_estimate"]),
-        "shortfall": int(rpu.records["shortfall"]),
-        "c": float(pu.info["c"]),
-        "example_recall": float(pu.info["example_recall"]),
-        "seconds": time.perf_counter() - t0,
-    }
-    samples["rejection-pu"] = images
+    pu = None
+    folds = min(5, len(oset), int(s.n))
+    try:
+        if folds < 2:
+            raise ClassifierError(
+                f"the positive-unlabelled fit needs at least 2 examples and 2 samples; got "
+                f"{len(oset)} and {s.n}"
+            )
+        pu = PreferenceClassifier.fit_positive_unlabelled(
+            oset.embeddings, encoder.embed(unguided).cpu().numpy(), folds=folds, seed=s.seed,
+            space=oset.space,
+        )  # fmt: skip
+    except ClassifierError as err:  # too few examples or samples, or nothing told apart
+        report["skipped"] = {"rejection-pu": str(err)}
+        say(f"arm rejection-pu skipped: {err}")
+    if pu is not None:
+        pu_field = ClassifierField(pu)
+        rpu = rejection_arm(flow, shape, s, pu_field, device, first=unguided,
+                            stream="demo-rejection-pu")  # fmt: skip
+        images = encoder.decode(rpu.samples).cpu()
+        # the region on generated samples, by the judge's labels of the unguided ones (the
+        # membership figures below are on real unseen images)
+        flagged = hard_regions(pu_field).inside(unguided.reshape(s.n, -1))
+        judged = judge.predict(samples["unguided"]).to(flagged.device) == s.avoid_class
+        report["arms"]["rejection-pu"] = {
+            **_judged(judge, images, s.avoid_class, data),
+            "nfe": rpu.nfe_per_sample,
+            "draws": int(rpu.records["draws"]),
+            "redrawn": int(flagged.sum()),
+            "rejected_share": float(rpu.records["inside_estimate"]),
+            "shortfall": int(rpu.records["shortfall"]),
+            "c": float(pu.info["c"]),
+            "example_recall": float(pu.info["example_recall"]),
+            "judged_recall": float(flagged[judged].double().mean()) if judged.any() else 0.0,
+            "judged_false_positive": float(flagged[~judged].double().mean())
+            if (~judged).any()
+            else 0.0,
+            "seconds": time.perf_counter() - t0,
+        }
+        samples["rejection-pu"] = images
 
     # the two arms that use only the obstacle set: twisted SMC and the negation denoiser
     scale = within_class_scale(encoder, data)
@@ -1237,12 +1259,16 @@ def format_report(report: dict) -> str:
             f"radius and discarded"
             + (f"; {rej['shortfall']} samples short" if rej["shortfall"] else "")
         )
+    for arm, why in report.get("skipped", {}).items():
+        rows.append(f"{arm}: skipped ({why})")
     rpu = report["arms"].get("rejection-pu")
     if rpu is not None:
         rows.append(
             f"rejection-pu: {rpu['draws']} draws, {100 * rpu['rejected_share']:.1f}% inside the "
             f"examples-vs-samples region and discarded (Elkan and Noto's c = {rpu['c']:.3f}, "
-            f"examples inside out of fold: {100 * rpu['example_recall']:.0f}%)"
+            f"examples inside out of fold: {100 * rpu['example_recall']:.0f}%; of the unguided "
+            f"samples the judge calls the class {100 * rpu['judged_recall']:.0f}% inside, of the "
+            f"others {100 * rpu['judged_false_positive']:.1f}%)"
             + (f"; {rpu['shortfall']} samples short" if rpu["shortfall"] else "")
         )
     tw = report["arms"].get("twisted-smc")
