@@ -535,11 +535,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--folds",
         type=positive_int,
         default=None,
-        help="with --unlabelled: the folds that estimate c out of fold (default 5; at most the "
-        "number of bad images)",
+        help="with --unlabelled: the folds that estimate c out of fold (5 when not given; at most "
+        "the number of bad images)",
     )
     clf.add_argument(
-        "--threshold", default=None, help="p(bad) threshold of the bad region (default 0.5)"
+        "--threshold",
+        default=None,
+        help="p(bad) threshold of the bad region (0.5 when not given; with --unlabelled it is "
+        "c / 2 and cannot be set)",
     )
     clf.add_argument(
         "--q-star",
@@ -552,11 +555,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     clf.add_argument(
         "--C",
         default=None,
-        help="inverse L2 regularisation (default 1; with --unlabelled 31.2 / the number of images, "
-        "obstacles.classifier.PU_CN)",
+        help="inverse L2 regularisation (1 when not given; with --unlabelled 31.2 / the number of "
+        "images, obstacles.classifier.PU_CN)",
     )
     clf.add_argument(
-        "--holdout", default=None, help="held-out fraction for the accuracy (default 0.25)"
+        "--holdout",
+        default=None,
+        help="held-out fraction for the accuracy (0.25 when not given; not with --unlabelled)",
     )
     clf.add_argument("--seed", type=seed, default=0, help="split seed (default 0)")
     clf.add_argument("--overwrite", action="store_true", help="replace an existing classifier")
