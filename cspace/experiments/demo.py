@@ -1252,25 +1252,27 @@ def format_report(report: dict) -> str:
             f"{m['diversity']:>11.3f}{m['nearest_train_distance']:>10.3f}{100 * m['copy_rate']:>7.1f}%"
             f"{m['nfe']:>6.1f}{m['seconds']:>9.1f}"
         )
-    rej = report["arms"].get("rejection")
-    if rej is not None:
-        rows.append(
-            f"rejection: {rej['draws']} draws, {100 * rej['rejected_share']:.1f}% inside a hard "
-            f"radius and discarded"
-            + (f"; {rej['shortfall']} samples short" if rej["shortfall"] else "")
+
+    def rejection_line(arm: str, m: dict, region: str, about: str = "") -> str:
+        short = f"; {m['shortfall']} samples short" if m["shortfall"] else ""
+        return (
+            f"{arm}: {m['draws']} draws, {100 * m['rejected_share']:.1f}% inside {region} and "
+            f"discarded{about}{short}"
         )
+
+    if "rejection" in report["arms"]:
+        rows.append(rejection_line("rejection", report["arms"]["rejection"], "a hard radius"))
     for arm, why in report.get("skipped", {}).items():
         rows.append(f"{arm}: skipped ({why})")
     rpu = report["arms"].get("rejection-pu")
     if rpu is not None:
-        rows.append(
-            f"rejection-pu: {rpu['draws']} draws, {100 * rpu['rejected_share']:.1f}% inside the "
-            f"examples-vs-samples region and discarded (Elkan and Noto's c = {rpu['c']:.3f}, "
-            f"examples inside out of fold: {100 * rpu['example_recall']:.0f}%; of the unguided "
-            f"samples the judge calls the class {100 * rpu['judged_recall']:.0f}% inside, of the "
-            f"others {100 * rpu['judged_false_positive']:.1f}%)"
-            + (f"; {rpu['shortfall']} samples short" if rpu["shortfall"] else "")
+        about = (
+            f" (Elkan and Noto's c = {rpu['c']:.3f}, examples inside out of fold: "
+            f"{100 * rpu['example_recall']:.0f}%; of the unguided samples the judge calls the "
+            f"class {100 * rpu['judged_recall']:.0f}% inside, of the others "
+            f"{100 * rpu['judged_false_positive']:.1f}%)"
         )
+        rows.append(rejection_line("rejection-pu", rpu, "the examples-vs-samples region", about))
     tw = report["arms"].get("twisted-smc")
     if tw is not None:
         rows.append(
