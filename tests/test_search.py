@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from cspace.experiments.search import algos_for
 from cspace.experiments.toy import toy_obstacle_set
 from cspace.models.metrics import energy_distance
 from cspace.models.toy import GaussianMixture, default_toy, toy_with_coverage
@@ -46,6 +47,11 @@ def toy75():
 
 def kwargs_for(algo, fld):
     return {"field": fld} if ALGORITHMS[algo].needs_field else {}
+
+
+#: the algorithms that apply to the toy (rejection-pu learns a half-space from examples of a
+#: class: tests/test_rejection_pu.py; on the toy it is refused, test_search_cli.py)
+TOY_ALGOS = sorted(algos_for("toy"))
 
 
 # ------------------------------------------------------------------ toy problems
@@ -110,7 +116,7 @@ def test_verifier_nan_and_empty_raise():
         CallableVerifier(lambda x: torch.zeros(2)).score(torch.zeros(3, 2))
 
 
-@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algo", TOY_ALGOS)
 def test_every_algorithm_raises_on_nan_verifier(algo, toy):
     mix, _, fld = toy
     bad = CallableVerifier(lambda x: torch.where(x[:, 0] > 0, math.nan, 0.0))
@@ -154,7 +160,7 @@ def test_budget_charges_before_the_call():
         Budget(-1)
 
 
-@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algo", TOY_ALGOS)
 @pytest.mark.parametrize("budget", [1_000, 3_333, 20_000])
 def test_budget_never_exceeded(algo, budget, toy):
     mix, balls, fld = toy
@@ -172,7 +178,7 @@ def test_budget_never_exceeded(algo, budget, toy):
     assert res.verifier_calls >= 1 and res.verifier_samples >= 8
 
 
-@pytest.mark.parametrize("algo", sorted(ALGORITHMS))
+@pytest.mark.parametrize("algo", TOY_ALGOS)
 def test_too_small_budget_raises(algo, toy):
     mix, balls, fld = toy
     ver = OracleVerifier(mix, balls)

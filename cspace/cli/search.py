@@ -32,6 +32,7 @@ ALGOS = (
     "smc-guided",
     "backtrack",
     "rejection",
+    "rejection-pu",
     "twisted-smc",
     "negation",
     "safety-filter",

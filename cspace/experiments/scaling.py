@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from cspace.experiments.search import (
-    ALGOS,
     SearchProblem,
+    algos_for,
     build_problem,
     exact_targets,
     run_search,
@@ -52,7 +52,8 @@ class ScalingSettings:
     steps: int = 50
     multiples: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)  # budget per sample / steps
     seeds: int = 3
-    algos: tuple[str, ...] = ALGOS
+    #: None: every registered algorithm that applies to the problem (search.algos_for)
+    algos: tuple[str, ...] | None = None
 
     @classmethod
     def quick(cls, **kw) -> ScalingSettings:
@@ -75,7 +76,7 @@ METRICS = (
 
 def run_scaling(s: ScalingSettings, out_dir: str | Path, log=print) -> dict:
     """Run the scaling experiment; writes the CSVs and the PNG into ``out_dir``."""
-    from guidance.search import BudgetExceeded
+    from guidance.search import BudgetExceeded, SearchError
 
     out = check_output_folder(out_dir, "the output folder (--out)")
     out.mkdir(parents=True, exist_ok=True)
@@ -91,16 +92,17 @@ def run_scaling(s: ScalingSettings, out_dir: str | Path, log=print) -> dict:
         else:
             rows.append(_unguided_row(problem, s, seed))
         ref = rows[-1].get("class_shares")
-        for algo in s.algos:
+        for algo in algos_for(s.problem) if s.algos is None else s.algos:
             for mult in s.multiples:
                 budget = int(mult) * s.steps * s.n
                 row = {"algo": algo, "seed": seed, "multiple": mult, "status": "ok"}
                 try:
                     rep = run_search(problem, algo, budget, s.n, s.steps, seed, target, target2)
-                except BudgetExceeded as err:
+                except (BudgetExceeded, SearchError) as err:  # this budget, or this algorithm
+                    what = "skipped" if isinstance(err, BudgetExceeded) else "failed"
                     row.update({"budget": budget, "n": s.n, "steps": s.steps})
                     row.update({k: math.nan for k in (*METRICS, "nfe", "energy_distance_floor")})
-                    row.update({"verifier_calls": 0, "seconds": 0.0, "status": f"skipped: {err}"})
+                    row.update({"verifier_calls": 0, "seconds": 0.0, "status": f"{what}: {err}"})
                     rows.append(row)
                     continue
                 row.update(rep)

@@ -38,9 +38,11 @@ __all__ = [
     "REPORTED_RECORDS",
     "TOY_VERIFIERS",
     "SearchProblem",
+    "algos_for",
     "build_digits_problem",
     "build_problem",
     "build_toy_problem",
+    "check_applies",
     "check_options",
     "exact_targets",
     "run_search",
@@ -238,6 +240,29 @@ def check_options(algo: str, options: dict | None) -> dict:
     return options
 
 
+def check_applies(algo: str, problem: SearchProblem | str) -> None:
+    """Raise :class:`ValueError` when ``algo`` does not apply to ``problem`` (a problem or its
+    name): an algorithm that learns the obstacles' membership from examples of a class
+    (rejection-pu) on the toy, whose balls lie on several modes (no half-space separates them)
+    and are an exact test."""
+    name = problem if isinstance(problem, str) else problem.name
+    if ALGORITHMS[algo].learns_membership and name == "toy":
+        raise ValueError(
+            f"--algo {algo} learns the obstacles from examples of a class (a half-space); the toy's "
+            "balls lie on several modes and are an exact test: use --algo rejection on the toy, "
+            f"and {algo} on --problem digits"
+        )
+
+
+def algos_for(problem: str, algos=None) -> tuple[str, ...]:
+    """The algorithms of ``algos`` (default every registered one) that apply to ``problem``
+    (``"toy"`` or ``"digits"``; :func:`check_applies`)."""
+    names = tuple(ALGORITHMS) if algos is None else tuple(algos)
+    if problem != "toy":
+        return names
+    return tuple(a for a in names if not ALGORITHMS[a].learns_membership)
+
+
 def _algo_kwargs(algo: str, problem: SearchProblem) -> dict:
     """The problem's settings that ``algo`` takes (the registry entry picks them): the field for
     the algorithms that need it, the guided SMC's data scale, the FK potential's temperature
@@ -282,6 +307,7 @@ def run_search(
     """
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    check_applies(algo, problem)
     options = check_options(algo, options)
     gen = torch.Generator().manual_seed(int(seed) + 1)
     t0 = time.perf_counter()
@@ -356,6 +382,8 @@ def _report(
 REPORTED_RECORDS = {
     "rejection": ("draws", "accepted", "acceptance", "inside_estimate", "nfe_needed",
                   "shortfall", "rounds"),
+    "rejection-pu": ("draws", "accepted", "acceptance", "inside_estimate", "nfe_needed",
+                     "shortfall", "rounds", "c", "example_recall", "examples", "first_inside"),
     "twisted-smc": ("n_particles", "groups", "resamplings", "mass_inside", "free_fraction",
                     "unique", "proposal"),
     "auto": ("choice", "inside_estimate", "inside_interval", "pilot", "pilot_nfe"),
@@ -425,6 +453,7 @@ def run_search_blocks(
 
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    check_applies(algo, problem)
     options = check_options(algo, options)
     g = current(group)
     check_world(int(n), "samples", g, "start at most --samples processes")
@@ -503,6 +532,7 @@ def search_job(
         raise ValueError("--reference needs exact truth: use it with --problem toy")
     if algo not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algo!r}; choose one of {sorted(ALGORITHMS)}")
+    check_applies(algo, problem_name)
     options = check_options(algo, options)
     g = init_from_env()
     tell = say if (say is not None and g.rank == 0) else (lambda message: None)

@@ -16,6 +16,7 @@ smc            :mod:`guidance.search.smc`                       SDE trajectories
 smc-guided     :mod:`guidance.search.smc_guided`                SDE trajectories, guided
 backtrack      :mod:`guidance.search.backtrack`                 SDE segments (retries)
 rejection      :mod:`guidance.search.rejection`                 independent draws (test)
+rejection-pu   :mod:`guidance.search.rejection_pu`              draws, a learnt test
 twisted-smc    :mod:`guidance.search.twisted`                   SDE trajectories, twisted
 negation       :mod:`guidance.search.single_pass`               nothing (one pass)
 safety-filter  :mod:`guidance.search.single_pass`               nothing (one pass)
@@ -29,6 +30,7 @@ from guidance.search import (
     paths,
     random_search,
     rejection,
+    rejection_pu,
     single_pass,
     smc,
     smc_guided,
@@ -59,6 +61,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         smc_guided.ALGORITHM,
         backtrack.ALGORITHM,
         rejection.ALGORITHM,
+        rejection_pu.ALGORITHM,
         twisted.ALGORITHM,
         single_pass.NEGATION,
         single_pass.SAFETY_FILTER,

@@ -50,6 +50,10 @@ class Algorithm:
         run: the search function (:class:`SearchAlgorithm`).
         searches_over: what the search varies (initial noises, paths, SDE trajectories, ...).
         needs_field: whether ``run`` requires the obstacles' field (keyword ``field=``).
+        learns_membership: whether ``run`` learns the obstacles' membership from examples of a
+            class (a half-space: it applies to a class a hyperplane separates, such as a digit
+            class in the C-space, not to obstacles spread over several separate regions such as
+            the toy's balls, where the exact test is the field's own).
         options: the keyword options ``run`` accepts beyond the common ones (from its
             signature).
     """
@@ -58,6 +62,7 @@ class Algorithm:
     run: SearchAlgorithm
     searches_over: str
     needs_field: bool = False
+    learns_membership: bool = False
     options: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
