@@ -393,18 +393,22 @@ def test_search_registry_lists_every_algorithm_once():
         paths,
         random_search,
         rejection,
+        rejection_pu,
         single_pass,
         twisted,
         zero_order,
     )
 
-    modules = (random_search, zero_order, paths, smc, smc_guided, backtrack, rejection, twisted)
+    modules = (random_search, zero_order, paths, smc, smc_guided, backtrack, rejection,
+               rejection_pu, twisted)  # fmt: skip
     entries = [m.ALGORITHM for m in modules]
     entries += [single_pass.NEGATION, single_pass.SAFETY_FILTER, auto.ALGORITHM]
     runs = [m.search for m in modules] + [single_pass.negation, single_pass.safety_filter]
     runs.append(auto.search)
     assert [a.name for a in entries] == list(ALGORITHMS) == list(ALGOS)
-    assert len({a.name for a in entries}) == len(entries) == 11
+    assert len({a.name for a in entries}) == len(entries) == 12
+    # only rejection-pu learns the obstacles' membership from examples of a class
+    assert [a.name for a in entries if a.learns_membership] == ["rejection-pu"]
     assert all(ALGORITHMS[a.name] is a and isinstance(a, Algorithm) for a in entries)
     assert {a.name for a in entries if not a.needs_field} == {
         "best-of-n",
