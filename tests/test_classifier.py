@@ -547,6 +547,9 @@ def test_cli_classifier_positive_unlabelled(tmp_path, run_cli):
     # the unlabelled threes are the ones inside, mostly
     inside = clf.info["unlabelled_inside"]
     assert 0.1 <= inside <= 0.3, inside
+    rc, text, _ = run_cli(["obstacles", "info", out])
+    assert rc == 0 and "positive-unlabelled: 20 bad and 60 unlabelled images" in text
+    assert "None" not in text and "held-out accuracy" not in text
     # one of --good and --unlabelled; no threshold or hold-out with --unlabelled: nothing written
     for extra, msg in (
         ([], "give --good DIR... (wanted images) or --unlabelled DIR..."),
@@ -556,6 +559,7 @@ def test_cli_classifier_positive_unlabelled(tmp_path, run_cli):
         (["--unlabelled", tmp_path / "bad"], "files are both unlabelled and bad"),
         (["--good", tmp_path / "mix", "--folds", "3"], "--folds applies to --unlabelled only"),
         (["--unlabelled", tmp_path / "mix", "--folds", "30"], "at least 30 examples"),
+        (["--unlabelled", tmp_path / "mix", "--folds", "1"], "--folds must be at least 2; got 1"),
     ):
         rc, _, err = run_cli([*base, "--out", tmp_path / "no", *extra])
         assert rc == 2 and msg in err, (extra, err)

@@ -63,6 +63,15 @@ def test_rejection_pu_is_refused_on_the_toy_and_runs_on_digits():
     assert rec["draws"] >= 64 and 0 <= rep["avoided_rate"] <= 1
 
 
+def test_a_budget_that_runs_out_is_said_on_stderr(capsys):
+    """Rejection returns what the budget paid for; the command says how many are missing."""
+    rep = json.loads(run(["search", "--algo", "rejection", "--budget", "1700", "--n", "160",
+                          "--steps", "10", "--coverage", "0.75", "--json"]))  # fmt: skip
+    err = capsys.readouterr().err
+    assert rep["n"] < 160 and rep["records"]["shortfall"] == 160 - rep["n"]
+    assert f"returned {rep['n']} of the 160 samples asked for ({160 - rep['n']} short)" in err
+
+
 def test_search_table_and_verifier_option():
     out = run(["search", "--algo", "best-of-n", "--budget", "400", "--n", "8", "--steps", "10",
                "--verifier", "clearance", "--dim", "3"])  # fmt: skip

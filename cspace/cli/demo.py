@@ -121,7 +121,9 @@ def register(subparsers) -> None:
         default=None,
         metavar="DIR",
         help="your preference classifier (`cspace obstacles classifier`, in the --encoder's "
-        "C-space) instead of the one trained on the examples",
+        "C-space) for the classifier arm, instead of the one trained on the examples (the "
+        "rejection-pu arm always fits its own region, from the examples and this run's unguided "
+        "samples)",
     )
     demo.add_argument(
         "--strength",

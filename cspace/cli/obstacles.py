@@ -283,6 +283,9 @@ def _classifier_summary(path: Path) -> dict:
         "heldout_accuracy": clf.accuracy,
         "train_accuracy": clf.train_accuracy,
         "counts": clf.info.get("counts"),
+        "positive_unlabelled": "unlabelled" in (clf.info.get("counts") or {}),
+        "c": clf.info.get("c"),
+        "example_recall": clf.info.get("example_recall"),
         "encoder": clf.info.get("encoder"),
         "space": None if clf.space is None else clf.space.to_json(),
         "space_description": _describe_space(clf.space),
@@ -322,12 +325,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"history: {info['history']} entries")
     else:
         acc = info["heldout_accuracy"]
-        print(f"threshold: {info['threshold']}")
+        counts = info["counts"] or {}
+        print(f"threshold: {info['threshold']:.6g}")
         print(f"q_star: {info['q_star']:.4g}")
         print(f"eta: {info['eta']:.4g}")
-        print(f"held-out accuracy: {'n/a' if acc is None else f'{acc:.3f}'}")
-        if info["counts"]:
-            print(f"examples: {info['counts'].get('good')} good, {info['counts'].get('bad')} bad")
+        if info["positive_unlabelled"]:
+            print(
+                f"positive-unlabelled: {counts.get('examples')} bad and {counts.get('unlabelled')} "
+                f"unlabelled images; Elkan and Noto's c = {info['c']:.3f}, threshold c / 2; bad "
+                f"examples inside out of fold: {100 * info['example_recall']:.1f}%"
+            )
+        else:
+            print(f"held-out accuracy: {'n/a' if acc is None else f'{acc:.3f}'}")
+            if counts:
+                print(f"examples: {counts.get('good')} good, {counts.get('bad')} bad")
         if info["encoder"]:
             print(f"encoder: {info['encoder']}")
     return 0
@@ -343,12 +354,18 @@ def _cmd_classifier(args: argparse.Namespace) -> int:
             "give --good DIR... (wanted images) or --unlabelled DIR... (unlabelled images, say "
             "the model's own samples: positive-unlabelled), one of the two"
         )
-    if pu and (args.threshold is not None or args.holdout is not None):
-        flag = "--threshold" if args.threshold is not None else "--holdout"
+    if pu and args.threshold is not None:
         raise ObstaclesCommandError(
-            f"{flag} does not apply with --unlabelled: the threshold is c / 2 of Elkan and Noto's c "
-            "and there are no labelled good images to hold out; drop it"
+            "--threshold does not apply with --unlabelled: the threshold is c / 2, c Elkan and "
+            "Noto's constant measured on the images; drop it"
         )
+    if pu and args.holdout is not None:
+        raise ObstaclesCommandError(
+            "--holdout does not apply with --unlabelled: there are no labelled good images to "
+            "hold out (c is measured out of fold instead, --folds); drop it"
+        )
+    if args.folds is not None and args.folds < 2:
+        raise ObstaclesCommandError(f"--folds must be at least 2; got {args.folds}")
     q_star = _q_star(args.q_star)
     eta = _number(args.eta, "--eta", strict=False)
     # --unlabelled without --C: fit_positive_unlabelled's default, PU_CN / n
@@ -536,7 +553,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         help="with --unlabelled: the folds that estimate c out of fold (5 when not given; at most "
-        "the number of bad images)",
+        "the number of bad images and of unlabelled images)",
     )
     clf.add_argument(
         "--threshold",
@@ -548,8 +565,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--q-star",
         default="auto",
         metavar="auto|FLOAT",
-        help="influence range; auto: the median distance of the good examples to the boundary "
-        "(default auto)",
+        help="influence range; auto: the median distance of the good examples (with --unlabelled: "
+        "of the unlabelled images) on the good side to the boundary (default auto)",
     )
     clf.add_argument("--eta", default="1.0", help="strength eta (default 1)")
     clf.add_argument(

@@ -89,6 +89,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not printer:  # under torchrun, rank 0 prints
         return 0
+    short = int(args.n) - int(rep.get("n", args.n))
+    if short > 0:  # the budget ran out (rejection's draws): say so where it is seen
+        print(
+            f"cspace search: note: the budget of {args.budget:,} NFE returned {rep['n']} of the "
+            f"{args.n} samples asked for ({short} short); raise --budget",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(rep))
         return 0
@@ -157,7 +164,13 @@ def register(subparsers) -> None:
         description="Run one search algorithm on an NFE budget and score what it returns "
         "against exact truth (toy).",
     )
-    p.add_argument("--algo", choices=ALGOS, required=True, help="search algorithm")
+    p.add_argument(
+        "--algo",
+        choices=ALGOS,
+        required=True,
+        help="search algorithm (rejection-pu learns the obstacles from the examples of a class: "
+        "--problem digits only)",
+    )
     p.add_argument("--budget", type=positive_int, required=True, help="total NFE of the call")
     p.add_argument(
         "--n",

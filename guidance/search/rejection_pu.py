@@ -99,8 +99,8 @@ def search(
     if run.budget.remaining < n * cost:
         raise BudgetExceeded(
             f"rejection-pu: a budget of {run.budget.remaining} NFE is less than the first round "
-            f"({n} x {cost} NFE = {n * cost}); raise it to at least {n * cost}, about "
-            f"{n * cost} / (1 - coverage)"
+            f"({n} x {cost} NFE = {n * cost}); raise it above {n * cost}: the redraws of what the "
+            f"learnt region rejects cost more, about {n * cost} / (1 - the share rejected)"
         )
     # the first round: the plain sampler's draws, charged by rejection.search below (first=)
     check_states("rejection-pu", n, shape, dtype, f"a first round of {n:,} draws")
