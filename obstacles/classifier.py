@@ -180,6 +180,27 @@ def _as_matrix(x, name: str) -> np.ndarray:
     return arr
 
 
+def _same_d(a: np.ndarray, b: np.ndarray, a_name: str, b_name: str) -> None:
+    """Raise :class:`ClassifierError` unless the (N, d) matrices ``a`` and ``b`` share d."""
+    if a.shape[1] != b.shape[1]:
+        raise ClassifierError(
+            f"dimension mismatch: {a_name} have d={a.shape[1]}, {b_name} d={b.shape[1]}"
+        )
+
+
+def _logistic(C: float, balanced: bool, max_iter: int, seed: int):
+    """The scikit-learn model both fits use: L2 logistic regression (lbfgs), inverse strength
+    ``C``, balanced class weights or none."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(
+        C=C,
+        class_weight="balanced" if balanced else None,
+        max_iter=int(max_iter),
+        random_state=int(seed),
+    )
+
+
 def _q_star(q_star, good: np.ndarray, w: np.ndarray, b: float, p0: float, info: dict,
             what: str = "good example") -> float:  # fmt: skip
     """``q_star`` as given, or for ``"auto"`` (module docstring) the median signed distance of
@@ -281,7 +302,6 @@ class PreferenceClassifier:
         all examples. ``q_star="auto"``: see the module docstring. ``space``: the C-space of
         the embeddings (recorded with the classifier).
         """
-        from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import train_test_split
 
         good = _as_matrix(good_embeddings, "good embeddings")
@@ -292,10 +312,7 @@ class PreferenceClassifier:
                 f"no {missing} examples: a preference classifier needs examples of both classes "
                 f"(got {good.shape[0]} good, {bad.shape[0]} bad)"
             )
-        if good.shape[1] != bad.shape[1]:
-            raise ClassifierError(
-                f"dimension mismatch: good embeddings have d={good.shape[1]}, bad d={bad.shape[1]}"
-            )
+        _same_d(good, bad, "good embeddings", "bad")
         c = _check_positive(C, "C", strict=True)
         p0 = _check_threshold(threshold)
         h = float(holdout)
@@ -306,12 +323,7 @@ class PreferenceClassifier:
         n = len(y)
 
         def model():
-            return LogisticRegression(
-                C=c,
-                class_weight="balanced" if balanced else None,
-                max_iter=int(max_iter),
-                random_state=int(seed),
-            )
+            return _logistic(c, balanced, max_iter, seed)
 
         def acc(m, xs, ys) -> float:
             return float(np.mean((_prob_bad(m, xs) >= p0).astype(np.int64) == ys))
@@ -387,16 +399,11 @@ class PreferenceClassifier:
                 that holds half of the unlabelled states or more (the same failure, seen from
                 the other side).
         """
-        from sklearn.linear_model import LogisticRegression
         from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
         bad = _as_matrix(examples, "examples")
         rest = _as_matrix(unlabelled, "unlabelled states")
-        if bad.shape[1] != rest.shape[1]:
-            raise ClassifierError(
-                f"dimension mismatch: the examples have d={bad.shape[1]}, the unlabelled states "
-                f"d={rest.shape[1]}"
-            )
+        _same_d(bad, rest, "the examples", "the unlabelled states")
         if isinstance(C, bool):
             raise ClassifierError(f"C must be a finite number > 0; got {C!r}")
         c_reg = (
@@ -420,9 +427,7 @@ class PreferenceClassifier:
         y = np.concatenate([np.zeros(len(rest), np.int64), np.ones(len(bad), np.int64)])
 
         def model():
-            return LogisticRegression(
-                C=c_reg, class_weight="balanced", max_iter=int(max_iter), random_state=int(seed)
-            )
+            return _logistic(c_reg, True, max_iter, seed)
 
         split = StratifiedKFold(n_splits=k, shuffle=True, random_state=int(seed))
         oof = cross_val_predict(model(), x, y, cv=split, method="predict_proba")[:, 1]

@@ -246,7 +246,7 @@ def check_applies(algo: str, problem: SearchProblem | str) -> None:
     (rejection-pu) on the toy, whose balls lie on several modes (no half-space separates them)
     and are an exact test."""
     name = problem if isinstance(problem, str) else problem.name
-    if ALGORITHMS[algo].learns_membership and name == "toy":
+    if not _applies(algo, name):
         raise ValueError(
             f"--algo {algo} learns the obstacles from examples of a class (a half-space); the toy's "
             "balls lie on several modes and are an exact test: use --algo rejection on the toy, "
@@ -258,9 +258,13 @@ def algos_for(problem: str, algos=None) -> tuple[str, ...]:
     """The algorithms of ``algos`` (default every registered one) that apply to ``problem``
     (``"toy"`` or ``"digits"``; :func:`check_applies`)."""
     names = tuple(ALGORITHMS) if algos is None else tuple(algos)
-    if problem != "toy":
-        return names
-    return tuple(a for a in names if not ALGORITHMS[a].learns_membership)
+    return tuple(a for a in names if _applies(a, problem))
+
+
+def _applies(algo: str, problem: str) -> bool:
+    """Whether ``algo`` applies to the problem named ``problem``: one that learns the obstacles'
+    membership from examples of a class does not apply to the toy (:func:`check_applies`)."""
+    return not (ALGORITHMS[algo].learns_membership and problem == "toy")
 
 
 def _algo_kwargs(algo: str, problem: SearchProblem) -> dict:

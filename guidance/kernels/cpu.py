@@ -249,8 +249,8 @@ def prepare(emb: torch.Tensor, q, eta_q2, eta_q3, radius, work: torch.dtype, ext
     if work == torch.float32:
         try:
             screen = screen_bound(emb.shape[1])
-        except ValueError:  # d >= 2^23: the bound does not hold; no screening
-            screen = None
+        except ValueError:  # d >= 2^23: the bound does not hold; no screening (screen stays None)
+            pass
     if screen is not None:
         o32 = torch.empty(emb.shape, dtype=torch.float32)
         raw = torch.empty(emb.shape[0], dtype=torch.float64)  # |o~|^2 of the float32 values

@@ -33,6 +33,8 @@ Records: rejection's (``draws``, ``accepted``, ``acceptance``, ``inside_estimate
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from guidance.fields.classifier import ClassifierField
@@ -86,9 +88,7 @@ def search(
     if field is None:
         raise SearchError("rejection-pu needs the obstacle set's field (its examples)")
     ex = hard_regions(field).centres if examples is None else torch.as_tensor(examples)
-    dim = 1
-    for s in shape:
-        dim *= s
+    dim = math.prod(shape)
     if ex.ndim != 2 or ex.shape[1] != dim:
         raise SearchError(
             f"rejection-pu: the examples must be (M, {dim}) embeddings of the samples' space; got "
