@@ -236,6 +236,13 @@ def main() -> None:
     )
     p.add_argument("--max-nfe", type=float, default=MAX_NFE,
                    help="NFE per sample target, x unguided (default 1.5; --shift renormalised)")  # fmt: skip
+    p.add_argument(
+        "--pu-region",
+        choices=("kernel", "linear"),
+        default="kernel",
+        help="the rejection-pu arm's learnt region: kernel, an RBF kernel model's, or linear, "
+        "the half-space of the linear positive-unlabelled fit (default kernel)",
+    )
     p.add_argument("--out", default=None, help="JSON file for every report")
     p.add_argument(
         "--summarise",
@@ -282,6 +289,7 @@ def main() -> None:
                 strength=s,
                 method="euler" if args.field_only else "sde",
                 backtrack=not args.field_only,
+                pu_region=args.pu_region,
             )
             rep = run_demo(st, out_dir=None)
             reports.append(rep)

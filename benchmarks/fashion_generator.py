@@ -3,7 +3,7 @@
     python benchmarks/fashion_generator.py PIPELINE_DIR --n 2000 --steps 20 \\
         --out benchmarks/results/fashion_generator.json --grid docs/fashion_generator_samples.png
 
-Samples ``--n`` images (seed 0) and reports the judge's class shares (and their largest
+Samples ``--n`` images (``--seed``, default 0) and reports the judge's class shares (and their largest
 distance from uniform, 10%), its mean confidence beside that on the 2,000 real held-out images,
 and the Frechet distance between the judge's penultimate features (128-d) of the samples and of
 the held-out images, beside the same distance between 2,000 train images and the held-out ones
@@ -13,7 +13,7 @@ decoded): what a perfect generator in this latent space would score, the decoder
 
 ``--method M`` (one of ``guidance.METHODS``: ``euler``, ``heun``, ``sde``, ...) samples with
 ``guidance.sample`` instead of the pipeline's own Euler loop, the UNet as the velocity
-(``DiffusersVelocity``), ``--steps`` steps of that method from seed-0 noises; ``heun`` costs two
+(``DiffusersVelocity``), ``--steps`` steps of that method from the same noises; ``heun`` costs two
 NFE per step, the others one.
 
     python benchmarks/fashion_generator.py --vae VAE_DIR [--out FILE]
@@ -72,6 +72,9 @@ def main() -> None:
         help="sample with guidance.sample and this method (euler, heun, sde, ...) instead of the "
         "pipeline's own Euler loop",
     )
+    ap.add_argument(
+        "--seed", type=int, default=0, help="seed of the noises (and the SDE's noise); default 0"
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", default=None, help="write a 10x10 PNG grid of samples here")
     args = ap.parse_args()
@@ -98,7 +101,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     judge = default_fashion_judge()
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
     if args.method is None:
         imgs = torch.cat(
             [
@@ -133,6 +136,7 @@ def main() -> None:
         "n": args.n,
         "steps": args.steps,
         "method": args.method or "pipeline (Euler)",
+        "seed": args.seed,
         "sample_s": round(sample_s, 1),
         "class_shares": dict(zip(FASHION_CLASSES, rep["class_shares"], strict=True)),
         "max_share_gap_from_uniform": max(abs(s - 0.1) for s in rep["class_shares"]),

@@ -6,6 +6,7 @@ check_import_name("obstacles", __file__)  # another distribution of that name: s
 
 from obstacles.classifier import ClassifierError, PreferenceClassifier
 from obstacles.from_images import add_images, build_from_images, classifier_from_images
+from obstacles.kernel_region import KernelRegion
 from obstacles.obstacle_set import (
     FORMAT,
     FORMAT_VERSION,
@@ -18,6 +19,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "ClassifierError",
+    "KernelRegion",
     "ObstacleSet",
     "ObstacleSetError",
     "PreferenceClassifier",

@@ -201,6 +201,57 @@ def _logistic(C: float, balanced: bool, max_iter: int, seed: int):
     )
 
 
+def _pu_inputs(examples, unlabelled, C, folds, seed, cn: float):
+    """The checked inputs of a positive-unlabelled fit: ``(examples, unlabelled, C, folds)``
+    with the examples and unlabelled states as float64 (M, d) and (N, d) matrices and ``C``
+    ``cn / (M + N)`` when None. Raises :class:`ClassifierError` naming the bad value."""
+    bad = _as_matrix(examples, "examples")
+    rest = _as_matrix(unlabelled, "unlabelled states")
+    _same_d(bad, rest, "the examples", "the unlabelled states")
+    if isinstance(C, bool):
+        raise ClassifierError(f"C must be a finite number > 0; got {C!r}")
+    c_reg = cn / (len(bad) + len(rest)) if C is None else _check_positive(C, "C", strict=True)
+    if isinstance(folds, bool) or not isinstance(folds, int | np.integer) or folds < 2:
+        raise ClassifierError(f"folds must be an integer >= 2; got {folds!r}")
+    k = int(folds)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ClassifierError(f"seed must be an integer in 0 .. 2**32 - 1; got {seed!r}")
+    if min(len(bad), len(rest)) < k:
+        raise ClassifierError(
+            f"{k}-fold estimation of Elkan and Noto's c needs at least {k} examples and {k} "
+            f"unlabelled states; got {len(bad)} and {len(rest)} (add some, or lower folds, --folds)"
+        )
+    return bad, rest, c_reg, k
+
+
+def _pu_constant(model, x: np.ndarray, y: np.ndarray, folds: int, seed: int):
+    """Out-of-fold probabilities ``g`` of the rows ``x`` (labels ``y``, 1 = example) from a
+    stratified ``folds``-fold split, and Elkan and Noto's ``c``, their mean over the examples.
+    Raises :class:`ClassifierError` when ``c`` is not > 1e-9 (nothing told apart)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(seed))
+    oof = cross_val_predict(model(), x, y, cv=split, method="predict_proba")[:, 1]
+    c = float(np.mean(oof[y == 1]))
+    if not (math.isfinite(c) and c > 1e-9):
+        raise ClassifierError(
+            f"Elkan and Noto's c = {c:.3g}: the classifier does not tell the examples from the "
+            "unlabelled states (check that both are embeddings of the same C-space)"
+        )
+    return oof, c
+
+
+def _pu_region_check(inside: float, rule: str, c: float) -> None:
+    """Refuse a learnt region that holds half of the unlabelled states or more."""
+    if inside >= 0.5:
+        raise ClassifierError(
+            f"the region {rule} (c = {c:.3f}) holds {100 * inside:.0f}% of the unlabelled "
+            "states: the examples are not told apart from them. Give more examples, a larger C, "
+            "or embeddings that separate them (a class that is most of the unlabelled states is "
+            "not what this rule is for)"
+        )
+
+
 def _q_star(q_star, good: np.ndarray, w: np.ndarray, b: float, p0: float, info: dict,
             what: str = "good example") -> float:  # fmt: skip
     """``q_star`` as given, or for ``"auto"`` (module docstring) the median signed distance of
@@ -399,44 +450,14 @@ class PreferenceClassifier:
                 that holds half of the unlabelled states or more (the same failure, seen from
                 the other side).
         """
-        from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-        bad = _as_matrix(examples, "examples")
-        rest = _as_matrix(unlabelled, "unlabelled states")
-        _same_d(bad, rest, "the examples", "the unlabelled states")
-        if isinstance(C, bool):
-            raise ClassifierError(f"C must be a finite number > 0; got {C!r}")
-        c_reg = (
-            PU_CN / (len(bad) + len(rest)) if C is None else _check_positive(C, "C", strict=True)
-        )
-        if isinstance(folds, bool) or not isinstance(folds, int | np.integer) or folds < 2:
-            raise ClassifierError(f"folds must be an integer >= 2; got {folds!r}")
-        k = int(folds)
-        if (
-            isinstance(seed, bool)
-            or not isinstance(seed, int | np.integer)
-            or not 0 <= seed < 2**32
-        ):
-            raise ClassifierError(f"seed must be an integer in 0 .. 2**32 - 1; got {seed!r}")
-        if min(len(bad), len(rest)) < k:
-            raise ClassifierError(
-                f"{k}-fold estimation of Elkan and Noto's c needs at least {k} examples and {k} "
-                f"unlabelled states; got {len(bad)} and {len(rest)} (add some, or lower folds, --folds)"
-            )
+        bad, rest, c_reg, k = _pu_inputs(examples, unlabelled, C, folds, seed, PU_CN)
         x = np.concatenate([rest, bad])
         y = np.concatenate([np.zeros(len(rest), np.int64), np.ones(len(bad), np.int64)])
 
         def model():
             return _logistic(c_reg, True, max_iter, seed)
 
-        split = StratifiedKFold(n_splits=k, shuffle=True, random_state=int(seed))
-        oof = cross_val_predict(model(), x, y, cv=split, method="predict_proba")[:, 1]
-        c = float(np.mean(oof[y == 1]))
-        if not (math.isfinite(c) and c > 1e-9):
-            raise ClassifierError(
-                f"Elkan and Noto's c = {c:.3g}: the classifier does not tell the examples from the "
-                "unlabelled states (check that both are embeddings of the same C-space)"
-            )
+        oof, c = _pu_constant(model, x, y, k, seed)
         p0 = c / 2
         full = model().fit(x, y)
         w, b = full.coef_[0].astype(np.float64), float(full.intercept_[0])
@@ -451,14 +472,7 @@ class PreferenceClassifier:
             "unlabelled_inside": float(np.mean(_prob_bad(full, rest) >= p0)),
             "class_weight": "balanced",
         }
-        if info["unlabelled_inside"] >= 0.5:
-            raise ClassifierError(
-                f"the region p(bad | x) >= c / 2 (c = {c:.3f}) holds "
-                f"{100 * info['unlabelled_inside']:.0f}% of the unlabelled states: the examples "
-                "are not told apart from them. Give more examples, a larger C, or embeddings "
-                "that separate them (a class that is most of the unlabelled states is not what "
-                "this rule is for)"
-            )
+        _pu_region_check(info["unlabelled_inside"], "p(bad | x) >= c / 2", c)
         q_star = _q_star(q_star, rest, w, b, p0, info, what="unlabelled state")
         return cls(w, b, threshold=p0, q_star=q_star, eta=eta, info=info, space=space)
 

@@ -47,9 +47,11 @@ def test_report_schema(report):
     ung, got = report["arms"]["unguided"]["class_shares"], rej["class_shares"]
     assert 0 < rej["redrawn"] < 120 and rej["draws"] >= 120 + rej["redrawn"]
     assert sum(abs(a - b) * 120 for a, b in zip(ung, got, strict=True)) <= 2 * rej["redrawn"] + 1e-6
-    # rejection-pu: the same rejection, its membership a classifier of the 40 examples against
-    # the unguided samples (Elkan and Noto's threshold c / 2), its first round those samples
+    # rejection-pu: the same rejection, its membership a region learnt from the 40 examples
+    # against the unguided samples (the kernel model's, 0.4 c of Elkan and Noto's c), its first
+    # round those samples
     pu = report["arms"]["rejection-pu"]
+    assert pu["region"] == "kernel"
     assert pu["draws"] >= 120 + pu["redrawn"] and pu["nfe"] == pytest.approx(pu["draws"] * 20 / 120)
     assert pu["shortfall"] == 0 and 0 < pu["redrawn"] < 120 and 0 < pu["rejected_share"] < 0.5
     got = pu["class_shares"]
@@ -272,6 +274,7 @@ def test_cli_json_and_bad_class(tmp_path, capsys):
         ({"q_star_scale": 0.0}, "q_star_scale"),
         ({"strength": float("nan")}, "strength"),
         ({"n": 0}, "n >= 1"),
+        ({"pu_region": "quadratic"}, "pu_region must be 'kernel' or 'linear'"),
     ],
 )
 def test_bad_settings(kwargs, match, tmp_path):
@@ -287,3 +290,15 @@ def test_rejection_pu_is_skipped_with_a_reason_when_it_cannot_be_fit():
     assert "rejection-pu" not in report["arms"] and "rejection" in report["arms"]
     assert "at least 2 examples and 2 samples; got 40 and 1" in report["skipped"]["rejection-pu"]
     assert "rejection-pu: skipped (" in format_report(report)
+
+
+def test_rejection_pu_with_the_linear_region():
+    """``pu_region="linear"``: the half-space of the linear positive-unlabelled fit, recorded
+    as such, with the same accounting as the kernel region, and said while it runs."""
+    lines = []
+    report = run_demo(DemoSettings(n=60, steps=10, backtrack=False, pu_region="linear"),
+                      out_dir=None, log=lines.append)  # fmt: skip
+    pu = report["arms"]["rejection-pu"]
+    assert pu["region"] == "linear" and pu["shortfall"] == 0
+    assert pu["draws"] >= 60 + pu["redrawn"] and 0 < pu["c"] < 1
+    assert any("a linear classifier of the 40 examples" in line for line in lines)

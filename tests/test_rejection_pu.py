@@ -46,7 +46,8 @@ def _share_of_mode(mix, x, mode: int = 0) -> float:
     return float((torch.cdist(x, mix.means).argmin(1) == mode).double().mean())
 
 
-def test_the_learnt_region_removes_the_class_where_the_hard_radii_cannot():
+@pytest.mark.parametrize("region", ["kernel", "linear"])
+def test_the_learnt_region_removes_the_class_where_the_hard_radii_cannot(region):
     mix, field, ver = _problem()
     n, steps = 800, 30
     g = torch.Generator().manual_seed(1)
@@ -54,7 +55,9 @@ def test_the_learnt_region_removes_the_class_where_the_hard_radii_cannot():
     base = _share_of_mode(mix, plain)
     assert 0.22 < base < 0.28  # one mode of four
     res = rejection_pu.search(mix.velocity, (5,), ver, 4 * n * steps, field=field, n_return=n,
-                              steps=steps, generator=torch.Generator().manual_seed(2))  # fmt: skip
+                              steps=steps, generator=torch.Generator().manual_seed(2),
+                              region=region)  # fmt: skip
+    assert res.records["region"] == region
     hard = rejection.search(mix.velocity, (5,), ver, 4 * n * steps, field=field, n_return=n,
                             steps=steps, generator=torch.Generator().manual_seed(2))  # fmt: skip
     left_pu, left_hard = _share_of_mode(mix, res.samples), _share_of_mode(mix, hard.samples)
@@ -69,6 +72,27 @@ def test_the_learnt_region_removes_the_class_where_the_hard_radii_cannot():
     assert res.nfe == rec["draws"] * steps  # the first round included: every draw is paid for
     assert rec["draws"] >= n and rec["examples"] == 40 and 0 < rec["c"] < 1
     assert 0.15 < rec["first_inside"] < 0.4 and rec["example_recall"] >= 0.9
+
+
+def test_the_kernel_region_leaves_the_neighbours_that_a_half_space_takes():
+    """8 modes on a circle: the neighbours of mode 0 at 45 degrees lie partly on its side of any
+    hyperplane; the kernel region holds mode 0 alone."""
+    mix, field, ver = _problem(k=8)
+    n, steps = 800, 30
+
+    def shares(region):
+        res = rejection_pu.search(mix.velocity, (5,), ver, 4 * n * steps, field=field,
+                                  n_return=n, steps=steps, region=region,
+                                  generator=torch.Generator().manual_seed(2))  # fmt: skip
+        modes = torch.cdist(res.samples, mix.means).argmin(1)
+        return torch.bincount(modes, minlength=8).double() / n
+
+    kernel, linear = shares("kernel"), shares("linear")
+    assert kernel[0] < 0.01 and linear[0] < 0.01  # both remove the class
+    # the kernel region keeps every other mode near 1/7 of what is returned
+    assert float((kernel[1:] - 1 / 7).abs().max()) < 0.045, kernel
+    # the half-space takes most of a neighbour
+    assert float(min(linear[1], linear[7])) < 0.07, linear
 
 
 def test_bad_input_is_refused_before_any_draw():
@@ -91,3 +115,10 @@ def test_bad_input_is_refused_before_any_draw():
                             examples=torch.zeros(10, 3))  # fmt: skip
     with pytest.raises(SearchError, match="needs the obstacle set's field"):
         rejection_pu.search(mix.velocity, (5,), ver, 10_000, field=None, n_return=50, steps=5)
+    with pytest.raises(SearchError, match="region must be one of"):
+        rejection_pu.search(mix.velocity, (5,), ver, 10_000, field=field, n_return=50, steps=5,
+                            region="quadratic")  # fmt: skip
+    with pytest.raises(SearchError, match="membership must have a method inside"):
+        rejection.search(mix.velocity, (5,), ver, 10_000, field=field, n_return=50, steps=5,
+                         membership=object())  # fmt: skip
+    assert not calls

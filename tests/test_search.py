@@ -49,7 +49,7 @@ def kwargs_for(algo, fld):
     return {"field": fld} if ALGORITHMS[algo].needs_field else {}
 
 
-#: the algorithms that apply to the toy (rejection-pu learns a half-space from examples of a
+#: the algorithms that apply to the toy (rejection-pu learns a region from examples of a
 #: class: tests/test_rejection_pu.py; on the toy it is refused, test_search_cli.py)
 TOY_ALGOS = sorted(algos_for("toy"))
 

@@ -48,8 +48,8 @@ def test_search_json(algo):
 
 
 def test_rejection_pu_is_refused_on_the_toy_and_runs_on_digits():
-    """rejection-pu learns a half-space from examples of a class: refused on the toy (its balls
-    lie on several modes) before anything is built, with the way out; on digits it returns the
+    """rejection-pu learns a region from examples of a class: refused on the toy (its balls
+    are the exact test) before anything is built, with the way out; on digits it returns the
     judge's figures and its own records, every draw within the budget."""
     with pytest.raises(ValueError, match=r"learns the obstacles from examples.*--algo rejection"):
         run(["search", "--algo", "rejection-pu", "--budget", "2000", "--n", "16", "--steps",
@@ -61,6 +61,14 @@ def test_rejection_pu_is_refused_on_the_toy_and_runs_on_digits():
     assert rep["algo"] == "rejection-pu" and rep["n"] == 64 and 0 < rep["nfe"] <= 4000
     assert rep["nfe"] == rec["draws"] * 20 and rec["examples"] == 40 and 0 < rec["c"] < 1
     assert rec["draws"] >= 64 and 0 <= rep["avoided_rate"] <= 1
+    assert rec["region"] == "kernel"  # the default region
+    out = run(["search", "--problem", "digits", "--algo", "rejection-pu", "--budget", "4000",
+               "--n", "64", "--steps", "20", "--avoid-class", "0", "--pu-region", "linear",
+               "--json"])  # fmt: skip
+    assert json.loads(out)["records"]["region"] == "linear"
+    with pytest.raises(ValueError, match=r"--pu-region does not apply to --algo rejection;"):
+        run(["search", "--problem", "digits", "--algo", "rejection", "--budget", "4000",
+             "--n", "64", "--steps", "20", "--pu-region", "linear", "--json"])  # fmt: skip
 
 
 def test_a_budget_that_runs_out_is_said_on_stderr(capsys):

@@ -35,6 +35,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         q_star_scale=args.q_star_scale,
         backtrack=not args.no_backtrack,
         umap=args.umap,
+        pu_region=args.pu_region,
     )
     quiet = args.no_progress
 
@@ -173,6 +174,14 @@ def register(subparsers) -> None:
         "the aligned and the plain VAE's C-space: the share of held-out images of the class "
         "inside its hard radius and within Q* (recall) and of the other classes (false "
         "positives); printed and in report.json (about 10 to 30 s more)",
+    )
+    demo.add_argument(
+        "--pu-region",
+        choices=("kernel", "linear"),
+        default="kernel",
+        help="the rejection-pu arm's region learnt from the examples against the unguided "
+        "samples: kernel, an RBF kernel model's, g >= 0.4 c, or linear, the linear model's "
+        "half-space, g >= c / 2 (default kernel)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -52,6 +52,7 @@ def _options(args: argparse.Namespace) -> dict:
         "shift": args.time_shift,
         "proposal": args.proposal,
         "threshold": args.ess_threshold,
+        "region": args.pu_region,
     }
     return {k: v for k, v in given.items() if v is not None}
 
@@ -254,6 +255,13 @@ def register(subparsers) -> None:
         "(0, 1] (smc, smc-guided, twisted-smc; default: the algorithm's own, 0.5; 0.3 with "
         "--method dpm-sde --proposal twist --time-shift 0.5 is the measured high-coverage "
         "setting, docs/noise-vs-trajectory.md)",
+    )
+    p.add_argument(
+        "--pu-region",
+        choices=("kernel", "linear"),
+        default=None,
+        help="rejection-pu's learnt region: an RBF kernel model's, g >= 0.4 c, or the linear "
+        "model's half-space, g >= c / 2 (default: the algorithm's own, kernel)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(

@@ -264,6 +264,9 @@ class DemoSettings:
     radius_scale: float = 1.0  # hard radius = radius_scale x the auto rule's distance
     backtrack: bool = True  # collision backtracking in the guided arms (method "sde" only)
     max_examples: int = 50
+    # the rejection-pu arm's learnt region: "kernel" (obstacles.KernelRegion, g >= 0.4 c) or
+    # "linear" (the half-space of PreferenceClassifier.fit_positive_unlabelled, g >= c / 2)
+    pu_region: str = "kernel"
     umap: bool = False  # the UMAP figure (about 15 s more on 2 cores): --umap
     paths: int = 2  # paths of the clean estimate drawn in the UMAP figure per arm
 
@@ -600,12 +603,13 @@ def membership_by_space(s: DemoSettings, device="cpu", encoders: dict | None = N
 
 
 def rejection_arm(flow, shape, s: DemoSettings, field, device, first=None,
-                  stream: str = "demo-rejection"):  # fmt: skip
+                  stream: str = "demo-rejection", membership=None):  # fmt: skip
     """The rejection arm: :func:`guidance.search.rejection.search` with the unguided sampler
     (``s.method``, ``s.steps``) and the field's hard radius as the membership test, its first
     round ``first`` (the unguided arm's samples, (n, C, H, W); None: drawn) and its redraws'
-    noise from the seed stream ``stream``, at most :data:`REJECTION_DRAWS` draws per sample.
-    Returns the search result (fewer than ``s.n`` samples when the budget ran out:
+    noise from the seed stream ``stream``, at most :data:`REJECTION_DRAWS` draws per sample;
+    ``membership`` (an ``inside`` test such as :class:`obstacles.KernelRegion`) instead of the
+    field's hard regions. Returns the search result (fewer than ``s.n`` samples when the budget ran out:
     ``records["shortfall"]``)."""
     from guidance.search import CallableVerifier, rejection
 
@@ -614,7 +618,7 @@ def rejection_arm(flow, shape, s: DemoSettings, field, device, first=None,
         flow, shape, CallableVerifier(lambda x: torch.zeros(x.shape[0]), name="none"),
         REJECTION_DRAWS * int(s.n) * cost, field=field, n_return=int(s.n), steps=s.steps,
         generator=_stream(device, s.seed, stream), method=s.method,
-        first=first, dtype=torch.float32, device=device,
+        first=first, membership=membership, dtype=torch.float32, device=device,
     )  # fmt: skip
 
 
@@ -810,10 +814,16 @@ def run_demo(
     from guidance import ClassifierField, RepulsiveField
     from guidance.fields.regions import hard_regions
     from obstacles.classifier import ClassifierError, PreferenceClassifier
+    from obstacles.kernel_region import KernelRegion
 
     say = log or (lambda message: None)
     s = settings or DemoSettings()
     data = data_of(s.encoder)
+    if s.pu_region not in ("kernel", "linear"):
+        raise ValueError(
+            f"pu_region must be 'kernel' or 'linear' (the rejection-pu arm's region); got "
+            f"{s.pu_region!r}"
+        )
     if not 0 <= s.avoid_class <= 9:
         if data.name == "digits":
             raise ValueError(f"--class must be a digit 0..9; got {s.avoid_class}")
@@ -962,10 +972,11 @@ def run_demo(
     # rejection with a membership learnt from the examples against the unguided samples
     # (positive-unlabelled): the examples of the class and the model's own samples, no other
     # class's examples
+    kernel = s.pu_region == "kernel"
     say(
-        f"sampling {s.n} {data.noun}, arm rejection-pu (a classifier of the {len(oset)} examples "
-        f"against the {s.n} unguided samples, threshold c / 2 of Elkan and Noto's c; the samples it flags "
-        "drawn again)"
+        f"sampling {s.n} {data.noun}, arm rejection-pu (a {'kernel' if kernel else 'linear'} "
+        f"classifier of the {len(oset)} examples against the {s.n} unguided samples, threshold "
+        f"{'0.4 c' if kernel else 'c / 2'} of Elkan and Noto's c; the samples it flags drawn again)"
     )
     t0 = time.perf_counter()
     pu = None
@@ -976,21 +987,26 @@ def run_demo(
                 f"the positive-unlabelled fit needs at least 2 examples and 2 samples; got "
                 f"{len(oset)} and {s.n}"
             )
-        pu = PreferenceClassifier.fit_positive_unlabelled(
-            oset.embeddings, encoder.embed(unguided).cpu().numpy(), folds=folds, seed=s.seed,
-            space=oset.space,
-        )  # fmt: skip
+        unlabelled = encoder.embed(unguided).cpu().numpy()
+        if kernel:
+            pu = KernelRegion.fit_positive_unlabelled(
+                oset.embeddings, unlabelled, folds=folds, seed=s.seed
+            )
+        else:
+            pu = PreferenceClassifier.fit_positive_unlabelled(
+                oset.embeddings, unlabelled, folds=folds, seed=s.seed, space=oset.space
+            )
     except ClassifierError as err:  # too few examples or samples, or nothing told apart
         report["skipped"] = {"rejection-pu": str(err)}
         say(f"arm rejection-pu skipped: {err}")
     if pu is not None:
-        pu_field = ClassifierField(pu)
-        rpu = rejection_arm(flow, shape, s, pu_field, device, first=unguided,
-                            stream="demo-rejection-pu")  # fmt: skip
+        test = pu if kernel else hard_regions(ClassifierField(pu))
+        rpu = rejection_arm(flow, shape, s, None, device, first=unguided,
+                            stream="demo-rejection-pu", membership=test)  # fmt: skip
         images = encoder.decode(rpu.samples).cpu()
         # the region on generated samples, by the judge's labels of the unguided ones (the
         # membership figures below are on real unseen images)
-        flagged = hard_regions(pu_field).inside(unguided.reshape(s.n, -1))
+        flagged = test.inside(unguided.reshape(s.n, -1))
         judged = judge.predict(samples["unguided"]).to(flagged.device) == s.avoid_class
         report["arms"]["rejection-pu"] = {
             **_judged(judge, images, s.avoid_class, data),
@@ -999,6 +1015,7 @@ def run_demo(
             "redrawn": int(flagged.sum()),
             "rejected_share": float(rpu.records["inside_estimate"]),
             "shortfall": int(rpu.records["shortfall"]),
+            "region": s.pu_region,
             "c": float(pu.info["c"]),
             "example_recall": float(pu.info["example_recall"]),
             "judged_recall": float(flagged[judged].double().mean()) if judged.any() else 0.0,

@@ -217,12 +217,12 @@ def exact_targets(problem: SearchProblem, n: int, seed: int):
 
 
 #: the algorithms' own keyword options a user may set (``cspace search`` flags)
-USER_OPTIONS = ("method", "shift", "proposal", "threshold")
+USER_OPTIONS = ("method", "shift", "proposal", "threshold", "region")
 
 
 def check_options(algo: str, options: dict | None) -> dict:
     """The user's algorithm options (``cspace search --method/--time-shift/--proposal/
-    --ess-threshold``), checked
+    --ess-threshold/--pu-region``), checked
     against what ``algo`` accepts; a :class:`ValueError` names the option and the algorithms that
     take it."""
     options = dict(options or {})
@@ -233,7 +233,8 @@ def check_options(algo: str, options: dict | None) -> dict:
             )
         if key not in ALGORITHMS[algo].options:
             takers = sorted(a for a, entry in ALGORITHMS.items() if key in entry.options)
-            flag = {"shift": "--time-shift", "threshold": "--ess-threshold"}.get(key, f"--{key}")
+            flag = {"shift": "--time-shift", "threshold": "--ess-threshold",
+                    "region": "--pu-region"}.get(key, f"--{key}")  # fmt: skip
             raise ValueError(
                 f"{flag} does not apply to --algo {algo}; it applies to {', '.join(takers)}"
             )
@@ -243,14 +244,14 @@ def check_options(algo: str, options: dict | None) -> dict:
 def check_applies(algo: str, problem: SearchProblem | str) -> None:
     """Raise :class:`ValueError` when ``algo`` does not apply to ``problem`` (a problem or its
     name): an algorithm that learns the obstacles' membership from examples of a class
-    (rejection-pu) on the toy, whose balls lie on several modes (no half-space separates them)
-    and are an exact test."""
+    (rejection-pu) on the toy, whose balls are the exact test (they lie on several modes, not
+    one class)."""
     name = problem if isinstance(problem, str) else problem.name
     if not _applies(algo, name):
         raise ValueError(
-            f"--algo {algo} learns the obstacles from examples of a class (a half-space); the toy's "
-            "balls lie on several modes and are an exact test: use --algo rejection on the toy, "
-            f"and {algo} on --problem digits"
+            f"--algo {algo} learns the obstacles from examples of a class; the toy's balls lie "
+            "on several modes and are an exact test: use --algo rejection on the toy, and "
+            f"{algo} on --problem digits"
         )
 
 
@@ -387,7 +388,8 @@ REPORTED_RECORDS = {
     "rejection": ("draws", "accepted", "acceptance", "inside_estimate", "nfe_needed",
                   "shortfall", "rounds"),
     "rejection-pu": ("draws", "accepted", "acceptance", "inside_estimate", "nfe_needed",
-                     "shortfall", "rounds", "c", "example_recall", "examples", "first_inside"),
+                     "shortfall", "rounds", "c", "example_recall", "examples", "first_inside",
+                     "region"),
     "twisted-smc": ("n_particles", "groups", "resamplings", "mass_inside", "free_fraction",
                     "unique", "proposal"),
     "auto": ("choice", "inside_estimate", "inside_interval", "pilot", "pilot_nfe"),

@@ -51,9 +51,9 @@ class Algorithm:
         searches_over: what the search varies (initial noises, paths, SDE trajectories, ...).
         needs_field: whether ``run`` requires the obstacles' field (keyword ``field=``).
         learns_membership: whether ``run`` learns the obstacles' membership from examples of a
-            class (a half-space: it applies to a class a hyperplane separates, such as a digit
-            class in the C-space, not to obstacles spread over several separate regions such as
-            the toy's balls, where the exact test is the field's own).
+            class (it applies where the examples stand for a class, such as a digit class in the
+            C-space, not where the obstacles are themselves the exact test, such as the toy's
+            balls on several modes).
         options: the keyword options ``run`` accepts beyond the common ones (from its
             signature).
     """

@@ -63,6 +63,7 @@ def search(
     shift: float = 1.0,
     max_batch: int = 1 << 16,
     first: torch.Tensor | None = None,
+    membership=None,
     dtype: torch.dtype = torch.float64,
     device=None,
 ) -> SearchResult:
@@ -80,15 +81,26 @@ def search(
             draw's NFE like any other draw), and only the rejected ones are drawn again.
             Comparing arms on common draws removes the sampling noise of an independent set
             from their difference; the law of what is returned is unchanged.
+        membership: instead of the field's hard regions, any test with a method
+            ``inside(states) -> (m,) bool`` on the flattened states (m, d), for instance
+            :class:`obstacles.KernelRegion` (``field`` may then be None).
 
     Records: ``draws``, ``accepted`` (outside, including any beyond ``n_return``),
     ``acceptance`` (accepted / draws), ``inside_estimate`` (1 - acceptance), ``nfe_needed``,
     ``shortfall`` (n_return minus what is returned), ``rounds``.
     """
     run, shape = begin("rejection", velocity, shape, verifier, budget, n_return, steps)
-    if field is None:
+    if membership is not None:
+        if not callable(getattr(membership, "inside", None)):
+            raise SearchError(
+                f"rejection: membership must have a method inside(states) -> bool per state; got "
+                f"{type(membership).__name__}"
+            )
+        regions = membership
+    elif field is None:
         raise SearchError("rejection needs the obstacles' field (its membership test)")
-    regions = hard_regions(field)
+    else:
+        regions = hard_regions(field)
     cost = draw_cost(steps, method)
     if run.budget.remaining < int(n_return) * cost:
         raise BudgetExceeded(
