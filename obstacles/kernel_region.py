@@ -27,6 +27,11 @@ the density ratio of the class to the unlabelled mixture (as for the linear fit)
 an inclusive region. It is larger than the kernel model's ``c / 2`` region, which left 0.10-0.16
 of three digit classes.
 
+It is fitted where it is used (``rejection-pu``, the demo's rejection-pu arm) and not saved
+to disk: the fit takes about a second and needs the model's own samples of the run. The
+half-space of :class:`obstacles.PreferenceClassifier` is what a field and a classifier folder
+take.
+
 Cost: a fit is ``folds + 1`` scikit-learn fits of K features (about 2 s for 1,040 rows at K =
 300, d = 32, on one core); a test of m states takes an (m, K) kernel in blocks of 4,096 rows.
 """
