@@ -49,6 +49,7 @@ from cspace.experiments.demo import (
     run_demo,
     settings_for,
 )
+from guidance.search.rejection_pu import REGIONS
 
 
 def _ints(text: str) -> list[int]:
@@ -238,7 +239,7 @@ def main() -> None:
                    help="NFE per sample target, x unguided (default 1.5; --shift renormalised)")  # fmt: skip
     p.add_argument(
         "--pu-region",
-        choices=("kernel", "linear"),
+        choices=REGIONS,
         default="kernel",
         help="the rejection-pu arm's learnt region: kernel, an RBF kernel model's, or linear, "
         "the half-space of the linear positive-unlabelled fit (default kernel)",

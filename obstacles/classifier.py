@@ -241,12 +241,13 @@ def _pu_constant(model, x: np.ndarray, y: np.ndarray, folds: int, seed: int):
     return oof, c
 
 
-def _pu_region_check(inside: float, rule: str, c: float) -> None:
-    """Refuse a learnt region that holds half of the unlabelled states or more."""
+def _pu_region_check(inside: float, rule: str, c: float, hint: str = "a larger C") -> None:
+    """Refuse a learnt region that holds half of the unlabelled states or more; ``hint``: the
+    fit's settings that would narrow it."""
     if inside >= 0.5:
         raise ClassifierError(
             f"the region {rule} (c = {c:.3f}) holds {100 * inside:.0f}% of the unlabelled "
-            "states: the examples are not told apart from them. Give more examples, a larger C, "
+            f"states: the examples are not told apart from them. Give more examples, {hint}, "
             "or embeddings that separate them (a class that is most of the unlabelled states is "
             "not what this rule is for)"
         )

@@ -117,6 +117,9 @@ def test_the_command_line_names_are_the_library_names():
     from guidance.search import ALGORITHMS
 
     assert cli_search.ALGOS == tuple(ALGORITHMS) == search.ALGOS
+    from guidance.search.rejection_pu import REGIONS
+
+    assert cli_search.PU_REGIONS == REGIONS
     assert cli_search.TOY_VERIFIERS == search.TOY_VERIFIERS
     assert cli_search.DIGITS_VERIFIERS == search.DIGITS_VERIFIERS
     from guidance.sampling import STEPS

@@ -51,7 +51,7 @@ def test_report_schema(report):
     # against the unguided samples (the kernel model's, 0.4 c of Elkan and Noto's c), its first
     # round those samples
     pu = report["arms"]["rejection-pu"]
-    assert pu["region"] == "kernel"
+    assert pu["region"] == "kernel" and "RBF kernel" in pu["rule"]
     assert pu["draws"] >= 120 + pu["redrawn"] and pu["nfe"] == pytest.approx(pu["draws"] * 20 / 120)
     assert pu["shortfall"] == 0 and 0 < pu["redrawn"] < 120 and 0 < pu["rejected_share"] < 0.5
     got = pu["class_shares"]
@@ -274,7 +274,7 @@ def test_cli_json_and_bad_class(tmp_path, capsys):
         ({"q_star_scale": 0.0}, "q_star_scale"),
         ({"strength": float("nan")}, "strength"),
         ({"n": 0}, "n >= 1"),
-        ({"pu_region": "quadratic"}, "pu_region must be 'kernel' or 'linear'"),
+        ({"pu_region": "quadratic"}, r"pu_region must be one of \('kernel', 'linear'\)"),
     ],
 )
 def test_bad_settings(kwargs, match, tmp_path):
@@ -299,6 +299,6 @@ def test_rejection_pu_with_the_linear_region():
     report = run_demo(DemoSettings(n=60, steps=10, backtrack=False, pu_region="linear"),
                       out_dir=None, log=lines.append)  # fmt: skip
     pu = report["arms"]["rejection-pu"]
-    assert pu["region"] == "linear" and pu["shortfall"] == 0
+    assert pu["region"] == "linear" and pu["shortfall"] == 0 and "kernel" not in pu["rule"]
     assert pu["draws"] >= 60 + pu["redrawn"] and 0 < pu["c"] < 1
     assert any("a linear classifier of the 40 examples" in line for line in lines)

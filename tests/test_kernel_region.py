@@ -34,13 +34,13 @@ def test_it_holds_a_class_that_no_half_space_can():
     try:
         linear = PreferenceClassifier.fit_positive_unlabelled(ex, u).is_bad(test)
     except ClassifierError as err:
-        assert "unlabelled states" in str(err)
+        assert "% of the unlabelled states" in str(err)
     else:
         assert linear[core2].mean() < 0.7 or linear[~core2].mean() > 0.2
     info = region.info
     assert 0 < info["c"] < 1 and info["example_recall"] >= 0.9
     assert np.isclose(region.threshold, 0.4 * info["c"])
-    assert info["counts"] == {"unlabelled": 1000, "examples": 40}
+    assert info["counts"] == {"unlabelled": 1000, "examples": 40, "unlabelled_fitted": 1000}
 
 
 def test_prob_bad_is_scikit_learns_pipeline():
@@ -50,7 +50,7 @@ def test_prob_bad_is_scikit_learns_pipeline():
 
     ex, u, _ = _ring_and_core(n=300)
     region = KernelRegion.fit_positive_unlabelled(ex, u, components=50, seed=3)
-    x = np.concatenate([u, ex])
+    x = (np.concatenate([u, ex]) - region.centre) / region.scale  # the model's units
     y = np.r_[np.zeros(len(u)), np.ones(len(ex))]
     ref = make_pipeline(
         Nystroem(gamma=region.gamma, n_components=50, random_state=3),
@@ -58,7 +58,11 @@ def test_prob_bad_is_scikit_learns_pipeline():
                            random_state=3),
     ).fit(x, y)  # fmt: skip
     _, test, _ = _ring_and_core(seed=5, n=200)
-    np.testing.assert_allclose(region.prob_bad(test), ref.predict_proba(test)[:, 1], atol=1e-9)
+    ref_p = ref.predict_proba((test - region.centre) / region.scale)[:, 1]
+    np.testing.assert_allclose(region.prob_bad(test), ref_p, atol=1e-9)
+    # the units: the centre is the unlabelled states' mean, the scale their median distance
+    np.testing.assert_allclose(region.centre, u.mean(0))
+    assert 3 < region.scale < 5 and region.gamma == 2.0
     # more rows than one block give the same values
     many = np.repeat(test, 25, axis=0)
     np.testing.assert_array_equal(region.prob_bad(many), np.repeat(region.prob_bad(test), 25))
@@ -85,13 +89,14 @@ def test_every_finite_input_gives_a_probability():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"width": 0.0}, "width"),
-        ({"components": 0}, "components"),
-        ({"components": True}, "components"),
-        ({"factor": 1.5}, "factor"),
-        ({"factor": -0.1}, "factor"),
-        ({"C": -1.0}, "C"),
-        ({"folds": 1}, "folds"),
+        ({"width": 0.0}, "width must be a finite number > 0"),
+        ({"components": 0}, "components must be an integer >= 1"),
+        ({"components": True}, "components must be an integer >= 1"),
+        ({"factor": 1.5}, r"factor must be a number in \(0, 1\]"),
+        ({"factor": -0.1}, r"factor must be a number in \(0, 1\]"),
+        ({"factor": "x"}, r"factor must be a number in \(0, 1\]"),
+        ({"C": -1.0}, "C must be a finite number > 0"),
+        ({"folds": 1}, "folds must be an integer >= 2"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
@@ -118,7 +123,9 @@ def test_bad_data_is_named():
 def test_a_class_that_is_most_of_the_states_is_refused():
     rng = np.random.default_rng(0)
     u = 0.5 * rng.standard_normal((300, 2))  # every unlabelled state looks like the examples
-    with pytest.raises(ClassifierError, match="unlabelled states"):
+    with pytest.raises(
+        ClassifierError, match=r"holds \d+% of the unlabelled states.*smaller factor"
+    ):
         KernelRegion.fit_positive_unlabelled(0.5 * rng.standard_normal((40, 2)), u)
 
 
@@ -130,3 +137,40 @@ def test_the_constructor_checks_its_arrays():
         KernelRegion(z, np.eye(3), 1.0, np.zeros(3), 0.0, 1.5)
     with pytest.raises(ClassifierError, match="gamma"):
         KernelRegion(z, np.eye(3), 0.0, np.zeros(3), 0.0, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("offset", "scale"), [(1e8, 1.0), (0.0, 1e-160), (0.0, 1e160), (-3e5, 1e3)]
+)
+def test_the_region_does_not_depend_on_offset_or_scale(offset, scale):
+    """The model works in units of the unlabelled states' spread about their mean: a common
+    offset or any finite scale gives the same region (no precision lost, no overflow)."""
+    ex, u, _ = _ring_and_core(n=600)
+    _, test, _ = _ring_and_core(seed=1, n=400)
+    ref = KernelRegion.fit_positive_unlabelled(ex, u, components=100).is_bad(test)
+
+    def moved(a):
+        return a * scale + offset
+
+    got = KernelRegion.fit_positive_unlabelled(moved(ex), moved(u), components=100)
+    flags = got.is_bad(moved(test))
+    assert np.mean(flags != ref) <= 0.01, np.mean(flags != ref)
+    assert np.all(np.isfinite(got.prob_bad(moved(test))))
+
+
+def test_a_fit_uses_at_most_max_fit_rows_unlabelled_states(monkeypatch):
+    import obstacles.kernel_region as kr
+
+    monkeypatch.setattr(kr, "MAX_FIT_ROWS", 300)
+    ex, u, core = _ring_and_core(n=1000)
+    region = KernelRegion.fit_positive_unlabelled(ex, u, components=100)
+    assert region.info["counts"] == {"unlabelled": 1000, "examples": 40, "unlabelled_fitted": 300}
+    flags = region.is_bad(u)
+    assert flags[core].mean() >= 0.9 and flags[~core].mean() <= 0.05
+
+
+def test_a_region_built_by_hand_that_overflows_is_refused():
+    z = np.zeros((2, 2))
+    region = KernelRegion(z, np.full((2, 2), 1.7e308), 1.0, [1.0, -1.0], 0.0, 0.5)
+    with pytest.raises(ClassifierError, match="overflow"):
+        region.prob_bad(np.zeros((3, 2)))

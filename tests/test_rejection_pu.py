@@ -19,7 +19,7 @@ from guidance.search import (
     rejection,
     rejection_pu,
 )
-from obstacles import ObstacleSet
+from obstacles import KernelRegion, ObstacleSet
 
 F64 = torch.float64
 
@@ -119,6 +119,11 @@ def test_bad_input_is_refused_before_any_draw():
         rejection_pu.search(mix.velocity, (5,), ver, 10_000, field=field, n_return=50, steps=5,
                             region="quadratic")  # fmt: skip
     with pytest.raises(SearchError, match="membership must have a method inside"):
-        rejection.search(mix.velocity, (5,), ver, 10_000, field=field, n_return=50, steps=5,
+        rejection.search(counted, (5,), ver, 10_000, n_return=50, steps=5,
                          membership=object())  # fmt: skip
+    # a membership test of another space is refused before any draw
+    wrong = KernelRegion.fit_positive_unlabelled(torch.randn(40, 3).numpy() + 3,
+                                                 torch.randn(200, 3).numpy())  # fmt: skip
+    with pytest.raises(SearchError, match=r"for states of d=3, the samples flatten to d=5"):
+        rejection.search(counted, (5,), ver, 10_000, n_return=50, steps=5, membership=wrong)
     assert not calls

@@ -7,6 +7,7 @@ import json
 import sys
 
 from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
+from cspace.cli.search import PU_REGIONS
 
 __all__ = ["register"]
 
@@ -177,7 +178,7 @@ def register(subparsers) -> None:
     )
     demo.add_argument(
         "--pu-region",
-        choices=("kernel", "linear"),
+        choices=PU_REGIONS,
         default="kernel",
         help="the rejection-pu arm's region learnt from the examples against the unguided "
         "samples: kernel, an RBF kernel model's, g >= 0.4 c, or linear, the linear model's "

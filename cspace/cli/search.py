@@ -43,6 +43,8 @@ DIGITS_VERIFIERS = ("clearance", "judge")
 #: guidance.sampling.STEPS and guidance.search.twisted.PROPOSALS
 METHODS = ("euler", "heun", "sde", "sde-heun", "dpm-sde")
 PROPOSALS = ("model", "field", "negation", "twist")
+#: guidance.search.rejection_pu.REGIONS
+PU_REGIONS = ("kernel", "linear")
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -258,7 +260,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--pu-region",
-        choices=("kernel", "linear"),
+        choices=PU_REGIONS,
         default=None,
         help="rejection-pu's learnt region: an RBF kernel model's, g >= 0.4 c, or the linear "
         "model's half-space, g >= c / 2 (default: the algorithm's own, kernel)",

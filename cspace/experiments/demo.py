@@ -18,11 +18,12 @@ On the embedded default (scikit-learn's digits, the shipped aligned VAE and late
    arms' difference is not the sampling noise of an independent set), its redraws take noise
    from the seed ``derived_seed(seed, "demo-rejection")``; its NFE per sample counts every
    draw, the first round and every discarded one;
-   a ``rejection-pu`` arm, the same rejection with another membership test: a classifier of the
-   obstacle set's examples against the unguided arm's samples (positive-unlabelled,
-   :meth:`obstacles.PreferenceClassifier.fit_positive_unlabelled`: ``g >= c / 2`` with Elkan and
-   Noto's ``c``),
-   its half-space tested instead of the hard radii; it uses the avoided class's examples and
+   a ``rejection-pu`` arm, the same rejection with another membership test: a region learnt
+   from the obstacle set's examples against the unguided arm's samples (positive-unlabelled;
+   ``pu_region="kernel"``, the default: :class:`obstacles.KernelRegion`, an RBF kernel model,
+   ``g >= 0.4 c`` with Elkan and Noto's ``c``; ``"linear"``: the half-space of
+   :meth:`obstacles.PreferenceClassifier.fit_positive_unlabelled`, ``g >= c / 2``),
+   tested instead of the hard radii; it uses the avoided class's examples and
    the model's own samples, no other class's examples; redraws from the ``demo-rejection-pu``
    stream;
 6. a ``twisted-smc`` arm (:func:`guidance.search.twisted.search`): particles on the SDE, twisted
@@ -524,9 +525,9 @@ def membership_quality(
     clothes' examples are train images: none is in the test slice, so none is left out.
 
     ``embedded`` (N, d): the embeddings of all of ``_images(data, "unseen")`` by ``encoder``, when
-    the caller has them (:func:`membership_by_space` encodes them once for ten sets). ``pu``: a
-    :class:`obstacles.PreferenceClassifier` (the rejection-pu arm's) whose bad region is
-    measured the same way (``recall_pu``, ``false_positive_pu``)."""
+    the caller has them (:func:`membership_by_space` encodes them once for ten sets). ``pu``: the
+    rejection-pu arm's region (:class:`obstacles.KernelRegion` or a positive-unlabelled
+    :class:`obstacles.PreferenceClassifier`; anything with ``is_bad``), measured the same way (``recall_pu``, ``false_positive_pu``)."""
     data = data or DATA["digits"]
     images, labels = _images(data, "unseen")
     keep = torch.ones(len(labels), dtype=torch.bool)
@@ -813,15 +814,15 @@ def run_demo(
     from cspace.io.images import load_images
     from guidance import ClassifierField, RepulsiveField
     from guidance.fields.regions import hard_regions
+    from guidance.search.rejection_pu import REGIONS, fit_region
     from obstacles.classifier import ClassifierError, PreferenceClassifier
-    from obstacles.kernel_region import KernelRegion
 
     say = log or (lambda message: None)
     s = settings or DemoSettings()
     data = data_of(s.encoder)
-    if s.pu_region not in ("kernel", "linear"):
+    if s.pu_region not in REGIONS:
         raise ValueError(
-            f"pu_region must be 'kernel' or 'linear' (the rejection-pu arm's region); got "
+            f"pu_region must be one of {REGIONS} (the rejection-pu arm's region); got "
             f"{s.pu_region!r}"
         )
     if not 0 <= s.avoid_class <= 9:
@@ -987,20 +988,12 @@ def run_demo(
                 f"the positive-unlabelled fit needs at least 2 examples and 2 samples; got "
                 f"{len(oset)} and {s.n}"
             )
-        unlabelled = encoder.embed(unguided).cpu().numpy()
-        if kernel:
-            pu = KernelRegion.fit_positive_unlabelled(
-                oset.embeddings, unlabelled, folds=folds, seed=s.seed
-            )
-        else:
-            pu = PreferenceClassifier.fit_positive_unlabelled(
-                oset.embeddings, unlabelled, folds=folds, seed=s.seed, space=oset.space
-            )
+        pu, test = fit_region(oset.embeddings, encoder.embed(unguided).cpu().numpy(),
+                              s.pu_region, folds=folds, seed=s.seed, space=oset.space)  # fmt: skip
     except ClassifierError as err:  # too few examples or samples, or nothing told apart
         report["skipped"] = {"rejection-pu": str(err)}
         say(f"arm rejection-pu skipped: {err}")
     if pu is not None:
-        test = pu if kernel else hard_regions(ClassifierField(pu))
         rpu = rejection_arm(flow, shape, s, None, device, first=unguided,
                             stream="demo-rejection-pu", membership=test)  # fmt: skip
         images = encoder.decode(rpu.samples).cpu()
@@ -1016,6 +1009,7 @@ def run_demo(
             "rejected_share": float(rpu.records["inside_estimate"]),
             "shortfall": int(rpu.records["shortfall"]),
             "region": s.pu_region,
+            "rule": pu.info["rule"],
             "c": float(pu.info["c"]),
             "example_recall": float(pu.info["example_recall"]),
             "judged_recall": float(flagged[judged].double().mean()) if judged.any() else 0.0,
@@ -1289,7 +1283,9 @@ def format_report(report: dict) -> str:
             f"class {100 * rpu['judged_recall']:.0f}% inside, of the others "
             f"{100 * rpu['judged_false_positive']:.1f}%)"
         )
-        rows.append(rejection_line("rejection-pu", rpu, "the examples-vs-samples region", about))
+        kind = "kernel" if rpu.get("region", "linear") == "kernel" else "half-space"
+        rows.append(rejection_line("rejection-pu", rpu, f"the examples-vs-samples {kind} region",
+                                   about))  # fmt: skip
     tw = report["arms"].get("twisted-smc")
     if tw is not None:
         rows.append(

@@ -54,7 +54,7 @@ def search(
     verifier,
     budget,
     *,
-    field,
+    field=None,
     n_return: int = 1,
     steps: int = 50,
     generator: torch.Generator | None = None,
@@ -82,8 +82,9 @@ def search(
             Comparing arms on common draws removes the sampling noise of an independent set
             from their difference; the law of what is returned is unchanged.
         membership: instead of the field's hard regions, any test with a method
-            ``inside(states) -> (m,) bool`` on the flattened states (m, d), for instance
-            :class:`obstacles.KernelRegion` (``field`` may then be None).
+            ``inside(states) -> (m,) bool`` on the flattened states (m, d) and its ``dim`` d,
+            for instance :class:`obstacles.KernelRegion` (``field`` may then be None); checked
+            against the samples' size before any draw.
 
     Records: ``draws``, ``accepted`` (outside, including any beyond ``n_return``),
     ``acceptance`` (accepted / draws), ``inside_estimate`` (1 - acceptance), ``nfe_needed``,
@@ -95,6 +96,12 @@ def search(
             raise SearchError(
                 f"rejection: membership must have a method inside(states) -> bool per state; got "
                 f"{type(membership).__name__}"
+            )
+        dim = getattr(membership, "dim", None)
+        if dim != math.prod(shape):
+            raise SearchError(
+                f"rejection: the membership test is for states of d={dim}, the samples flatten "
+                f"to d={math.prod(shape)}; fit it on embeddings of the samples' space"
             )
         regions = membership
     elif field is None:

@@ -51,10 +51,36 @@ from guidance.search.budget import BudgetExceeded
 from guidance.search.common import SearchError, SearchResult, begin, check_states, draw_noise
 from guidance.search.protocol import Algorithm
 
-__all__ = ["REGIONS", "search"]
+__all__ = ["REGIONS", "fit_region", "search"]
 
 #: the learnt regions ``search`` can fit: an RBF kernel model's (default) or a half-space
 REGIONS = ("kernel", "linear")
+
+
+def fit_region(examples, unlabelled, region: str = "kernel", *, folds: int = 5,
+               C: float | None = None, seed: int = 0, space=None):  # fmt: skip
+    """The positive-unlabelled region of ``examples`` (M, d) against ``unlabelled`` (N, d) and
+    its membership test: ``(fitted, test)``, ``fitted`` an :class:`obstacles.KernelRegion`
+    (``region="kernel"``) or a :class:`obstacles.PreferenceClassifier` (``"linear"``, its
+    ``space`` set), ``test`` an object whose ``inside(states (m, d))`` gives (m,) bool.
+
+    Raises:
+        ValueError: ``region`` not in :data:`REGIONS`.
+        obstacles.ClassifierError: the fit's errors (named).
+    """
+    from obstacles.classifier import PreferenceClassifier
+    from obstacles.kernel_region import KernelRegion
+
+    if region not in REGIONS:
+        raise ValueError(f"region must be one of {REGIONS}; got {region!r}")
+    ex = examples.detach().cpu().double().numpy() if torch.is_tensor(examples) else examples
+    un = unlabelled.detach().cpu().double().numpy() if torch.is_tensor(unlabelled) else unlabelled
+    if region == "kernel":
+        fitted = KernelRegion.fit_positive_unlabelled(ex, un, folds=folds, C=C, seed=seed)
+        return fitted, fitted
+    fitted = PreferenceClassifier.fit_positive_unlabelled(ex, un, folds=folds, C=C, seed=seed,
+                                                          space=space)  # fmt: skip
+    return fitted, hard_regions(ClassifierField(fitted))
 
 
 def search(
@@ -95,8 +121,7 @@ def search(
         SearchError: no field, fewer than ``folds`` examples, or a fit that tells nothing apart
             (the classifier's error, named).
     """
-    from obstacles.classifier import ClassifierError, PreferenceClassifier
-    from obstacles.kernel_region import KernelRegion
+    from obstacles.classifier import ClassifierError
 
     if region not in REGIONS:
         raise SearchError(f"rejection-pu: region must be one of {REGIONS}; got {region!r}")
@@ -123,15 +148,10 @@ def search(
     x = sample(velocity, draw_noise(n, shape, generator, dtype, device),
                times=time_grid(steps, shift=shift), method=method, noise_scale=noise_scale,
                generator=generator, progress=False).samples  # fmt: skip
-    fit = KernelRegion if region == "kernel" else PreferenceClassifier
     try:
-        pu = fit.fit_positive_unlabelled(
-            ex.detach().cpu().double().numpy(), x.reshape(n, -1).detach().cpu().double().numpy(),
-            folds=folds, C=C,
-        )  # fmt: skip
+        pu, test = fit_region(ex, x.reshape(n, -1), region, folds=folds, C=C)
     except ClassifierError as err:
         raise SearchError(f"rejection-pu: {err}") from None
-    test = pu if region == "kernel" else hard_regions(ClassifierField(pu))
     res = rejection.search(
         velocity, shape, verifier, run.budget, field=None, n_return=n, steps=steps,
         generator=generator, method=method, noise_scale=noise_scale, shift=shift, first=x,
