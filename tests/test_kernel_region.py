@@ -75,6 +75,9 @@ def test_inside_is_the_torch_membership_test():
     flags = region.inside(x)
     assert flags.dtype == torch.bool and flags.tolist() == [True, False, False]
     assert region.dim == 2 and "KernelRegion(d=2" in repr(region)
+    assert region.inside(x.numpy()).tolist() == [True, False, False]  # an array works too
+    with pytest.raises(ClassifierError, match=r"inside takes states \(m, d\).*x\[None\]"):
+        region.inside(torch.tensor([3.0, 3.0]))
 
 
 def test_every_finite_input_gives_a_probability():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "membership_frontier.py"
@@ -80,3 +81,15 @@ def test_the_script_runs_on_digits_and_writes_every_score(tmp_path):
         assert 0.0 <= rule["left"] <= 1.0 and 0.0 <= rule["inside"] <= 1.0
         assert np.isfinite(rule["shift"])
     assert "classes passing at the rule" in proc.stdout
+
+
+def test_bad_classes_and_sizes_are_named_before_any_work():
+    m = _module()
+    for argv, message in (
+        (["--classes", "9-12"], r"--classes '9-12': values must be in 0..9; got \[10, 11, 12\]"),
+        (["--classes", "a"], "give integers, a range a-b or a list a,b,c"),
+        (["--n", "10"], "--n 10: give at least 50"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            m.main(argv)
+    assert m._ints("0,3-4", "--classes", 0, 9) == [0, 3, 4]

@@ -181,8 +181,9 @@ def register(subparsers) -> None:
         choices=PU_REGIONS,
         default="kernel",
         help="the rejection-pu arm's region learnt from the examples against the unguided "
-        "samples: kernel, an RBF kernel model's, g >= 0.4 c, or linear, the linear model's "
-        "half-space, g >= c / 2 (default kernel)",
+        "samples, where g is a classifier's probability that a sample is one of the examples "
+        "and c the examples' mean g: kernel, an RBF kernel classifier, g >= 0.4 c, or linear, "
+        "a linear one's half-space, g >= c / 2 (default kernel)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")

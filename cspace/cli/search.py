@@ -262,8 +262,10 @@ def register(subparsers) -> None:
         "--pu-region",
         choices=PU_REGIONS,
         default=None,
-        help="rejection-pu's learnt region: an RBF kernel model's, g >= 0.4 c, or the linear "
-        "model's half-space, g >= c / 2 (default: the algorithm's own, kernel)",
+        help="rejection-pu's learnt region, where g is a classifier's probability that a draw "
+        "is one of the examples and c the examples' mean g: kernel, an RBF kernel classifier, "
+        "g >= 0.4 c, or linear, a linear one's half-space, g >= c / 2 (default: the "
+        "algorithm's own, kernel)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(

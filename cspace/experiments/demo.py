@@ -1280,7 +1280,7 @@ def format_report(report: dict) -> str:
         about = (
             f" (Elkan and Noto's c = {rpu['c']:.3f}, examples inside out of fold: "
             f"{100 * rpu['example_recall']:.0f}%; of the unguided samples the judge calls the "
-            f"class {100 * rpu['judged_recall']:.0f}% inside, of the others "
+            f"class, {100 * rpu['judged_recall']:.0f}% inside, of the others "
             f"{100 * rpu['judged_false_positive']:.1f}%)"
         )
         kind = "kernel" if rpu.get("region", "linear") == "kernel" else "half-space"
