@@ -52,6 +52,7 @@ from cspace.experiments.demo import (
     _space,
     data_of,
     demo_obstacles,
+    renormalised_shift,
     sample_arm,
     settings_for,
 )
@@ -63,18 +64,20 @@ LEFT, SHIFT = 0.10, 3.0
 
 
 def filtered(flag: np.ndarray, labels: np.ndarray, c: int, classes: int) -> tuple[float, float]:
-    """``(left, shift)`` of keeping the samples where ``flag`` is False (module docstring)."""
+    """``(left, shift)`` of keeping the samples where ``flag`` is False (module docstring); the
+    shift is the demo's own :func:`~cspace.experiments.demo.renormalised_shift`."""
     kept = ~flag
-    share_all = np.mean(labels == c)
-    share_kept = np.mean(labels[kept] == c) if kept.any() else 0.0
-    left = float(share_kept / share_all) if share_all > 0 else 0.0
 
-    def rest(mask: np.ndarray) -> np.ndarray:
-        counts = np.array([(labels[mask] == k).sum() for k in range(classes) if k != c], float)
-        return counts / max(counts.sum(), 1.0)
+    def shares(mask: np.ndarray) -> list[float]:
+        return [float(np.mean(labels[mask] == k)) if mask.any() else 0.0 for k in range(classes)]
 
-    d = 100 * (rest(kept) - rest(np.ones_like(kept)))
-    return left, float(d[np.argmax(np.abs(d))])
+    every, left_shares = shares(np.ones_like(kept)), shares(kept)
+    left = left_shares[c] / every[c] if every[c] > 0 else 0.0
+    report = {
+        "settings": {"avoid_class": c},
+        "arms": {"unguided": {"class_shares": every}, "kept": {"class_shares": left_shares}},
+    }
+    return float(left), float(renormalised_shift(report, "kept")[0])
 
 
 def frontier(score: np.ndarray, labels: np.ndarray, c: int, classes: int) -> dict:

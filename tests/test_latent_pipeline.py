@@ -142,6 +142,17 @@ def test_cli_refuses_a_full_output_folder(tmp_path, run_cli):
     assert rc == 2 and "not empty" in err
 
 
+def test_cli_refuses_a_width_the_unet_cannot_take(tmp_path, run_cli):
+    # refused before the VAE or the data are read (no data folder exists here)
+    rc, _, err = run_cli(["train", "pipeline", "--out", tmp_path / "o", "--width", "40"])
+    assert rc == 2 and "multiple of 32" in err and "got 40" in err, err
+    assert not (tmp_path / "o").exists()
+    for bad in ("0", "x"):  # not a positive integer: argparse's own usage error
+        with pytest.raises(SystemExit) as e:
+            run_cli(["train", "pipeline", "--out", tmp_path / "o", "--width", bad])
+        assert e.value.code == 2
+
+
 def test_the_shipped_pipeline_makes_clothes_the_judge_recognises():
     from cspace.models.fashion_judge import default_fashion_judge
     from cspace.models.shipped import shipped

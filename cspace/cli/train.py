@@ -171,6 +171,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         ema=args.ema,
+        width=args.width,
         checkpoint=ckpt,
         resume=ckpt if ckpt is not None and ckpt.is_file() else None,
         vae_kind=args.space,
@@ -339,6 +340,13 @@ def register(subparsers) -> None:
         default=0.999,
         help="decay of the weights' moving average that the pipeline keeps (default 0.999; "
         "0 keeps the raw weights)",
+    )
+    pipe.add_argument(
+        "--width",
+        type=positive_int,
+        default=64,
+        help="channels of the UNet's one level (default 64; a multiple of 32 from 32 up, "
+        "since its group norm has 32 groups)",
     )
     pipe.add_argument(
         "--checkpoint",

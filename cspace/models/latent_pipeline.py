@@ -294,6 +294,16 @@ def train_latent_flow(
         raise ValueError("steps and batch_size must be >= 1")
     if not 0 <= ema < 1:
         raise ValueError(f"ema must be in [0, 1); got {ema}")
+    if (
+        isinstance(width, bool)
+        or not isinstance(width, int)
+        or width < 1
+        or (width > 32 and width % 32)
+    ):
+        raise ValueError(
+            f"width must be a positive int, a multiple of 32 above 32 (the UNet's group norm "
+            f"has min(32, width) groups); got {width!r}"
+        )
     if not (math.isfinite(lr) and 0 < lr <= MAX_LR):
         raise ValueError(f"lr must be in (0, {MAX_LR:g}]; got {lr}")
     out = Path(out_dir)
