@@ -345,6 +345,15 @@ def test_the_shipped_examples():
     assert total < 400_000
 
 
+def test_shipped_weights_and_data_stay_under_the_40_mb_budget():
+    # everything the repository ships for the models and the data: weights, the held-out slice,
+    # the example images (the Fashion-MNIST issue's limit on the repository's size)
+    weights = shipped("fashion_pipeline").parent
+    roots = (weights, EXAMPLES.parent)
+    total = sum(f.stat().st_size for r in roots for f in r.rglob("*") if f.is_file())
+    assert 1e6 < total < 40e6, total
+
+
 @needs_debian
 def test_the_shipped_data_is_what_the_script_makes_from_the_real_files(tmp_path):
     images, labels = fashion_mnist_uint8("test")
