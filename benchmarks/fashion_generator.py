@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,12 +75,21 @@ def main() -> None:
     ap.add_argument(
         "--seed", type=int, default=0, help="seed of the noises (and the SDE's noise); default 0"
     )
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="write the figures here as JSON (atomically)")
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="folder of the Fashion-MNIST IDX files, for the train-vs-held-out reference distance "
+        "(default: Debian's /usr/share/datasets/fashion-mnist; without the files the reference "
+        "is left out, with a note)",
+    )
     ap.add_argument("--grid", default=None, help="write a 10x10 PNG grid of samples here")
     args = ap.parse_args()
     if (args.pipeline is None) == (args.vae is None):
         ap.error("give a pipeline folder or --vae VAE_DIR (one of the two)")
     torch.set_num_threads(1)
+    from cspace.io.files import write_json_atomic
     from cspace.models.data import FASHION_CLASSES, fashion_heldout, fashion_mnist
     from cspace.models.encoders import Encoder
     from cspace.models.fashion_judge import default_fashion_judge
@@ -95,7 +104,7 @@ def main() -> None:
         res["heldout_confidence"] = judge.report(xh)["confidence"]
         print(json.dumps(res, indent=1))
         if args.out:
-            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+            write_json_atomic(args.out, res)
         return
     pipe = load_latent_pipeline(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
@@ -150,16 +159,16 @@ def main() -> None:
     res["reconstructions"] = reconstructions(enc, judge, xh)
     res["heldout_max_share_gap_from_uniform"] = max(abs(s - 0.1) for s in real["class_shares"])
     try:
-        xt, _ = fashion_mnist("train")
+        xt, _ = fashion_mnist("train", args.data_dir)
         idx = torch.randperm(len(xt), generator=torch.Generator().manual_seed(0))[:2000]
         res["frechet_train_vs_heldout"] = frechet(
             judge.embed(xt[idx]).numpy(), judge.embed(xh).numpy()
         )
-    except FileNotFoundError:
-        pass
+    except FileNotFoundError as e:
+        print(f"note: no train-vs-held-out reference distance ({e})", file=sys.stderr)
     print(json.dumps(res, indent=1))
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        write_json_atomic(args.out, res)
     if args.grid:
         from PIL import Image
         from torchvision.utils import make_grid

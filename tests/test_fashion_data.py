@@ -214,7 +214,9 @@ def test_not_found_names_the_three_ways(tmp_path, monkeypatch):
         for folder in looked:
             assert f"{folder} does not exist" in msg
         assert "dataset-fashion-mnist" in msg  # (1) Debian's package
-        assert "--data DIR" in msg and "train-images-idx3-ubyte" in msg  # (2) a folder
+        assert "train-images-idx3-ubyte" in msg  # (2) a folder, with each command's flag
+        assert "--data-dir DIR for `cspace train teacher/vae/pipeline" in msg
+        assert "--data DIR for `cspace train judge`" in msg
         assert "FashionMNIST/raw" in msg and "torchvision" in msg  # (3) torchvision's layout
         assert isinstance(err.value, FileNotFoundError)
     # a folder holding some files: the missing ones are named

@@ -27,12 +27,14 @@ twin; times and figures in ``docs/fashion.md``) with
     OMP_NUM_THREADS=1 cspace train teacher --data fashion --out cspace/weights/fashion_teacher \
         --epochs 6 --seed 0
     OMP_NUM_THREADS=1 cspace train vae --data fashion --out cspace/weights/fashion_vae_aligned \
-        --vf-weight 0.1 --teacher fashion --steps 1000 --seed 0 --no-resume
+        --vf-weight 0.1 --teacher fashion --steps 7000 --seed 0 --no-resume
     OMP_NUM_THREADS=1 cspace train vae --data fashion --out cspace/weights/fashion_vae_plain \
-        --vf-weight 0 --steps 1000 --seed 0 --no-resume
+        --vf-weight 0 --steps 7000 --seed 0 --no-resume
 
-(``--data DIR`` for the judge, ``--data-dir DIR`` for the teacher and the VAE, when the IDX files
-are not in Debian's ``/usr/share/datasets/fashion-mnist``).
+and the generators in their latents with ``cspace train pipeline`` (the commands and their
+settings are in ``docs/fashion.md``, "The generator"). ``--data DIR`` for the judge,
+``--data-dir DIR`` for the teacher, the VAEs and the pipelines, when the IDX files are not in
+Debian's ``/usr/share/datasets/fashion-mnist``.
 """
 
 from __future__ import annotations

@@ -196,9 +196,11 @@ def find_fashion_mnist(
         f"Fashion-MNIST ({split} split) not found: {'; '.join(looked)}. Nothing is downloaded; "
         "supply the IDX files (plain or .gz) in one of three ways: (1) install Debian's package "
         f"dataset-fashion-mnist (`apt install dataset-fashion-mnist`, files in "
-        f"{DEBIAN_FASHION_DIR}); (2) pass --data DIR (data=DIR) for a folder holding "
-        f"{', '.join(n for s in FASHION_SPLITS for n in FASHION_FILES[s])}; (3) pass --data ROOT "
-        "of a torchvision download (torchvision.datasets.FashionMNIST(ROOT, download=True) on "
+        f"{DEBIAN_FASHION_DIR}); (2) pass the folder that holds "
+        f"{', '.join(n for s in FASHION_SPLITS for n in FASHION_FILES[s])} (data=DIR in Python; "
+        "on the command line --data-dir DIR for `cspace train teacher/vae/pipeline --data "
+        "fashion`, --data DIR for `cspace train judge` and the scripts); (3) pass the ROOT "
+        "of a torchvision download the same way (torchvision.datasets.FashionMNIST(ROOT, download=True) on "
         f"a machine with network access puts them in ROOT/{TORCHVISION_FASHION_SUBDIR.as_posix()})"
     )
 
