@@ -18,6 +18,9 @@ Every figure about ``cspace demo`` in the README comes from this script::
     python benchmarks/demo_table.py --encoders fashion --classes 0-9 --seeds S \\
         --shift renormalised --arms guided,classifier,rejection,rejection-pu,twisted-smc,negation \\
         --out benchmarks/results/demo_fashion_seedS.json
+    # a run split over two processes (--classes 0-4 and 5-9, one core each), summarised and
+    # written as one file
+    python benchmarks/demo_table.py --summarise A.json B.json --out ALL.json
 
 A run passes the demo's targets when the arm's avoided rate is <= 10% of the unguided one,
 every other class's share is within 3 points of unguided and the mean judge confidence drops by
@@ -248,15 +251,33 @@ def main() -> None:
     p.add_argument(
         "--summarise",
         default=None,
+        nargs="+",
         metavar="JSON",
-        help="print the summary of a finished --shift renormalised run's JSON (no sampling)",
+        help="print the summary of finished --shift renormalised runs' JSON files (no "
+        "sampling); several files, e.g. the halves of a run split by --classes over two "
+        "processes, are summarised together, and with --out written as one file",
     )
     args = p.parse_args()
     if args.summarise:
-        done = json.loads(Path(args.summarise).read_text())
-        print("\n".join(summary(done["rows"], done["reports"], args.max_nfe)))
+        parts = [json.loads(Path(f).read_text()) for f in args.summarise]
+        for f, part in zip(args.summarise, parts, strict=True):
+            if "summary" not in part:
+                p.error(f"--summarise {f}: not a --shift renormalised run (no summary in it)")
+        done = {
+            "argv": [part["argv"] for part in parts] if len(parts) > 1 else parts[0]["argv"],
+            "rows": [r for part in parts for r in part["rows"]],
+            "reports": [r for part in parts for r in part["reports"]],
+        }
+        done["summary"] = summary(done["rows"], done["reports"], args.max_nfe)
+        print("\n".join(done["summary"]))
         print()
         print("\n".join(floors(done["reports"])))
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done, indent=1))
+            os.replace(tmp, out)
         return
     arms = args.arms.split(",")
     torch.set_num_threads(1)

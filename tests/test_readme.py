@@ -119,6 +119,7 @@ def test_every_readme_command_and_block_runs(tmp_path):
     work = tmp_path / "clone"
     work.mkdir()
     (work / "examples").symlink_to(ROOT / "examples")
+    (work / "cspace").symlink_to(ROOT / "cspace")  # cspace/weights/..., as from the repo root
     _my_images(work / "my-images")
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -179,4 +180,12 @@ def test_every_readme_command_and_block_runs(tmp_path):
         ]
         assert (folder == "plain") == ("per_image" not in record)
     assert json.loads((work / "searched" / "record.json").read_text())["nfe"] <= 24
+    # Fashion-MNIST: the demo on the clothes, a set in the shipped pipeline's space, a guided run
+    fashion = json.loads((work / "fashion-demo" / "report.json").read_text())
+    assert fashion["settings"]["encoder"] == "fashion" and fashion["settings"]["avoid_class"] == 2
+    info = subprocess.run(["cspace", "obstacles", "info", "pullovers", "--json"], cwd=work,
+                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
+    pullovers = json.loads(info.stdout)
+    assert pullovers["count"] == 50 and pullovers["dim"] == 4 * 7 * 7
+    assert len(list((work / "no-pullovers").glob("image_*.png"))) == 2
     assert "inside an obstacle" in out and "chosen trial" in out
