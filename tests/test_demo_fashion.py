@@ -239,3 +239,19 @@ def test_a_digits_obstacle_set_is_refused_naming_the_fashion_encoder(tmp_path, r
     assert rc == 2 and "different C-spaces" in err, err
     assert "--encoder " + str(DATA["fashion"].examples.parents[1]) in err  # the shipped VAE folder
     assert "fashion_vae_aligned" in err and not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow  # a small run with the UMAP fit on the 2,000 held-out images: about 40 s
+def test_the_umap_figure_is_drawn_for_the_clothes(tmp_path):
+    """``cspace demo --data fashion --umap``: the figure of the held-out clothes by class, the
+    obstacles and the arms' paths is written beside the grids, as for digits."""
+    s = settings_for("fashion", avoid_class=2, n=16, steps=3, umap=True)
+    report = run_demo(s, out_dir=tmp_path)
+    path = tmp_path / "cspace_umap.png"
+    assert report["files"]["umap"] == str(path)
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 400 and img.shape[1] > 400
+    # drawn, not blank: many distinct colours (ten class colours, the paths, the text)
+    colours = np.unique(img[..., :3].reshape(-1, 3).round(2), axis=0)
+    assert len(colours) > 50
+    assert json.loads((tmp_path / "report.json").read_text())["files"]["umap"] == str(path)
