@@ -225,3 +225,32 @@ def test_cspace_sample_refuses_a_bad_pipeline_index_in_one_line(tmp_path, run_cl
     )  # fmt: skip
     assert rc == 2 and why in err and "this is a bug" not in err
     assert not (tmp_path / "s").exists()
+
+
+def test_obstacles_of_another_space_are_refused_at_the_pipelines_own_size():
+    """A set of 8x8 digits against the 28x28 Fashion-MNIST pipeline: the error describes the
+    pipeline at its own size (28x28 -> 4x7x7, d = 196), not at the set's, and says to build the
+    set from 28x28 images with the pipeline's VAE."""
+    import numpy as np
+
+    from cspace.models.encoders import Encoder
+    from cspace.models.shipped import shipped
+    from cspace.models.space import SpaceMismatchError
+    from guidance import RepulsiveField
+    from guidance.integrations.diffusers import check_pipeline_space, pipeline_space
+    from obstacles import ObstacleSet
+
+    pipe = load_latent_pipeline(shipped("fashion_pipeline"))
+    assert pipe.image_size == (28, 28)
+    own = pipeline_space(pipe, pipe.image_size)
+    assert own.latent_shape == (4, 7, 7) and own.dim == 196
+    digits = Encoder.from_aligned(shipped("vae_aligned")).space()
+    emb = np.zeros((2, digits.dim))
+    field = RepulsiveField(ObstacleSet.from_embeddings(emb, q_star=1.0, space=digits))
+    with pytest.raises(SpaceMismatchError) as err:
+        check_pipeline_space(pipe, field)
+    msg = str(err.value)
+    assert own.describe() in msg and digits.describe() in msg
+    assert "from 28x28 images" in msg and "--size" not in msg
+    same = RepulsiveField(ObstacleSet.from_embeddings(np.zeros((2, 196)), q_star=1.0, space=own))
+    check_pipeline_space(pipe, same)  # its own space: accepted

@@ -103,7 +103,11 @@ class Encoder:
                 "network access, e.g. `hf download stabilityai/sd-vae-ft-mse --local-dir DIR`, "
                 "and pass that DIR"
             )
-        vae = AutoencoderKL.from_pretrained(str(p), subfolder=subfolder, local_files_only=True)
+        # low_cpu_mem_usage=False: the plain load, without diffusers' warning that `accelerate`
+        # (which the fast path needs, and which is not a dependency) is missing
+        vae = AutoencoderKL.from_pretrained(
+            str(p), subfolder=subfolder, local_files_only=True, low_cpu_mem_usage=False
+        )
         return cls(vae, name=kwargs.pop("name", f"diffusers:{where}"), **kwargs)
 
     @classmethod

@@ -95,6 +95,13 @@ class LatentFlowPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images it samples, its only size: the UNet's latent grid times the
+        VAE's downsampling (2 per block after the first); (28, 28) for the shipped ones."""
+        n = self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (n, n)
+
     @torch.no_grad()
     def __call__(
         self,

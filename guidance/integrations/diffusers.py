@@ -122,14 +122,25 @@ def check_pipeline_space(pipe, field) -> None:
     field_space = space_of(field)
     if field_space is None:
         return
+    # a pipeline with one image size (LatentFlowPipeline.image_size) is described at that size;
+    # the others (Stable Diffusion and the like take height and width) at the obstacles' size
+    native = getattr(pipe, "image_size", None)
+    if native is not None:
+        h, w = native
+        size = (int(h), int(w))
+        fix = (f"build the obstacles with this pipeline's VAE from {size[0]}x{size[1]} images "
+               "(`cspace obstacles build IMAGES --encoder PIPELINE_DIR`)")  # fmt: skip
+    else:
+        size = field_space.image_size
+        fix = ("build the obstacles with this pipeline's VAE at this resolution "
+               "(cspace.models.encoders.Encoder.from_diffusers, or `cspace obstacles build "
+               "--encoder PIPELINE_DIR --size HxW`)")  # fmt: skip
     check_same_space(
-        pipeline_space(pipe, field_space.image_size),
+        pipeline_space(pipe, size),
         field_space,
         f"the pipeline's VAE ({type(pipe).__name__})",
         "the field's obstacles",
-        fix="build the obstacles with this pipeline's VAE at this resolution "
-        "(cspace.models.encoders.Encoder.from_diffusers, or `cspace obstacles build "
-        "--encoder PIPELINE_DIR --size HxW`)",
+        fix=fix,
     )
 
 
