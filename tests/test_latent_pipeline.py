@@ -254,3 +254,21 @@ def test_obstacles_of_another_space_are_refused_at_the_pipelines_own_size():
     assert "from 28x28 images" in msg and "--size" not in msg
     same = RepulsiveField(ObstacleSet.from_embeddings(np.zeros((2, 196)), q_star=1.0, space=own))
     check_pipeline_space(pipe, same)  # its own space: accepted
+
+
+def test_the_fashion_encoder_names_are_the_pipelines_spaces():
+    """``--encoder fashion`` / ``fashion-plain`` (``load_encoder``) are the shipped Fashion-MNIST
+    VAEs, whose 28x28 space is that of the pipeline trained in their latents, so a set built
+    with the name is accepted by that pipeline and refused by the other twin's."""
+    from cspace.models.encoders import EncoderError, load_encoder
+    from cspace.models.shipped import shipped
+    from guidance.integrations.diffusers import pipeline_space
+
+    aligned = load_latent_pipeline(shipped("fashion_pipeline"))
+    plain = load_latent_pipeline(shipped("fashion_pipeline_plain"))
+    for name, own, other in (("fashion", aligned, plain), ("fashion-plain", plain, aligned)):
+        space = load_encoder(name).space((28, 28))
+        assert space.same_as(pipeline_space(own, own.image_size)), name
+        assert not space.same_as(pipeline_space(other, other.image_size)), name
+    with pytest.raises(EncoderError, match="digits, digits-plain, fashion, fashion-plain"):
+        load_encoder("fashon")

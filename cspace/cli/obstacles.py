@@ -3,7 +3,7 @@
 Subcommands::
 
     cspace obstacles build IMAGES_OR_DIRS... --out SET [--label L] [--q-star auto|FLOAT]
-                           [--eta F] [--radius F] [--encoder digits|digits-plain|PATH]
+                           [--eta F] [--radius F] [--encoder digits|digits-plain|fashion|fashion-plain|PATH]
                            [--size N|HxW] [--resize] [--append | --overwrite]
     cspace obstacles info PATH [--json]            (an obstacle set or a classifier folder)
     cspace obstacles classifier --good DIR... --bad DIR... --out DIR [--encoder ...]
@@ -433,9 +433,10 @@ def _encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder",
         default="digits",
-        metavar="digits|digits-plain|PATH",
+        metavar="digits|digits-plain|fashion|fashion-plain|PATH",
         help="the C-space: the shipped aligned digits VAE (digits), the plain one (digits-plain), "
-        "or a folder with a cspace aligned VAE, a diffusers AutoencoderKL or a diffusers pipeline "
+        "the shipped Fashion-MNIST VAEs (fashion, fashion-plain: 28x28 images, the latents of "
+        "cspace/weights/fashion_pipeline and fashion_pipeline_plain), or a folder with a cspace aligned VAE, a diffusers AutoencoderKL or a diffusers pipeline "
         "(its vae/) (default digits)",
     )
     p.add_argument(

@@ -84,6 +84,7 @@ import torch
 from cspace.io.checks import check_memory, check_output_folder
 from cspace.io.files import write_file_atomic
 from cspace.models.devices import resolve_device
+from cspace.models.shipped import FASHION_ENCODERS
 from guidance.sampling import METHODS
 from guidance.seeding import derived_seed
 
@@ -209,8 +210,8 @@ DATA = {
 #: the clothes' C-spaces: ``--encoder`` -> (twin name, shipped VAE folder, shipped pipeline
 #: folder whose UNet is the velocity model; trained in that VAE's latents)
 FASHION_SPACES = {
-    "fashion": ("aligned", "fashion_vae_aligned", "fashion_pipeline"),
-    "fashion-plain": ("plain", "fashion_vae_plain", "fashion_pipeline_plain"),
+    "fashion": ("aligned", FASHION_ENCODERS["fashion"], "fashion_pipeline"),
+    "fashion-plain": ("plain", FASHION_ENCODERS["fashion-plain"], "fashion_pipeline_plain"),
 }
 
 

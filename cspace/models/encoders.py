@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from cspace.io.errors import MissingWeightsError
-from cspace.models.shipped import SPACES, shipped
+from cspace.models.shipped import FASHION_ENCODERS, SPACES, shipped
 from cspace.models.space import Space, config_hash, weights_fingerprint
 
 __all__ = ["Encoder", "EncoderError", "is_aligned_vae_folder", "load_encoder"]
@@ -221,6 +221,8 @@ def load_encoder(spec: str | os.PathLike) -> Encoder:
 
     * ``digits``: the aligned digits VAE shipped in the package (``Encoder.from_aligned()``);
     * ``digits-plain``: the same VAE trained without the alignment loss (``weights/vae_plain``);
+    * ``fashion`` / ``fashion-plain``: the shipped Fashion-MNIST VAEs, aligned and plain
+      (28x28 images; the latents of ``weights/fashion_pipeline`` / ``fashion_pipeline_plain``);
     * a folder: a cspace aligned VAE (see :func:`is_aligned_vae_folder`) is loaded with
       ``Encoder.from_aligned``, anything else as a diffusers ``AutoencoderKL`` (a pipeline folder
       with a ``vae/`` subfolder works too).
@@ -232,6 +234,8 @@ def load_encoder(spec: str | os.PathLike) -> Encoder:
     try:
         if spec in SPACES:
             return Encoder.from_aligned(shipped(SPACES[spec][0]))
+        if spec in FASHION_ENCODERS:
+            return Encoder.from_aligned(shipped(FASHION_ENCODERS[spec]))
         if path.is_dir():
             if is_aligned_vae_folder(path):
                 return Encoder.from_aligned(path)
@@ -250,6 +254,6 @@ def load_encoder(spec: str | os.PathLike) -> Encoder:
     if path.exists():
         raise EncoderError(f"--encoder {spec!r} is a file; pass a folder holding a VAE")
     raise EncoderError(
-        f"unknown encoder {spec!r}: use {' or '.join(SPACES)}, or the path of a folder "
+        f"unknown encoder {spec!r}: use {', '.join([*SPACES, *FASHION_ENCODERS])}, or the path of a folder "
         "holding a cspace aligned VAE or a diffusers AutoencoderKL"
     )

@@ -58,6 +58,9 @@ FASHION_NAMES = (
 ALL_NAMES = NAMES + FASHION_NAMES
 #: C-space name -> (VAE folder, flow folder)
 SPACES = {"digits": ("vae_aligned", "flow_aligned"), "digits-plain": ("vae_plain", "flow_plain")}
+#: Fashion-MNIST C-space name -> VAE folder (28x28 images -> 4x7x7 latents; the pipelines trained
+#: in them are ``fashion_pipeline`` and ``fashion_pipeline_plain``)
+FASHION_ENCODERS = {"fashion": "fashion_vae_aligned", "fashion-plain": "fashion_vae_plain"}
 
 
 def shipped(name: str) -> Path:
