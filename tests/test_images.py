@@ -83,6 +83,22 @@ def test_the_size_is_checked_before_decoding(tmp_path, decodes):
     assert decodes == []
 
 
+def test_a_folder_all_of_one_other_size_is_one_line_naming_the_encoder_first(tmp_path):
+    """28x28 clothes given to the 8x8 digits space: one line, not one per file, and the likelier
+    fix (another C-space's encoder) before resizing; mixed problems keep the list per file."""
+    for i in range(25):
+        Image.new("L", (28, 28), i).save(tmp_path / f"c{i:02d}.png")
+    with pytest.raises(ImageFolderError) as err:
+        load_images([tmp_path], size_source="the encoder's size")
+    msg = str(err.value)
+    assert msg.startswith("all 25 files are 28x28 pixels, expected 8x8, the encoder's size.")
+    assert "\n" not in msg and msg.index("--encoder") < msg.index("--resize")
+    Image.new("L", (16, 16), 0).save(tmp_path / "a.png")  # two sizes: listed per file
+    with pytest.raises(ImageFolderError, match="26 of 26 files cannot be used") as err:
+        load_images([tmp_path])
+    assert "16x16 pixels, expected 8x8" in str(err.value) and "... and 6 more" in str(err.value)
+
+
 def test_the_limit_is_raised_by_argument_or_environment(tmp_path, decodes, monkeypatch):
     Image.new("L", (8, 8), 200).save(tmp_path / "a.png")
     with pytest.raises(ImageFolderError, match="64 pixels, more than the limit of 63"):

@@ -381,7 +381,7 @@ def load_images(
         raise ValueError(f"channels must be 1 or 3; got {channels}")
     limit = max_image_pixels(max_pixels)
     files, skipped = _expand(inputs)
-    problems, arrays, resized = [], [], []
+    problems, arrays, resized, other_sizes = [], [], [], []
     for f in files:
         if f.suffix.lower() not in IMAGE_SUFFIXES:
             problems.append(f"{f}: not a PNG or JPEG file (suffix {f.suffix or 'none'})")
@@ -399,6 +399,7 @@ def load_images(
                 other_size = (h, w) != tuple(size)
                 if other_size and not resize:
                     source = f", {size_source}" if size_source else ""
+                    other_sizes.append((w, h))
                     problems.append(
                         f"{f}: {w}x{h} pixels, expected {size[1]}x{size[0]}{source} (resize the "
                         "images, or pass --resize / resize=True to resize them on reading)"
@@ -417,6 +418,16 @@ def load_images(
             problems.append(f"{f}: unreadable or not an image ({type(err).__name__}: {err})")
             continue
         arrays.append(arr / 127.5 - 1.0 if white == 255.0 else arr / 32767.5 - 1.0)
+    if problems and len(other_sizes) == len(problems) == len(files) and len(set(other_sizes)) == 1:
+        # every file is of one other size: one line, and the likelier fix first (these images
+        # may be right and the C-space wrong)
+        (w, h), source = other_sizes[0], f", {size_source}" if size_source else ""
+        which = f"all {len(files)} files are" if len(files) > 1 else f"{files[0]} is"
+        raise ImageFolderError(
+            f"{which} {w}x{h} pixels, expected {size[1]}x{size[0]}{source}. If they belong to "
+            "another C-space, use its encoder (--encoder); otherwise resize the images, or pass "
+            "--resize / resize=True to resize them on reading"
+        )
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
