@@ -255,3 +255,24 @@ def test_the_umap_figure_is_drawn_for_the_clothes(tmp_path):
     colours = np.unique(img[..., :3].reshape(-1, 3).round(2), axis=0)
     assert len(colours) > 50
     assert json.loads((tmp_path / "report.json").read_text())["files"]["umap"] == str(path)
+
+
+def test_the_class_is_a_number_or_for_clothes_a_name():
+    """``--class pullover`` (an example folder's name, or Zalando's in any case) for --data
+    fashion; numbers 0..9 for both data sets; the bad ones named with what to pass."""
+    import argparse
+
+    from cspace.cli.demo import _class_arg, _resolve_class
+
+    assert _resolve_class(_class_arg("2"), "digits") == 2
+    assert _resolve_class(_class_arg("pullover"), "fashion") == 2
+    assert _resolve_class(_class_arg("Ankle-Boot"), "fashion") == 9
+    assert _resolve_class(_class_arg("T-shirt/top"), "fashion") == 0
+    with pytest.raises(argparse.ArgumentTypeError, match=r"'12': classes are 0\.\.9"):
+        _class_arg("12")
+    with pytest.raises(ValueError, match=r"digits' classes are the numbers 0\.\.9"):
+        _resolve_class(_class_arg("pullover"), "digits")
+    with pytest.raises(
+        ValueError, match=r"not a Fashion-MNIST class; use 0\.\.9 or one of t-shirt"
+    ):
+        _resolve_class(_class_arg("sneakers"), "fashion")

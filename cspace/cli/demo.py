@@ -12,6 +12,33 @@ from cspace.cli.search import PU_REGIONS
 __all__ = ["register"]
 
 
+def _class_arg(value: str) -> int | str:
+    """``--class``: a class number 0..9, or (for --data fashion, resolved in :func:`_cmd_demo`)
+    a class name such as ``pullover``, ``ankle-boot`` or ``"T-shirt/top"``."""
+    if value.strip().lstrip("-").isdigit():
+        c = int(value)
+        if not 0 <= c <= 9:
+            raise argparse.ArgumentTypeError(f"{value!r}: classes are 0..9")
+        return c
+    return value.strip().lower()
+
+
+def _resolve_class(value: int | str, data: str) -> int:
+    """The class number of ``--class`` for ``--data``: names are Fashion-MNIST's (the example
+    folders' names, or Zalando's, any case)."""
+    if isinstance(value, int):
+        return value
+    if data != "fashion":
+        raise ValueError(f"--class {value!r}: the digits' classes are the numbers 0..9")
+    from cspace.models.data import FASHION_CLASSES, FASHION_SLUGS
+
+    for c, names in enumerate(zip(FASHION_SLUGS, FASHION_CLASSES, strict=True)):
+        if value in {n.lower() for n in names}:
+            return c
+    raise ValueError(f"--class {value!r}: not a Fashion-MNIST class; use 0..9 or one of "
+                     f"{', '.join(FASHION_SLUGS)}")  # fmt: skip
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cspace.experiments.demo import format_report, run_demo, settings_for
 
@@ -25,7 +52,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                          "without it)")  # fmt: skip
     settings = settings_for(
         args.data,
-        avoid_class=args.avoid_class,
+        avoid_class=_resolve_class(args.avoid_class, args.data),
         n=args.n,
         seed=args.seed,
         steps=args.steps,
@@ -79,13 +106,12 @@ def register(subparsers) -> None:
     demo.add_argument(
         "--class",
         dest="avoid_class",
-        type=int,
+        type=_class_arg,
         default=0,
-        choices=range(10),
         metavar="C",
         help="class to avoid, 0..9 (digits: the digit; fashion: 0 T-shirt/top, 1 Trouser, "
-        "2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot) "
-        "(default 0)",
+        "2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt, 7 Sneaker, 8 Bag, 9 Ankle boot, or "
+        "the name: pullover, ankle-boot, ...) (default 0)",
     )
     demo.add_argument(
         "--n",
