@@ -211,6 +211,15 @@ def summary(rows: list[dict], reports: list[dict], max_nfe: float = MAX_NFE) -> 
     return out
 
 
+def _write_json(path: str, body: dict) -> None:
+    """``--out``: the JSON through a temporary sibling and ``os.replace`` (no half-written file)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--classes", type=_ints, default=[0])
@@ -273,11 +282,7 @@ def main() -> None:
         print()
         print("\n".join(floors(done["reports"])))
         if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(".tmp")
-            tmp.write_text(json.dumps(done, indent=1))
-            os.replace(tmp, out)
+            _write_json(args.out, done)
         return
     arms = args.arms.split(",")
     torch.set_num_threads(1)
@@ -342,14 +347,10 @@ def main() -> None:
             )
     table = summary(rows, reports, args.max_nfe) if renorm else []
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
         body = {"rows": rows, "reports": reports}
         if renorm:
             body = {"argv": sys.argv[1:], "summary": table, **body}
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, out)
+        _write_json(args.out, body)
     passed = np.mean([x["pass"] for r in rows for x in r["verdicts"]])
     print(f"\npassing runs: {100 * passed:.0f}%")
     if renorm:

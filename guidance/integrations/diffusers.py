@@ -126,8 +126,7 @@ def check_pipeline_space(pipe, field) -> None:
     # the others (Stable Diffusion and the like take height and width) at the obstacles' size
     native = getattr(pipe, "image_size", None)
     if native is not None:
-        h, w = native
-        size = (int(h), int(w))
+        size = tuple(native)
         fix = (f"build the obstacles with this pipeline's VAE from {size[0]}x{size[1]} images "
                "(`cspace obstacles build IMAGES --encoder PIPELINE_DIR`)")  # fmt: skip
     else:
