@@ -78,6 +78,14 @@ def main() -> None:
     ap.add_argument(
         "--seed", type=int, default=0, help="seed of the noises (and the SDE's noise); default 0"
     )
+    ap.add_argument(
+        "--scheduler",
+        choices=("euler", "heun"),
+        default="euler",
+        help="without --method: the pipeline's own loop with its FlowMatchEulerDiscreteScheduler "
+        "(euler, default) or diffusers' FlowMatchHeunDiscreteScheduler made from its config "
+        "(heun: 2 --steps - 1 NFE)",
+    )
     ap.add_argument("--out", default=None, help="write the figures here as JSON (atomically)")
     ap.add_argument(
         "--data-dir",
@@ -115,6 +123,10 @@ def main() -> None:
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(args.seed)
     if args.method is None:
+        if args.scheduler == "heun":
+            from diffusers import FlowMatchHeunDiscreteScheduler
+
+            pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
         imgs = torch.cat(
             [
                 pipe(
@@ -147,7 +159,7 @@ def main() -> None:
     res = {
         "n": args.n,
         "steps": args.steps,
-        "method": args.method or "pipeline (Euler)",
+        "method": args.method or f"pipeline ({args.scheduler})",
         "seed": args.seed,
         "sample_s": round(sample_s, 1),
         "class_shares": dict(zip(FASHION_CLASSES, rep["class_shares"], strict=True)),

@@ -7,7 +7,7 @@ shipped pipeline").
 
 The obstacle set is the demo's (:func:`cspace.experiments.demo.demo_obstacles`: the class's 50
 shipped examples in the aligned VAE's C-space); each run samples ``--n`` images with the
-pipeline's own Euler loop (``--steps``), plain and through ``guide(pipe, RepulsiveField(set),
+pipeline's own loop (``--steps``; its Euler scheduler, or ``--scheduler heun``), plain and through ``guide(pipe, RepulsiveField(set),
 strength=s)``, from the same generator seed, and prints one markdown row per strength;
 ``--out`` writes the shares (percent, per seed) as JSON.
 """
@@ -28,7 +28,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1", help="generator seeds, comma-separated")
     ap.add_argument("--n", type=int, default=200, help="images per run (default 200)")
     ap.add_argument("--steps", type=int, default=10,
-                    help="the pipeline's Euler steps (default 10)")  # fmt: skip
+                    help="the pipeline's steps (default 10)")  # fmt: skip
+    ap.add_argument("--scheduler", choices=("euler", "heun"), default="euler",
+                    help="the pipeline's own FlowMatchEulerDiscreteScheduler (default) or diffusers' "
+                    "FlowMatchHeunDiscreteScheduler from its config (2 x --steps - 1 NFE)")  # fmt: skip
     ap.add_argument("--out", default=None, help="JSON file for the shares (written atomically)")
     args = ap.parse_args()
     if not 0 <= args.cls <= 9:
@@ -44,6 +47,10 @@ def main() -> None:
 
     pipe = load_latent_pipeline(shipped("fashion_pipeline"))
     pipe.set_progress_bar_config(disable=True)
+    if args.scheduler == "heun":
+        from diffusers import FlowMatchHeunDiscreteScheduler
+
+        pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
     enc = Encoder.from_aligned(shipped("fashion_vae_aligned"))
     judge = default_fashion_judge()
     oset, _ = demo_obstacles(enc, settings_for("fashion", avoid_class=args.cls))
@@ -69,6 +76,7 @@ def main() -> None:
 
         write_json_atomic(args.out, {
             "class": args.cls, "n": args.n, "steps": args.steps, "seeds": seeds,
+            "scheduler": args.scheduler,
             "plain_share_pct": plain, "rows": rows,
         })  # fmt: skip
 

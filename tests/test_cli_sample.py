@@ -38,6 +38,15 @@ def test_plain_then_guided_away_from_the_plain_images(pipeline_dir, tmp_path):
     rec = _record(plain)
     assert rec["pipeline_class"] == "DDIMPipeline" and rec["nfe"] == 10
     assert np.asarray(Image.open(plain / "image_000.png")).shape == (8, 8, 3)
+    # no prompt, so no classifier-free guidance: the record says so instead of the default 7
+    assert rec["settings"]["guidance_scale"] is None
+    # grid.png: the 2 images side by side (1 white pixel around each), pixel for pixel
+    grid = np.asarray(Image.open(plain / "grid.png"))
+    assert grid.shape == (10, 19, 3)
+    for i in range(2):
+        img = np.asarray(Image.open(plain / f"image_{i:03d}.png"))
+        assert np.array_equal(grid[1:9, 1 + 9 * i : 9 + 9 * i], img)
+    assert (grid[0] == 255).all() and (grid[:, 9] == 255).all()
     # obstacles at the plain run's final latents
     emb = load_file(str(plain / "latents.safetensors"))["latents"].reshape(2, -1).double().numpy()
     q = 0.5 * float(np.linalg.norm(emb, axis=1).min())
@@ -72,3 +81,14 @@ def test_errors(pipeline_dir, tmp_path, capsys):
     assert main(["sample", "--pipeline", str(pipeline_dir), "--search", "smc",
                  "--budget", "100", "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     assert "--obstacles" in capsys.readouterr().err
+    # a prompt for a pipeline without text: refused, not silently dropped; nothing written
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--prompt", "a cat",
+                 "--out", str(tmp_path / "p")]) == 2  # fmt: skip
+    assert "DDIMPipeline takes no prompt; drop --prompt" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    # Heun is diffusers' flow-matching Heun scheduler: not for a DDIM pipeline
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--scheduler", "heun",
+                 "--out", str(tmp_path / "p")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "flow-matching pipelines; this one has DDIMScheduler" in err
+    assert not (tmp_path / "p").exists()

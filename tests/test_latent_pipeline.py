@@ -153,6 +153,52 @@ def test_cli_refuses_a_width_the_unet_cannot_take(tmp_path, run_cli):
         assert e.value.code == 2
 
 
+def test_guide_with_diffusers_heun_scheduler_corrects_each_call_at_its_own_sigma():
+    """With ``FlowMatchHeunDiscreteScheduler`` swapped in (2 N - 1 model calls for N steps) the
+    correction of every call, predictor and corrector, uses the sigma the model was called at
+    (the UNet gets ``timestep = 1000 sigma``); with the field off the output is the plain
+    Heun pipeline's bit for bit; with an obstacle at the plain samples they move away."""
+    import numpy as np
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    from guidance import RepulsiveField
+    from guidance.integrations.diffusers import _coefficients, guide
+    from obstacles import ObstacleSet
+
+    pipe = _tiny_pipe()
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    seen, unet_forward = [], pipe.unet.forward
+
+    def forward(x, timestep, *a, **kw):
+        seen.append(float(timestep.reshape(-1)[0]) / 1000)
+        return unet_forward(x, timestep, *a, **kw)
+
+    pipe.unet.forward = forward
+    plain = _sample(pipe, output_type="latent").images
+    assert len(seen) == 2 * 3 - 1  # 3 steps: 2 Heun steps and a last Euler step
+    sigmas, step = [], pipe.scheduler.step
+
+    def spy(m, timestep, x, *a, **kw):
+        sigmas.append(_coefficients(pipe.scheduler, "flow", timestep)[1])
+        return step(m, timestep, x, *a, **kw)
+
+    pipe.scheduler.step = spy
+    seen.clear()
+    off = guide(pipe, None)
+    assert torch.equal(_sample(off, output_type="latent").images, plain)
+    assert off.stats.steps == 5
+    np.testing.assert_allclose(sigmas, seen, rtol=1e-6)
+    assert sigmas[0] == 1.0 and sigmas[1] == sigmas[2] < 1  # the corrector's sigma, the next's
+    del pipe.scheduler.step
+    emb = plain.reshape(2, -1).double().numpy()
+    q = 0.5 * float(np.linalg.norm(emb[0] - emb[1]))
+    field = RepulsiveField(ObstacleSet.from_embeddings(emb, q_star=q, eta=q**3))
+    guided = guide(pipe, field, strength=30)
+    moved = _sample(guided, output_type="latent").images.reshape(2, -1).double().numpy()
+    assert guided.stats.guided_steps >= 1
+    assert (np.linalg.norm(moved - emb, axis=1) > 0.5 * q).all()
+
+
 def test_the_shipped_pipeline_makes_clothes_the_judge_recognises():
     from cspace.models.fashion_judge import default_fashion_judge
     from cspace.models.shipped import shipped
@@ -185,9 +231,28 @@ def test_cspace_sample_on_a_saved_latent_pipeline_gives_its_own_images(tmp_path,
     record = json.loads((tmp_path / "s" / "record.json").read_text())
     assert record["pipeline_class"] == "LatentFlowPipeline" and record["nfe"] == 6
     own = _sample(pipe, output_type="pil").images  # the same seed, steps and batch
+    grid = np.asarray(Image.open(tmp_path / "s" / "grid.png"))  # grayscale, like the images
+    h, w = np.asarray(own[0]).shape[:2]
+    assert grid.shape == (h + 2, 2 * w + 3)
     for i in range(2):
         written = np.asarray(Image.open(tmp_path / "s" / f"image_{i:03d}.png"))
         assert np.array_equal(written, np.asarray(own[i]).squeeze())
+        assert np.array_equal(grid[1 : h + 1, 1 + (w + 1) * i : (w + 1) * (i + 1)], written)
+
+    # --scheduler heun: diffusers' Heun scheduler from the folder's config, 2 x 3 - 1 calls each
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    rc, _, err = run_cli([*argv, "--scheduler", "heun", "--out", tmp_path / "h", "--no-progress"])
+    assert rc == 0, err
+    record = json.loads((tmp_path / "h" / "record.json").read_text())
+    assert record["nfe"] == 2 * 5 and record["settings"]["scheduler"] == "heun"
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    heun = _sample(pipe, output_type="pil").images
+    written = [np.asarray(Image.open(tmp_path / "h" / f"image_{i:03d}.png")) for i in range(2)]
+    assert all(
+        np.array_equal(a, np.asarray(b).squeeze()) for a, b in zip(written, heun, strict=True)
+    )
+    assert not np.array_equal(written[0], np.asarray(own[0]).squeeze())  # not the Euler images
 
     # a search on the same folder, with an obstacle set built with the pipeline's VAE
     from cspace.experiments.demo import FASHION_EXAMPLES
@@ -205,6 +270,11 @@ def test_cspace_sample_on_a_saved_latent_pipeline_gives_its_own_images(tmp_path,
     record = json.loads((tmp_path / "r" / "record.json").read_text())
     assert record["nfe"] <= 60 and len(record["per_image"]) == 2
     assert not any(p["collided"] for p in record["per_image"])
+    rc, _, err = run_cli(
+        [*argv, "--obstacles", tmp_path / "pull.set", "--search", "rejection", "--budget", "60",
+         "--scheduler", "heun", "--out", tmp_path / "rh", "--no-progress"]
+    )  # fmt: skip
+    assert rc == 2 and "drop --scheduler heun or --search" in err and not (tmp_path / "rh").exists()
 
 
 @pytest.mark.parametrize(

@@ -91,14 +91,22 @@ def _small(line: str) -> str:
             return ""  # the test suite: this very run
         line = line.rsplit(" && ", 1)[1]
     line = line.replace(".venv/bin/", "")
-    words = shlex.split(line)
+    words = shlex.split(line, comments=True)
     if words and words[0] == "cspace":
         sub = words[1]
         extra = SMALL.get(sub, "")
         if sub == "sample" and "--search" in words:
             extra += " " + SMALL_BUDGET
-        line = f"{line} {extra}" if sub in SMALL else line
+        # the command without its comment: options appended after a `#` would be comment too
+        line = f"{shlex.join(words)} {extra}" if sub in SMALL else line
     return line
+
+
+def test_small_sizes_are_appended_before_a_comment():
+    line = "cspace demo --data fashion --out d      # or --class 2"
+    assert _small(line) == f"cspace demo --data fashion --out d {SMALL['demo']}"
+    assert _small("cspace toy") == f"cspace toy {SMALL['toy']}"
+    assert _small("ls -l  # not cspace") == "ls -l  # not cspace"
 
 
 def _my_images(folder: Path, n: int = 6) -> None:
@@ -175,6 +183,7 @@ def test_every_readme_command_and_block_runs(tmp_path):
     for folder in ("plain", "guided", "searched"):
         record = json.loads((work / folder / "record.json").read_text())
         assert sorted(p.name for p in (work / folder).glob("*.png")) == [
+            "grid.png",
             "image_000.png",
             "image_001.png",
         ]
@@ -183,6 +192,7 @@ def test_every_readme_command_and_block_runs(tmp_path):
     # Fashion-MNIST: the demo on the clothes, a set in the shipped pipeline's space, a guided run
     fashion = json.loads((work / "fashion-demo" / "report.json").read_text())
     assert fashion["settings"]["encoder"] == "fashion" and fashion["settings"]["avoid_class"] == 2
+    assert (fashion["settings"]["n"], fashion["settings"]["steps"]) == (48, 6)  # at SMALL's size
     info = subprocess.run(["cspace", "obstacles", "info", "pullovers", "--json"], cwd=work,
                           env=env, capture_output=True, text=True, check=True)  # fmt: skip
     pullovers = json.loads(info.stdout)

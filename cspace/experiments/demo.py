@@ -83,6 +83,7 @@ import torch
 
 from cspace.io.checks import check_memory, check_output_folder
 from cspace.io.files import write_file_atomic
+from cspace.io.images import save_grid_png
 from cspace.models.devices import resolve_device
 from cspace.models.shipped import FASHION_ENCODERS
 from guidance.sampling import METHODS
@@ -688,18 +689,6 @@ def _inside_share(regions, latents: torch.Tensor) -> float:
     return float(regions.inside(latents.reshape(latents.shape[0], -1)).double().mean())
 
 
-def _grid_png(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4) -> None:
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    grid = make_grid((images[: nrow * nrow] + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
-    arr = (grid[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="png")
-    write_file_atomic(path, buf.getvalue())
-
-
 def _encoder_arg(s: DemoSettings) -> str:
     """What ``cspace obstacles ... --encoder`` takes for the demo's C-space: the name for
     digits, the shipped VAE folder for clothes (the obstacle commands know no ``fashion``)."""
@@ -763,14 +752,16 @@ class _ArmProgress:
     """A tqdm bar (stderr) over one arm's sampler steps; a callback for :func:`sample_arm`.
 
     The bar shows how far the slowest sample has come (backtracking sends samples back, so
-    the count of sampler iterations can exceed the steps)."""
+    the count of sampler iterations can exceed the steps). Its rate and ETA are the arm's
+    average so far (tqdm ``smoothing=0``): a pause while samples backtrack does not turn into
+    an ETA of minutes at the next step."""
 
     def __init__(self, arm: str, steps: int, enabled: bool):
         from tqdm.auto import tqdm
 
         self.steps = steps
         self.bar = tqdm(total=steps, desc=f"{arm:<12}", unit="step", disable=not enabled,
-                        leave=True, dynamic_ncols=True)  # fmt: skip
+                        leave=True, dynamic_ncols=True, smoothing=0)  # fmt: skip
 
     def __call__(self, info) -> None:
         t_next = float(info["t"].max()) if info["t"].numel() else 0.0
@@ -1080,7 +1071,7 @@ def run_demo(
         files = {}
         for arm, images in samples.items():
             files[f"grid_{arm}"] = str(out / f"samples_{arm}.png")
-            _grid_png(images, Path(files[f"grid_{arm}"]), scale=data.grid_scale)
+            save_grid_png(images[:100], files[f"grid_{arm}"], nrow=10, scale=data.grid_scale)
         if s.umap:
             say(f"drawing the UMAP figure (fitting UMAP on the held-out {data.noun})")
             files["umap"] = str(out / "cspace_umap.png")

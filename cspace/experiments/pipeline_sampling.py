@@ -13,7 +13,8 @@
 :func:`sample_pipeline` writes ``OUT/image_XXX.png``, ``OUT/latents.safetensors`` (the final
 latents, (n, C, H, W)) and ``OUT/record.json`` (pipeline, settings, seed, NFE, the search's
 verifier scores and calls, and per image the distance to the nearest obstacle and whether it
-collided), each file atomically. Nothing is downloaded: ``pipeline`` must be a folder with
+collided) and ``OUT/grid.png`` (every image, ``ceil(sqrt(n))`` a row), each file atomically.
+The record's ``guidance_scale`` is None for a pipeline that takes no prompt. Nothing is downloaded: ``pipeline`` must be a folder with
 ``model_index.json``.
 """
 
@@ -29,6 +30,7 @@ import torch
 
 from cspace.io.checks import check_output_folder
 from cspace.io.files import write_file_atomic
+from cspace.io.images import save_grid_png
 from cspace.models.devices import resolve_device
 from guidance import RepulsiveField
 from guidance.distributed import barrier, init_from_env
@@ -58,6 +60,7 @@ def sample_pipeline(
     out_dir: str | os.PathLike = "cspace-samples",
     progress: bool = False,
     blocks: int | None = None,
+    scheduler: str = "pipeline",
 ) -> dict:
     """Sample ``n`` images of the local pipeline folder ``pipeline`` (module docstring) into
     ``out_dir``; returns the record (also written to ``out_dir/record.json``). ``progress``:
@@ -70,17 +73,32 @@ def sample_pipeline(
     writes the files (each atomically) after every rank finished; ``record`` gains ``blocks``
     and ``ranks``, with ``nfe``, ``guided_steps`` and ``verifier_calls`` summed over blocks.
 
+    ``scheduler``: ``"pipeline"`` (the folder's own) or ``"heun"``: diffusers'
+    ``FlowMatchHeunDiscreteScheduler`` made from the flow-matching scheduler's config
+    (``steps`` steps are ``2 steps - 1`` model calls: Heun steps and a last Euler step), the
+    sampler the shipped Fashion-MNIST pipelines meet their targets with; not with a search,
+    which integrates with its own solver.
+
     Raises:
         ValueError: ``search`` without ``budget`` or without ``obstacles``, an unknown
-            algorithm, a prompt pipeline without ``prompt``.
+            algorithm, a prompt pipeline without ``prompt``, a ``prompt`` or
+            ``negative_prompt`` for a pipeline that takes none, ``scheduler="heun"`` with a
+            search or for a pipeline whose scheduler is not flow matching.
         MissingWeightsError: no pipeline at ``pipeline``.
     """
     settings = dict(
         pipeline=str(pipeline), prompt=prompt, negative_prompt=negative_prompt, n=n, steps=steps,
         guidance_scale=guidance_scale, obstacles=None if obstacles is None else str(obstacles),
         strength=strength, search=search, budget=budget, seed=seed, device=device,
-        out=str(out_dir),
+        out=str(out_dir), scheduler=scheduler,
     )  # fmt: skip
+    if scheduler not in ("pipeline", "heun"):
+        raise ValueError(f"scheduler must be 'pipeline' or 'heun'; got {scheduler!r}")
+    if scheduler == "heun" and search is not None:
+        raise ValueError(
+            "--scheduler heun changes the pipeline's own loop; a search integrates with its own "
+            "solver: drop --scheduler heun or --search"
+        )
     if search is not None:
         if search not in ALGORITHMS:
             raise ValueError(f"unknown search {search!r}; choose one of {tuple(ALGORITHMS)}")
@@ -96,6 +114,15 @@ def sample_pipeline(
     check_output_folder(out_dir, "the output folder (--out)")
     pipe = load_pipeline(pipeline, device)
     pipe.set_progress_bar_config(disable=not progress)
+    if scheduler == "heun":
+        pipe.scheduler = _heun(pipe.scheduler)
+    if "prompt" not in inspect.signature(pipe.__call__).parameters:
+        if prompt is not None or negative_prompt is not None:
+            raise ValueError(
+                f"{type(pipe).__name__} takes no prompt; drop --prompt/--negative-prompt "
+                "(they are for text-to-image pipelines: Stable Diffusion, SD3)"
+            )
+        settings["guidance_scale"] = None  # classifier-free guidance needs a prompt
     field = RepulsiveField(ObstacleSet.load(obstacles)) if obstacles is not None else None
     check_pipeline_space(pipe, field)  # guide() checks too; a search would not
     record = {"pipeline": str(pipeline), "pipeline_class": type(pipe).__name__}
@@ -123,6 +150,19 @@ def sample_pipeline(
     if g.rank == 0:
         _write(Path(out_dir), images, latents, record)
     return record
+
+
+def _heun(sched):
+    """diffusers' ``FlowMatchHeunDiscreteScheduler`` with the config of the flow-matching
+    ``sched`` (its sigmas, shift and number of training steps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    if not isinstance(sched, FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler):
+        raise ValueError(
+            f"--scheduler heun is for flow-matching pipelines; this one has "
+            f"{type(sched).__name__}: drop --scheduler heun"
+        )
+    return FlowMatchHeunDiscreteScheduler.from_config(sched.config)
 
 
 def _sample_block(
@@ -207,7 +247,8 @@ def _sample_blocks(pipe, field, n, budget, seed, blocks, g, settings, run):
 
 
 def _write(out: Path, images: list, latents: torch.Tensor, record: dict) -> None:
-    """The images, the latents and the record, each file written atomically."""
+    """The images, their grid, the latents and the record, each file written atomically."""
+    import numpy as np
     from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +256,10 @@ def _write(out: Path, images: list, latents: torch.Tensor, record: dict) -> None
         buf = io.BytesIO()
         img.save(buf, format="png")
         write_file_atomic(out / f"image_{i:03d}.png", buf.getvalue())
+    pixels = [np.asarray(im.convert("L" if im.mode in ("L", "1", "I", "F") else "RGB"))
+              for im in images]  # fmt: skip
+    x = torch.from_numpy(np.stack(pixels)).float() / 127.5 - 1
+    save_grid_png(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2), out / "grid.png")
     write_file_atomic(
         out / "latents.safetensors", save({"latents": latents.float().contiguous().cpu()})
     )

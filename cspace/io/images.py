@@ -34,6 +34,8 @@ Reading is safe for files a user hands over:
 from __future__ import annotations
 
 import errno
+import io
+import math
 import os
 import stat
 import warnings
@@ -43,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from cspace.io.files import write_file_atomic
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -55,6 +59,7 @@ __all__ = [
     "list_images",
     "load_images",
     "max_image_pixels",
+    "save_grid_png",
     "save_png",
     "to_uint8",
 ]
@@ -127,16 +132,44 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
-def save_png(images: torch.Tensor, paths: Sequence[str | os.PathLike]) -> None:
-    """Write images in [-1, 1] (B, C, H, W) as PNG files, one per path."""
+def _png_bytes(arr: np.ndarray) -> bytes:
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="png")
+    return buf.getvalue()
+
+
+def save_png(images: torch.Tensor, paths: Sequence[str | os.PathLike]) -> None:
+    """Write images in [-1, 1] (B, C, H, W) as PNG files, one per path, each atomically."""
     arrs = to_uint8(images)
     if len(arrs) != len(paths):
         raise ValueError(f"{len(arrs)} images but {len(paths)} paths")
     for arr, p in zip(arrs, paths, strict=True):
-        Path(p).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(arr).save(p)
+        write_file_atomic(p, _png_bytes(arr))
+
+
+def save_grid_png(
+    images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1
+) -> Path:
+    """Write images in [-1, 1] (B, C, H, W), C = 1 or 3, as one PNG grid of ``nrow`` images a
+    row (default ``ceil(sqrt(B))``), 1 white pixel between them, each pixel drawn ``scale`` x
+    ``scale`` (nearest); atomically. Returns ``path``."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+        raise ValueError(f"images must be (B >= 1, 1 or 3, H, W); got {tuple(images.shape)}")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1; got {scale}")
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
+    grid = grid[:1] if images.shape[1] == 1 else grid  # make_grid repeats one channel 3 times
+    arr = to_uint8(grid[None])[0]
+    if scale > 1:
+        h, w = arr.shape[:2]
+        arr = np.asarray(Image.fromarray(arr).resize((w * scale, h * scale), Image.NEAREST))
+    return write_file_atomic(path, _png_bytes(arr))
 
 
 def max_image_pixels(max_pixels: int | None = None) -> int:

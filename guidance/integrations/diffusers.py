@@ -13,8 +13,9 @@ bit.
 **The correction.** Write the latents as ``x_t = alpha_t x0 + sigma_t eps`` and ``t`` in [0, 1]
 (1 = noise). From the model output ``m`` the clean estimate is
 
-* flow matching (``FlowMatchEulerDiscreteScheduler``, ``m = v = eps - x0``, alpha = 1 - sigma):
-  ``x0_hat = x - sigma m``;
+* flow matching (``FlowMatchEulerDiscreteScheduler``, or ``FlowMatchHeunDiscreteScheduler``,
+  whose predictor and corrector calls are each corrected at their own sigma; ``m = v = eps - x0``,
+  alpha = 1 - sigma): ``x0_hat = x - sigma m``;
 * ``epsilon``: ``x0_hat = (x - sigma m) / alpha``;  ``v_prediction``: ``x0_hat = alpha x - sigma m``;
 * ``sample``: ``x0_hat = m``
 
@@ -59,7 +60,12 @@ __all__ = [
     "pipeline_space",
 ]
 
-SUPPORTED_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "DDPMScheduler", "DDIMScheduler")
+SUPPORTED_SCHEDULERS = (
+    "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
+    "DDPMScheduler",
+    "DDIMScheduler",
+)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 MODES = ("clean", "noisy", "negation")
 
@@ -70,9 +76,14 @@ class GuidanceError(ValueError):
 
 def prediction_kind(scheduler) -> str:
     """``"flow"``, ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` for a supported scheduler."""
-    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+    )
 
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler):
         return "flow"
     if isinstance(scheduler, DDPMScheduler | DDIMScheduler):
         kind = scheduler.config.prediction_type
@@ -90,7 +101,11 @@ def prediction_kind(scheduler) -> str:
 
 
 def _coefficients(scheduler, kind: str, timestep) -> tuple[float, float, float]:
-    """(alpha_t, sigma_t, t in [0, 1]) of the current step."""
+    """(alpha_t, sigma_t, t in [0, 1]) of the current step: the sigma at which the model was
+    called. For ``FlowMatchHeunDiscreteScheduler`` that is ``sigmas[step_index]`` in both of a
+    step's calls too: its sigmas are interleaved (``1, s1, s1, s2, s2, ..., 0``), the predictor
+    is called at ``sigmas[k]`` and the corrector, one index on, at the predicted point's
+    ``sigmas[k + 1]``."""
     if kind == "flow":
         if scheduler.step_index is None:
             scheduler._init_step_index(timestep)  # what step() itself does first
