@@ -59,6 +59,17 @@ def test_plain_then_guided_away_from_the_plain_images(pipeline_dir, tmp_path):
     assert all(p["nearest_obstacle"] > q for p in rec["per_image"])
 
 
+def test_the_grid_holds_the_first_64_images(pipeline_dir, tmp_path):
+    out = tmp_path / "many"
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--n", "65", "--steps", "1",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert len(list(out.glob("image_*.png"))) == 65
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (8 * 9 + 1, 8 * 9 + 1, 3)  # 8 x 8 images of 8 x 8, 1 pixel apart
+    last = np.asarray(Image.open(out / "image_063.png"))
+    assert np.array_equal(grid[64:72, 64:72], last)
+
+
 def test_search_on_the_pipeline(pipeline_dir, tmp_path):
     ObstacleSet.from_embeddings(np.zeros((1, 192)), q_star=3.0, radius=1.0).save(tmp_path / "set")
     out = tmp_path / "search"

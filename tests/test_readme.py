@@ -1,5 +1,7 @@
 """The README is a user's guide that cannot rot: every shell command and Python block in it runs
-here, in order, in a fresh folder, at a small size.
+here, in order, in a fresh folder, at a small size; the sections of :data:`GROUPS` (your own
+diffusers pipeline, Fashion-MNIST) each in a folder of their own, as separate tests that
+pytest-xdist can run beside the rest.
 
 * Each ```bash and ```python block of README.md runs as written, with ``cspace`` and
   ``.venv/bin/`` meaning this environment's, except:
@@ -122,28 +124,46 @@ def _my_images(folder: Path, n: int = 6) -> None:
         Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB").save(folder / f"{i}.png")
 
 
-@pytest.mark.slow
-def test_every_readme_command_and_block_runs(tmp_path):
-    work = tmp_path / "clone"
-    work.mkdir()
-    (work / "examples").symlink_to(ROOT / "examples")
-    (work / "cspace").symlink_to(ROOT / "cspace")  # cspace/weights/..., as from the repo root
-    _my_images(work / "my-images")
+#: README sections whose blocks run in a folder of their own, in parallel with the rest (each
+#: needs only what the repository ships and its own earlier blocks); "digits" is every other
+#: section, in order
+GROUPS = {"pipeline": "## Your own diffusers pipeline", "fashion": "## Fashion-MNIST"}
+
+
+def _grouped_blocks() -> dict[str, list[tuple[str, str]]]:
+    """The README's blocks by group (:data:`GROUPS`), each in the README's order."""
+    text = README.read_text()
+    heads = [(m.start(), m.group(0)) for m in re.finditer(r"^## .*$", text, re.M)]
+    groups: dict[str, list[tuple[str, str]]] = {"digits": [], **{g: [] for g in GROUPS}}
+    for m in BLOCK.finditer(text):
+        head = [h for pos, h in heads if pos < m.start()][-1]
+        group = next((g for g, prefix in GROUPS.items() if head.startswith(prefix)), "digits")
+        groups[group].append((m.group(1), m.group(2)))
+    return groups
+
+
+def test_the_groups_cover_every_block_and_every_size_replacement():
+    groups = _grouped_blocks()
+    assert sum(len(b) for b in groups.values()) == len(_blocks())
+    assert all(groups.values()), {g: len(b) for g, b in groups.items()}
+    for old in SMALL_PY:  # each replacement matches a block of some group
+        assert any(old in code for _, code in _blocks()), old
+
+
+def _run_blocks(work: Path, blocks: list[tuple[str, str]]) -> tuple[str, dict, int]:
+    """Run ``blocks`` in ``work`` (module docstring); returns (stdout of all, env, blocks run)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
     env["MPLBACKEND"] = "Agg"
-    used = set()
     outputs = []
     ran = 0
-    for lang, code in _blocks():
+    for lang, code in blocks:
         if any(k in code for k in NOT_RUN):
             continue
         if lang == "python":
             for old, new in SMALL_PY.items():
-                if old in code:
-                    code = code.replace(old, new)
-                    used.add(old)
+                code = code.replace(old, new)
             cmd = [sys.executable, "-c", code]
         else:
             lines = [_small(x) for x in code.strip().splitlines()]
@@ -159,43 +179,62 @@ def test_every_readme_command_and_block_runs(tmp_path):
         )
         outputs.append(proc.stdout)
         ran += 1
-    assert used == set(SMALL_PY), f"size replacements that no longer match: {set(SMALL_PY) - used}"
-    assert ran >= 10
-    out = "\n".join(outputs)
-    # the demo's table, the toy, the tour's set and search
-    assert "class 0" in out and "guided" in out
-    assert (work / "cspace-demo" / "report.json").is_file()
-    assert (work / "cspace-demo" / "cspace_umap.png").is_file()
-    assert (work / "cspace-toy" / "toy.png").is_file()
-    # your own images: the set was calibrated (a history entry) after the demo used it
-    info = subprocess.run(["cspace", "obstacles", "info", "my-set", "--json"], cwd=work, env=env,
+    return "\n".join(outputs), env, ran
+
+
+def _info(name: str, work: Path, env: dict) -> dict:
+    """``cspace obstacles info NAME --json`` in ``work``."""
+    info = subprocess.run(["cspace", "obstacles", "info", name, "--json"], cwd=work, env=env,
                           capture_output=True, text=True, check=True)  # fmt: skip
-    mine = json.loads(info.stdout)
-    assert mine["count"] == 40 and mine["labels"] == {"3": 40}
-    assert mine["history"] == 1 and (work / "my-set-calibration" / "trials.csv").is_file()
-    # your own pipeline: the set is in the tiny pipeline's space, built from the 64 x 64 images
-    info = subprocess.run(["cspace", "obstacles", "info", "my-pipeline-set", "--json"], cwd=work,
-                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
-    piped = json.loads(info.stdout)
-    assert piped["count"] == 6 and piped["dim"] == 4 * 32 * 32
-    assert piped["space"]["image_size"] == [64, 64] and piped["space"]["channels"] == 3
-    assert piped["history"] == 1  # calibrated by the README's Python block
-    for folder in ("plain", "guided", "searched"):
-        record = json.loads((work / folder / "record.json").read_text())
-        assert sorted(p.name for p in (work / folder).glob("*.png")) == [
-            "grid.png",
-            "image_000.png",
-            "image_001.png",
-        ]
-        assert (folder == "plain") == ("per_image" not in record)
-    assert json.loads((work / "searched" / "record.json").read_text())["nfe"] <= 24
-    # Fashion-MNIST: the demo on the clothes, a set in the shipped pipeline's space, a guided run
-    fashion = json.loads((work / "fashion-demo" / "report.json").read_text())
-    assert fashion["settings"]["encoder"] == "fashion" and fashion["settings"]["avoid_class"] == 2
-    assert (fashion["settings"]["n"], fashion["settings"]["steps"]) == (48, 6)  # at SMALL's size
-    info = subprocess.run(["cspace", "obstacles", "info", "pullovers", "--json"], cwd=work,
-                          env=env, capture_output=True, text=True, check=True)  # fmt: skip
-    pullovers = json.loads(info.stdout)
-    assert pullovers["count"] == 50 and pullovers["dim"] == 4 * 7 * 7
-    assert len(list((work / "no-pullovers").glob("image_*.png"))) == 2
-    assert "inside an obstacle" in out and "chosen trial" in out
+    return json.loads(info.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("group", ["digits", *GROUPS])
+def test_every_readme_command_and_block_runs(tmp_path, group):
+    work = tmp_path / "clone"
+    work.mkdir()
+    (work / "examples").symlink_to(ROOT / "examples")
+    (work / "cspace").symlink_to(ROOT / "cspace")  # cspace/weights/..., as from the repo root
+    if group == "pipeline":
+        _my_images(work / "my-images")
+    out, env, ran = _run_blocks(work, _grouped_blocks()[group])
+    if group == "digits":
+        assert ran >= 6
+        # the demo's table, the toy, the tour's set and search, the Python API's toy
+        assert "class 0" in out and "guided" in out and "inside an obstacle" in out
+        assert (work / "cspace-demo" / "report.json").is_file()
+        assert (work / "cspace-demo" / "cspace_umap.png").is_file()
+        assert (work / "cspace-toy" / "toy.png").is_file()
+        # your own images: the set was calibrated (a history entry) after the demo used it
+        mine = _info("my-set", work, env)
+        assert mine["count"] == 40 and mine["labels"] == {"3": 40}
+        assert mine["history"] == 1 and (work / "my-set-calibration" / "trials.csv").is_file()
+    elif group == "pipeline":
+        assert ran >= 4 and "chosen trial" in out
+        # the set is in the tiny pipeline's space, built from the 64 x 64 images
+        piped = _info("my-pipeline-set", work, env)
+        assert piped["count"] == 6 and piped["dim"] == 4 * 32 * 32
+        assert piped["space"]["image_size"] == [64, 64] and piped["space"]["channels"] == 3
+        assert piped["history"] == 1  # calibrated by the README's Python block
+        for folder in ("plain", "guided", "searched"):
+            record = json.loads((work / folder / "record.json").read_text())
+            assert sorted(p.name for p in (work / folder).glob("*.png")) == [
+                "grid.png",
+                "image_000.png",
+                "image_001.png",
+            ]
+            assert (folder == "plain") == ("per_image" not in record)
+        assert json.loads((work / "searched" / "record.json").read_text())["nfe"] <= 24
+    else:
+        assert ran >= 1
+        # the demo on the clothes, a set in the shipped pipeline's space, a guided run
+        fashion = json.loads((work / "fashion-demo" / "report.json").read_text())
+        settings = fashion["settings"]
+        assert settings["encoder"] == "fashion" and settings["avoid_class"] == 2
+        assert (settings["n"], settings["steps"]) == (48, 6)  # at SMALL's size
+        pullovers = _info("pullovers", work, env)
+        assert pullovers["count"] == 50 and pullovers["dim"] == 4 * 7 * 7
+        assert len(list((work / "no-pullovers").glob("image_*.png"))) == 2
+        record = json.loads((work / "no-pullovers" / "record.json").read_text())
+        assert record["settings"]["scheduler"] == "heun" and record["nfe"] == 2 * (2 * 3 - 1)

@@ -13,9 +13,9 @@
 :func:`sample_pipeline` writes ``OUT/image_XXX.png``, ``OUT/latents.safetensors`` (the final
 latents, (n, C, H, W)) and ``OUT/record.json`` (pipeline, settings, seed, NFE, the search's
 verifier scores and calls, and per image the distance to the nearest obstacle and whether it
-collided) and ``OUT/grid.png`` (every image, ``ceil(sqrt(n))`` a row), each file atomically.
-The record's ``guidance_scale`` is None for a pipeline that takes no prompt. Nothing is downloaded: ``pipeline`` must be a folder with
-``model_index.json``.
+collided) and ``OUT/grid.png`` (the first :data:`GRID_IMAGES` images, ``ceil(sqrt(k))`` a
+row), each file atomically. The record's ``guidance_scale`` is None for a pipeline that takes
+no prompt. Nothing is downloaded: ``pipeline`` must be a folder with ``model_index.json``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ from guidance.integrations.velocity import DiffusersVelocity
 from guidance.search import ALGORITHMS, ClearanceVerifier
 from obstacles import ObstacleSet
 
-__all__ = ["sample_pipeline"]
+__all__ = ["GRID_IMAGES", "sample_pipeline"]
+
+#: images drawn in ``grid.png`` at most (8 x 8: 4096 x 4096 pixels for 512 x 512 images)
+GRID_IMAGES = 64
 
 
 def sample_pipeline(
@@ -257,7 +260,7 @@ def _write(out: Path, images: list, latents: torch.Tensor, record: dict) -> None
         img.save(buf, format="png")
         write_file_atomic(out / f"image_{i:03d}.png", buf.getvalue())
     pixels = [np.asarray(im.convert("L" if im.mode in ("L", "1", "I", "F") else "RGB"))
-              for im in images]  # fmt: skip
+              for im in images[:GRID_IMAGES]]  # fmt: skip
     x = torch.from_numpy(np.stack(pixels)).float() / 127.5 - 1
     save_grid_png(x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2), out / "grid.png")
     write_file_atomic(
