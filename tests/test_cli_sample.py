@@ -70,6 +70,39 @@ def test_the_grid_holds_the_first_64_images(pipeline_dir, tmp_path):
     assert np.array_equal(grid[64:72, 64:72], last)
 
 
+def test_a_class_conditional_pipeline_is_refused_with_the_way_to_guide_it(tmp_path, capsys):
+    from cspace.models.tiny_pipelines import tiny_dit
+
+    tiny_dit().save_pretrained(tmp_path / "dit")
+    assert main(["sample", "--pipeline", str(tmp_path / "dit"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "DiTPipeline takes neither a prompt nor batch_size: guide it from Python" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_heun_takes_the_euler_schedulers_sigmas_or_refuses():
+    """``--scheduler heun`` builds diffusers' Heun scheduler with the same sigmas (each one
+    twice, for the corrector); options of the Euler scheduler that Heun lacks are refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from cspace.experiments.pipeline_sampling import _heun
+
+    for shift in (1.0, 3.0):
+        euler = FlowMatchEulerDiscreteScheduler(shift=shift)
+        heun = _heun(euler)
+        euler.set_timesteps(7)
+        heun.set_timesteps(7)
+        assert torch.equal(heun.sigmas[1:-1:2], euler.sigmas[1:-1])
+        assert torch.equal(heun.sigmas[2:-1:2], euler.sigmas[1:-1])  # 1, s1, s1, s2, s2, ..
+        assert heun.sigmas[0] == euler.sigmas[0] == 1 and heun.sigmas[-1] == 0
+        assert _heun(heun) is heun
+    for kw, named in [(dict(shift_terminal=0.1), "shift_terminal=0.1"),
+                      (dict(use_dynamic_shifting=True), "use_dynamic_shifting=True"),
+                      (dict(use_karras_sigmas=True), "use_karras_sigmas=True")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"sets {named}, which FlowMatchHeun"):
+            _heun(FlowMatchEulerDiscreteScheduler(**kw))
+
+
 def test_search_on_the_pipeline(pipeline_dir, tmp_path):
     ObstacleSet.from_embeddings(np.zeros((1, 192)), q_star=3.0, radius=1.0).save(tmp_path / "set")
     out = tmp_path / "search"
@@ -97,9 +130,13 @@ def test_errors(pipeline_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "p")]) == 2  # fmt: skip
     assert "DDIMPipeline takes no prompt; drop --prompt" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--guidance-scale", "3",
+                 "--out", str(tmp_path / "p")]) == 2  # fmt: skip
+    assert "takes no prompt; drop --guidance-scale" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
     # Heun is diffusers' flow-matching Heun scheduler: not for a DDIM pipeline
     assert main(["sample", "--pipeline", str(pipeline_dir), "--scheduler", "heun",
                  "--out", str(tmp_path / "p")]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "flow-matching pipelines; this one has DDIMScheduler" in err
+    assert "FlowMatchEulerDiscreteScheduler; this one has DDIMScheduler" in err
     assert not (tmp_path / "p").exists()

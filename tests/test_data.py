@@ -90,3 +90,16 @@ def test_rgb_mode(tmp_path):
     assert x.shape == (1, 3, 8, 8) and torch.allclose(x, torch.ones_like(x))
     with pytest.raises(ValueError, match="channels"):
         load_images([tmp_path], channels=2)
+
+
+def test_grid_png_refuses_a_bad_row_length_or_shape(tmp_path):
+    from cspace.io.images import save_grid_png
+
+    x = torch.zeros(3, 1, 4, 4)
+    for nrow in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="nrow must be an integer >= 1"):
+            save_grid_png(x, tmp_path / "g.png", nrow=nrow)
+    with pytest.raises(ValueError, match=r"images must be \(B >= 1, 1 or 3, H, W\)"):
+        save_grid_png(torch.zeros(3, 2, 4, 4), tmp_path / "g.png")
+    assert not (tmp_path / "g.png").exists()
+    save_grid_png(x, tmp_path / "g.png", nrow=3)

@@ -28,7 +28,7 @@ __all__ = ["register"]
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from cspace.experiments.pipeline_sampling import sample_pipeline
+    from cspace.experiments.pipeline_sampling import GRID_IMAGES, sample_pipeline
 
     if not args.no_progress:
         what = f"searching with {args.search} on {args.budget} NFE" if args.search else "sampling"
@@ -44,7 +44,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if "ranks" in record and not _rank0():
         return 0
     print(json.dumps({k: record[k] for k in ("pipeline_class", "nfe")}))
-    print(f"{args.n} images, grid.png and record.json in {args.out}")
+    shown = f"the first {GRID_IMAGES} in " if args.n > GRID_IMAGES else ""
+    print(f"{args.n} image{'s' * (args.n != 1)} ({shown}grid.png) and record.json in {args.out}")
     return 0
 
 
@@ -98,8 +99,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--guidance-scale",
         type=positive_float,
-        default=7.0,
-        help="classifier-free guidance scale of prompt pipelines; 1 turns it off (default 7)",
+        default=None,
+        help="classifier-free guidance scale of prompt pipelines, 7 when not given; 1 turns it "
+        "off; refused for pipelines without a prompt",
     )
     p.add_argument(
         "--obstacles",
@@ -125,7 +127,7 @@ def register(subparsers) -> None:
         "--out",
         default="cspace-samples",
         metavar="DIR",
-        help="output folder for the images, latents.safetensors and record.json "
+        help="output folder for the images, grid.png, latents.safetensors and record.json "
         "(default cspace-samples)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")

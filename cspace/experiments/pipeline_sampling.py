@@ -14,8 +14,9 @@
 latents, (n, C, H, W)) and ``OUT/record.json`` (pipeline, settings, seed, NFE, the search's
 verifier scores and calls, and per image the distance to the nearest obstacle and whether it
 collided) and ``OUT/grid.png`` (the first :data:`GRID_IMAGES` images, ``ceil(sqrt(k))`` a
-row), each file atomically. The record's ``guidance_scale`` is None for a pipeline that takes
-no prompt. Nothing is downloaded: ``pipeline`` must be a folder with ``model_index.json``.
+row), each file atomically. ``guidance_scale`` is for prompt pipelines (None: 7); the record's
+is None for a pipeline that takes no prompt. Nothing is downloaded: ``pipeline`` must be a
+folder with ``model_index.json``.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ from guidance.integrations.velocity import DiffusersVelocity
 from guidance.search import ALGORITHMS, ClearanceVerifier
 from obstacles import ObstacleSet
 
-__all__ = ["GRID_IMAGES", "sample_pipeline"]
+__all__ = ["GRID_IMAGES", "HEUN_LACKS", "sample_pipeline"]
 
-#: images drawn in ``grid.png`` at most (8 x 8: 4096 x 4096 pixels for 512 x 512 images)
+#: the classifier-free guidance scale of prompt pipelines when none is given
+DEFAULT_GUIDANCE_SCALE = 7.0
+
+#: images drawn in ``grid.png`` at most (8 x 8: 4105 x 4105 pixels for 512 x 512 images)
 GRID_IMAGES = 64
 
 
@@ -54,7 +58,7 @@ def sample_pipeline(
     steps: int = 28,
     prompt: str | None = None,
     negative_prompt: str | None = None,
-    guidance_scale: float = 7.0,
+    guidance_scale: float | None = None,
     strength: float = 1.0,
     search: str | None = None,
     budget: int | None = None,
@@ -119,13 +123,23 @@ def sample_pipeline(
     pipe.set_progress_bar_config(disable=not progress)
     if scheduler == "heun":
         pipe.scheduler = _heun(pipe.scheduler)
-    if "prompt" not in inspect.signature(pipe.__call__).parameters:
-        if prompt is not None or negative_prompt is not None:
+    params = inspect.signature(pipe.__call__).parameters
+    if "prompt" not in params:
+        if "batch_size" not in params:  # DiT (class labels) and the like
             raise ValueError(
-                f"{type(pipe).__name__} takes no prompt; drop --prompt/--negative-prompt "
-                "(they are for text-to-image pipelines: Stable Diffusion, SD3)"
+                f"cspace sample runs unconditional and text-to-image pipelines; "
+                f"{type(pipe).__name__} takes neither a prompt nor batch_size: guide it from "
+                "Python (guidance.integrations.diffusers.guide), called as the pipeline is"
             )
-        settings["guidance_scale"] = None  # classifier-free guidance needs a prompt
+        given = [k for k, v in (("--prompt", prompt), ("--negative-prompt", negative_prompt),
+                                ("--guidance-scale", guidance_scale)) if v is not None]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{type(pipe).__name__} takes no prompt; drop {', '.join(given)} (they are for "
+                "text-to-image pipelines: Stable Diffusion, SD3)"
+            )
+    elif guidance_scale is None:
+        settings["guidance_scale"] = guidance_scale = DEFAULT_GUIDANCE_SCALE
     field = RepulsiveField(ObstacleSet.load(obstacles)) if obstacles is not None else None
     check_pipeline_space(pipe, field)  # guide() checks too; a search would not
     record = {"pipeline": str(pipeline), "pipeline_class": type(pipe).__name__}
@@ -155,17 +169,52 @@ def sample_pipeline(
     return record
 
 
+#: options of ``FlowMatchEulerDiscreteScheduler`` that change its sigmas and that
+#: ``FlowMatchHeunDiscreteScheduler`` does not have (it takes ``num_train_timesteps`` and ``shift``)
+HEUN_LACKS = (
+    "use_dynamic_shifting",
+    "shift_terminal",
+    "invert_sigmas",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "stochastic_sampling",
+)
+
+
 def _heun(sched):
-    """diffusers' ``FlowMatchHeunDiscreteScheduler`` with the config of the flow-matching
-    ``sched`` (its sigmas, shift and number of training steps)."""
+    """diffusers' ``FlowMatchHeunDiscreteScheduler`` with the ``num_train_timesteps`` and
+    ``shift`` of the flow-matching ``sched``: the same sigmas, when ``sched`` uses none of the
+    options Heun lacks (:data:`HEUN_LACKS`); one that does is refused, not silently changed
+    (dynamic shifting, as SD3 and FLUX use it, would also fail in the middle of the run)."""
+    import inspect
+
     from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
-    if not isinstance(sched, FlowMatchEulerDiscreteScheduler | FlowMatchHeunDiscreteScheduler):
+    if type(sched) is FlowMatchHeunDiscreteScheduler:
+        return sched
+    if type(sched) is not FlowMatchEulerDiscreteScheduler:
         raise ValueError(
-            f"--scheduler heun is for flow-matching pipelines; this one has "
-            f"{type(sched).__name__}: drop --scheduler heun"
+            f"--scheduler heun is for flow-matching pipelines with diffusers' "
+            f"FlowMatchEulerDiscreteScheduler; this one has {type(sched).__name__}: drop "
+            "--scheduler heun"
         )
-    return FlowMatchHeunDiscreteScheduler.from_config(sched.config)
+    defaults = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+    used = [
+        f"{k}={sched.config[k]!r}"
+        for k in HEUN_LACKS
+        if k in sched.config and k in defaults and sched.config[k] != defaults[k].default
+    ]
+    if used:
+        raise ValueError(
+            f"--scheduler heun: this pipeline's scheduler sets {', '.join(used)}, which "
+            "FlowMatchHeunDiscreteScheduler does not have, so its sigmas would differ: drop "
+            "--scheduler heun"
+        )
+    cfg = sched.config
+    return FlowMatchHeunDiscreteScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, shift=cfg.shift
+    )
 
 
 def _sample_block(

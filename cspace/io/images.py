@@ -153,8 +153,9 @@ def save_grid_png(
     images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1
 ) -> Path:
     """Write images in [-1, 1] (B, C, H, W), C = 1 or 3, as one PNG grid of ``nrow`` images a
-    row (default ``ceil(sqrt(B))``), 1 white pixel between them, each pixel drawn ``scale`` x
-    ``scale`` (nearest); atomically. Returns ``path``."""
+    row (default ``ceil(sqrt(B))``), 1 white pixel between and around them (torchvision's
+    ``make_grid``: a single image has no border), each pixel drawn ``scale`` x ``scale``
+    (nearest); atomically. Returns ``path``."""
     from PIL import Image
     from torchvision.utils import make_grid
 
@@ -162,6 +163,8 @@ def save_grid_png(
         raise ValueError(f"images must be (B >= 1, 1 or 3, H, W); got {tuple(images.shape)}")
     if scale < 1:
         raise ValueError(f"scale must be >= 1; got {scale}")
+    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1):
+        raise ValueError(f"nrow must be an integer >= 1 or None; got {nrow!r}")
     nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=1, pad_value=1.0)
     grid = grid[:1] if images.shape[1] == 1 else grid  # make_grid repeats one channel 3 times
