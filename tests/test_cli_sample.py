@@ -59,6 +59,20 @@ def test_plain_then_guided_away_from_the_plain_images(pipeline_dir, tmp_path):
     assert all(p["nearest_obstacle"] > q for p in rec["per_image"])
 
 
+def test_a_second_run_into_the_folder_leaves_no_image_of_the_first(pipeline_dir, tmp_path):
+    out = tmp_path / "again"
+    for n in ("3", "1"):
+        assert main(["sample", "--pipeline", str(pipeline_dir), "--n", n, "--steps", "1",
+                     "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+        (out / "notes.txt").write_text("mine")  # a file of the user's: kept
+        (out / "image_a.png").write_text("not ours")  # not a name cspace writes: kept
+    assert sorted(p.name for p in out.iterdir()) == [
+        "grid.png", "image_000.png", "image_a.png", "latents.safetensors", "notes.txt",
+        "record.json",
+    ]  # fmt: skip
+    assert _record(out)["settings"]["n"] == 1
+
+
 def test_the_grid_holds_the_first_64_images(pipeline_dir, tmp_path):
     out = tmp_path / "many"
     assert main(["sample", "--pipeline", str(pipeline_dir), "--n", "65", "--steps", "1",

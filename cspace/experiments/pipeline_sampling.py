@@ -14,7 +14,8 @@
 latents, (n, C, H, W)) and ``OUT/record.json`` (pipeline, settings, seed, NFE, the search's
 verifier scores and calls, and per image the distance to the nearest obstacle and whether it
 collided) and ``OUT/grid.png`` (the first :data:`GRID_IMAGES` images, ``ceil(sqrt(k))`` a
-row), each file atomically. ``guidance_scale`` is for prompt pipelines (None: 7); the record's
+row), each file atomically; images ``image_XXX.png`` of an earlier run beyond this run's n are
+removed (after the record is written), so the folder holds one run. ``guidance_scale`` is for prompt pipelines (None: 7); the record's
 is None for a pipeline that takes no prompt. Nothing is downloaded: ``pipeline`` must be a
 folder with ``model_index.json``.
 """
@@ -25,6 +26,7 @@ import inspect
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -316,3 +318,7 @@ def _write(out: Path, images: list, latents: torch.Tensor, record: dict) -> None
         out / "latents.safetensors", save({"latents": latents.float().contiguous().cpu()})
     )
     write_file_atomic(out / "record.json", json.dumps(record, indent=1))
+    for old in out.glob("image_*.png"):  # an earlier run's images beyond this run's n
+        m = re.fullmatch(r"image_(\d{3,})\.png", old.name)
+        if m and int(m.group(1)) >= len(images):
+            old.unlink(missing_ok=True)
