@@ -124,9 +124,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     if args.method is None:
         if args.scheduler == "heun":
-            from diffusers import FlowMatchHeunDiscreteScheduler
+            from guidance.integrations.pipelines import heun_scheduler
 
-            pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = heun_scheduler(pipe.scheduler)
         imgs = torch.cat(
             [
                 pipe(

@@ -7,9 +7,9 @@ shipped pipeline").
 
 The obstacle set is the demo's (:func:`cspace.experiments.demo.demo_obstacles`: the class's 50
 shipped examples in the aligned VAE's C-space); each run samples ``--n`` images with the
-pipeline's own loop (``--steps``; its Euler scheduler, or ``--scheduler heun``), plain and through ``guide(pipe, RepulsiveField(set),
-strength=s)``, from the same generator seed, and prints one markdown row per strength;
-``--out`` writes the shares (percent, per seed) as JSON.
+pipeline's own loop (``--steps``; its Euler scheduler, or ``--scheduler heun``), plain and
+through ``guide(pipe, RepulsiveField(set), strength=s)``, from the same generator seed, and
+prints one markdown row per strength; ``--out`` writes the shares (percent, per seed) as JSON.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def main() -> None:
     pipe = load_latent_pipeline(shipped("fashion_pipeline"))
     pipe.set_progress_bar_config(disable=True)
     if args.scheduler == "heun":
-        from diffusers import FlowMatchHeunDiscreteScheduler
+        from guidance.integrations.pipelines import heun_scheduler
 
-        pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = heun_scheduler(pipe.scheduler)
     enc = Encoder.from_aligned(shipped("fashion_vae_aligned"))
     judge = default_fashion_judge()
     oset, _ = demo_obstacles(enc, settings_for("fashion", avoid_class=args.cls))

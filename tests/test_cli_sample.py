@@ -99,22 +99,22 @@ def test_heun_takes_the_euler_schedulers_sigmas_or_refuses():
     twice, for the corrector); options of the Euler scheduler that Heun lacks are refused."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from cspace.experiments.pipeline_sampling import _heun
+    from guidance.integrations.pipelines import heun_scheduler
 
     for shift in (1.0, 3.0):
         euler = FlowMatchEulerDiscreteScheduler(shift=shift)
-        heun = _heun(euler)
+        heun = heun_scheduler(euler)
         euler.set_timesteps(7)
         heun.set_timesteps(7)
         assert torch.equal(heun.sigmas[1:-1:2], euler.sigmas[1:-1])
         assert torch.equal(heun.sigmas[2:-1:2], euler.sigmas[1:-1])  # 1, s1, s1, s2, s2, ..
         assert heun.sigmas[0] == euler.sigmas[0] == 1 and heun.sigmas[-1] == 0
-        assert _heun(heun) is heun
+        assert heun_scheduler(heun) is heun
     for kw, named in [(dict(shift_terminal=0.1), "shift_terminal=0.1"),
                       (dict(use_dynamic_shifting=True), "use_dynamic_shifting=True"),
                       (dict(use_karras_sigmas=True), "use_karras_sigmas=True")]:  # fmt: skip
         with pytest.raises(ValueError, match=f"sets {named}, which FlowMatchHeun"):
-            _heun(FlowMatchEulerDiscreteScheduler(**kw))
+            heun_scheduler(FlowMatchEulerDiscreteScheduler(**kw))
 
 
 def test_search_on_the_pipeline(pipeline_dir, tmp_path):

@@ -146,8 +146,9 @@ def test_the_groups_cover_every_block_and_every_size_replacement():
     groups = _grouped_blocks()
     assert sum(len(b) for b in groups.values()) == len(_blocks())
     assert all(groups.values()), {g: len(b) for g, b in groups.items()}
-    for old in SMALL_PY:  # each replacement matches a block of some group
-        assert any(old in code for _, code in _blocks()), old
+    run = [code for _, code in _blocks() if not any(k in code for k in NOT_RUN)]
+    for old in SMALL_PY:  # each replacement matches a block that runs
+        assert any(old in code for code in run), f"a size replacement that no longer matches: {old}"
 
 
 def _run_blocks(work: Path, blocks: list[tuple[str, str]]) -> tuple[str, dict, int]:

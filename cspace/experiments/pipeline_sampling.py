@@ -15,9 +15,9 @@ latents, (n, C, H, W)) and ``OUT/record.json`` (pipeline, settings, seed, NFE, t
 verifier scores and calls, and per image the distance to the nearest obstacle and whether it
 collided) and ``OUT/grid.png`` (the first :data:`GRID_IMAGES` images, ``ceil(sqrt(k))`` a
 row), each file atomically; images ``image_XXX.png`` of an earlier run beyond this run's n are
-removed (after the record is written), so the folder holds one run. ``guidance_scale`` is for prompt pipelines (None: 7); the record's
-is None for a pipeline that takes no prompt. Nothing is downloaded: ``pipeline`` must be a
-folder with ``model_index.json``.
+removed (after the record is written), so the folder holds one run. ``guidance_scale`` is for
+prompt pipelines (None: 7); the record's is None for a pipeline that takes no prompt. Nothing
+is downloaded: ``pipeline`` must be a folder with ``model_index.json``.
 """
 
 from __future__ import annotations
@@ -38,12 +38,18 @@ from cspace.models.devices import resolve_device
 from guidance import RepulsiveField
 from guidance.distributed import barrier, init_from_env
 from guidance.integrations.diffusers import check_pipeline_space, guide
-from guidance.integrations.pipelines import decode, load_pipeline, pipeline_denoiser, to_pil
+from guidance.integrations.pipelines import (
+    decode,
+    heun_scheduler,
+    load_pipeline,
+    pipeline_denoiser,
+    to_pil,
+)
 from guidance.integrations.velocity import DiffusersVelocity
 from guidance.search import ALGORITHMS, ClearanceVerifier
 from obstacles import ObstacleSet
 
-__all__ = ["GRID_IMAGES", "HEUN_LACKS", "sample_pipeline"]
+__all__ = ["GRID_IMAGES", "sample_pipeline"]
 
 #: the classifier-free guidance scale of prompt pipelines when none is given
 DEFAULT_GUIDANCE_SCALE = 7.0
@@ -124,7 +130,7 @@ def sample_pipeline(
     pipe = load_pipeline(pipeline, device)
     pipe.set_progress_bar_config(disable=not progress)
     if scheduler == "heun":
-        pipe.scheduler = _heun(pipe.scheduler)
+        pipe.scheduler = heun_scheduler(pipe.scheduler)
     params = inspect.signature(pipe.__call__).parameters
     if "prompt" not in params:
         if "batch_size" not in params:  # DiT (class labels) and the like
@@ -169,54 +175,6 @@ def sample_pipeline(
     if g.rank == 0:
         _write(Path(out_dir), images, latents, record)
     return record
-
-
-#: options of ``FlowMatchEulerDiscreteScheduler`` that change its sigmas and that
-#: ``FlowMatchHeunDiscreteScheduler`` does not have (it takes ``num_train_timesteps`` and ``shift``)
-HEUN_LACKS = (
-    "use_dynamic_shifting",
-    "shift_terminal",
-    "invert_sigmas",
-    "use_karras_sigmas",
-    "use_exponential_sigmas",
-    "use_beta_sigmas",
-    "stochastic_sampling",
-)
-
-
-def _heun(sched):
-    """diffusers' ``FlowMatchHeunDiscreteScheduler`` with the ``num_train_timesteps`` and
-    ``shift`` of the flow-matching ``sched``: the same sigmas, when ``sched`` uses none of the
-    options Heun lacks (:data:`HEUN_LACKS`); one that does is refused, not silently changed
-    (dynamic shifting, as SD3 and FLUX use it, would also fail in the middle of the run)."""
-    import inspect
-
-    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
-
-    if type(sched) is FlowMatchHeunDiscreteScheduler:
-        return sched
-    if type(sched) is not FlowMatchEulerDiscreteScheduler:
-        raise ValueError(
-            f"--scheduler heun is for flow-matching pipelines with diffusers' "
-            f"FlowMatchEulerDiscreteScheduler; this one has {type(sched).__name__}: drop "
-            "--scheduler heun"
-        )
-    defaults = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
-    used = [
-        f"{k}={sched.config[k]!r}"
-        for k in HEUN_LACKS
-        if k in sched.config and k in defaults and sched.config[k] != defaults[k].default
-    ]
-    if used:
-        raise ValueError(
-            f"--scheduler heun: this pipeline's scheduler sets {', '.join(used)}, which "
-            "FlowMatchHeunDiscreteScheduler does not have, so its sigmas would differ: drop "
-            "--scheduler heun"
-        )
-    cfg = sched.config
-    return FlowMatchHeunDiscreteScheduler(
-        num_train_timesteps=cfg.num_train_timesteps, shift=cfg.shift
-    )
 
 
 def _sample_block(

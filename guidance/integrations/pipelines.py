@@ -4,11 +4,14 @@
   to supply it when it is not there (nothing is downloaded);
 * :func:`pipeline_denoiser`: its denoiser with the prompt's conditioning, for
   :class:`~guidance.integrations.velocity.DiffusersVelocity`;
+* :func:`heun_scheduler`: diffusers' flow-matching Heun scheduler with an Euler scheduler's
+  sigmas;
 * :func:`decode`, :func:`to_pil`: latents to images.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -19,7 +22,14 @@ from cspace.io.errors import MissingWeightsError
 from guidance.integrations.diffusers import GuidanceError
 from guidance.integrations.velocity import stable_diffusion, stable_diffusion_3, unconditional
 
-__all__ = ["decode", "load_pipeline", "pipeline_denoiser", "to_pil"]
+__all__ = [
+    "HEUN_LACKS",
+    "decode",
+    "heun_scheduler",
+    "load_pipeline",
+    "pipeline_denoiser",
+    "to_pil",
+]
 
 
 def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
@@ -138,3 +148,54 @@ def to_pil(arr) -> list:
         return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in arr]
     x = ((arr.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
     return [Image.fromarray(a.squeeze(-1).numpy() if a.shape[-1] == 1 else a.numpy()) for a in x]
+
+
+#: options of ``FlowMatchEulerDiscreteScheduler`` that change its sigmas and that
+#: ``FlowMatchHeunDiscreteScheduler`` does not have (it takes ``num_train_timesteps`` and ``shift``)
+HEUN_LACKS = (
+    "use_dynamic_shifting",
+    "shift_terminal",
+    "invert_sigmas",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "stochastic_sampling",
+)
+
+
+def heun_scheduler(sched):
+    """diffusers' ``FlowMatchHeunDiscreteScheduler`` with the ``num_train_timesteps`` and
+    ``shift`` of the flow-matching ``sched``: the same sigmas, when ``sched`` uses none of the
+    options Heun lacks (:data:`HEUN_LACKS`); one that does is refused, not silently changed
+    (dynamic shifting, as SD3 and FLUX use it, would also fail in the middle of the run). A Heun
+    scheduler is returned as it is. What ``cspace sample --scheduler heun`` swaps in.
+
+    Raises:
+        ValueError: another scheduler class, or an Euler scheduler with an option Heun lacks.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    if type(sched) is FlowMatchHeunDiscreteScheduler:
+        return sched
+    if type(sched) is not FlowMatchEulerDiscreteScheduler:
+        raise ValueError(
+            f"--scheduler heun is for flow-matching pipelines with diffusers' "
+            f"FlowMatchEulerDiscreteScheduler; this one has {type(sched).__name__}: drop "
+            "--scheduler heun"
+        )
+    defaults = inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters
+    used = [
+        f"{k}={sched.config[k]!r}"
+        for k in HEUN_LACKS
+        if k in sched.config and k in defaults and sched.config[k] != defaults[k].default
+    ]
+    if used:
+        raise ValueError(
+            f"--scheduler heun: this pipeline's scheduler sets {', '.join(used)}, which "
+            "FlowMatchHeunDiscreteScheduler does not have, so its sigmas would differ: drop "
+            "--scheduler heun"
+        )
+    cfg = sched.config
+    return FlowMatchHeunDiscreteScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, shift=cfg.shift
+    )
