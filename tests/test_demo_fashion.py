@@ -18,22 +18,26 @@ from cspace.experiments.demo import (
     DATA,
     DemoSettings,
     demo_obstacles,
+    example_files,
     format_report,
+    membership_quality,
     renormalised_shift,
     run_demo,
     settings_for,
 )
+from cspace.io.images import load_images
 
 N, STEPS = 24, 4
 
 
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
-    """One small run of the command: (report.json, stdout, stderr, output folder)."""
+    """One small run of the command, with the membership in both spaces and the UMAP figure:
+    (report.json, stdout, stderr, output folder)."""
     out_dir = tmp_path_factory.mktemp("fdemo")
     out, err = io.StringIO(), io.StringIO()
     argv = ["demo", "--data", "fashion", "--class", "2", "--n", str(N), "--steps", str(STEPS),
-            "--out", str(out_dir), "--membership"]  # fmt: skip
+            "--out", str(out_dir), "--membership", "--umap"]  # fmt: skip
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(argv)
     assert rc == 0, err.getvalue()
@@ -110,6 +114,7 @@ def test_printed_report_progress_and_pngs(fashion):
         assert f"sampling {N} clothes, arm {arm}" in err
         assert f"{arm:<12}: 100%" in err  # the arm's progress bar, finished
     assert sorted(p.name for p in out_dir.iterdir()) == [
+        "cspace_umap.png",  # --umap
         "report.json",
         "samples_classifier.png",
         "samples_guided.png",
@@ -118,7 +123,7 @@ def test_printed_report_progress_and_pngs(fashion):
         "samples_rejection.png",
         "samples_twisted-smc.png",
         "samples_unguided.png",
-    ]  # fmt: skip  (no UMAP figure unless asked)
+    ]  # fmt: skip
     # 24 images of 28 x 28 in rows of 10 with 1-pixel borders, upscaled 2 x: 3 rows
     img = mpimg.imread(out_dir / "samples_unguided.png")
     assert img.shape[:2] == (2 * (3 * 29 + 1), 2 * (10 * 29 + 1))
@@ -157,15 +162,21 @@ def test_the_plain_twin_space_runs_with_its_own_vae_and_pipeline(tmp_path):
     from cspace.models.shipped import shipped
 
     s = settings_for("fashion", encoder="fashion-plain", avoid_class=4, n=16, steps=3)
-    report = run_demo(s, out_dir=None, membership_spaces=True)
+    report = run_demo(s, out_dir=None)
     assert report["settings"]["encoder"] == "fashion-plain"
     assert set(report["arms"]) == set(ALL_ARMS) and report["space"]["dim"] == 196
-    row = report["membership_by_space"]["plain"]["classes"][4]
-    for key in ("recall_radius", "recall_q_star", "false_positive_radius"):
-        assert row[key] == pytest.approx(report["membership"][key]), key
     # the obstacle set lives in the plain space: the aligned VAE's set of the same images differs
-    plain, _ = demo_obstacles(Encoder.from_aligned(shipped("fashion_vae_plain")), s)
+    plain_enc = Encoder.from_aligned(shipped("fashion_vae_plain"))
+    plain, _ = demo_obstacles(plain_enc, s)
     aligned, _ = demo_obstacles(Encoder.from_aligned(shipped("fashion_vae_aligned")), s)
+    # the report's membership is the plain space's set's (the aligned one's differs)
+    own = load_images(example_files(4, s.max_examples, DATA["fashion"]), size=(28, 28))[0]
+    for oset, same in ((plain, True), (aligned, False)):
+        enc = plain_enc if same else Encoder.from_aligned(shipped("fashion_vae_aligned"))
+        row = membership_quality(enc, oset, 4, own, DATA["fashion"])
+        keys = ("recall_radius", "recall_q_star", "false_positive_radius", "false_positive_q_star")
+        agree = all(row[k] == pytest.approx(report["membership"][k]) for k in keys)
+        assert agree == same, (same, row, report["membership"])
     assert report["obstacles"]["radius"] == pytest.approx(float(np.median(plain.radius)))
     assert not np.allclose(plain.embeddings, aligned.embeddings)
 
@@ -241,20 +252,19 @@ def test_a_digits_obstacle_set_is_refused_naming_the_fashion_encoder(tmp_path, r
     assert "fashion_vae_aligned" in err and not (tmp_path / "d").exists()
 
 
-@pytest.mark.slow  # a small run with the UMAP fit on the 2,000 held-out images: about 40 s
-def test_the_umap_figure_is_drawn_for_the_clothes(tmp_path):
+@pytest.mark.slow  # the module's demo run (its UMAP is fit on the 2,000 held-out images)
+def test_the_umap_figure_is_drawn_for_the_clothes(fashion):
     """``cspace demo --data fashion --umap``: the figure of the held-out clothes by class, the
     obstacles and the arms' paths is written beside the grids, as for digits."""
-    s = settings_for("fashion", avoid_class=2, n=16, steps=3, umap=True)
-    report = run_demo(s, out_dir=tmp_path)
-    path = tmp_path / "cspace_umap.png"
+    report, _, err, out_dir = fashion
+    path = out_dir / "cspace_umap.png"
     assert report["files"]["umap"] == str(path)
+    assert "drawing the UMAP figure (fitting UMAP on the held-out clothes)" in err
     img = mpimg.imread(path)
     assert img.ndim == 3 and img.shape[0] > 400 and img.shape[1] > 400
     # drawn, not blank: many distinct colours (ten class colours, the paths, the text)
     colours = np.unique(img[..., :3].reshape(-1, 3).round(2), axis=0)
     assert len(colours) > 50
-    assert json.loads((tmp_path / "report.json").read_text())["files"]["umap"] == str(path)
 
 
 def test_the_class_is_a_number_or_for_clothes_a_name():

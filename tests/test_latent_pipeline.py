@@ -49,6 +49,8 @@ def test_samples_have_the_image_shape_and_range():
     assert img.shape == (2, 1, 28, 28) and float(img.min()) >= 0 and float(img.max()) <= 1
     lat = _sample(pipe, output_type="latent").images
     assert lat.shape == (2, 4, 7, 7) and bool(torch.isfinite(lat).all())
+    # latents drawn first and decoded later (tested before decoding) are the same images
+    assert torch.equal(pipe.decode_latents(lat), img)
     assert len(_sample(pipe, output_type="pil").images) == 2
     with pytest.raises(ValueError, match="output_type"):
         _sample(pipe, output_type="jpeg")

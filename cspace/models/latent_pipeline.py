@@ -145,9 +145,7 @@ class LatentFlowPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            vc = self.vae.config
-            x = latents / vc.scaling_factor + (vc.shift_factor or 0.0)
-            images = ((self.vae.decode(x.to(self.vae.dtype)).sample.clamp(-1, 1) + 1) / 2).float()
+            images = self.decode_latents(latents)
             if output_type in ("np", "pil"):
                 images = images.permute(0, 2, 3, 1).cpu().numpy()
                 if output_type == "pil":
@@ -155,6 +153,15 @@ class LatentFlowPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, H, W) in [0, 1] from final normalised latents (B, c, h, w), as
+        ``__call__`` returns them: ``(clamp(vae.decode(x0 / scale + shift), -1, 1) + 1) / 2``
+        (for latents drawn with ``output_type="latent"``, e.g. tested before decoding)."""
+        vc = self.vae.config
+        x = latents.to(self.vae.device) / vc.scaling_factor + (vc.shift_factor or 0.0)
+        return ((self.vae.decode(x.to(self.vae.dtype)).sample.clamp(-1, 1) + 1) / 2).float()
 
 
 def load_latent_pipeline(path: str | os.PathLike) -> LatentFlowPipeline:
