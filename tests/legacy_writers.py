@@ -93,6 +93,31 @@ def write_folder_v2(
     return write_folder_atomic(path, files)
 
 
+def write_folder_v3(
+    path, format: str, fields: Mapping[str, Any], payload: Mapping[str, bytes]
+) -> Path:
+    """``write_folder`` of format_version 3 (content-addressed names; what VAE folders were
+    before version 4 split their one ``model.safetensors``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table, files = {}, {}
+    for name, data in payload.items():
+        sha = sha256_hex(data)
+        stem, ext = name.split(".", 1)
+        table[name] = {"file": f"{stem}-{sha[:12]}.{ext}", "bytes": len(data), "sha256": sha}
+        files[table[name]["file"]] = data
+    manifest = {
+        "format": format,
+        "format_version": 3,
+        **json.loads(json.dumps(dict(fields))),
+        "files": table,
+        "superseded": [],
+        "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    files["manifest.json"] = (json.dumps(manifest, indent=1) + "\n").encode()
+    return write_folder_atomic(path, files)
+
+
 def save_obstacle_set_v2(oset, path) -> Path:
     """``ObstacleSet.save`` of format_version 2 (``index.faiss``, records.json)."""
     index_bytes = faiss.serialize_index(oset.index).tobytes()

@@ -350,10 +350,35 @@ def test_the_shipped_examples():
 def test_shipped_weights_and_data_stay_under_the_40_mb_budget():
     # everything the repository ships for the models and the data: weights, the held-out slice,
     # the example images (the Fashion-MNIST issue's limit on the repository's size)
+    # (a symbolic link is its own few bytes: the pipelines' VAE files, stored once)
     weights = shipped("fashion_pipeline").parent
     roots = (weights, EXAMPLES.parent)
-    total = sum(f.stat().st_size for r in roots for f in r.rglob("*") if f.is_file())
+    files = [f for r in roots for f in r.rglob("*") if not f.is_symlink() and f.is_file()]
+    total = sum(f.stat().st_size for f in files)
     assert 1e6 < total < 40e6, total
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "vae"),
+    [("fashion_pipeline", "fashion_vae_aligned"), ("fashion_pipeline_plain", "fashion_vae_plain")],
+)
+def test_the_shipped_pipelines_vae_is_their_vae_folders_file(pipeline, vae):
+    """Each shipped pipeline's ``vae/diffusion_pytorch_model.safetensors`` is a relative link to
+    its VAE folder's ``vae-<hash>.safetensors`` (scripts/link_shipped_vaes.py), inside the
+    package, and the pipeline's VAE is that folder's VAE, weight for weight."""
+    from cspace.io.folder import read_folder
+    from cspace.models.latent_pipeline import load_latent_pipeline
+    from cspace.models.vae import VAE_KIND, load_aligned_vae
+
+    link = shipped(pipeline) / "vae" / "diffusion_pytorch_model.safetensors"
+    target = read_folder(shipped(vae), VAE_KIND).stored["vae.safetensors"]
+    assert link.is_symlink() and os.readlink(link) == os.path.join("..", "..", vae, target)
+    assert link.resolve() == (shipped(vae) / target).resolve()
+    assert link.resolve().is_relative_to(shipped(vae).parent.resolve())
+    mine = load_latent_pipeline(shipped(pipeline)).vae.state_dict()
+    theirs = load_aligned_vae(shipped(vae))[0].state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 @needs_debian

@@ -53,6 +53,8 @@ from tests.legacy_writers import (
     save_obstacle_set_v1,
     save_teacher_v1,
     save_vae_v1,
+    write_folder_v2,
+    write_folder_v3,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +80,12 @@ PAYLOAD = {
     "obstacles": "metadata.safetensors",
     "classifier": "classifier.safetensors",
     "flow": "model.safetensors",
-    "vae": "model.safetensors",
+    "vae": "vae.safetensors",
     "teacher": "model.safetensors",
 }
 #: SHA-256 of the shipped weights files before they were re-saved in the safe-folder format
+#: (the VAEs': of their one model.safetensors before format_version 4 split it in two, which
+#: _vae_model_file rebuilds from the two)
 SHIPPED_SHA256 = {
     "teacher": "a4796c521142fa34c1850e72496c3f33dfa24c971e561eb6356dd90a12286a08",
     "vae_aligned": "e481b15faa79b6fd29bc8235da26d5c0a99821e064f564be67a872a30057ca4c",
@@ -149,7 +153,8 @@ def test_every_kind_writes_the_same_format(made):
     kind, path = made
     manifest = _manifest(path)
     fk = FOLDER_KINDS[kind]
-    assert manifest["format"] == fk.format and manifest["format_version"] == fk.version == 3
+    assert manifest["format"] == fk.format
+    assert manifest["format_version"] == fk.version == (4 if kind == "vae" else 3)
     assert isinstance(manifest["saved"], str) and manifest["superseded"] == []
     files = {e["file"] for e in manifest["files"].values()}
     assert {p.name for p in path.iterdir()} == {"manifest.json", LOCK_FILE, *files}
@@ -248,8 +253,9 @@ def test_manifest_problems(made, change):
     kind, path = made
     manifest = _manifest(path)
     if change == "newer":
-        manifest["format_version"] = 4
-        msg = r"format_version 4; this cspace reads versions? ([12]\.\.)?3 \(upgrade cspace"
+        newest = FOLDER_KINDS[kind].version
+        manifest["format_version"] = newest + 1
+        msg = rf"format_version {newest + 1}; this cspace reads versions? ([12]\.\.)?{newest} \(upgrade"
     elif change == "foreign":
         manifest["format"] = "someone.else"
         msg = "is not a cspace .* manifest .*someone.else"
@@ -433,7 +439,9 @@ def test_legacy_vae_v1_loads(tmp_path):
     for k, v in vae.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert got["name"] == "old-vae" and got["scaling_factor"] == 1.5
-    assert got["model_sha256"] == json.loads((old / "config.json").read_text())["model_sha256"]
+    # the one old file, split in the current layout's two (no projection here)
+    assert set(read_folder(old, VAE_KIND).files) == {"vae.safetensors"}
+    assert got["model_sha256"] == read_folder(old, VAE_KIND).sha256("vae.safetensors")
     enc = Encoder.from_aligned(old)
     assert enc.space((8, 8)).same_as(Encoder(vae, 1.5, 0.25, name="x").space((8, 8)))
     # the old checks: a weights file the config was not written with; a missing weights file
@@ -458,9 +466,35 @@ def test_legacy_vae_v1_loads(tmp_path):
     assert _manifest(tmp_path / "old2")["superseded"] == ["config.json", "model.safetensors"]
     save_aligned_vae(tmp_path / "old2", vae, meta)
     assert sorted(p.name for p in (tmp_path / "old2").iterdir()) == sorted(
-        [LOCK_FILE, "manifest.json", stored(tmp_path / "old2", "model.safetensors").name]
+        [LOCK_FILE, "manifest.json", stored(tmp_path / "old2", "vae.safetensors").name]
     )
     assert load_aligned_vae(tmp_path / "old2")[1]["name"] == "old-vae"
+
+
+@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("name", ["fashion_vae_aligned", "fashion_vae_plain"])
+def test_vae_folders_with_one_weights_file_load_as_the_split_ones(tmp_path, name, version):
+    """VAE folders of format_version 2 and 3 (one ``model.safetensors``: ``vae.*`` and the
+    projection) read as the current two files, byte for byte, and load the same VAE; saving
+    over one writes the current layout."""
+    current = read_folder(shipped(name), VAE_KIND)
+    writer = write_folder_v2 if version == 2 else write_folder_v3
+    old = writer(tmp_path / "old", "cspace.vae", current.fields,
+                 {"model.safetensors": _vae_model_file(current)})  # fmt: skip
+    read = read_folder(old, VAE_KIND)
+    assert read.legacy == f"cspace.vae v{version}" and read.files == current.files
+    (a, ma), (b, mb) = load_aligned_vae(old, with_projection=True), load_aligned_vae(shipped(name))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert ma["model_sha256"] == mb["model_sha256"]
+    assert (ma["projection"] is None) == name.endswith("plain")
+    # a crafted header in the old file: refused before any tensor is read
+    bad = writer(tmp_path / "bad", "cspace.vae", current.fields,
+                 {"model.safetensors": b"\xff" * 8 + b"{}"})  # fmt: skip
+    with pytest.raises(VAEWeightsError, match="not a readable safetensors file"):
+        load_aligned_vae(bad)
+    save_aligned_vae(old, a, {**ma, "projection": None}, ma["projection"])
+    assert read_folder(old, VAE_KIND).legacy is None
+    assert read_folder(old, VAE_KIND).files == current.files
 
 
 def test_legacy_teacher_v1_loads(tmp_path):
@@ -482,18 +516,38 @@ def test_legacy_teacher_v1_loads(tmp_path):
 
 
 # ---------------------------------------------------------------------- shipped weights
+def _vae_model_file(read) -> bytes:
+    """The one ``model.safetensors`` of a VAE folder before format_version 4 (``vae.*`` and the
+    projection's keys, serialised without metadata, as save_aligned_vae wrote it) from the two
+    files of the current layout."""
+    from safetensors.torch import load, save
+
+    state = {f"vae.{k}": v for k, v in load(read.files["vae.safetensors"]).items()}
+    if "projection.safetensors" in read.files:
+        state.update(load(read.files["projection.safetensors"]))
+    return save(state)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_weights_are_in_the_new_format(name):
     folder = shipped(name)
     kind = {"teacher": TEACHER_KIND, "vae": VAE_KIND, "flow": FLOW_KIND}[name.split("_")[0]]
-    weights = stored_name("model.safetensors", SHIPPED_SHA256[name])
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", weights]
     read = read_folder(folder, kind)
     assert read.legacy is None and read.manifest["format_version"] == kind.version
     assert read.manifest["superseded"] == []
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["manifest.json", *read.stored.values()]
+    )
     # the very bytes shipped before the re-saves: every figure stays the same
-    assert read.sha256("model.safetensors") == SHIPPED_SHA256[name]
-    assert hashlib.sha256((folder / weights).read_bytes()).hexdigest() == SHIPPED_SHA256[name]
+    if kind is VAE_KIND:
+        assert set(read.files) == {"vae.safetensors"} | (
+            {"projection.safetensors"} if name.endswith("aligned") else set()
+        )
+        assert hashlib.sha256(_vae_model_file(read)).hexdigest() == SHIPPED_SHA256[name]
+    else:
+        weights = stored_name("model.safetensors", SHIPPED_SHA256[name])
+        assert read.sha256("model.safetensors") == SHIPPED_SHA256[name]
+        assert hashlib.sha256((folder / weights).read_bytes()).hexdigest() == SHIPPED_SHA256[name]
     if name.startswith("flow"):
         from cspace.models.encoders import Encoder
 
@@ -515,8 +569,11 @@ def test_shipped_weights_in_the_old_layout_stillload_kind(name, tmp_path):
     old = tmp_path / name
     old.mkdir()
     shutil.copy(LEGACY_SHIPPED / name / "config.json", old / "config.json")
-    shutil.copy(stored(shipped(name), "model.safetensors"), old / "model.safetensors")
     kind = {"teacher": TEACHER_KIND, "vae": VAE_KIND, "flow": FLOW_KIND}[name.split("_")[0]]
+    if kind is VAE_KIND:  # the one file the VAEs had then
+        (old / "model.safetensors").write_bytes(_vae_model_file(read_folder(shipped(name), kind)))
+    else:
+        shutil.copy(stored(shipped(name), "model.safetensors"), old / "model.safetensors")
     legacy, current = read_folder(old, kind), read_folder(shipped(name), kind)
     assert legacy.legacy is not None
     assert legacy.files == current.files

@@ -650,7 +650,8 @@ def test_model_configs_cannot_make_a_load_allocate(tmp_path, kind, change, msg):
 @pytest.mark.parametrize("kind", ["flow", "vae", "teacher"])
 def test_model_weights_with_a_crafted_header(tmp_path, kind):
     path = _model(kind, tmp_path / kind)
-    blob = stored(path, "model.safetensors").read_bytes()
-    replace_payload(path, "model.safetensors", struct.pack("<Q", 2**62) + blob[8:])
+    name = "vae.safetensors" if kind == "vae" else "model.safetensors"
+    blob = stored(path, name).read_bytes()
+    replace_payload(path, name, struct.pack("<Q", 2**62) + blob[8:])
     with pytest.raises(ValueError, match="header claims 4611686018427387904 bytes"):
         _load_model(kind, path)

@@ -195,8 +195,14 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         _run(tmp_path / "cut", vf_weight=0.5)
     res = _run(tmp_path / "cut")
     assert res["steps_run"] == 4
-    a = load_file(str(stored(tmp_path / "ref", "model.safetensors")))
-    b = load_file(str(stored(tmp_path / "cut", "model.safetensors")))
+    a, b = (
+        {
+            k: v
+            for f in ("vae", "projection")
+            for k, v in load_file(str(stored(d, f"{f}.safetensors"))).items()
+        }
+        for d in (tmp_path / "ref", tmp_path / "cut")
+    )
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
@@ -240,11 +246,12 @@ def test_train_with_a_dinov2_teacher_resamples_its_grid(tmp_path):
         _run(tmp_path / "c", steps=1, teacher=coarse)
 
 
-def _replace_weights(folder, sd) -> None:
-    """New tensors in ``folder`` with the manifest's size and checksum updated to match."""
+def _replace_weights(folder, sd, name: str = "vae.safetensors") -> None:
+    """New tensors for the payload file ``name`` of ``folder``, with the manifest's size and
+    checksum updated to match."""
     from safetensors.torch import save
 
-    replace_payload(folder, "model.safetensors", save(sd))
+    replace_payload(folder, name, save(sd))
 
 
 @pytest.mark.slow
@@ -257,34 +264,41 @@ def test_load_errors(tiny_run, tmp_path):
         load_aligned_vae(tmp_path / "empty")
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
-    stored(bad, "model.safetensors").unlink()  # listed in the manifest: a damaged folder
-    with pytest.raises(VAEWeightsError, match=r"model-[0-9a-f]{12}\.safetensors is missing"):
+    stored(bad, "vae.safetensors").unlink()  # listed in the manifest: a damaged folder
+    with pytest.raises(VAEWeightsError, match=r"vae-[0-9a-f]{12}\.safetensors is missing"):
         load_aligned_vae(bad)
     # tampered shapes (with a matching checksum)
-    weights = stored(out, "model.safetensors")
+    weights = stored(out, "vae.safetensors")
     sd = load_file(str(weights))
-    sd["vae.encoder.conv_in.weight"] = torch.zeros(8, 1, 5, 5)
+    sd["encoder.conv_in.weight"] = torch.zeros(8, 1, 5, 5)
     _replace_weights(bad, sd)
     with pytest.raises(ValueError, match=r"shape mismatches.*conv_in"):
         load_aligned_vae(bad)
-    # a dropped key
-    sd = load_file(str(weights))
-    del sd["proj.weight"]
-    _replace_weights(bad, sd)
+    # a dropped key: the projection file without its tensor
+    _replace_weights(bad, load_file(str(weights)))
+    _replace_weights(bad, {}, "projection.safetensors")
     with pytest.raises(ValueError, match="does not match the architecture"):  # fewer values
         load_aligned_vae(bad)
+    # no projection file where the manifest has a teacher width
+    meta = json.loads((bad / "manifest.json").read_text())
+    del meta["files"]["projection.safetensors"]
+    (bad / "manifest.json").write_text(json.dumps(meta))
+    with pytest.raises(VAEWeightsError, match=r"teacher_width \d+ but no projection"):
+        load_aligned_vae(bad)
     # a config that does not match the weights
+    shutil.rmtree(bad)
+    shutil.copytree(out, bad)
     meta = json.loads((out / "manifest.json").read_text())
     meta["config"]["latent_channels"] = 4
     (bad / "manifest.json").write_text(json.dumps(meta))
-    shutil.copy(weights, bad / weights.name)
     with pytest.raises(ValueError, match="do not match"):
         load_aligned_vae(bad)
     # same keys and shapes, other values: not the file the manifest was written with
     shutil.copy(out / "manifest.json", bad / "manifest.json")
-    sd = load_file(str(weights))
+    proj = stored(out, "projection.safetensors")
+    sd = load_file(str(proj))
     sd["proj.weight"] = sd["proj.weight"] + 1.0
-    save_file(sd, str(bad / weights.name))
+    save_file(sd, str(bad / proj.name))
     with pytest.raises(VAEWeightsError, match="checksum mismatch"):
         load_aligned_vae(bad)
     (bad / "manifest.json").write_text("{}")
@@ -306,10 +320,10 @@ def test_train_vae_writes_one_folder(tmp_path):
     assert {p.name for p in out.iterdir()} == {"checkpoint", *live_files(out)}
     assert json.loads((out / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "cspace.vae" and manifest["format_version"] == 3
+    assert manifest["format"] == "cspace.vae" and manifest["format_version"] == 4
     assert "model_sha256" not in manifest and manifest["steps"] == 2
     _, meta = load_aligned_vae(out)
-    assert meta["model_sha256"] == manifest["files"]["model.safetensors"]["sha256"]
+    assert meta["model_sha256"] == manifest["files"]["vae.safetensors"]["sha256"]
 
 
 # ---------------------------------------------------------------------- the shipped weights
@@ -412,7 +426,7 @@ def test_cli_train_vae_and_teacher(tmp_path):
         assert args.func(args) == 0
     report = json.loads(buf.getvalue())
     assert report["steps"] == 2 and report["seed"] == 3 and 0 <= report["knn_accuracy"] <= 1
-    assert stored(tmp_path / "v", "model.safetensors").is_file()
+    assert stored(tmp_path / "v", "vae.safetensors").is_file()
     manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
     assert manifest["name"] == "cspace-digits-vae(vf=0, teacher=None)"  # VF 0: no teacher used
 

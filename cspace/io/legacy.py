@@ -24,6 +24,8 @@ classifier v1          ``manifest.json`` (format ``cspace.classifier``,      siz
 flow v1                ``config.json`` (format ``cspace-flow``,              size and SHA-256
                        ``format_version`` 1, a ``files`` table),             (the ``files``
                        ``model.safetensors``; no ``manifest.json``           table)
+VAE v2 and v3          ``manifest.json`` (``format_version`` 2 or 3), one    size and SHA-256
+                       ``model.safetensors`` (``vae.*`` and the projection)
 VAE v1                 ``config.json`` (format ``cspace-aligned-vae``,       SHA-256 when
                        optional ``model_sha256``), ``model.safetensors``;    ``model_sha256``
                        no ``manifest.json``                                  is present
@@ -61,7 +63,13 @@ from cspace.io.folder import (
     read_regular_file,
     verify_files,
 )
-from cspace.io.untrusted import MAX_COUNT, MAX_DIM, FormatError, read_faiss_flat_l2
+from cspace.io.untrusted import (
+    MAX_COUNT,
+    MAX_DIM,
+    FormatError,
+    check_safetensors,
+    read_faiss_flat_l2,
+)
 
 __all__ = [
     "CLASSIFIER_V1",
@@ -69,8 +77,13 @@ __all__ = [
     "OBSTACLES_V1",
     "OBSTACLES_V2",
     "TEACHER_V1",
+    "VAE_PROJECTION_FILE",
+    "VAE_STATE_FILE",
     "VAE_V1",
+    "VAE_V2",
+    "VAE_V3",
     "manifest_v2",
+    "split_vae_weights",
 ]
 
 _CONFIG = "config.json"
@@ -224,7 +237,57 @@ FLOW_V1 = Legacy(
 )
 
 
-# ---------------------------------------------------------------------- VAEs, v1
+# ---------------------------------------------------------------------- VAEs, v1 to v3
+#: the current VAE layout's files (format_version 4): the AutoencoderKL's state under diffusers'
+#: names, serialised as diffusers serialises ``diffusion_pytorch_model.safetensors`` (so a
+#: pipeline folder's ``vae/`` may hold the same file), and the VF projection's, when there is one
+VAE_STATE_FILE = "vae.safetensors"
+VAE_PROJECTION_FILE = "projection.safetensors"
+
+
+def split_vae_weights(blob: bytes, where: Path, kind: FolderKind) -> dict[str, bytes]:
+    """The one ``model.safetensors`` of VAE folders before ``format_version`` 4 (``vae.*``: the
+    AutoencoderKL; other keys: the VF projection) as the files of the current layout,
+    :data:`VAE_STATE_FILE` and, when there are other keys, :data:`VAE_PROJECTION_FILE` (the
+    header is validated before any tensor is read: :func:`cspace.io.untrusted.check_safetensors`)."""
+    from safetensors.torch import load, save
+
+    try:
+        check_safetensors(blob)
+        state = load(blob)
+    except Exception as err:  # FormatError, or safetensors' own error types
+        raise kind.fail(f"{where} is not a readable safetensors file: {err}", where) from None
+    vae = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("vae.")}
+    files = {VAE_STATE_FILE: save(vae, metadata={"format": "pt"})}
+    if rest:
+        files[VAE_PROJECTION_FILE] = save(rest)
+    return files
+
+
+def _vae_one_file(folder: Folder, kind: FolderKind, name: str) -> Folder:
+    if _WEIGHTS not in folder.files:
+        raise kind.fail(f"{folder.mpath} does not list {_WEIGHTS}", folder.mpath)
+    files = split_vae_weights(folder.files[_WEIGHTS], folder.file(_WEIGHTS), kind)
+    return _current(folder.path, kind, folder.fields, files, name, folder.stored)
+
+
+def _vae_v2(folder: Folder, kind: FolderKind) -> Folder:
+    """A v2 manifest: one ``model.safetensors`` under its plain name."""
+    return _vae_one_file(folder, kind, f"{kind.format} v2")
+
+
+def _vae_v3(folder: Folder, kind: FolderKind) -> Folder:
+    """A v3 manifest: one content-addressed ``model-<hash>.safetensors``."""
+    return _vae_one_file(folder, kind, f"{kind.format} v3")
+
+
+VAE_V2 = Legacy(name="manifest v2", files=(MANIFEST, _WEIGHTS), read=_vae_v2, version=2)
+VAE_V3 = Legacy(
+    name="manifest v3 (one model.safetensors)", files=(MANIFEST, _WEIGHTS), read=_vae_v3, version=3
+)
+
+
 def _vae_v1(path: Path, kind: FolderKind) -> Folder:
     """config.json (format cspace-aligned-vae, optional model_sha256) + model.safetensors."""
     blob = _weights(path, kind)
@@ -240,7 +303,8 @@ def _vae_v1(path: Path, kind: FolderKind) -> Folder:
                 path / _WEIGHTS,
             )
     fields = {k: v for k, v in config.items() if k not in ("format", "model_sha256")}
-    return _current(path, kind, fields, {_WEIGHTS: blob}, "cspace-aligned-vae (config.json)")
+    files = split_vae_weights(blob, path / _WEIGHTS, kind)
+    return _current(path, kind, fields, files, "cspace-aligned-vae (config.json)")
 
 
 VAE_V1 = Legacy(

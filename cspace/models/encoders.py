@@ -112,8 +112,9 @@ class Encoder:
 
     @classmethod
     def from_aligned(cls, path: str | os.PathLike | None = None) -> Encoder:
-        """Load a cspace aligned VAE folder (``manifest.json`` + ``model.safetensors``, or the
-        older ``config.json`` layout); default: the digits VAE shipped in the package."""
+        """Load a cspace aligned VAE folder (``manifest.json`` and its weights,
+        :func:`cspace.models.vae.load_aligned_vae`, or an older layout); default: the digits
+        VAE shipped in the package."""
         from cspace.models.vae import load_aligned_vae
 
         vae, meta = load_aligned_vae(path)

@@ -35,12 +35,16 @@ the digits teacher (:class:`cspace.models.teachers.DigitsTeacher`, the stand-in 
 a 4x4 grid of 64-d tokens, so ``P`` is a (64, 2, 1, 1) convolution.
 
 Files (a folder in cspace's safe-folder format, :mod:`cspace.io.folder`): ``manifest.json``
-(format ``cspace.vae`` v3: the :class:`AlignedVAEConfig`, ``name``, ``scaling_factor``,
-``shift_factor``, ``vf_weight``, teacher, steps, seed, metrics, stored name, size and SHA-256 of
-the weights) and ``model-<hash>.safetensors`` (``vae.*``: the AutoencoderKL state; ``proj.weight``: the VF projection
-when ``vf_weight > 0``). :func:`load_aligned_vae` reads them (and the older layout,
-``config.json`` with ``model_sha256`` + ``model.safetensors``, and v2 manifests,
-:mod:`cspace.io.legacy`); :func:`train_vae` writes them with :func:`save_aligned_vae`
+(format ``cspace.vae`` v4: the :class:`AlignedVAEConfig`, ``name``, ``scaling_factor``,
+``shift_factor``, ``vf_weight``, teacher, steps, seed, metrics, stored names, sizes and SHA-256
+of the weights), ``vae-<hash>.safetensors`` (the AutoencoderKL's state under diffusers' names,
+serialised as diffusers' ``save_pretrained`` serialises ``diffusion_pytorch_model.safetensors``,
+so that a pipeline folder's ``vae/`` can hold the very same file; the shipped Fashion-MNIST
+pipelines link to it instead of a copy) and, when ``vf_weight > 0``,
+``projection-<hash>.safetensors`` (``proj.weight``: the VF projection).
+:func:`load_aligned_vae` reads them (and the older layouts: one ``model.safetensors`` with
+``vae.*`` and ``proj.weight`` in v2 and v3 manifests, and ``config.json`` with
+``model_sha256`` + ``model.safetensors``; :mod:`cspace.io.legacy`); :func:`train_vae` writes them with :func:`save_aligned_vae`
 (crash-safe, serialised with other writers). Training checkpoints (``checkpoint/`` inside
 the folder) make an interrupted run resume where it stopped.
 """
@@ -72,7 +76,13 @@ from cspace.io.folder import (
     read_folder,
     write_folder,
 )
-from cspace.io.legacy import VAE_V1, manifest_v2
+from cspace.io.legacy import (
+    VAE_PROJECTION_FILE,
+    VAE_STATE_FILE,
+    VAE_V1,
+    VAE_V2,
+    VAE_V3,
+)
 from cspace.io.weights import build_within, check_state_dict, weights_values
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
@@ -99,9 +109,8 @@ __all__ = [
 ]
 
 VAE_FORMAT = "cspace.vae"
-VAE_FORMAT_VERSION = 3
+VAE_FORMAT_VERSION = 4
 CHECKPOINT_DIR = "checkpoint"
-_WEIGHTS = "model.safetensors"
 
 
 class VAEWeightsError(FolderError):
@@ -464,10 +473,10 @@ VAE_KIND = FolderKind(
     what="aligned-VAE",
     a_what="a cspace VAE folder",
     error=VAEWeightsError,
-    files=(_WEIGHTS,),
+    files=(VAE_STATE_FILE,),
     fix="retrain it (cspace train vae) or restore the folder from a copy",
     missing=_missing_folder,
-    legacy=(VAE_V1, manifest_v2((_WEIGHTS,))),
+    legacy=(VAE_V1, VAE_V2, VAE_V3),
 )
 
 
@@ -485,18 +494,24 @@ def save_aligned_vae(
     ``vae``: the ``AutoencoderKL`` (saved as ``vae.*``); ``projection``: the VF projection
     (``proj.weight``), if any; ``meta``: the manifest fields, at least ``config`` (an
     :meth:`AlignedVAEConfig.to_dict`), ``scaling_factor``, ``shift_factor`` and
-    ``teacher_width`` (None without a projection); ``format`` and ``model_sha256`` are dropped
-    (the manifest has its own). ``allow``: entries an existing folder may hold besides a VAE
+    ``teacher_width`` (None without a projection); ``format``, ``format_version``,
+    ``model_sha256`` and ``projection`` are dropped (the manifest has its own), so the meta
+    :func:`load_aligned_vae` returns can be saved again. ``allow``: entries an existing folder may hold besides a VAE
     (e.g. the training ``checkpoint``); they are kept.
     """
     from safetensors.torch import save
 
-    tensors = {f"vae.{k}": v for k, v in vae.state_dict().items()}
+    def blob(module, metadata=None) -> bytes:
+        state = module.state_dict().items()
+        return save({k: v.detach().to("cpu").contiguous() for k, v in state}, metadata=metadata)
+
+    # the AutoencoderKL's file is what diffusers' save_pretrained writes for it, byte for byte
+    files = {VAE_STATE_FILE: blob(vae, {"format": "pt"})}
     if projection is not None:
-        tensors.update(projection.state_dict())
-    blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    fields = {k: v for k, v in meta.items() if k not in ("format", "model_sha256", "projection")}
-    return write_folder(path, VAE_KIND, fields, {_WEIGHTS: blob}, allow=allow)
+        files[VAE_PROJECTION_FILE] = blob(projection)
+    drop = ("format", "format_version", "model_sha256", "projection")  # load_aligned_vae's meta
+    fields = {k: v for k, v in meta.items() if k not in drop}
+    return write_folder(path, VAE_KIND, fields, files, allow=allow)
 
 
 def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: bool = False):
@@ -517,12 +532,12 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
 
     folder = Path(path) if path is not None else shipped("vae_aligned")
     read = read_folder(folder, VAE_KIND)
-    w_file = read.file(_WEIGHTS)
+    w_file = read.file(VAE_STATE_FILE)
     meta = {
         "format": VAE_FORMAT,
         "format_version": VAE_FORMAT_VERSION,
         **read.fields,
-        "model_sha256": read.sha256(_WEIGHTS),
+        "model_sha256": read.sha256(VAE_STATE_FILE),
     }
     try:
         cfg = AlignedVAEConfig.from_dict(read.get("config"))
@@ -533,7 +548,19 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
     width = meta.get("teacher_width")
     if width is not None:
         width = check_int(width, "teacher_width", read.mpath, VAE_KIND, 0, 1 << 20)
-    values = weights_values(read.files[_WEIGHTS], w_file, VAEWeightsError)
+    has_proj = VAE_PROJECTION_FILE in read.files
+    if bool(width) != has_proj:
+        raise VAEWeightsError(
+            f"{read.mpath}: teacher_width {width!r} but "
+            + ("a" if has_proj else "no")
+            + f" {VAE_PROJECTION_FILE} (a VF projection is saved exactly when there is a "
+            "teacher width)",
+            read.mpath,
+        )
+    p_file = read.file(VAE_PROJECTION_FILE) if has_proj else None
+    values = weights_values(read.files[VAE_STATE_FILE], w_file, VAEWeightsError)
+    if has_proj:
+        values += weights_values(read.files[VAE_PROJECTION_FILE], p_file, VAEWeightsError)
     try:
         vae, proj = build_within(
             lambda: (
@@ -549,20 +576,21 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
         if isinstance(err, VAEWeightsError):
             raise
         raise VAEWeightsError(f"{read.mpath} has a bad config: {err}", read.mpath) from err
-    try:
-        state = load(read.files[_WEIGHTS])
-    except Exception as err:  # safetensors raises its own error types
-        raise VAEWeightsError(
-            f"{w_file} is not a readable safetensors file: {err}", w_file
-        ) from err
-    vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
-    others = {k: v for k, v in state.items() if not k.startswith("vae.")}
+
+    def state_of(name: str, where: Path) -> dict:
+        try:
+            return load(read.files[name])
+        except Exception as err:  # safetensors raises its own error types
+            raise VAEWeightsError(
+                f"{where} is not a readable safetensors file: {err}", where
+            ) from err
+
+    vae_state = state_of(VAE_STATE_FILE, w_file)
     check_state_dict(vae, vae_state, w_file, "VAE")
     if proj is not None:
-        check_state_dict(proj, others, w_file, "VF projection")
-        proj.load_state_dict(others)
-    elif others:
-        raise VAEWeightsError(f"{w_file} has unexpected keys {sorted(others)[:5]}", w_file)
+        proj_state = state_of(VAE_PROJECTION_FILE, p_file)
+        check_state_dict(proj, proj_state, p_file, "VF projection")
+        proj.load_state_dict(proj_state)
     vae.load_state_dict(vae_state)
     vae.eval()
     vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
@@ -671,7 +699,7 @@ def train_vae(
     ``out_dir``.
 
     Args:
-        out_dir: output folder: ``manifest.json`` + ``model.safetensors`` at the end (one
+        out_dir: output folder: ``manifest.json`` and the weights at the end (one
             crash-safe save; an existing folder must be a VAE folder, empty, or hold only the
             checkpoint), and ``checkpoint/`` (model + optimizer in safetensors; step, seed and
             settings in JSON; the random state is a function of (seed, step)) every
