@@ -5,6 +5,7 @@ end on tiny synthetic IDX files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -89,6 +90,18 @@ def test_incomplete_or_foreign_folders_are_refused(tmp_path):
     next((bad / "unet").glob("*.safetensors")).unlink()
     with pytest.raises(MissingWeightsError, match="no weights for 'unet'"):
         load_latent_pipeline(bad)
+    # the shipped layout (vae weights a relative link) copied without what the link points to
+    linked = tmp_path / "linked"
+    shutil.copytree(tmp_path / "p", linked)
+    vae_file = next((linked / "vae").glob("*.safetensors"))
+    os.replace(vae_file, tmp_path / "vae-weights.safetensors")
+    os.symlink(os.path.join("..", "..", "vae-weights.safetensors"), vae_file)
+    assert load_latent_pipeline(linked).vae is not None  # the link is followed
+    moved = tmp_path / "moved" / "linked"
+    moved.parent.mkdir()
+    shutil.copytree(linked, moved, symlinks=True)  # as `cp -r`: the link kept, now dangling
+    with pytest.raises(MissingWeightsError, match=r"is a link to .* which is not there.*cp -rL"):
+        load_latent_pipeline(moved)
     other = tmp_path / "other"
     shutil.copytree(tmp_path / "p", other)
     index = json.loads((other / "model_index.json").read_text())

@@ -192,11 +192,20 @@ def load_latent_pipeline(path: str | os.PathLike) -> LatentFlowPipeline:
                 f"({folder / name / _CONFIG[name]}): copy the whole folder again. {how}"
             )
     for name in ("unet", "vae"):
-        if not any((folder / name).glob("*.safetensors")):
+        weights = sorted((folder / name).glob("*.safetensors"))
+        if not weights:
             raise MissingWeightsError(
                 f"the pipeline folder {folder} has no weights for {name!r} "
                 f"(no {folder / name}/*.safetensors; cspace never reads pickles). {how}"
             )
+        for w in weights:  # a relative link copied away from its target (the shipped vae/)
+            if w.is_symlink() and not w.exists():
+                raise MissingWeightsError(
+                    f"{w} is a link to {os.readlink(w)}, which is not there: the folder was "
+                    "copied without the file the link points to. Copy it with the links "
+                    f"followed (`cp -rL`, or shutil.copytree), or copy {w.resolve().parent} "
+                    "beside it as well"
+                )
     with quiet_loading():
         return LatentFlowPipeline.from_pretrained(
             str(folder), local_files_only=True, low_cpu_mem_usage=False
