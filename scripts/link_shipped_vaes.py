@@ -37,10 +37,10 @@ def rewrite(name: str) -> None:
     read = read_folder(folder, VAE_KIND)
     if read.legacy is None:
         return
-    tmp = folder.with_name(f".{name}.new")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = folder.with_name(f".{name}.new"), folder.with_name(f".{name}.old")
+    for leftover in (tmp, old):  # of an earlier run that died
+        shutil.rmtree(leftover, ignore_errors=True)
     write_folder(tmp, VAE_KIND, read.fields, read.files)
-    old = folder.with_name(f".{name}.old")
     os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old)
@@ -52,6 +52,10 @@ def link(pipeline: str, vae: str) -> None:
     target = read_folder(shipped(vae), VAE_KIND)
     stored = target.stored[VAE_STATE_FILE]
     path = shipped(pipeline) / "vae" / DIFFUSERS_FILE
+    if path.is_symlink() and not path.exists():  # a link to a file the VAE's re-save removed
+        path.unlink()
+    if not path.exists():
+        sys.exit(f"{path} is missing: save the pipeline again (cspace train pipeline), then rerun")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != target.sha256(VAE_STATE_FILE):
         sys.exit(f"{path} is not {shipped(vae) / stored}: the pipeline was trained in another VAE")

@@ -45,7 +45,7 @@ def fashion(tmp_path_factory):
     return report, out.getvalue(), err.getvalue(), out_dir
 
 
-@pytest.mark.slow  # the module's demo run: about 40 s on 2 busy cores (25 s of it --membership)
+@pytest.mark.slow  # the module's demo run: about 60 s on 2 busy cores (--membership and --umap)
 def test_the_report_has_every_arm_and_the_fashion_space(fashion):
     report, _, _, _ = fashion
     assert set(report["arms"]) == set(ALL_ARMS)

@@ -13,6 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from cspace.io.errors import MissingWeightsError
+from cspace.models.encoders import Encoder
 from cspace.models.flow import FlowWeightsError
 from cspace.models.latent_pipeline import (
     LatentFlowPipeline,
@@ -100,7 +101,19 @@ def test_incomplete_or_foreign_folders_are_refused(tmp_path):
     moved = tmp_path / "moved" / "linked"
     moved.parent.mkdir()
     shutil.copytree(linked, moved, symlinks=True)  # as `cp -r`: the link kept, now dangling
-    with pytest.raises(MissingWeightsError, match=r"is a link to .* which is not there.*cp -rL"):
+    with pytest.raises(MissingWeightsError, match=r"is a link to .* leads to no file.*cp -rL"):
+        load_latent_pipeline(moved)
+    with pytest.raises(MissingWeightsError, match=r"link_shipped_vaes"):  # the other cause
+        Encoder.from_diffusers(moved, subfolder="vae")
+    loop = moved / "vae" / "diffusion_pytorch_model.safetensors"
+    loop.unlink()
+    os.symlink(loop.name, loop)  # a link to itself: named, not a RuntimeError
+    with pytest.raises(MissingWeightsError, match="leads to no file"):
+        load_latent_pipeline(moved)
+    # a checkout without symbolic links: the link's text in a file of its own
+    loop.unlink()
+    loop.write_text(os.path.join("..", "..", "vae-weights.safetensors"))
+    with pytest.raises(MissingWeightsError, match=r"core\.symlinks"):
         load_latent_pipeline(moved)
     other = tmp_path / "other"
     shutil.copytree(tmp_path / "p", other)

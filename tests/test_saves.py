@@ -26,6 +26,7 @@ from cspace.models.teachers import TEACHER_KIND, DigitsTeacher
 from cspace.models.vae import (
     VAE_KIND,
     AlignedVAEConfig,
+    VFAlignment,
     build_autoencoder,
     save_aligned_vae,
 )
@@ -64,15 +65,17 @@ def _save(kind: str, path: Path, seed: int) -> None:
         PreferenceClassifier(np.arange(1.0, 5.0) + seed, 0.1).save(path)
     elif kind == "flow":
         save_flow(path, VelocityNet(TINY_FLOW), {"encoder": "test", "seed": seed})
-    elif kind == "vae":
+    elif kind == "vae":  # even seeds with a VF projection (its own file), odd ones without
+        width = 4 if seed % 2 == 0 else None
         meta = {
             "config": TINY_VAE.to_dict(),
             "scaling_factor": 1.5,
             "shift_factor": 0.25,
-            "teacher_width": None,
+            "teacher_width": width,
             "seed": seed,
         }
-        save_aligned_vae(path, build_autoencoder(TINY_VAE), meta)
+        proj = VFAlignment(TINY_VAE.latent_channels, width, TINY_VAE) if width else None
+        save_aligned_vae(path, build_autoencoder(TINY_VAE), meta, proj)
     else:
         DigitsTeacher().save(path, extra={"seed": seed})
 
@@ -223,6 +226,21 @@ def test_a_first_save_that_died_is_taken_over(tmp_path):
     with pytest.raises(ObstacleSetError, match=r"manifest\.json is missing"):
         ObstacleSet.load(path)
     _obstacles(1).save(path)
+    assert set(os.listdir(path)) == live_files(path)
+
+
+def test_a_vae_projection_file_is_the_folders_own(tmp_path):
+    """The VF projection's file is optional in a VAE folder but the kind's own: a save takes
+    over a folder whose dead first save left only it (and the VAE's file), and a VAE saved
+    without a projection over one with it drops the old file at the next save."""
+    path = tmp_path / "vae"
+    _save("vae", path, 0)  # with a projection
+    (path / MANIFEST).unlink()  # what a first save killed before its commit leaves
+    _save("vae", path, 0)
+    assert set(os.listdir(path)) == live_files(path)
+    _save("vae", path, 1)  # without: the projection's file is superseded, then removed
+    _save("vae", path, 1)
+    assert not any(n.startswith("projection-") for n in os.listdir(path))
     assert set(os.listdir(path)) == live_files(path)
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import shutil
+import struct
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from cspace.models.vae import (
     evaluate_vae,
     load_aligned_vae,
     match_token_grid,
+    save_aligned_vae,
     train_vae,
     vf_loss,
 )
@@ -285,6 +287,32 @@ def test_load_errors(tiny_run, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(meta))
     with pytest.raises(VAEWeightsError, match=r"teacher_width \d+ but no projection"):
         load_aligned_vae(bad)
+    # NaN weights (with a matching checksum); a file no VAE folder holds
+    shutil.rmtree(bad)
+    shutil.copytree(out, bad)
+    sd = load_file(str(weights))
+    sd["decoder.conv_out.bias"] = sd["decoder.conv_out.bias"] * float("nan")
+    _replace_weights(bad, sd)
+    with pytest.raises(VAEWeightsError, match=r"'decoder\.conv_out\.bias' holds NaN or Inf"):
+        load_aligned_vae(bad)
+    _replace_weights(bad, load_file(str(weights)))
+    replace_payload(bad, "notes.safetensors", b"x")
+    with pytest.raises(VAEWeightsError, match=r"lists files a VAE folder does not hold: \['notes"):
+        load_aligned_vae(bad)
+    # a projection file where the manifest has no teacher width; a crafted projection header
+    shutil.rmtree(bad)
+    shutil.copytree(out, bad)
+    meta = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**meta, "teacher_width": None}))
+    with pytest.raises(
+        VAEWeightsError, match=r"teacher_width None but the projection's tensors \['proj.weight'\]"
+    ):
+        load_aligned_vae(bad)
+    shutil.copy(out / "manifest.json", bad / "manifest.json")
+    blob = stored(bad, "projection.safetensors").read_bytes()
+    replace_payload(bad, "projection.safetensors", struct.pack("<Q", 2**62) + blob[8:])
+    with pytest.raises(VAEWeightsError, match="header claims 4611686018427387904 bytes"):
+        load_aligned_vae(bad)
     # a config that does not match the weights
     shutil.rmtree(bad)
     shutil.copytree(out, bad)
@@ -324,6 +352,20 @@ def test_train_vae_writes_one_folder(tmp_path):
     assert "model_sha256" not in manifest and manifest["steps"] == 2
     _, meta = load_aligned_vae(out)
     assert meta["model_sha256"] == manifest["files"]["vae.safetensors"]["sha256"]
+
+
+def test_the_vae_file_is_what_diffusers_writes(tmp_path):
+    """The AutoencoderKL's file of a VAE folder is byte for byte ``save_pretrained``'s
+    ``diffusion_pytorch_model.safetensors``: what lets a pipeline folder's ``vae/`` be a link to
+    it (the shipped Fashion-MNIST pipelines, scripts/link_shipped_vaes.py)."""
+    torch.manual_seed(0)
+    cfg = AlignedVAEConfig(block_out_channels=(8, 16), norm_num_groups=4)
+    vae = build_autoencoder(cfg)
+    meta = {"config": cfg.to_dict(), "scaling_factor": 1.5, "shift_factor": 0.25}
+    save_aligned_vae(tmp_path / "mine", vae, {**meta, "teacher_width": None})
+    vae.save_pretrained(tmp_path / "diffusers")
+    theirs = (tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert stored(tmp_path / "mine", "vae.safetensors").read_bytes() == theirs
 
 
 # ---------------------------------------------------------------------- the shipped weights

@@ -1,4 +1,5 @@
-"""Checks made before work starts: sizes against this machine's memory, and output paths.
+"""Checks made before work starts: sizes against this machine's memory, output paths, and
+weights files that are links.
 
 A size that no machine could hold (a budget of 10^20 NFE, ten million dimensions, a trillion
 samples) is refused here with an error naming the size, the memory it needs and what to lower,
@@ -11,6 +12,10 @@ after it.
 * :func:`check_output_folder`, :func:`check_output_file`: the path can be created (or replaced)
   by this process; raise ``NotADirectoryError``, ``IsADirectoryError``, ``FileExistsError`` or
   ``PermissionError`` with a message naming the path and the fix.
+* :func:`check_weight_links`: the ``*.safetensors`` of a model folder that are symbolic links
+  (the shipped pipelines' ``vae/``) lead to a file, and none is the text of a link that a
+  checkout without symbolic links wrote; raises
+  :class:`~cspace.io.errors.MissingWeightsError` naming the link and the fix.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ __all__ = [
     "check_memory",
     "check_output_file",
     "check_output_folder",
+    "check_weight_links",
     "format_bytes",
     "memory_bytes",
 ]
@@ -111,3 +117,34 @@ def check_output_file(path: str | os.PathLike, flag: str = "the output file") ->
         )
     check_output_folder(path.parent if str(path.parent) else Path("."), f"the folder of {flag}")
     return path
+
+
+#: the longest file read as the possible text of a link (a real weights file is far longer)
+_LINK_TEXT_BYTES = 4096
+
+
+def check_weight_links(folder: str | os.PathLike) -> None:
+    """Raise :class:`~cspace.io.errors.MissingWeightsError` if a ``*.safetensors`` file of
+    ``folder`` is a symbolic link that leads nowhere (a dangling link, or a loop), or a small
+    file holding the relative path of another ``.safetensors`` file (what git writes for a link
+    in a checkout without symbolic links). The shipped Fashion-MNIST pipelines' ``vae/`` weights
+    are such links, to their VAE folders' files (``scripts/link_shipped_vaes.py``)."""
+    from cspace.io.errors import MissingWeightsError
+
+    for w in sorted(Path(folder).glob("*.safetensors")):
+        if w.is_symlink() and not os.path.exists(w):  # never raises, loops included
+            raise MissingWeightsError(
+                f"{w} is a link to {os.readlink(w)}, which leads to no file. Either the folder "
+                "was copied without the file the link points to (copy it with the links "
+                "followed: `cp -rL` or shutil.copytree), or that file's folder was saved again "
+                "since (in a checkout of cspace: python scripts/link_shipped_vaes.py)"
+            )
+        if not w.is_symlink() and w.is_file() and w.stat().st_size <= _LINK_TEXT_BYTES:
+            text = w.read_bytes()
+            if text.strip().endswith(b".safetensors") and (b"/" in text or b"\\" in text):
+                raise MissingWeightsError(
+                    f"{w} holds the text {text.strip().decode(errors='replace')!r}, not weights: "
+                    "a symbolic link checked out as a file (git with core.symlinks false). "
+                    "Check out with symbolic links (git config core.symlinks true), or copy the "
+                    "file it names here"
+                )

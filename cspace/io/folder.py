@@ -178,6 +178,9 @@ class FolderKind:
         a_what: the noun phrase in "is not A_WHAT" (e.g. "an obstacle set").
         error: the kind's :class:`FolderError` subclass.
         files: payload files every folder of the kind holds.
+        optional: payload files some folders of the kind hold (a VAE's VF projection): not
+            required, but the kind's own, so that a save takes over a folder a dead writer left
+            with only such a file, and removes one the new version no longer lists.
         fix: what to do about a damaged folder (appended to errors).
         missing: ``missing(path, detail) -> Exception`` for an absent folder (or one without a
             manifest and not in a legacy layout); default: ``error``.
@@ -190,6 +193,7 @@ class FolderKind:
     a_what: str
     error: type[FolderError]
     files: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
     fix: str = ""
     missing: Callable[[Path, str], BaseException] | None = None
     legacy: tuple[Legacy, ...] = field(default=())
@@ -201,7 +205,7 @@ class FolderKind:
     @property
     def own_names(self) -> frozenset[str]:
         """The plain names of the kind's payload files, now and in its older layouts."""
-        names = set(self.files)
+        names = set(self.files) | set(self.optional)
         for lg in self.legacy:
             names.update(lg.files)
         names.discard(MANIFEST)

@@ -269,7 +269,8 @@ def _vae_one_file(folder: Folder, kind: FolderKind, name: str) -> Folder:
     if _WEIGHTS not in folder.files:
         raise kind.fail(f"{folder.mpath} does not list {_WEIGHTS}", folder.mpath)
     files = split_vae_weights(folder.files[_WEIGHTS], folder.file(_WEIGHTS), kind)
-    return _current(folder.path, kind, folder.fields, files, name, folder.stored)
+    source = folder.stored.get(_WEIGHTS, _WEIGHTS)  # messages name the file on disk
+    return _current(folder.path, kind, folder.fields, files, name, dict.fromkeys(files, source))
 
 
 def _vae_v2(folder: Folder, kind: FolderKind) -> Folder:
@@ -304,7 +305,8 @@ def _vae_v1(path: Path, kind: FolderKind) -> Folder:
             )
     fields = {k: v for k, v in config.items() if k not in ("format", "model_sha256")}
     files = split_vae_weights(blob, path / _WEIGHTS, kind)
-    return _current(path, kind, fields, files, "cspace-aligned-vae (config.json)")
+    name = "cspace-aligned-vae (config.json)"
+    return _current(path, kind, fields, files, name, dict.fromkeys(files, _WEIGHTS))
 
 
 VAE_V1 = Legacy(

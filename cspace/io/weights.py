@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 
 from cspace.io.untrusted import FormatError, check_safetensors
 
-__all__ = ["build_within", "check_state_dict", "load_config_module", "weights_values"]
+__all__ = [
+    "build_within",
+    "check_finite_state",
+    "check_state_dict",
+    "load_config_module",
+    "weights_values",
+]
 
 T = TypeVar("T")
 
@@ -84,6 +90,16 @@ def check_state_dict(module, state: Mapping[str, Any], where: Path | str, what: 
         raise ValueError(f"{what} weights in {where} do not match its config: " + "; ".join(parts))
 
 
+def check_finite_state(state: Mapping[str, Any], where: Path, kind) -> None:
+    """Raise the folder kind's error (``kind.fail``) naming the first floating-point tensor of
+    ``state`` that holds NaN or Inf: weights like that would send NaN out of every model call."""
+    import torch
+
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise kind.fail(f"{where}: tensor {bad[0]!r} holds NaN or Inf", where)
+
+
 def load_config_module(read, weights: str, config_cls, build, kind, error, what: str):
     """The module stored in a folder read by :func:`cspace.io.folder.read_folder`: its
     manifest's ``config`` (a JSON object, ``config_cls(**config)``), the module ``build(config)``
@@ -92,7 +108,6 @@ def load_config_module(read, weights: str, config_cls, build, kind, error, what:
     Every failure is ``kind.fail(message, path)`` naming the file (``error``, the kind's error
     class, is raised as it is); ``what`` names the model in messages. The module's ``meta`` is
     the manifest's fields."""
-    import torch
     from safetensors.torch import load
 
     w_file = read.file(weights)
@@ -115,9 +130,7 @@ def load_config_module(read, weights: str, config_cls, build, kind, error, what:
         check_state_dict(model, state, w_file, what)
     except ValueError as err:
         raise kind.fail(str(err), w_file) from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise kind.fail(f"{w_file}: tensor {bad[0]!r} holds NaN or Inf", w_file)
+    check_finite_state(state, w_file, kind)
     model.load_state_dict(state)
     model.meta = dict(read.fields)
     return model

@@ -103,6 +103,9 @@ class Encoder:
                 "network access, e.g. `hf download stabilityai/sd-vae-ft-mse --local-dir DIR`, "
                 "and pass that DIR"
             )
+        from cspace.io.checks import check_weight_links
+
+        check_weight_links(where)  # a link leading nowhere: named, not diffusers' search for .bin
         # low_cpu_mem_usage=False: the plain load, without diffusers' warning that `accelerate`
         # (which the fast path needs, and which is not a dependency) is missing
         vae = AutoencoderKL.from_pretrained(

@@ -51,7 +51,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from cspace.io.checks import check_output_file, check_output_folder
+from cspace.io.checks import check_output_file, check_output_folder, check_weight_links
 from cspace.io.errors import MissingWeightsError
 from cspace.io.untrusted import FormatError, parse_json
 
@@ -198,17 +198,10 @@ def load_latent_pipeline(path: str | os.PathLike) -> LatentFlowPipeline:
                 f"the pipeline folder {folder} has no weights for {name!r} "
                 f"(no {folder / name}/*.safetensors; cspace never reads pickles). {how}"
             )
-        for w in weights:  # a relative link copied away from its target (the shipped vae/)
-            if w.is_symlink() and not w.exists():
-                raise MissingWeightsError(
-                    f"{w} is a link to {os.readlink(w)}, which is not there: the folder was "
-                    "copied without the file the link points to. Copy it with the links "
-                    f"followed (`cp -rL`, or shutil.copytree), or copy {w.resolve().parent} "
-                    "beside it as well"
-                )
+        check_weight_links(folder / name)  # the shipped vae/ weights are links
     with quiet_loading():
         return LatentFlowPipeline.from_pretrained(
-            str(folder), local_files_only=True, low_cpu_mem_usage=False
+            str(folder), local_files_only=True, low_cpu_mem_usage=False, use_safetensors=True
         )
 
 

@@ -83,7 +83,8 @@ from cspace.io.legacy import (
     VAE_V2,
     VAE_V3,
 )
-from cspace.io.weights import build_within, check_state_dict, weights_values
+from cspace.io.untrusted import FormatError, check_safetensors
+from cspace.io.weights import build_within, check_finite_state, check_state_dict, weights_values
 from cspace.models.data import shift_images
 from cspace.models.shipped import shipped
 from cspace.models.teachers import Teacher, load_teacher
@@ -474,6 +475,7 @@ VAE_KIND = FolderKind(
     a_what="a cspace VAE folder",
     error=VAEWeightsError,
     files=(VAE_STATE_FILE,),
+    optional=(VAE_PROJECTION_FILE,),
     fix="retrain it (cspace train vae) or restore the folder from a copy",
     missing=_missing_folder,
     legacy=(VAE_V1, VAE_V2, VAE_V3),
@@ -491,13 +493,15 @@ def save_aligned_vae(
     """Write a VAE folder (what :func:`train_vae` writes at the end; crash-safe and serialised
     with other writers, :func:`cspace.io.folder.write_folder`); returns the path.
 
-    ``vae``: the ``AutoencoderKL`` (saved as ``vae.*``); ``projection``: the VF projection
-    (``proj.weight``), if any; ``meta``: the manifest fields, at least ``config`` (an
-    :meth:`AlignedVAEConfig.to_dict`), ``scaling_factor``, ``shift_factor`` and
-    ``teacher_width`` (None without a projection); ``format``, ``format_version``,
-    ``model_sha256`` and ``projection`` are dropped (the manifest has its own), so the meta
-    :func:`load_aligned_vae` returns can be saved again. ``allow``: entries an existing folder may hold besides a VAE
-    (e.g. the training ``checkpoint``); they are kept.
+    ``vae``: the ``AutoencoderKL`` (saved as ``vae.safetensors``, byte for byte diffusers'
+    ``diffusion_pytorch_model.safetensors``); ``projection``: the VF projection
+    (``projection.safetensors``: ``proj.weight``), if any; ``meta``: the manifest fields, at
+    least ``config`` (an :meth:`AlignedVAEConfig.to_dict`), ``scaling_factor``,
+    ``shift_factor`` and ``teacher_width`` (None without a projection); ``format``,
+    ``format_version``, ``model_sha256`` and ``projection`` are dropped (the manifest has its
+    own), so the meta :func:`load_aligned_vae` returns can be saved again. ``allow``: entries
+    an existing folder may hold besides a VAE (e.g. the training ``checkpoint``); they are
+    kept.
     """
     from safetensors.torch import save
 
@@ -519,7 +523,9 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
 
     ``path`` None: the shipped digits VAE (``cspace/weights/vae_aligned``). ``meta`` is the
     manifest's fields (format, config, name, ``scaling_factor``, ``shift_factor``, training
-    settings, metrics) plus ``model_sha256`` (of the weights file); with ``with_projection``
+    settings, metrics) plus ``model_sha256`` (of the AutoencoderKL's ``vae.safetensors``; for a
+    folder of an older layout, of that file as the split on reading makes it); with
+    ``with_projection``
     also ``meta["projection"]``, the trained VF projection (or None). The model is in eval mode.
     Folders in the older ``config.json`` layout load too.
 
@@ -548,16 +554,27 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
     width = meta.get("teacher_width")
     if width is not None:
         width = check_int(width, "teacher_width", read.mpath, VAE_KIND, 0, 1 << 20)
+    unknown = sorted(set(read.files) - {VAE_STATE_FILE, VAE_PROJECTION_FILE})
+    if unknown:
+        raise VAE_KIND.fail(
+            f"{read.mpath} lists files a VAE folder does not hold: {unknown[:5]}", read.mpath
+        )
     has_proj = VAE_PROJECTION_FILE in read.files
+    p_file = read.file(VAE_PROJECTION_FILE) if has_proj else None
     if bool(width) != has_proj:
+        if has_proj:
+            try:
+                keys = sorted(check_safetensors(read.files[VAE_PROJECTION_FILE]))
+            except FormatError:
+                keys = ["(unreadable)"]
+            what = f"the projection's tensors {keys[:5]} in {p_file.name}"
+        else:
+            what = f"no projection ({VAE_PROJECTION_FILE} is not listed)"
         raise VAEWeightsError(
-            f"{read.mpath}: teacher_width {width!r} but "
-            + ("a" if has_proj else "no")
-            + f" {VAE_PROJECTION_FILE} (a VF projection is saved exactly when there is a "
-            "teacher width)",
+            f"{read.mpath}: teacher_width {width!r} but {what}; a VF projection is saved "
+            "exactly when there is a teacher width; retrain it or restore the folder",
             read.mpath,
         )
-    p_file = read.file(VAE_PROJECTION_FILE) if has_proj else None
     values = weights_values(read.files[VAE_STATE_FILE], w_file, VAEWeightsError)
     if has_proj:
         values += weights_values(read.files[VAE_PROJECTION_FILE], p_file, VAEWeightsError)
@@ -585,12 +602,18 @@ def load_aligned_vae(path: str | os.PathLike | None = None, with_projection: boo
                 f"{where} is not a readable safetensors file: {err}", where
             ) from err
 
-    vae_state = state_of(VAE_STATE_FILE, w_file)
-    check_state_dict(vae, vae_state, w_file, "VAE")
+    def checked(module, name: str, where: Path, what: str) -> dict:
+        state = state_of(name, where)
+        try:
+            check_state_dict(module, state, where, what)
+        except ValueError as err:
+            raise VAE_KIND.fail(str(err), where) from None
+        check_finite_state(state, where, VAE_KIND)
+        return state
+
+    vae_state = checked(vae, VAE_STATE_FILE, w_file, "VAE")
     if proj is not None:
-        proj_state = state_of(VAE_PROJECTION_FILE, p_file)
-        check_state_dict(proj, proj_state, p_file, "VF projection")
-        proj.load_state_dict(proj_state)
+        proj.load_state_dict(checked(proj, VAE_PROJECTION_FILE, p_file, "VF projection"))
     vae.load_state_dict(vae_state)
     vae.eval()
     vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
