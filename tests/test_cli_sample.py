@@ -84,14 +84,140 @@ def test_the_grid_holds_the_first_64_images(pipeline_dir, tmp_path):
     assert np.array_equal(grid[64:72, 64:72], last)
 
 
-def test_a_class_conditional_pipeline_is_refused_with_the_way_to_guide_it(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def dit_dir(tmp_path_factory):
     from cspace.models.tiny_pipelines import tiny_dit
 
-    tiny_dit().save_pretrained(tmp_path / "dit")
-    assert main(["sample", "--pipeline", str(tmp_path / "dit"), "--out", str(tmp_path / "o")]) == 2
+    path = tmp_path_factory.mktemp("dit") / "dit"
+    tiny_dit().save_pretrained(path)
+    return path
+
+
+def _dit_images(path, labels, seed, steps, guidance_scale=4.0):
+    """The images DiTPipeline itself makes for these labels and seed (the reference), as the
+    uint8 arrays of its PIL output (DiT has no latent output)."""
+    from diffusers import DiTPipeline
+
+    pipe = DiTPipeline.from_pretrained(path)
+    gen = torch.Generator().manual_seed(seed)
+    out = pipe(class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=steps,
+               generator=gen).images  # fmt: skip
+    return [np.asarray(im) for im in out]
+
+
+def _images(out, n):
+    return [np.asarray(Image.open(out / f"image_{i:03d}.png")) for i in range(n)]
+
+
+def test_a_class_conditional_pipeline_samples_the_given_classes_in_turn(dit_dir, tmp_path):
+    out = tmp_path / "o"
+    assert main(["sample", "--pipeline", str(dit_dir), "--class-label", "1,0", "--n", "3",
+                 "--steps", "3", "--seed", "5", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    rec = _record(out)
+    assert rec["pipeline_class"] == "DiTPipeline" and rec["nfe"] == 9
+    assert rec["settings"]["class_labels"] == [1, 0] and rec["settings"]["guidance_scale"] == 4.0
+    assert load_file(out / "latents.safetensors")["latents"].shape == (3, 4, 4, 4)
+    got = _images(out, 3)
+    want = _dit_images(dit_dir, [1, 0, 1], 5, 3)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))  # labels in turn
+    other = _dit_images(dit_dir, [0, 1, 0], 5, 3)
+    assert not np.array_equal(got[0], other[0])  # the labels matter
+    # blocks take the labels by the image's place in the run, not in its block
+    from guidance.distributed.search import block_seed
+
+    blocked = tmp_path / "b"
+    assert main(["sample", "--pipeline", str(dit_dir), "--class-label", "1,0", "--n", "3",
+                 "--steps", "3", "--seed", "5", "--blocks", "3", "--guidance-scale", "1",
+                 "--out", str(blocked), "--no-progress"]) == 0  # fmt: skip
+    got = _images(blocked, 3)
+    for k, label in enumerate([1, 0, 1]):
+        (want,) = _dit_images(dit_dir, [label], block_seed(5, k), 3, guidance_scale=1.0)
+        assert np.array_equal(got[k], want), k
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "DiTPipeline is class-conditional: give the classes of the images (--class-label 3"),
+        (
+            ["--class-label", "1000"],
+            "--class-label 1000 is out of range: DiTPipeline has classes 0 to 999",
+        ),
+        (
+            ["--class-label", "1", "--prompt", "a cat"],
+            "takes class labels, not a prompt; drop --prompt",
+        ),
+        (
+            ["--class-label", "1", "--search", "best-of-n", "--budget", "8", "--obstacles", "SET"],
+            "DiTPipeline is guided without a search: drop --search and --budget",
+        ),
+    ],
+)
+def test_a_class_conditional_pipelines_bad_settings_are_named(dit_dir, tmp_path, capsys, extra,
+                                                              message):  # fmt: skip
+    out = tmp_path / "o"
+    assert main(["sample", "--pipeline", str(dit_dir), "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_class_labels_are_refused_where_they_mean_nothing(pipeline_dir, tmp_path, capsys):
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--class-label", "3",
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
     err = capsys.readouterr().err
-    assert "DiTPipeline takes neither a prompt nor batch_size: guide it from Python" in err
-    assert not (tmp_path / "o").exists()
+    assert "DDIMPipeline is not class-conditional the way DiT is" in err
+    for bad in ("a", "1,,2", "-1", "2.5", ",", "", "1e4300", str(2**31)):
+        with pytest.raises(SystemExit):
+            main(["sample", "--pipeline", str(pipeline_dir), f"--class-label={bad}"])
+        err = capsys.readouterr().err
+        assert "expected class labels, integers from 0 to 2147483647 separated by commas" in err
+
+
+def test_more_labels_than_images_and_a_dit_without_imagenets_null_class(dit_dir, tmp_path, capsys):
+    """Labels that would not be used are refused; DiTPipeline's classifier-free guidance uses
+    class 1000 as its null class, so a transformer of 10 classes is refused above scale 1 (it
+    crashed inside diffusers) and runs at scale 1."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from cspace.models.tiny_pipelines import tiny_vae
+
+    out = tmp_path / "o"
+    assert main(["sample", "--pipeline", str(dit_dir), "--n", "2", "--class-label", "5,6,7",
+                 "--out", str(out)]) == 2  # fmt: skip
+    assert "3 class labels for 2 images" in capsys.readouterr().err and not out.exists()
+    torch.manual_seed(0)
+    ten = DiTTransformer2DModel(sample_size=4, num_layers=1, patch_size=2, attention_head_dim=8,
+                                num_attention_heads=2, in_channels=4, out_channels=8,
+                                num_embeds_ada_norm=10).eval()  # fmt: skip
+    DiTPipeline(transformer=ten, vae=tiny_vae(), scheduler=DDIMScheduler()).save_pretrained(
+        tmp_path / "dit10"
+    )
+    argv = ["sample", "--pipeline", str(tmp_path / "dit10"), "--n", "2", "--steps", "2",
+            "--class-label", "3", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "uses class 1000 as its null class, but this transformer has 10 classes: pass " in err
+    assert not out.exists()
+    assert main([*argv, "--guidance-scale", "1"]) == 0
+    assert _record(out)["settings"]["guidance_scale"] == 1.0
+
+
+def test_a_consistency_model_is_called_as_an_unconditional_pipeline(tmp_path, capsys):
+    """ConsistencyModelPipeline takes class_labels (optional) and batch_size: not DiT's way; it
+    gets the unconditional path, whose guide() names its unsupported scheduler."""
+    from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline
+
+    path = tmp_path / "cm"
+    ConsistencyModelPipeline(unet=tiny_unet(), scheduler=CMStochasticIterativeScheduler()
+                             ).save_pretrained(path)  # fmt: skip
+    assert main(["sample", "--pipeline", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "CMStochasticIterativeScheduler" in err and "class-conditional" not in err
+    assert main(["sample", "--pipeline", str(path), "--class-label", "3",
+                 "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "ConsistencyModelPipeline is not class-conditional the way DiT is" in (
+        capsys.readouterr().err
+    )
 
 
 def test_heun_takes_the_euler_schedulers_sigmas_or_refuses():
@@ -154,3 +280,23 @@ def test_errors(pipeline_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "FlowMatchEulerDiscreteScheduler; this one has DDIMScheduler" in err
     assert not (tmp_path / "p").exists()
+
+
+def test_a_pipeline_that_takes_neither_prompt_labels_nor_batch_size_is_refused(
+    pipeline_dir, tmp_path, capsys, monkeypatch
+):
+    """An image-to-image pipeline, say: ``cspace sample`` cannot call it; the error says how to
+    guide it from Python."""
+    import cspace.experiments.pipeline_sampling as ps
+
+    class ImageToImage(DDIMPipeline):
+        def __call__(self, image, num_inference_steps=50, generator=None, output_type="pil"):
+            raise AssertionError("never called")
+
+    monkeypatch.setattr(
+        ps, "load_pipeline", lambda path, device: ImageToImage.from_pretrained(path)
+    )
+    assert main(["sample", "--pipeline", str(pipeline_dir), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "ImageToImage takes neither a prompt, class_labels nor batch_size: guide it from" in err
+    assert not (tmp_path / "o").exists()

@@ -8,7 +8,9 @@ import argparse
 import decimal
 
 __all__ = [
+    "MAX_CLASS_LABEL",
     "MAX_SEED",
+    "class_labels",
     "fraction",
     "fraction_to_one",
     "nonneg_float",
@@ -111,3 +113,19 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
+
+
+#: the largest class label the argument takes (labels index an embedding table)
+MAX_CLASS_LABEL = 2**31 - 1
+
+
+def class_labels(text: str) -> list[int]:
+    """Class labels: integers in 0 .. :data:`MAX_CLASS_LABEL`, comma-separated (``3`` or ``3,7``)."""
+    parts = [p.strip() for p in text.split(",")]
+    values = [_integer(p) for p in parts]
+    if any(v is None or not 0 <= v <= MAX_CLASS_LABEL for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected class labels, integers from 0 to {MAX_CLASS_LABEL} separated by commas "
+            f"(3 or 3,7); got {text[:80]!r}"
+        )
+    return values

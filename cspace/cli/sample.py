@@ -3,7 +3,8 @@
 
 ::
 
-    cspace sample --pipeline LOCAL_PATH [--prompt TEXT] [--negative-prompt TEXT] [--n N]
+    cspace sample --pipeline LOCAL_PATH [--prompt TEXT] [--negative-prompt TEXT]
+                  [--class-label C[,C...]] [--n N]
                   [--steps S] [--scheduler pipeline|heun] [--guidance-scale G]
                   [--obstacles SET] [--strength S]
                   [--search best-of-n|zero-order|paths|smc|smc-guided|backtrack --budget NFE]
@@ -21,7 +22,7 @@ import argparse
 import json
 import sys
 
-from cspace.cli.args import nonneg_float, positive_float, positive_int, seed
+from cspace.cli.args import class_labels, nonneg_float, positive_float, positive_int, seed
 from cspace.cli.search import ALGOS as SEARCHES
 
 __all__ = ["register"]
@@ -39,7 +40,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale,
         strength=args.strength, search=args.search, budget=args.budget, seed=args.seed,
         device=args.device, out_dir=args.out, progress=not args.no_progress, blocks=args.blocks,
-        scheduler=args.scheduler,
+        scheduler=args.scheduler, class_labels=args.class_label,
     )  # fmt: skip
     if "ranks" in record and not _rank0():
         return 0
@@ -78,6 +79,14 @@ def register(subparsers) -> None:
         help="negative prompt for classifier-free guidance (default: none)",
     )
     p.add_argument(
+        "--class-label",
+        type=class_labels,
+        default=None,
+        metavar="C[,C...]",
+        help="classes of the images for class-conditional pipelines (DiT), taken in turn: "
+        "3 for n images of class 3, 3,7 to alternate (default: none; required by DiT)",
+    )
+    p.add_argument(
         "--n",
         "--samples",
         dest="n",
@@ -100,8 +109,9 @@ def register(subparsers) -> None:
         "--guidance-scale",
         type=positive_float,
         default=None,
-        help="classifier-free guidance scale of prompt pipelines, 7 when not given; 1 turns it "
-        "off; refused for pipelines without a prompt",
+        help="classifier-free guidance scale of prompt pipelines (7 when not given) and of "
+        "class-conditional ones (the pipeline's own when not given: 4 for DiT); 1 turns it off; "
+        "refused for unconditional pipelines",
     )
     p.add_argument(
         "--obstacles",

@@ -16,7 +16,8 @@ verifier scores and calls, and per image the distance to the nearest obstacle an
 collided) and ``OUT/grid.png`` (the first :data:`GRID_IMAGES` images, ``ceil(sqrt(k))`` a
 row), each file atomically; images ``image_XXX.png`` of an earlier run beyond this run's n are
 removed (after the record is written), so the folder holds one run. ``guidance_scale`` is for
-prompt pipelines (None: 7); the record's is None for a pipeline that takes no prompt. Nothing
+prompt pipelines (None: 7) and class-conditional ones (DiT; None: the pipeline's own default);
+the record's is None for an unconditional pipeline. Nothing
 is downloaded: ``pipeline`` must be a folder with ``model_index.json``.
 """
 
@@ -76,6 +77,7 @@ def sample_pipeline(
     progress: bool = False,
     blocks: int | None = None,
     scheduler: str = "pipeline",
+    class_labels: list[int] | None = None,
 ) -> dict:
     """Sample ``n`` images of the local pipeline folder ``pipeline`` (module docstring) into
     ``out_dir``; returns the record (also written to ``out_dir/record.json``). ``progress``:
@@ -94,18 +96,27 @@ def sample_pipeline(
     sampler the shipped Fashion-MNIST pipelines meet their targets with; not with a search,
     which integrates with its own solver.
 
+    ``class_labels``: for class-conditional pipelines (``DiTPipeline``: a ``class_labels``
+    argument), the classes of the images, taken in turn (image i gets
+    ``class_labels[i % len(class_labels)]``, whatever the blocks); ``guidance_scale`` is then the
+    pipeline's classifier-free guidance scale (its own default when None: 4 for DiT). Not with a
+    search (:func:`guidance.integrations.pipelines.pipeline_denoiser` has no class-conditional
+    denoiser).
+
     Raises:
         ValueError: ``search`` without ``budget`` or without ``obstacles``, an unknown
             algorithm, a prompt pipeline without ``prompt``, a ``prompt`` or
             ``negative_prompt`` for a pipeline that takes none, ``scheduler="heun"`` with a
-            search or for a pipeline whose scheduler is not flow matching.
+            search or for a pipeline whose scheduler is not flow matching; a class-conditional
+            pipeline without ``class_labels``, with a label out of its range or with a search;
+            ``class_labels`` for a pipeline that takes none.
         MissingWeightsError: no pipeline at ``pipeline``.
     """
     settings = dict(
         pipeline=str(pipeline), prompt=prompt, negative_prompt=negative_prompt, n=n, steps=steps,
         guidance_scale=guidance_scale, obstacles=None if obstacles is None else str(obstacles),
         strength=strength, search=search, budget=budget, seed=seed, device=device,
-        out=str(out_dir), scheduler=scheduler,
+        out=str(out_dir), scheduler=scheduler, class_labels=class_labels,
     )  # fmt: skip
     if scheduler not in ("pipeline", "heun"):
         raise ValueError(f"scheduler must be 'pipeline' or 'heun'; got {scheduler!r}")
@@ -132,12 +143,22 @@ def sample_pipeline(
     if scheduler == "heun":
         pipe.scheduler = heun_scheduler(pipe.scheduler)
     params = inspect.signature(pipe.__call__).parameters
-    if "prompt" not in params:
-        if "batch_size" not in params:  # DiT (class labels) and the like
+    if _class_conditional(params):  # DiT
+        guidance_scale = _check_class_labels(pipe, params, class_labels, n, prompt,
+                                             negative_prompt, guidance_scale, search)  # fmt: skip
+        settings["guidance_scale"] = guidance_scale
+    elif class_labels is not None:
+        raise ValueError(
+            f"{type(pipe).__name__} is not class-conditional the way DiT is (one class label "
+            "per image, the batch being the labels); drop --class-label"
+        )
+    elif "prompt" not in params:
+        if "batch_size" not in params:
             raise ValueError(
-                f"cspace sample runs unconditional and text-to-image pipelines; "
-                f"{type(pipe).__name__} takes neither a prompt nor batch_size: guide it from "
-                "Python (guidance.integrations.diffusers.guide), called as the pipeline is"
+                f"cspace sample runs unconditional, class-conditional and text-to-image "
+                f"pipelines; {type(pipe).__name__} takes neither a prompt, class_labels nor "
+                "batch_size: guide it from Python (guidance.integrations.diffusers.guide), "
+                "called as the pipeline is"
             )
         given = [k for k, v in (("--prompt", prompt), ("--negative-prompt", negative_prompt),
                                 ("--guidance-scale", guidance_scale)) if v is not None]  # fmt: skip
@@ -154,7 +175,7 @@ def sample_pipeline(
     record["settings"] = settings
     run = dict(
         steps=steps, prompt=prompt, negative_prompt=negative_prompt,
-        guidance_scale=guidance_scale, strength=strength, search=search,
+        guidance_scale=guidance_scale, strength=strength, search=search, class_labels=class_labels,
     )  # fmt: skip
     if blocks is None and g.world == 1:
         generator = torch.Generator().manual_seed(int(seed))
@@ -177,18 +198,78 @@ def sample_pipeline(
     return record
 
 
+def _class_conditional(params) -> bool:
+    """Whether a pipeline's ``__call__`` parameters are DiT's: ``class_labels`` and no
+    ``batch_size`` (the batch is the labels). ConsistencyModelPipeline takes both, its labels
+    optional: it is called as an unconditional pipeline."""
+    return "class_labels" in params and "batch_size" not in params
+
+
+#: the null class of DiTPipeline's classifier-free guidance (diffusers hard-codes it: the label
+#: embedding of a 1,000-class transformer has 1,001 rows, the last for "no class")
+DIT_NULL_CLASS = 1000
+
+
+def _check_class_labels(pipe, params, labels, n, prompt, negative_prompt, guidance_scale, search):
+    """The checks of a class-conditional pipeline's settings; returns the guidance scale (the
+    pipeline's own default when None)."""
+    name = type(pipe).__name__
+    if labels is None or len(labels) == 0:
+        raise ValueError(
+            f"{name} is class-conditional: give the classes of the images (--class-label 3, or "
+            "--class-label 3,7 to take them in turn)"
+        )
+    given = [k for k, v in (("--prompt", prompt), ("--negative-prompt", negative_prompt))
+             if v is not None]  # fmt: skip
+    if given:
+        raise ValueError(f"{name} takes class labels, not a prompt; drop {', '.join(given)}")
+    if search is not None:
+        raise ValueError(
+            f"--search runs unconditional and text-to-image pipelines; {name} is guided without "
+            "a search: drop --search and --budget"
+        )
+    if len(labels) > n:
+        raise ValueError(
+            f"{len(labels)} class labels for {n} images: the labels after the first {n} would "
+            f"not be used; pass at most {n} labels or more images (--n)"
+        )
+    model = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    count = getattr(getattr(model, "config", None), "num_embeds_ada_norm", None)
+    bad = [c for c in labels if c < 0 or (count is not None and c >= count)]
+    if bad:
+        raise ValueError(
+            f"--class-label {bad[0]} is out of range: {name} has classes 0 to "
+            f"{'...' if count is None else count - 1}"
+        )
+    if guidance_scale is None:
+        default = params["guidance_scale"].default if "guidance_scale" in params else None
+        guidance_scale = float(default) if isinstance(default, int | float) else 1.0
+    if guidance_scale > 1 and count is not None and count != DIT_NULL_CLASS:
+        raise ValueError(
+            f"{name}'s classifier-free guidance (--guidance-scale {guidance_scale:g}) uses class "
+            f"{DIT_NULL_CLASS} as its null class, but this transformer has {count} classes: pass "
+            "--guidance-scale 1"
+        )
+    return guidance_scale
+
+
 def _sample_block(
     pipe, field, n, budget, generator, *, steps, prompt, negative_prompt, guidance_scale,
-    strength, search,
+    strength, search, class_labels, first=0,
 ):  # fmt: skip
-    """``n`` images of one run from ``generator``: (PIL images, latents (n, ...), record)."""
+    """``n`` images of one run from ``generator``, the first being image ``first`` of the run
+    (for the class labels): (PIL images, latents (n, ...), record)."""
     part: dict = {}
     if search is None:
         kw = {"num_inference_steps": steps, "generator": generator}
         params = inspect.signature(pipe.__call__).parameters
         if "output_type" in params:  # PIL images: tensors' ranges differ between pipelines
             kw["output_type"] = "pil"
-        if "prompt" in params:
+        if _class_conditional(params):
+            k = len(class_labels)
+            kw.update(class_labels=[class_labels[(first + i) % k] for i in range(n)],
+                      guidance_scale=guidance_scale)  # fmt: skip
+        elif "prompt" in params:
             if prompt is None:
                 raise ValueError(f"{type(pipe).__name__} needs a prompt (--prompt)")
             kw.update(prompt=[prompt] * n, guidance_scale=guidance_scale)
@@ -238,7 +319,9 @@ def _sample_blocks(pipe, field, n, budget, seed, blocks, g, settings, run):
         start, stop = ranges[k]
         gen = torch.Generator().manual_seed(block_seed(int(seed), k))
         b_k = None if budget is None else int(budget) * (stop - start) // int(n)
-        images, latents, part = _sample_block(pipe, field, stop - start, b_k, gen, **run)
+        images, latents, part = _sample_block(
+            pipe, field, stop - start, b_k, gen, first=start, **run
+        )
         pixels.append(torch.from_numpy(np.stack([np.asarray(im) for im in images])))
         lat.append(latents.float().cpu())
         scores += part.get("verifier_scores", [])
