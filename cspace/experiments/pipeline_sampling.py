@@ -108,8 +108,10 @@ def sample_pipeline(
             algorithm, a prompt pipeline without ``prompt``, a ``prompt`` or
             ``negative_prompt`` for a pipeline that takes none, ``scheduler="heun"`` with a
             search or for a pipeline whose scheduler is not flow matching; a class-conditional
-            pipeline without ``class_labels``, with a label out of its range or with a search;
-            ``class_labels`` for a pipeline that takes none.
+            pipeline without ``class_labels``, with more labels than images, a label out of its
+            range, a prompt or a search, or with ``guidance_scale > 1`` when its transformer
+            does not have DiT's 1,000 classes (:data:`DIT_NULL_CLASS`); ``class_labels`` for a
+            pipeline that is not class-conditional the way DiT is.
         MissingWeightsError: no pipeline at ``pipeline``.
     """
     settings = dict(
